@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Train one embedded model-zoo architecture on Fashion-MNIST (a one-off; tests never retrain).
+
+    python scripts/train_fmnist.py --model fmnist_resnet20_v1 --epochs 3 --seed 0
+
+Reads the full training split from Debian's dataset-fashion-mnist (or --data-dir), holds out the
+last 2,000 training images as qcal's calibration subset (never trained on), trains with SGD +
+momentum and a cosine learning rate, then writes weights/fashion-mnist/MODEL.params and a JSON
+record (command, seed, versions, epochs, float32 test top-1/top-5, sha256).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qcal import fashion_mnist  # noqa: E402
+from qcal.models import EMBEDDED_MODELS, EMBEDDED_WEIGHTS_DIR, build_network  # noqa: E402
+
+CALIB_HOLDOUT = 2000
+
+
+def evaluate(net, x, y, batch_size=500):
+    import mxnet as mx
+
+    correct1 = correct5 = 0
+    for i in range(0, len(x), batch_size):
+        out = net(mx.nd.array(x[i:i + batch_size])).asnumpy()
+        top5 = np.argsort(-out, axis=1, kind="stable")[:, :5]
+        labels = y[i:i + batch_size]
+        correct1 += int((top5[:, 0] == labels).sum())
+        correct5 += int((top5 == labels[:, None]).any(axis=1).sum())
+    return correct1 / len(x), correct5 / len(x)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, choices=EMBEDDED_MODELS)
+    parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--wd", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", type=Path, default=fashion_mnist.DEBIAN_DIR)
+    parser.add_argument("--out-dir", type=Path, default=EMBEDDED_WEIGHTS_DIR)
+    args = parser.parse_args()
+
+    import mxnet as mx
+    from mxnet import autograd, gluon
+
+    mx.random.seed(args.seed)
+    rng = np.random.RandomState(args.seed)
+
+    train_images, train_labels = fashion_mnist.load_split(args.data_dir, "train")
+    test_images, test_labels = fashion_mnist.load_split(args.data_dir, "t10k")
+    train_images = train_images[:-CALIB_HOLDOUT]
+    train_labels = train_labels[:-CALIB_HOLDOUT]
+    x_train = fashion_mnist.preprocess(train_images)
+    x_test = fashion_mnist.preprocess(test_images)
+
+    net = build_network(args.model)
+    net.initialize(mx.init.Xavier(magnitude=2), force_reinit=True)
+    net.hybridize(static_alloc=True, static_shape=True)
+    steps_per_epoch = len(x_train) // args.batch_size
+    total_steps = int(round(args.epochs * steps_per_epoch))
+    trainer = gluon.Trainer(net.collect_params(), "sgd",
+                            {"learning_rate": args.lr, "momentum": 0.9, "wd": args.wd})
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+
+    start = time.time()
+    step = 0
+    while step < total_steps:
+        order = rng.permutation(len(x_train))
+        for b in range(steps_per_epoch):
+            if step >= total_steps:
+                break
+            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+            xb = x_train[idx]
+            flip = rng.rand(len(idx)) < 0.5  # horizontal flips: garments are near-symmetric
+            xb[flip] = xb[flip, :, :, ::-1]
+            trainer.set_learning_rate(0.5 * args.lr * (1 + math.cos(math.pi * step / total_steps)))
+            data, label = mx.nd.array(xb), mx.nd.array(train_labels[idx])
+            with autograd.record():
+                loss = loss_fn(net(data), label)
+            loss.backward()
+            trainer.step(len(idx))
+            step += 1
+            if step % 100 == 0:
+                rate = step * args.batch_size / (time.time() - start)
+                print(f"step {step}/{total_steps} loss {loss.mean().asscalar():.4f} "
+                      f"{rate:.0f} img/s", flush=True)
+
+    top1, top5 = evaluate(net, x_test, test_labels)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    params_path = args.out_dir / f"{args.model}.params"
+    tmp = params_path.with_suffix(".params.tmp")
+    net.save_parameters(str(tmp))
+    os.replace(tmp, params_path)
+    record = {
+        "model": args.model,
+        "command": "python scripts/train_fmnist.py " + " ".join(sys.argv[1:]),
+        "seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lr": args.lr, "wd": args.wd, "train_images": int(len(x_train)),
+        "calib_holdout": f"last {CALIB_HOLDOUT} images of the training split",
+        "float32_test_top1": top1, "float32_test_top5": top5,
+        "train_seconds": round(time.time() - start, 1),
+        "mxnet": mx.__version__, "numpy": np.__version__,
+        "sha256": hashlib.sha256(params_path.read_bytes()).hexdigest(),
+    }
+    (args.out_dir / f"{args.model}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
