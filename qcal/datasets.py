@@ -1,0 +1,347 @@
+"""Load stage, data: image sources, preprocessing, a fixed image order, and an on-disk batch cache.
+
+Sources (each a ``ImageSource``: ``len``, ``labels``, ``decode(indices)``, ``identity``):
+
+- ``FashionMNISTSource``: the IDX files vendored under ``data/fashion-mnist/`` (test split ``t10k``,
+  calibration split ``calib`` drawn from the training split).
+- ``ImageFolderSource``: ImageNet validation in the class-folder layout (``ROOT/<wnid>/<image>``), the
+  layout gluoncv's ``ImageNet`` dataset reads. Images are ordered by FILE NAME across all classes, so
+  with the original names (``ILSVRC2012_val_00000001.JPEG`` ...) "the first N images" are the first N
+  of the official validation order, as in the forum thread's "first 3k images"; ordering by class
+  folder would make the first 3000 images cover only 60 classes.
+- ``RecordIOSource``: ``val.rec`` + ``val.idx`` (gluoncv's ``ImageNet`` RecordIO layout, made by
+  ``im2rec``); images are in the order of the ``.idx`` file.
+
+Preprocessing is MXNet's own transforms (``Resize(keep_ratio)`` of the short side to
+``ceil(size / crop_ratio)``, ``CenterCrop``, ``ToTensor``, ``Normalize``), as gluoncv's
+``verify_pretrained.py`` does. Preprocessed batches are cached as ``.npy`` files keyed by the
+source's identity, the indices and the preprocessing, so a sweep decodes each image once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import fashion_mnist
+from .errors import QcalError, UsageProblem
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Resize-short-side, centre crop and per-channel normalisation (mean/std on a 0..1 scale)."""
+
+    input_size: int = 224
+    crop_ratio: float = 0.875
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+
+    @property
+    def resize(self) -> int:
+        return int(math.ceil(self.input_size / self.crop_ratio))
+
+    def to_dict(self):
+        return asdict(self)
+
+
+IMAGENET_PREPROCESSING = Preprocessing()
+
+
+class ImageSource:
+    """A fixed, ordered collection of labelled images."""
+
+    kind = "abstract"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def labels(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode(self, indices) -> np.ndarray:
+        """Preprocessed float32 N x C x H x W for the given positions in the fixed order."""
+        raise NotImplementedError
+
+    @property
+    def identity(self) -> dict:
+        """What makes two sources the same data: used for cache keys and overlap checks."""
+        raise NotImplementedError
+
+    @property
+    def preprocessing(self) -> dict:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, **self.identity, "preprocessing": self.preprocessing}
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FashionMNISTSource(ImageSource):
+    kind = "fashion-mnist"
+
+    def __init__(self, split: str = "t10k", directory: Path = fashion_mnist.VENDORED_DIR):
+        if split not in ("t10k", "calib", "train"):
+            raise UsageProblem(f"Fashion-MNIST split must be t10k, calib or train, not '{split}'")
+        self.split = split
+        self.directory = Path(directory)
+        self._images, self._labels = fashion_mnist.load_split(self.directory, split)
+
+    @property
+    def labels(self):
+        return self._labels
+
+    def decode(self, indices):
+        return fashion_mnist.preprocess(self._images[np.asarray(indices, dtype=np.int64)])
+
+    @property
+    def identity(self):
+        path = self.directory / f"{self.split}-images-idx3-ubyte.gz"
+        return {"split": self.split, "path": str(path), "sha256": _sha256_file(path)[:16]}
+
+    @property
+    def preprocessing(self):
+        return {"pad": fashion_mnist.PAD, "mean": fashion_mnist.PIXEL_MEAN,
+                "std": fashion_mnist.PIXEL_STD}
+
+
+class _DecodedImageSource(ImageSource):
+    """Sources of encoded images (JPEG/PNG) preprocessed with MXNet's transforms."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        self._pre = preprocessing
+        self._transform = None
+
+    @property
+    def preprocessing(self):
+        return self._pre.to_dict()
+
+    def _preprocess(self, image_nd):
+        if self._transform is None:
+            from mxnet.gluon.data.vision import transforms
+
+            self._transform = transforms.Compose([
+                transforms.Resize(self._pre.resize, keep_ratio=True),
+                transforms.CenterCrop(self._pre.input_size),
+                transforms.ToTensor(),
+                transforms.Normalize(self._pre.mean, self._pre.std),
+            ])
+        return self._transform(image_nd).asnumpy()
+
+    def _decode_bytes(self, raw: bytes, what: str):
+        import mxnet as mx
+
+        try:
+            return mx.image.imdecode(raw, flag=1)  # RGB, HWC uint8
+        except Exception:
+            raise QcalError(f"cannot decode image {what}") from None
+
+
+def imagenet_label_of(wnid: str, known: list) -> int:
+    """The standard ImageNet-1k index of a synset folder name.
+
+    With the full list of 1000 synsets the index is the position in that sorted list (what gluoncv
+    and torchvision use); folders named by the index itself ("000".."999") are accepted too.
+    """
+    if wnid.isdigit():
+        return int(wnid)
+    try:
+        from .imagenet_classes import IMAGENET_WNIDS
+    except ImportError:
+        IMAGENET_WNIDS = None
+    if IMAGENET_WNIDS is not None and wnid in IMAGENET_WNIDS:
+        return IMAGENET_WNIDS.index(wnid)
+    if len(known) == 1000:
+        return known.index(wnid)
+    raise QcalError(f"class folder '{wnid}' is neither an ImageNet synset id nor a class index")
+
+
+class ImageFolderSource(_DecodedImageSource):
+    kind = "image-folder"
+
+    def __init__(self, root: Path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING):
+        super().__init__(preprocessing)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise QcalError(f"image folder not found: {self.root}")
+        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        entries = []
+        for wnid in classes:
+            label = imagenet_label_of(wnid, classes)
+            for f in (self.root / wnid).iterdir():
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    entries.append((f.name, wnid, label))
+        if not entries:
+            raise QcalError(f"{self.root} has no images in class folders (ROOT/<class>/<image>)")
+        entries.sort()
+        self._files = [self.root / wnid / name for name, wnid, _ in entries]
+        self._labels = np.array([label for _, _, label in entries], dtype=np.int64)
+
+    @property
+    def labels(self):
+        return self._labels
+
+    @property
+    def files(self):
+        return list(self._files)
+
+    def decode(self, indices):
+        out = []
+        for i in indices:
+            path = self._files[int(i)]
+            out.append(self._preprocess(self._decode_bytes(path.read_bytes(), str(path))))
+        return np.stack(out).astype(np.float32)
+
+    @property
+    def identity(self):
+        h = hashlib.sha256()
+        for f in self._files:
+            st = f.stat()
+            h.update(f"{f.relative_to(self.root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return {"path": str(self.root.resolve()), "listing": h.hexdigest()[:16],
+                "images": len(self._files)}
+
+
+class RecordIOSource(_DecodedImageSource):
+    kind = "recordio"
+
+    def __init__(self, rec_path: Path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING):
+        super().__init__(preprocessing)
+        self.rec_path = Path(rec_path)
+        self.idx_path = self.rec_path.with_suffix(".idx")
+        for p in (self.rec_path, self.idx_path):
+            if not p.is_file():
+                raise QcalError(f"RecordIO file not found: {p} (need both .rec and .idx)")
+        import mxnet as mx
+
+        self._reader = mx.recordio.MXIndexedRecordIO(str(self.idx_path), str(self.rec_path), "r")
+        self._keys = list(self._reader.keys)
+        labels = []
+        for k in self._keys:
+            header, _ = mx.recordio.unpack(self._reader.read_idx(k))
+            label = header.label
+            labels.append(int(label if np.isscalar(label) else label[0]))
+        self._labels = np.array(labels, dtype=np.int64)
+
+    @property
+    def labels(self):
+        return self._labels
+
+    def decode(self, indices):
+        import mxnet as mx
+
+        out = []
+        for i in indices:
+            _, raw = mx.recordio.unpack(self._reader.read_idx(self._keys[int(i)]))
+            out.append(self._preprocess(self._decode_bytes(raw, f"{self.rec_path}#{i}")))
+        return np.stack(out).astype(np.float32)
+
+    @property
+    def identity(self):
+        st_rec, st_idx = self.rec_path.stat(), self.idx_path.stat()
+        return {"path": str(self.rec_path.resolve()),
+                "stat": f"{st_rec.st_size}|{st_rec.st_mtime_ns}|{st_idx.st_size}|{st_idx.st_mtime_ns}",
+                "images": len(self._keys)}
+
+
+def open_source(path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING) -> ImageSource:
+    """An ImageNet-style source from a path: a ``.rec`` file or a class-folder directory."""
+    path = Path(path)
+    if path.suffix == ".rec":
+        return RecordIOSource(path, preprocessing)
+    if path.is_dir():
+        return ImageFolderSource(path, preprocessing)
+    raise QcalError(f"data source not found or not understood: {path} "
+                    f"(expected a class-folder directory or a .rec file)")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which images of which source a stage uses: the positions [start, stop) of its fixed order."""
+
+    source: ImageSource
+    start: int
+    stop: int
+
+    def __post_init__(self):
+        n = len(self.source)
+        if not 0 <= self.start < self.stop <= n:
+            raise UsageProblem(f"image range {self.start}:{self.stop} is outside the "
+                               f"{n} images of {self.source.describe()['kind']} source")
+
+    @property
+    def indices(self):
+        return np.arange(self.start, self.stop)
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def describe(self):
+        return {**self.source.describe(), "range": [self.start, self.stop]}
+
+
+def check_disjoint(calibration: Selection, evaluation: Selection):
+    """qcal never calibrates on an image it evaluates (gluoncv's script calibrates on its eval split)."""
+    if calibration.source.identity != evaluation.source.identity:
+        return
+    lo = max(calibration.start, evaluation.start)
+    hi = min(calibration.stop, evaluation.stop)
+    if lo < hi:
+        raise UsageProblem(
+            f"calibration images {calibration.start}:{calibration.stop} overlap the evaluated "
+            f"images {evaluation.start}:{evaluation.stop} of the same source ({hi - lo} shared); "
+            f"choose a disjoint --calib-range or a separate --calib-dir")
+
+
+class BatchCache:
+    """Preprocessed batches on disk, one ``.npy`` per (source, indices, preprocessing)."""
+
+    def __init__(self, directory: Path | None):
+        self.directory = Path(directory) if directory else None
+
+    def key(self, source: ImageSource, indices) -> str:
+        payload = json.dumps({"source": source.describe(),
+                              "indices": [int(indices[0]), int(indices[-1]), len(indices)]},
+                             sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+    def load(self, source: ImageSource, indices) -> np.ndarray:
+        indices = np.asarray(indices)
+        contiguous = len(indices) and np.array_equal(indices, np.arange(indices[0],
+                                                                        indices[0] + len(indices)))
+        if self.directory is None or not contiguous:
+            return source.decode(indices)
+        path = self.directory / f"{self.key(source, indices)}.npy"
+        if path.is_file():
+            return np.load(path)
+        batch = source.decode(indices)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".npy.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, batch)
+        os.replace(tmp, path)
+        return batch
+
+
+def iter_batches(selection: Selection, batch_size: int, cache: BatchCache | None = None):
+    """(images, labels) batches in order; the last batch may be short and is never padded here."""
+    cache = cache or BatchCache(None)
+    labels = selection.source.labels
+    for lo in range(selection.start, selection.stop, batch_size):
+        idx = np.arange(lo, min(lo + batch_size, selection.stop))
+        yield cache.load(selection.source, idx), labels[idx]
