@@ -345,3 +345,62 @@ def iter_batches(selection: Selection, batch_size: int, cache: BatchCache | None
     for lo in range(selection.start, selection.stop, batch_size):
         idx = np.arange(lo, min(lo + batch_size, selection.stop))
         yield cache.load(selection.source, idx), labels[idx]
+
+
+def parse_range(text: str) -> tuple:
+    """'START:STOP' -> (start, stop)."""
+    try:
+        start, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise UsageProblem(f"image range must look like START:STOP, not '{text}'") from None
+    return start, stop
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    evaluation: Selection
+    calibration: Selection
+
+    def describe(self):
+        return {"evaluation": self.evaluation.describe(),
+                "calibration": self.calibration.describe()}
+
+
+def plan_data(family: str, data=None, num_images=None, calib_data=None, calib_range=None,
+              calib_images=None, preprocessing: Preprocessing = IMAGENET_PREPROCESSING) -> DataPlan:
+    """Choose the evaluated images and the (disjoint) calibration images for one model.
+
+    Fashion-MNIST models default to the vendored test split and the calibration split held out of
+    training. ImageNet models need ``data``; calibration comes from ``calib_data``, or a
+    ``calib_range`` of the same source, or else the last ``calib_images`` images of it.
+    """
+    if family == "fashion-mnist":
+        eval_source = (FashionMNISTSource("t10k") if data is None
+                       else FashionMNISTSource("t10k", directory=Path(data)))
+        default_calib = FashionMNISTSource("calib")
+    else:
+        if data is None:
+            raise UsageProblem("ImageNet models need --data (a class-folder directory or a .rec file)")
+        eval_source = open_source(data, preprocessing)
+        default_calib = None
+    n_eval = len(eval_source) if num_images is None else num_images
+    if n_eval > len(eval_source):
+        raise UsageProblem(f"--num-images {n_eval} exceeds the {len(eval_source)} images available")
+    evaluation = Selection(eval_source, 0, n_eval)
+
+    if calib_data is not None:
+        calib_source = open_source(calib_data, preprocessing)
+    elif calib_range is None and default_calib is not None:
+        calib_source = default_calib
+    else:
+        calib_source = eval_source
+    if calib_range is not None:
+        start, stop = parse_range(calib_range)
+    else:
+        count = calib_images or min(len(calib_source), 500)
+        count = min(count, len(calib_source))
+        start, stop = (0, count) if calib_source is not eval_source else (
+            len(calib_source) - count, len(calib_source))
+    calibration = Selection(calib_source, start, stop)
+    check_disjoint(calibration, evaluation)
+    return DataPlan(evaluation, calibration)

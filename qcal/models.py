@@ -111,3 +111,124 @@ def build_network(name: str, classes: int | None = None):
     from mxnet.gluon.model_zoo import vision
 
     return vision.get_model(name, classes=classes)
+
+
+def _resolved_network(name: str):
+    """Build ``name`` and run one dummy forward so every parameter has its final shape."""
+    import mxnet as mx
+
+    spec = get_spec(name)
+    net = build_network(name)
+    net.initialize(mx.init.Zero())
+    net(mx.nd.zeros((1,) + tuple(spec.input_shape)))
+    return net
+
+
+def check_params_file(net, path: Path):
+    """Refuse a parameter file that does not fit ``net``, naming the first layer at fault."""
+    import mxnet as mx
+
+    try:
+        loaded = mx.nd.load(str(path))
+    except Exception as exc:
+        raise QcalError(f"cannot read parameter file {path}: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, dict):
+        raise QcalError(f"{path} holds a list of arrays, not named Gluon parameters")
+    expected = {k: v.shape for k, v in net._collect_params_with_prefix().items()}
+    got = {k.split(":", 1)[-1]: v.shape for k, v in loaded.items()}
+    missing = sorted(set(expected) - set(got))
+    extra = sorted(set(got) - set(expected))
+    if missing:
+        raise QcalError(f"{path} does not fit this architecture: layer '{missing[0]}' is missing"
+                        f" ({len(missing)} missing in all)")
+    if extra:
+        raise QcalError(f"{path} does not fit this architecture: it has an unknown layer "
+                        f"'{extra[0]}' ({len(extra)} unknown in all)")
+    for key, shape in expected.items():
+        if tuple(got[key]) != tuple(shape):
+            raise QcalError(f"{path} does not fit this architecture: layer '{key}' has shape "
+                            f"{tuple(got[key])}, the model needs {tuple(shape)}")
+
+
+def mxnet_home() -> Path:
+    return Path(os.environ.get("MXNET_HOME", Path.home() / ".mxnet"))
+
+
+def pretrained_params_path(name: str, root: Path | None = None) -> Path:
+    """Where MXNet's model store keeps ``name``'s weights: ``$MXNET_HOME/models/NAME-HASH.params``."""
+    from mxnet.gluon.model_zoo import model_store
+
+    root = Path(root) if root else mxnet_home() / "models"
+    return root / f"{name}-{model_store.short_hash(name)}.params"
+
+
+def fetch_pretrained(name: str, root: Path | None = None) -> Path:
+    """The verified model-store file for ``name``, downloading it once if absent.
+
+    MXNet's own ``get_model_file`` retries five times and then raises a traceback; qcal tries one
+    download and otherwise stops with the path it expected and how to supply the weights.
+    """
+    from mxnet.gluon.model_zoo import model_store
+    from mxnet.gluon.utils import check_sha1
+
+    path = pretrained_params_path(name, root)
+    if name not in model_store._model_sha1:
+        raise QcalError(f"MXNet's model store has no pretrained weights for '{name}'")
+    sha1 = model_store._model_sha1[name]
+    if path.is_file():
+        if check_sha1(str(path), sha1):
+            return path
+        raise QcalError(f"{path} does not match the model store's checksum (sha1 {sha1}); "
+                        f"replace it or pass --params FILE")
+    if os.environ.get("QCAL_OFFLINE") != "1":
+        import contextlib
+        import io
+        import zipfile
+
+        from mxnet.gluon.utils import download
+
+        try:
+
+            repo = os.environ.get("MXNET_GLUON_REPO", model_store.apache_repo_url).rstrip("/") + "/"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            zip_path = path.with_suffix(".zip.part")
+            with contextlib.redirect_stdout(io.StringIO()):  # MXNet prints its progress
+                download(model_store._url_format.format(repo_url=repo, file_name=path.stem),
+                         path=str(zip_path), overwrite=True, retries=1)
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extract(path.name, path.parent)
+            zip_path.unlink()
+            if check_sha1(str(path), sha1):
+                return path
+            path.unlink()
+        except Exception:  # any failure to fetch ends in the one-line error below
+            pass
+    raise QcalError(f"pretrained weights for '{name}' are not in {path} and cannot be downloaded; "
+                    f"put the model-store file there (MXNET_HOME={path.parent.parent}) "
+                    f"or pass --params FILE")
+
+
+def load_model(name: str, params: Path | None = None, pretrained: bool = False):
+    """A Gluon network with its weights loaded, ready for inference.
+
+    Embedded models default to their shipped weights; zoo models need ``params`` or
+    ``pretrained`` (qcal never evaluates random weights by accident).
+    """
+    spec = get_spec(name)
+    if params and pretrained:
+        raise QcalError("give either --params or --pretrained, not both")
+    if params is None:
+        if pretrained:
+            params = fetch_pretrained(name)
+        elif spec.embedded_params is not None:
+            params = spec.embedded_params
+        else:
+            raise QcalError(f"'{name}' needs weights: pass --pretrained (MXNet model store) "
+                            f"or --params FILE")
+    params = Path(params)
+    if not params.is_file():
+        raise QcalError(f"parameter file not found: {params}")
+    net = _resolved_network(name)
+    check_params_file(net, params)
+    net.load_parameters(str(params))
+    return net

@@ -1,0 +1,36 @@
+# qcal: every target sets itself up (virtual environment, pinned installs) on a fresh clone.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install clean train-embedded vendor-data
+
+demo: $(STAMP)  ## main job on the embedded default: float32 (and int8) tables for the embedded models
+	$(BIN)/qcal evaluate --model fmnist_resnet20_v1 --model fmnist_resnet56_v2 --model fmnist_vgg11_bn --output results/embedded-float32.md
+
+test: $(STAMP)  ## the whole test suite (what .ci/run calls)
+	$(BIN)/python -m pytest -q tests
+
+lint: $(STAMP)
+	$(BIN)/python -m flake8 qcal scripts tests
+
+install: $(STAMP)
+
+# pip silently upgrades numpy without the constraints file: always install through it.
+$(STAMP): setup.cfg constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]' flake8
+	touch $(STAMP)
+
+# One-offs that produced the shipped files (see their PROVENANCE.md); tests and the demo never run them.
+vendor-data: $(STAMP)
+	$(BIN)/python scripts/vendor_fmnist.py
+
+train-embedded: $(STAMP)
+	for m in fmnist_vgg11_bn fmnist_resnet20_v1 fmnist_resnet56_v2; do \
+		$(BIN)/python scripts/train_fmnist.py --model $$m --epochs 4 --seed 0 || exit 1; done
+
+clean:
+	rm -rf $(VENV) .qcal-cache results build *.egg-info
