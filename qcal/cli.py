@@ -68,13 +68,13 @@ def data_options(func):
 
 
 def _data_plan(spec, data, num_images, calib_data, calib_range, calib_images, input_size,
-               crop_ratio):
+               crop_ratio, calibrate=True):
     from .datasets import Preprocessing, plan_data
 
     preprocessing = Preprocessing(input_size=input_size, crop_ratio=crop_ratio)
     return plan_data(spec.family, data=data, num_images=num_images, calib_data=calib_data,
                      calib_range=calib_range, calib_images=calib_images,
-                     preprocessing=preprocessing)
+                     preprocessing=preprocessing, calibrate=calibrate)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,7 +127,7 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
     for name in models:
         spec = get_spec(name)
         plan = _data_plan(spec, data, num_images, calib_data, calib_range, calib_images,
-                          input_size, crop_ratio)
+                          input_size, crop_ratio, calibrate=False)
         net = load_model(name, params=params, pretrained=pretrained)
         progress = report.progress_bar(len(plan.evaluation), f"{name} float32", quiet)
         with progress:

