@@ -27,6 +27,23 @@ def _translate_errors(func):
     return wrapper
 
 
+class ImageRangeType(click.ParamType):
+    name = "START:STOP"
+
+    def convert(self, value, param, ctx):
+        from .datasets import parse_range
+
+        if isinstance(value, tuple):
+            return value
+        try:
+            start, stop = parse_range(value)
+        except UsageProblem as exc:
+            self.fail(str(exc), param, ctx)
+        if not 0 <= start < stop:
+            self.fail(f"need 0 <= START < STOP, got {value}", param, ctx)
+        return start, stop
+
+
 def model_options(multiple: bool):
     def decorate(func):
         func = click.option("--pretrained", is_flag=True,
@@ -49,7 +66,7 @@ def data_options(func):
                      help="Evaluate the first N images of the fixed order (default: all)."),
         click.option("--calib-data", type=click.Path(exists=True, path_type=Path),
                      help="Calibration images from a separate source."),
-        click.option("--calib-range", metavar="START:STOP",
+        click.option("--calib-range", type=ImageRangeType(),
                      help="Calibration images at these positions of the source."),
         click.option("--calib-images", type=click.IntRange(min=1),
                      help="How many calibration images (default 500, or all of a smaller set)."),

@@ -398,7 +398,7 @@ def plan_data(family: str, data=None, num_images=None, calib_data=None, calib_ra
     else:
         calib_source = eval_source
     if calib_range is not None:
-        start, stop = parse_range(calib_range)
+        start, stop = parse_range(calib_range) if isinstance(calib_range, str) else calib_range
     else:
         count = calib_images or min(len(calib_source), 500)
         count = min(count, len(calib_source))

@@ -1,0 +1,257 @@
+"""Calibrate stage: one statistics pass over the calibration images, then every method's ranges.
+
+Pipeline position: import -> annotate -> **calibrate** -> realize -> compile. ``collect_statistics``
+runs the float reference (``qcal.float_reference.run_float``) once over the calibration batches
+and accumulates, for every tensor of the graph (the input included), its signed min/max, abs-max
+and a histogram of |x|. ``CalibrationResult`` turns those statistics into each activation
+method's amax (``qcal.calib_methods``), and is saved to / loaded from one ``.npz`` file so that
+compile and evaluate never touch the calibration data again.
+
+The histogram is built in the same single pass although the final range is not known in
+advance: it has a fixed number of equal bins over [0, R), R being the first batch's abs-max; when
+a later batch exceeds R, R is doubled as often as needed and each run of 2**k old bins is summed
+into one new bin. Bin edges of the doubled range are a subset of the old ones, so this re-binning
+is exact (no interpolation), and the final histogram covers the abs-max with at least half of
+its bins (4096 of the default 8192: fine enough for KL, which uses 2048).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .calib_methods import (CALIBRATION_METHODS, HISTOGRAM_METHODS, TensorStats, choose_amax,
+                            method_options)
+from .config import QuantOptions
+from .errors import QcalError
+from .float_reference import run_float
+
+DEFAULT_HISTOGRAM_BINS = 8192
+FILE_FORMAT = "qcal-calibration/1"
+
+
+class AbsHistogram:
+    """Running abs-max, signed min/max and |x| histogram of one tensor (bins=0: no histogram)."""
+
+    def __init__(self, bins: int = DEFAULT_HISTOGRAM_BINS):
+        if bins and bins & (bins - 1):
+            raise ValueError(f"histogram bins must be a power of two (exact re-binning), "
+                             f"not {bins}")
+        self.bins = bins
+        self.counts = np.zeros(bins, dtype=np.int64) if bins else None
+        self.range = 0.0  # histogram covers [0, range); 0 until a non-zero value is seen
+        self.amax = 0.0
+        self.min = np.inf
+        self.max = -np.inf
+        self.count = 0
+
+    def collect(self, x: np.ndarray):
+        x = np.asarray(x)
+        self.count += x.size
+        self.min = min(self.min, float(x.min()))
+        self.max = max(self.max, float(x.max()))
+        a = np.abs(x).ravel()
+        self.amax = max(self.amax, float(a.max()))
+        if not self.bins or self.amax == 0:
+            return
+        if self.range == 0:
+            self.range = self.amax
+        while self.range < self.amax:
+            self._double_range()
+        index = np.minimum((a * (self.bins / self.range)).astype(np.int64), self.bins - 1)
+        self.counts += np.bincount(index, minlength=self.bins)
+
+    def _double_range(self):
+        merged = self.counts.reshape(-1, 2).sum(axis=1)
+        self.counts = np.concatenate([merged, np.zeros(self.bins // 2, dtype=np.int64)])
+        self.range *= 2
+
+    def stats(self) -> TensorStats:
+        if not self.bins:
+            return TensorStats(self.amax)
+        edges = np.linspace(0.0, self.range or 1.0, self.bins + 1)
+        counts = self.counts.copy()
+        if self.range == 0:  # all zeros so far: every value sits in the first bin
+            counts[0] = self.count
+        return TensorStats(self.amax, counts, edges)
+
+    def summary(self) -> dict:
+        return {"amax": self.amax, "min": self.min, "max": self.max, "count": self.count}
+
+
+@dataclass
+class TensorStatistics:
+    """What one pass over the calibration images saw, per tensor."""
+
+    fingerprint: str
+    model: str
+    num_images: int
+    bins: int
+    tensors: dict  # name -> TensorStats
+    summaries: dict  # name -> {"amax", "min", "max", "count"}
+
+
+def collect_statistics(graph, batches, progress: bool = True,
+                       bins: int = DEFAULT_HISTOGRAM_BINS) -> TensorStatistics:
+    """One pass of the float reference over ``batches`` (float32 N x C x H x W arrays).
+
+    ``bins=0`` collects abs-max/min/max only (enough for global, max, power2).
+    """
+    accumulators = {n.name: AbsHistogram(bins) for n in graph.nodes}
+    num_images = 0
+    for batch in _progress(batches, progress, graph.name):
+        run_float(graph, batch, observe=lambda name, y: accumulators[name].collect(y))
+        num_images += len(batch)
+    if num_images == 0:
+        raise QcalError(f"calibration of '{graph.name}' got no images")
+    return TensorStatistics(graph.fingerprint(), graph.name, num_images, bins,
+                            {k: a.stats() for k, a in accumulators.items()},
+                            {k: a.summary() for k, a in accumulators.items()})
+
+
+def _progress(batches, enabled, name):
+    if not enabled:
+        return batches
+    from tqdm import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, total=total, desc=f"calibrating {name}", unit="batch", leave=False)
+
+
+@dataclass
+class CalibrationResult:
+    """Per-tensor statistics and every activation method's chosen amax, for one model.
+
+    ``chosen[method][tensor]`` holds the amax of each method at the options in
+    ``chosen_options[method]`` (the QuantOptions given when it was made); ``amax`` recomputes
+    from the stored histograms when asked for other options.
+    """
+
+    fingerprint: str
+    model: str
+    num_images: int
+    bins: int
+    tensors: dict  # name -> TensorStats
+    summaries: dict  # name -> {"amax", "min", "max", "count"}
+    chosen: dict = field(default_factory=dict)  # method -> {tensor -> amax}
+    chosen_options: dict = field(default_factory=dict)  # method -> {option -> value}
+    source: str = "<memory>"
+
+    @classmethod
+    def from_statistics(cls, statistics: TensorStatistics, options: QuantOptions | None = None,
+                        methods=None) -> "CalibrationResult":
+        options = options or QuantOptions()
+        result = cls(statistics.fingerprint, statistics.model, statistics.num_images,
+                     statistics.bins, statistics.tensors, statistics.summaries)
+        for method in methods or CALIBRATION_METHODS:
+            if method in HISTOGRAM_METHODS and not statistics.bins:
+                continue  # abs-max-only statistics cannot answer it; `require` says so
+            opts = method_options(method, options)
+            result.chosen[method] = {name: choose_amax(method, stats, **opts)
+                                     for name, stats in statistics.tensors.items()}
+            result.chosen_options[method] = opts
+        return result
+
+    @property
+    def methods(self) -> tuple:
+        """The methods this result can answer."""
+        if self.bins:
+            return tuple(CALIBRATION_METHODS)
+        return tuple(m for m in CALIBRATION_METHODS if m not in HISTOGRAM_METHODS)
+
+    def require(self, method: str):
+        if method not in CALIBRATION_METHODS:
+            raise QcalError(f"unknown calibration method '{method}' "
+                            f"(known: {', '.join(CALIBRATION_METHODS)})")
+        if method not in self.methods:
+            raise QcalError(f"calibration file {self.source} holds abs-max statistics only; "
+                            f"method '{method}' needs histograms: recalibrate with histograms")
+
+    def amax(self, tensor: str, method: str, **opts) -> float:
+        """The amax ``method`` (with its options, e.g. percentile=99.9) picks for ``tensor``."""
+        self.require(method)
+        if tensor not in self.tensors:
+            raise QcalError(f"calibration file {self.source} has no statistics for tensor "
+                            f"'{tensor}' of model '{self.model}'")
+        if self.chosen_options.get(method) == opts and tensor in self.chosen.get(method, {}):
+            return self.chosen[method][tensor]
+        return choose_amax(method, self.tensors[tensor], **opts)
+
+    def amax_for(self, tensor: str, options: QuantOptions) -> float:
+        """The amax ``options.activation_method`` picks, with that method's options."""
+        method = options.activation_method
+        return self.amax(tensor, method, **method_options(method, options))
+
+    def check_model(self, graph):
+        if graph.fingerprint() != self.fingerprint:
+            raise QcalError(f"calibration file {self.source} was made for model '{self.model}' "
+                            f"(fingerprint {self.fingerprint}), not for '{graph.name}' "
+                            f"(fingerprint {graph.fingerprint()})")
+
+    # --- file --------------------------------------------------------------------------------
+
+    def save(self, path):
+        """Write one .npz file atomically (a temporary file in the same folder, then rename)."""
+        path = Path(path)
+        names = list(self.tensors)
+        meta = {"format": FILE_FORMAT, "fingerprint": self.fingerprint, "model": self.model,
+                "num_images": self.num_images, "bins": self.bins, "tensors": names,
+                "summaries": self.summaries, "chosen": self.chosen,
+                "chosen_options": self.chosen_options}
+        arrays = {"meta": np.array(json.dumps(meta))}
+        if self.bins:
+            arrays["counts"] = np.stack([self.tensors[n].counts for n in names])
+            arrays["ranges"] = np.array([self.tensors[n].edges[-1] for n in names])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez_compressed(f, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path, graph=None, methods=()) -> "CalibrationResult":
+        """Read a file written by ``save``; refuse it for another model or a missing method."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                counts = f["counts"] if "counts" in f.files else None
+                ranges = f["ranges"] if "ranges" in f.files else None
+        except FileNotFoundError:
+            raise QcalError(f"calibration file {path} does not exist") from None
+        except (OSError, ValueError, KeyError) as exc:
+            raise QcalError(f"{path} is not a qcal calibration file ({exc})") from None
+        if meta.get("format") != FILE_FORMAT:
+            raise QcalError(f"{path} is a '{meta.get('format')}' file; qcal reads "
+                            f"'{FILE_FORMAT}'")
+        tensors = {}
+        for i, name in enumerate(meta["tensors"]):
+            amax = meta["summaries"][name]["amax"]
+            if counts is None:
+                tensors[name] = TensorStats(amax)
+            else:
+                edges = np.linspace(0.0, float(ranges[i]), meta["bins"] + 1)
+                tensors[name] = TensorStats(amax, counts[i], edges)
+        result = cls(meta["fingerprint"], meta["model"], meta["num_images"], meta["bins"],
+                     tensors, meta["summaries"], meta["chosen"], meta["chosen_options"],
+                     source=str(path))
+        if graph is not None:
+            result.check_model(graph)
+        for method in methods:
+            result.require(method)
+        return result
+
+
+def calibrate(graph, batches, options: QuantOptions | None = None, progress: bool = True,
+              bins: int = DEFAULT_HISTOGRAM_BINS) -> CalibrationResult:
+    """Collect statistics in one pass and choose every method's amax for every tensor."""
+    return CalibrationResult.from_statistics(collect_statistics(graph, batches, progress, bins),
+                                             options)

@@ -1,0 +1,663 @@
+"""Realize stage: turn an annotated float ``Graph`` plus activation ranges into an integer ``QGraph``.
+
+Pipeline position: import -> annotate -> calibrate -> **realize** -> compile (``qcal.tvm_adapter``).
+The numpy interpreter ``qcal.int_reference`` runs the same ``QGraph`` and must agree with TVM bit for
+bit, so every rounding and every shift is decided here, once, and stored in the node params.
+
+Value model. Every integer tensor ``v`` means the real number ``v * scale``; ``scale`` is a float64
+array of shape ``()`` (per tensor) or ``(C,)`` (per channel, axis 1 of the NCHW / NC tensor).
+Each integer node also carries ``bound``: a proven upper bound of ``|v|`` (same shape), derived from
+int8 ranges, the integer weights and the shifts. The realizer refuses to build an int32 node whose
+bound exceeds 2**31 - 1, and where an alignment would overflow it picks a coarser common scale
+and records an ``Adjustment`` (never a silent wrap-around). ``int_reference`` checks at run time that
+every value respects its bound.
+
+Scales. ``scale_for_amax``: an amax that is a power of two gives ``amax / 128`` (Relay's
+``dom_scale = scale / 2**(nbit-1)``: the scale is then a power of two too, and rescaling between such
+scales is an exact shift); any other amax gives ``amax / 127`` (the full symmetric range). int8
+values are clipped to [-127, 127].
+
+QGraph op set (``QNode.op``). Ops marked "any" work on float32 or integer tensors alike.
+
+=====================  =====================================  ========================================
+op                     semantics                              attrs / params
+=====================  =====================================  ========================================
+input                  float32 image batch                    shape
+quantize               f32 -> int8: clip(rint(x * inv), 127)  inv_scale (float32 scalar)
+dequantize             int -> f32: float32(v) * scale         scale (float32, () or (C,))
+requantize             int -> int8/int32, rounding rescale:   kind "shift": lshift, rshift (C,) ints:
+                       shift: ((v << L) + (1<<R>>1)) >> R     kind "multiply": multiplier, rshift:
+                       multiply: (v*m + (1<<(R-1))) >> R      (int64 math); compute (int32|int64);
+                       then clip +-127 when out is int8       out dtype in QNode.dtype
+qconv2d                int8 x int8 -> int32, zero padding     conv attrs of graph.py; weight int8
+qdense                 int8 (N, I) x int8 (O, I)^T -> int32   weight int8
+qchannel_mul           int8 * int8[c] -> int32                multiplier int8 (C,)
+bias_add               int32 + int32[c]                       bias int32 (C,)
+qclip                  int: min(max(v, lo[c]), hi[c])         lo, hi int64 (() or (C,))
+qsum_pool2d            window sums -> int32 (divisor is in    pool_size, strides, padding
+                       the output scale)
+qavg_pool2d            rounded mean: (2*sum + n) // (2n)      pool_size, strides, padding; counts
+                       (count_include_pad=False with pads)    int32 (OH, OW)
+qglobal_sum_pool2d     sum over H, W -> int32 (N, C, 1, 1)    -
+qadd                   int32 + int32 (operands aligned)       -
+relu, max_pool2d,      any: as in graph.py (max-pool pads     as in graph.py
+flatten                with the dtype's minimum)
+conv2d, dense,         float32 only: graph.py semantics       as in graph.py (float params)
+channel_affine, clip,
+avg_pool2d,
+global_avg_pool2d, add
+=====================  =====================================  ========================================
+
+Bias. ``bias_mode='bits'``: the bias gets its own power-of-2 scale ``2**ceil(log2 max|b|) / 2**(B-1)``
+and B-bit values (Relay annotated the folded BN bias as a weight; the forum thread widens it). It is
+added as Relay's AddRealize does: the finer of the two scales wins and the other operand is shifted
+left -- the accumulator at run time (``requantize`` with a left shift), or the bias constant offline.
+When the accumulator scale is not a power of two the common scale is ``s_acc / 2**k`` with the
+smallest k that is at least as fine as the bias scale, so the run-time shift stays exact.
+``bias_mode='int32-acc'``: ``rint(b / s_acc)`` in int32 at the accumulator scale (ONNX Runtime, TFLite).
+Both go through the same overflow check: per channel the accumulator shift k is lowered (down to a
+rounding right shift) until ``bound(acc << k) + |bias| <= 2**31 - 1``; each lowering is recorded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from .annotate import FLOAT, INT8, Annotation, annotate
+from .config import QuantOptions
+from .errors import QcalError
+from .graph import Graph, Node
+from .numpy_kernels import output_size
+
+INT8_MAX = 127
+INT32_MAX = 2 ** 31 - 1
+INT64_SAFE = 2 ** 62  # products and shifts in int64 are kept below this
+MAX_LEFT_SHIFT = 30
+MAX_RIGHT_SHIFT = 62
+
+FLOAT_ONLY_OPS = frozenset({"conv2d", "dense", "channel_affine", "clip", "avg_pool2d",
+                            "global_avg_pool2d", "add"})
+ANY_DTYPE_OPS = frozenset({"relu", "max_pool2d", "flatten"})
+INT_OPS = frozenset({"quantize", "dequantize", "requantize", "qconv2d", "qdense", "qchannel_mul",
+                     "bias_add", "qclip", "qsum_pool2d", "qavg_pool2d", "qglobal_sum_pool2d",
+                     "qadd"})
+QGRAPH_OPS = frozenset({"input"}) | FLOAT_ONLY_OPS | ANY_DTYPE_OPS | INT_OPS
+
+
+# ---------------------------------------------------------------------------------------------
+# Scales and integer constants: pure functions.
+# ---------------------------------------------------------------------------------------------
+
+def is_power_of_two(x) -> np.ndarray:
+    mantissa, _ = np.frexp(np.asarray(x, dtype=np.float64))
+    return mantissa == 0.5
+
+
+def ceil_log2(x) -> np.ndarray:
+    """Exact ceil(log2(x)) for positive x (frexp, not floating-point log)."""
+    mantissa, exponent = np.frexp(np.asarray(x, dtype=np.float64))
+    return np.where(mantissa == 0.5, exponent - 1, exponent).astype(np.int64)
+
+
+def power2_ceil(x) -> np.ndarray:
+    return np.ldexp(1.0, ceil_log2(x))
+
+
+def scale_for_amax(amax) -> np.ndarray:
+    """Symmetric int8 scale for a range: amax/128 when amax is a power of two (then the scale is a
+    power of two), else amax/127. A zero range (a dead channel or tensor) gets amax 1."""
+    amax = np.asarray(amax, dtype=np.float64)
+    if not np.all(np.isfinite(amax)) or np.any(amax < 0):
+        raise QcalError(f"activation/weight range must be finite and non-negative, got {amax}")
+    amax = np.where(amax == 0, 1.0, amax)
+    return np.where(is_power_of_two(amax), amax / 128.0, amax / 127.0)
+
+
+def quantize_array(x, scale, limit=INT8_MAX) -> np.ndarray:
+    """rint(x / scale) clipped to [-limit, limit], as int64 (offline constants only)."""
+    return np.clip(np.rint(np.asarray(x, np.float64) / scale), -limit, limit).astype(np.int64)
+
+
+def weight_amax(w: np.ndarray, granularity: str) -> np.ndarray:
+    w = np.abs(np.asarray(w, dtype=np.float64))
+    if granularity == "tensor":
+        return np.asarray(w.max(initial=0.0))
+    return w.reshape(w.shape[0], -1).max(axis=1, initial=0.0)
+
+
+def quantize_weight(w: np.ndarray, method: str, granularity: str):
+    """int8 weights and their scale (shape () per tensor, (O,) per output channel)."""
+    amax = weight_amax(w, granularity)
+    if method == "power2":
+        amax = np.where(amax == 0, 0.0, power2_ceil(np.where(amax == 0, 1.0, amax)))
+    scale = scale_for_amax(amax)
+    shaped = scale.reshape((-1,) + (1,) * (w.ndim - 1)) if scale.ndim else scale
+    return quantize_array(w, shaped).astype(np.int8), scale
+
+
+def bias_scale(bias: np.ndarray, bits: int) -> float:
+    """The bias's own power-of-2 scale for B bits: 2**ceil(log2 max|b|) / 2**(B-1)."""
+    amax = float(np.abs(bias).max(initial=0.0))
+    if amax == 0:
+        return 1.0
+    return float(power2_ceil(amax)) / 2.0 ** (bits - 1)
+
+
+@dataclass(frozen=True)
+class RescalePlan:
+    """How ``requantize`` multiplies an integer tensor by ``ratio`` (per channel), exactly."""
+
+    kind: str  # "shift" or "multiply"
+    lshift: np.ndarray
+    rshift: np.ndarray
+    multiplier: np.ndarray  # int64, only for "multiply"
+    compute: str  # "int32" or "int64"
+    out_bound: np.ndarray  # proven bound of the result before any int8 clip
+
+
+def _rounding_shift_bound(bound, rshift):
+    rnd = np.where(rshift > 0, np.left_shift(np.int64(1), np.maximum(rshift - 1, 0)), 0)
+    return np.right_shift(bound + rnd, rshift), rnd
+
+
+def rescale_plan(ratio, bound) -> RescalePlan:
+    """Rescale by ``ratio`` > 0: a shift when every ratio is a power of two, else a fixed-point
+    multiplier m in [2**30, 2**31) with a rounding right shift, computed in int64."""
+    ratio = np.asarray(ratio, dtype=np.float64)
+    bound = np.asarray(bound, dtype=np.int64)
+    if np.any(ratio <= 0) or not np.all(np.isfinite(ratio)):
+        raise QcalError(f"cannot rescale by {ratio}")
+    mantissa, exponent = np.frexp(ratio)
+    if np.all(mantissa == 0.5):
+        log2 = exponent.astype(np.int64) - 1
+        lshift = np.maximum(log2, 0)
+        rshift = np.minimum(np.maximum(-log2, 0), MAX_RIGHT_SHIFT)
+        if np.any(lshift > MAX_LEFT_SHIFT):
+            raise QcalError(f"rescale ratio {ratio.max()} is too large to shift")
+        shifted = np.left_shift(bound, lshift)
+        out, rnd = _rounding_shift_bound(shifted, rshift)
+        fits32 = np.all(shifted + rnd <= INT32_MAX) and np.all(rshift <= 31)
+        return RescalePlan("shift", lshift, rshift, np.zeros_like(lshift), 
+                           "int32" if fits32 else "int64", out)
+    multiplier = np.rint(mantissa * 2.0 ** 31).astype(np.int64)
+    exponent = exponent.astype(np.int64)
+    carry = multiplier == 2 ** 31
+    multiplier = np.where(carry, 2 ** 30, multiplier)
+    exponent = exponent + carry
+    rshift = 31 - exponent
+    if np.any(rshift < 1):
+        raise QcalError(f"rescale ratio {ratio.max()} is too large for a fixed-point multiplier")
+    too_fine = rshift > MAX_RIGHT_SHIFT
+    multiplier = np.where(too_fine, np.right_shift(multiplier, np.maximum(rshift - MAX_RIGHT_SHIFT, 0)),
+                          multiplier)
+    rshift = np.minimum(rshift, MAX_RIGHT_SHIFT)
+    if np.any(bound * multiplier >= INT64_SAFE):
+        raise QcalError("fixed-point rescale would overflow int64")
+    out, _ = _rounding_shift_bound(bound * multiplier, rshift)
+    return RescalePlan("multiply", np.zeros_like(rshift), rshift, multiplier, "int64", out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The integer graph.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class QNode:
+    name: str
+    op: str
+    inputs: tuple = ()
+    attrs: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    dtype: str = "float32"
+    shape: tuple = ()  # one image's shape
+    scale: np.ndarray | None = None  # integer nodes: float64, () or (C,)
+    bound: np.ndarray | None = None  # integer nodes: int64, () or (C,)
+
+    def __post_init__(self):
+        self.inputs = tuple(self.inputs)
+
+    @property
+    def is_int(self) -> bool:
+        return self.dtype != "float32"
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """An alignment changed to avoid int32 overflow (recorded, never silent)."""
+
+    layer: str
+    what: str
+    channels: int
+    requested: str
+    applied: str
+
+    def __str__(self):
+        return (f"{self.layer}: {self.what} on {self.channels} channel(s): requested "
+                f"{self.requested}, applied {self.applied} (int32 overflow otherwise)")
+
+
+@dataclass
+class QGraph:
+    nodes: list
+    name: str = "model"
+    adjustments: list = field(default_factory=list)
+    options: QuantOptions | None = None
+
+    def __post_init__(self):
+        self._index = {n.name: n for n in self.nodes}
+        for n in self.nodes:
+            if n.op not in QGRAPH_OPS:
+                raise QcalError(f"qgraph '{self.name}': unknown op '{n.op}' at '{n.name}'")
+
+    @property
+    def input(self) -> QNode:
+        return self.nodes[0]
+
+    @property
+    def output(self) -> QNode:
+        return self.nodes[-1]
+
+    def node(self, name: str) -> QNode:
+        return self._index[name]
+
+    def counts(self) -> dict:
+        ops = [n.op for n in self.nodes]
+        requant = [n for n in self.nodes if n.op == "requantize"]
+        return {
+            "quantize": ops.count("quantize"),
+            "requantize": sum(1 for n in requant if n.dtype == "int8"),
+            "align": sum(1 for n in requant if n.dtype != "int8"),
+            "dequantize": ops.count("dequantize"),
+            "integer_intermediates": sum(1 for n in self.nodes if n.is_int),
+            "float_ops": sum(1 for n in self.nodes if not n.is_int and n.op not in
+                             ("input", "dequantize")),
+            "overflow_adjustments": len(self.adjustments),
+        }
+
+
+def channels_of(shape) -> int:
+    return int(shape[0])
+
+
+def per_channel(a, channels) -> np.ndarray:
+    a = np.asarray(a)
+    return np.broadcast_to(a, (channels,)).copy() if a.ndim == 0 else a
+
+
+def collapse(a) -> np.ndarray:
+    """A per-channel array whose entries are all equal becomes a scalar (0-d) array."""
+    a = np.asarray(a)
+    if a.ndim == 1 and a.size and np.all(a == a[0]):
+        return a[0].copy().reshape(())
+    return a
+
+
+def tensor_shapes(graph: Graph) -> dict:
+    """Per-image output shape of every node of a float graph."""
+    shapes = {}
+    for n in graph.nodes:
+        a = n.attrs
+        if n.op == "input":
+            shapes[n.name] = tuple(a["shape"])
+            continue
+        s = shapes[n.inputs[0]]
+        if n.op == "conv2d":
+            o, _, kh, kw = n.params["weight"].shape
+            t, l, b, r = a.get("padding", (0, 0, 0, 0))
+            (sh, sw), (dh, dw) = a.get("strides", (1, 1)), a.get("dilation", (1, 1))
+            shapes[n.name] = (o, output_size(s[1], kh, sh, t, b, dh), output_size(s[2], kw, sw, l, r, dw))
+        elif n.op == "dense":
+            shapes[n.name] = (n.params["weight"].shape[0],)
+        elif n.op in ("max_pool2d", "avg_pool2d"):
+            (ph, pw), (sh, sw) = a["pool_size"], a["strides"]
+            t, l, b, r = a.get("padding", (0, 0, 0, 0))
+            shapes[n.name] = (s[0], output_size(s[1], ph, sh, t, b), output_size(s[2], pw, sw, l, r))
+        elif n.op == "global_avg_pool2d":
+            shapes[n.name] = (s[0], 1, 1)
+        elif n.op == "flatten":
+            shapes[n.name] = (int(np.prod(s)),)
+        else:
+            shapes[n.name] = s
+    return shapes
+
+
+# ---------------------------------------------------------------------------------------------
+# The realizer: one pass over the float graph in order.
+# ---------------------------------------------------------------------------------------------
+
+class _Realizer:
+    def __init__(self, graph, annotation, amax, options):
+        self.graph, self.annotation, self.amax, self.options = graph, annotation, amax, options
+        self.shapes = tensor_shapes(graph)
+        self.nodes, self.adjustments = [], []
+        self.value, self.int8_of, self.float_of = {}, {}, {}
+        self.names = set()
+
+    # -- node bookkeeping --
+    def emit(self, node: QNode) -> QNode:
+        if node.name in self.names:
+            raise QcalError(f"realize: two nodes named '{node.name}'")
+        if node.is_int:
+            node.scale = collapse(np.asarray(node.scale, dtype=np.float64))
+            node.bound = collapse(np.asarray(node.bound, dtype=np.int64))
+            limit = INT8_MAX if node.dtype == "int8" else INT32_MAX
+            if np.any(node.bound > limit):
+                raise QcalError(f"realize: '{node.name}' could reach {int(node.bound.max())}, "
+                                f"beyond {node.dtype} (a realizer bug; please report it)")
+        self.names.add(node.name)
+        self.nodes.append(node)
+        return node
+
+    def adjust(self, layer, what, mask, requested, applied):
+        mask = np.atleast_1d(mask)
+        if mask.any():
+            req, app = np.atleast_1d(requested)[mask], np.atleast_1d(applied)[mask]
+            self.adjustments.append(Adjustment(
+                layer, what, int(mask.sum()), _span(req), _span(app)))
+
+    def amax_of(self, tensor):
+        if tensor not in self.amax:
+            raise QcalError(f"no calibrated range for tensor '{tensor}' (the calibration result "
+                            f"lacks it)")
+        return float(self.amax[tensor])
+
+    # -- domain conversions, each made once per tensor and shared --
+    def int8(self, tensor) -> QNode:
+        if tensor in self.int8_of:
+            return self.int8_of[tensor]
+        src = self.value[tensor]
+        if src.dtype == "int8":
+            node = src
+        else:
+            scale = scale_for_amax(self.amax_of(tensor))
+            if src.is_int:
+                node = self.requantize(src, f"{tensor}:q", scale, "int8")
+            else:
+                node = self.emit(QNode(f"{tensor}:q", "quantize", (src.name,),
+                                       params={"inv_scale": np.float32(1.0 / scale)},
+                                       dtype="int8", shape=src.shape, scale=scale,
+                                       bound=np.int64(INT8_MAX)))
+        self.int8_of[tensor] = node
+        return node
+
+    def as_float(self, tensor) -> QNode:
+        if tensor in self.float_of:
+            return self.float_of[tensor]
+        src = self.value[tensor]
+        node = src
+        if src.is_int:
+            node = self.emit(QNode(f"{tensor}:dq", "dequantize", (src.name,),
+                                   params={"scale": src.scale.astype(np.float32)},
+                                   shape=src.shape))
+        self.float_of[tensor] = node
+        return node
+
+    def requantize(self, src: QNode, name, out_scale, out_dtype) -> QNode:
+        channels = channels_of(src.shape)
+        ratio = per_channel(src.scale, channels) / per_channel(out_scale, channels)
+        plan = rescale_plan(collapse(ratio), src.bound)
+        bound = np.minimum(plan.out_bound, INT8_MAX) if out_dtype == "int8" else plan.out_bound
+        params = {"lshift": collapse(plan.lshift), "rshift": collapse(plan.rshift)}
+        if plan.kind == "multiply":
+            params["multiplier"] = collapse(plan.multiplier)
+        return self.emit(QNode(name, "requantize", (src.name,),
+                               attrs={"kind": plan.kind, "compute": plan.compute},
+                               params=params, dtype=out_dtype, shape=src.shape,
+                               scale=out_scale, bound=bound))
+
+    # -- shared integer building blocks --
+    def add_bias(self, acc: QNode, bias: np.ndarray, layer: str) -> QNode:
+        channels = channels_of(acc.shape)
+        s_acc = per_channel(acc.scale, channels)
+        bound = per_channel(acc.bound, channels).astype(np.int64)
+        bias = np.asarray(bias, dtype=np.float64)
+        if self.options.bias_mode == "int32-acc":
+            k0 = np.zeros(channels, dtype=np.int64)
+
+            def bias_at(common):
+                return np.rint(bias / common)
+        else:
+            bits = self.options.bias_bits
+            s_b = bias_scale(bias, bits)
+            b_q = quantize_array(bias, s_b, 2 ** (bits - 1) - 1).astype(np.float64)
+            k0 = np.maximum(ceil_log2(s_acc / s_b), 0) if np.any(b_q) else np.zeros(channels, np.int64)
+
+            def bias_at(common):
+                return np.rint(b_q * (s_b / common))
+        k, b_c, acc_bound = _fit_bias_shift(bound, s_acc, k0, bias_at)
+        self.adjust(layer, "bias alignment (accumulator shift)", k != k0,
+                    [f"<<{v}" if v >= 0 else f">>{-v}" for v in k0],
+                    [f"<<{v}" if v >= 0 else f">>{-v}" for v in k])
+        common = np.ldexp(s_acc, -k)
+        if np.any(k != 0):
+            acc = self.requantize(acc, f"{layer}:align", common, "int32")
+        return self.emit(QNode(layer, "bias_add", (acc.name,), params={"bias": b_c.astype(np.int32)},
+                               dtype="int32", shape=acc.shape, scale=common,
+                               bound=per_channel(acc.bound, channels) + np.abs(b_c)))
+
+    def align(self, operands, layer) -> list:
+        """Bring integer operands to one int32 scale: the finer one per channel, coarsened by
+        powers of two where the sum could overflow."""
+        channels = channels_of(operands[0].shape)
+        scales = [per_channel(o.scale, channels) for o in operands]
+        base = np.minimum.reduce(scales)
+        coarsen = np.zeros(channels, dtype=np.int64)
+        for _ in range(64):
+            common = np.ldexp(base, coarsen)
+            total = sum(rescale_plan(s / common, per_channel(o.bound, channels)).out_bound
+                        for s, o in zip(scales, operands))
+            over = total > INT32_MAX
+            if not over.any():
+                break
+            coarsen = coarsen + over
+        else:
+            raise QcalError(f"{layer}: cannot align the operands of an add within int32")
+        self.adjust(layer, "add alignment (common scale coarsened)", coarsen > 0,
+                    ["finest"] * channels, [f"finest*2^{c}" for c in coarsen])
+        out = []
+        for i, (s, o) in enumerate(zip(scales, operands)):
+            if o.dtype == "int32" and np.all(s == common):
+                out.append(o)
+            else:
+                out.append(self.requantize(o, f"{layer}:align{i}", common, "int32"))
+        return out
+
+    def fit_for_sum(self, src: QNode, count: int, layer: str) -> QNode:
+        """Right-shift an input whose window sums could overflow int32."""
+        bound = int(np.max(src.bound))
+        shift = 0
+        while ((bound + ((1 << shift) >> 1)) >> shift) * count > INT32_MAX:
+            shift += 1
+        if shift == 0:
+            return src
+        self.adjust(layer, "pooling input pre-shift", np.array([True]), ["none"], [f">>{shift}"])
+        return self.requantize(src, f"{layer}:presum", src.scale * 2.0 ** shift, "int32")
+
+    def run(self) -> QGraph:
+        for node in self.graph.nodes:
+            if node.op == "input":
+                self.value[node.name] = self.emit(QNode(node.name, "input", attrs=dict(node.attrs),
+                                                        shape=self.shapes[node.name]))
+            elif self.annotation.is_integer(node.name):
+                self.value[node.name] = REALIZERS[node.op](self, node)
+            else:
+                self.value[node.name] = self.emit(QNode(
+                    node.name, node.op, tuple(self.as_float(i).name for i in node.inputs),
+                    dict(node.attrs), dict(node.params), shape=self.shapes[node.name]))
+        out = self.as_float(self.graph.output.name)
+        if out is not self.nodes[-1]:
+            raise QcalError("realize: the output must be the last node")
+        return QGraph(self.nodes, self.graph.name, self.adjustments, self.options)
+
+
+def _span(values) -> str:
+    values = sorted(set(str(v) for v in values))
+    return values[0] if len(values) == 1 else f"{values[0]}..{values[-1]}"
+
+
+def _fit_bias_shift(bound, s_acc, k0, bias_at):
+    """Per channel, the largest shift k <= k0 with bound(acc << k) + |bias| within int32."""
+    channels = len(bound)
+    k = np.full(channels, np.iinfo(np.int64).min)
+    b_c = np.zeros(channels)
+    acc_bound = np.zeros(channels, dtype=np.int64)
+    for cand in range(min(int(k0.max()), MAX_LEFT_SHIFT), -MAX_LEFT_SHIFT - 1, -1):
+        todo = (k == np.iinfo(np.int64).min) & (k0 >= cand)
+        if not todo.any():
+            continue
+        if cand >= 0:
+            shifted = np.left_shift(bound, cand)
+        else:
+            shifted, _ = _rounding_shift_bound(bound, np.full(channels, -cand))
+        bias_c = bias_at(np.ldexp(s_acc, -cand))
+        fits = todo & (shifted + np.abs(bias_c) <= INT32_MAX)
+        k = np.where(fits, cand, k)
+        b_c = np.where(fits, bias_c, b_c)
+        acc_bound = np.where(fits, shifted, acc_bound)
+        if not (k == np.iinfo(np.int64).min).any():
+            break
+    if (k == np.iinfo(np.int64).min).any():
+        raise QcalError("cannot add the bias within int32 at any alignment")
+    return k, b_c.astype(np.int64), acc_bound
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-op integer realizers (the annotation decided these nodes are integer).
+# ---------------------------------------------------------------------------------------------
+
+REALIZERS = {}
+
+
+def realizer(*ops):
+    def register(fn):
+        for op in ops:
+            REALIZERS[op] = fn
+        return fn
+
+    return register
+
+
+def _weighted(ctx: _Realizer, node: Node, op: str, attrs: dict, x: QNode, wq, s_w, l1) -> QNode:
+    bias = node.params.get("bias")
+    name = node.name if bias is None else f"{node.name}:acc"
+    acc = ctx.emit(QNode(name, op, (x.name,), attrs, {"weight": wq} if op != "qchannel_mul" else
+                         {"multiplier": wq}, dtype="int32", shape=ctx.shapes[node.name],
+                         scale=x.scale * s_w, bound=int(np.max(x.bound)) * l1))
+    return acc if bias is None else ctx.add_bias(acc, bias, node.name)
+
+
+@realizer("conv2d")
+def _conv2d(ctx: _Realizer, node: Node) -> QNode:
+    x = ctx.int8(node.inputs[0])
+    o = ctx.options
+    wq, s_w = quantize_weight(node.params["weight"], o.weight_scale, o.weight_granularity)
+    l1 = np.abs(wq.astype(np.int64)).reshape(wq.shape[0], -1).sum(axis=1)
+    attrs = {k: tuple(node.attrs.get(k, d)) for k, d in
+             (("strides", (1, 1)), ("padding", (0, 0, 0, 0)), ("dilation", (1, 1)))}
+    attrs["groups"] = int(node.attrs.get("groups", 1))
+    return _weighted(ctx, node, "qconv2d", attrs, x, wq, s_w, l1)
+
+
+@realizer("dense")
+def _dense(ctx: _Realizer, node: Node) -> QNode:
+    x = ctx.int8(node.inputs[0])
+    o = ctx.options
+    wq, s_w = quantize_weight(node.params["weight"], o.weight_scale, o.weight_granularity)
+    l1 = np.abs(wq.astype(np.int64)).sum(axis=1)
+    return _weighted(ctx, node, "qdense", {}, x, wq, s_w, l1)
+
+
+@realizer("channel_affine")
+def _channel_affine(ctx: _Realizer, node: Node) -> QNode:
+    """y = x * a[c] + b[c]: a is quantized like a weight, b like a bias (issue 3)."""
+    x = ctx.int8(node.inputs[0])
+    o = ctx.options
+    wq, s_a = quantize_weight(node.params["scale"], o.weight_scale, o.weight_granularity)
+    fake = Node(node.name, node.op, node.inputs, node.attrs, {"bias": node.params["shift"]})
+    return _weighted(ctx, fake, "qchannel_mul", {}, x, wq, s_a, np.abs(wq.astype(np.int64)))
+
+
+@realizer("relu", "max_pool2d")
+def _passthrough(ctx: _Realizer, node: Node) -> QNode:
+    x = ctx.value[node.inputs[0]]
+    return ctx.emit(QNode(node.name, node.op, (x.name,), dict(node.attrs), dtype=x.dtype,
+                          shape=ctx.shapes[node.name], scale=x.scale, bound=x.bound))
+
+
+@realizer("flatten")
+def _flatten(ctx: _Realizer, node: Node) -> QNode:
+    x = ctx.value[node.inputs[0]]
+    per_feature = int(np.prod(x.shape[1:])) if len(x.shape) > 1 else 1
+    scale = np.repeat(x.scale, per_feature) if x.scale.ndim else x.scale
+    bound = np.repeat(x.bound, per_feature) if x.bound.ndim else x.bound
+    return ctx.emit(QNode(node.name, "flatten", (x.name,), dtype=x.dtype,
+                          shape=ctx.shapes[node.name], scale=scale, bound=bound))
+
+
+@realizer("clip")
+def _clip(ctx: _Realizer, node: Node) -> QNode:
+    x = ctx.value[node.inputs[0]]
+    limit = INT8_MAX if x.dtype == "int8" else INT32_MAX
+    lo = np.clip(np.rint(node.attrs["a_min"] / x.scale), -limit, limit).astype(np.int64)
+    hi = np.clip(np.rint(node.attrs["a_max"] / x.scale), -limit, limit).astype(np.int64)
+    bound = np.minimum(x.bound, np.maximum(np.abs(lo), np.abs(hi)))
+    return ctx.emit(QNode(node.name, "qclip", (x.name,), params={"lo": lo, "hi": hi},
+                          dtype=x.dtype, shape=ctx.shapes[node.name], scale=x.scale, bound=bound))
+
+
+@realizer("avg_pool2d")
+def _avg_pool2d(ctx: _Realizer, node: Node) -> QNode:
+    a = node.attrs
+    count = int(np.prod(a["pool_size"]))
+    x = ctx.fit_for_sum(ctx.value[node.inputs[0]], count, node.name)
+    attrs = {"pool_size": tuple(a["pool_size"]), "strides": tuple(a["strides"]),
+             "padding": tuple(a.get("padding", (0, 0, 0, 0)))}
+    shape = ctx.shapes[node.name]
+    if a.get("count_include_pad", True) or not any(attrs["padding"]):
+        return ctx.emit(QNode(node.name, "qsum_pool2d", (x.name,), attrs, dtype="int32",
+                              shape=shape, scale=x.scale / count, bound=x.bound * count))
+    from .numpy_kernels import pool_sum_and_count
+
+    _, counts = pool_sum_and_count(np.zeros((1, 1) + tuple(x.shape[1:]), np.int64),
+                                   attrs["pool_size"], attrs["strides"], attrs["padding"], False)
+    return ctx.emit(QNode(node.name, "qavg_pool2d", (x.name,), attrs,
+                          {"counts": counts.astype(np.int32)}, dtype="int32", shape=shape,
+                          scale=x.scale, bound=x.bound))
+
+
+@realizer("global_avg_pool2d")
+def _global_avg_pool2d(ctx: _Realizer, node: Node) -> QNode:
+    src = ctx.value[node.inputs[0]]
+    count = int(src.shape[1] * src.shape[2])
+    x = ctx.fit_for_sum(src, count, node.name)
+    return ctx.emit(QNode(node.name, "qglobal_sum_pool2d", (x.name,), dtype="int32",
+                          shape=ctx.shapes[node.name], scale=x.scale / count,
+                          bound=x.bound * count))
+
+
+@realizer("add")
+def _add(ctx: _Realizer, node: Node) -> QNode:
+    operands = [ctx.value[i] if ctx.value[i].is_int else ctx.int8(i) for i in node.inputs]
+    a, b = ctx.align(operands, node.name)
+    return ctx.emit(QNode(node.name, "qadd", (a.name, b.name), dtype="int32",
+                          shape=ctx.shapes[node.name], scale=a.scale, bound=a.bound + b.bound))
+
+
+def realize(graph: Graph, amax: Mapping[str, float], options: QuantOptions,
+            annotation: Annotation | None = None) -> QGraph:
+    """The integer graph for ``graph`` under ``options``, with activation ranges ``amax``
+    ({tensor name: abs-max}; ``annotation.required_amax`` lists the names needed)."""
+    annotation = annotation or annotate(graph, options)
+    return _Realizer(graph, annotation, amax, options).run()
+
+
+def qgraph_from_float(graph: Graph) -> QGraph:
+    """The float graph as a QGraph with no integer node (so one emitter serves both)."""
+    shapes = tensor_shapes(graph)
+    return QGraph([QNode(n.name, n.op, n.inputs, dict(n.attrs), dict(n.params),
+                         shape=shapes[n.name]) for n in graph.nodes], graph.name)
+
+
+INT8_DOMAIN, FLOAT_DOMAIN = INT8, FLOAT  # re-exported for callers that inspect annotations
