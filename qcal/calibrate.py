@@ -48,10 +48,12 @@ class AbsHistogram:
         self.min = np.inf
         self.max = -np.inf
         self.count = 0
+        self.zeros = 0
 
     def collect(self, x: np.ndarray):
         x = np.asarray(x)
         self.count += x.size
+        self.zeros += x.size - int(np.count_nonzero(x))
         self.min = min(self.min, float(x.min()))
         self.max = max(self.max, float(x.max()))
         a = np.abs(x).ravel()
@@ -72,15 +74,16 @@ class AbsHistogram:
 
     def stats(self) -> TensorStats:
         if not self.bins:
-            return TensorStats(self.amax)
+            return TensorStats(self.amax, zeros=self.zeros)
         edges = np.linspace(0.0, self.range or 1.0, self.bins + 1)
         counts = self.counts.copy()
         if self.range == 0:  # all zeros so far: every value sits in the first bin
             counts[0] = self.count
-        return TensorStats(self.amax, counts, edges)
+        return TensorStats(self.amax, counts, edges, self.zeros)
 
     def summary(self) -> dict:
-        return {"amax": self.amax, "min": self.min, "max": self.max, "count": self.count}
+        return {"amax": self.amax, "min": self.min, "max": self.max, "count": self.count,
+                "zeros": self.zeros}
 
 
 @dataclass
@@ -92,7 +95,7 @@ class TensorStatistics:
     num_images: int
     bins: int
     tensors: dict  # name -> TensorStats
-    summaries: dict  # name -> {"amax", "min", "max", "count"}
+    summaries: dict  # name -> {"amax", "min", "max", "count", "zeros"}
 
 
 def collect_statistics(graph, batches, progress: bool = True,
@@ -136,7 +139,7 @@ class CalibrationResult:
     num_images: int
     bins: int
     tensors: dict  # name -> TensorStats
-    summaries: dict  # name -> {"amax", "min", "max", "count"}
+    summaries: dict  # name -> {"amax", "min", "max", "count", "zeros"}
     chosen: dict = field(default_factory=dict)  # method -> {tensor -> amax}
     chosen_options: dict = field(default_factory=dict)  # method -> {option -> value}
     source: str = "<memory>"
@@ -234,12 +237,12 @@ class CalibrationResult:
                             f"'{FILE_FORMAT}'")
         tensors = {}
         for i, name in enumerate(meta["tensors"]):
-            amax = meta["summaries"][name]["amax"]
+            summary = meta["summaries"][name]
             if counts is None:
-                tensors[name] = TensorStats(amax)
+                tensors[name] = TensorStats(summary["amax"], zeros=summary["zeros"])
             else:
                 edges = np.linspace(0.0, float(ranges[i]), meta["bins"] + 1)
-                tensors[name] = TensorStats(amax, counts[i], edges)
+                tensors[name] = TensorStats(summary["amax"], counts[i], edges, summary["zeros"])
         result = cls(meta["fingerprint"], meta["model"], meta["num_images"], meta["bins"],
                      tensors, meta["summaries"], meta["chosen"], meta["chosen_options"],
                      source=str(path))

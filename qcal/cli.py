@@ -157,5 +157,26 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
         report.write_table(table, output)
 
 
+@main.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: results/<config name>).")
+@click.option("--quiet", is_flag=True, help="No progress bars or log lines on the terminal.")
+@_translate_errors
+def sweep(config, output, quiet):
+    """Run every variant of a YAML sweep CONFIG into one table (resumable: run it again to finish).
+
+    The config is checked completely before any work starts; see configs/ for examples.
+    """
+    from .sweep import run_sweep
+    from .sweep_config import load_sweep_config
+
+    cfg = load_sweep_config(config)
+    output = output or Path("results") / cfg.name
+    run_sweep(cfg, output, quiet=quiet, command=" ".join(["qcal", *sys.argv[1:]]))
+    click.echo((output / "results.md").read_text(), nl=False)
+    click.echo(f"wrote {output}/results.md, results.csv, results.json, predictions.csv, top1.png")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

