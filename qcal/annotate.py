@@ -19,7 +19,9 @@ stays float):
   multiplier is quantized like a weight and its additive constant like a bias. Before the first
   integer op it stays float: there is nothing to gain from quantizing the float image twice.
 - relu / clip / pooling / flatten follow their input's domain.
-- add is integer when either operand is; a float operand is quantized to int8.
+- add is integer when either operand is; a float operand is quantized to int8; an integer operand
+  that is quantized to int8 for another consumer is read as that int8 value (one quantized value
+  per tensor), any other integer operand keeps its int32 value.
 
 A tensor that several consumers need as int8 (the two branches of a residual block) is quantized
 ONCE and shared; likewise one dequantize serves every float consumer.

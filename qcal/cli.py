@@ -161,9 +161,14 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: results/<config name>).")
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
+              help="Evaluation images, replacing the config's data.data (ImageNet folder or .rec).")
+@click.option("--calib-data", type=click.Path(exists=True, path_type=Path),
+              help="Calibration images, replacing the config's data.calib_data.")
+@click.option("--num-images", type=click.IntRange(min=1), help="Replace data.num_images.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines on the terminal.")
 @_translate_errors
-def sweep(config, output, quiet):
+def sweep(config, output, data, calib_data, num_images, quiet):
     """Run every variant of a YAML sweep CONFIG into one table (resumable: run it again to finish).
 
     The config is checked completely before any work starts; see configs/ for examples.
@@ -171,7 +176,9 @@ def sweep(config, output, quiet):
     from .sweep import run_sweep
     from .sweep_config import load_sweep_config
 
-    cfg = load_sweep_config(config)
+    cfg = load_sweep_config(config, {"data": str(data) if data else None,
+                                     "calib_data": str(calib_data) if calib_data else None,
+                                     "num_images": num_images})
     output = output or Path("results") / cfg.name
     run_sweep(cfg, output, quiet=quiet, command=" ".join(["qcal", *sys.argv[1:]]))
     click.echo((output / "results.md").read_text(), nl=False)

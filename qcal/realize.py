@@ -639,7 +639,12 @@ def _global_avg_pool2d(ctx: _Realizer, node: Node) -> QNode:
 
 @realizer("add")
 def _add(ctx: _Realizer, node: Node) -> QNode:
-    operands = [ctx.value[i] if ctx.value[i].is_int else ctx.int8(i) for i in node.inputs]
+    # An operand that is quantized to int8 anyway (it also feeds a conv) is read as int8, so the
+    # tensor has one quantized value for all its consumers (Relay did the same); an operand
+    # nobody else quantizes keeps its exact int32 value; a float operand is quantized.
+    shared = set(ctx.annotation.int8_needed)
+    operands = [ctx.int8(i) if i in shared or not ctx.value[i].is_int else ctx.value[i]
+                for i in node.inputs]
     a, b = ctx.align(operands, node.name)
     return ctx.emit(QNode(node.name, "qadd", (a.name, b.name), dtype="int32",
                           shape=ctx.shapes[node.name], scale=a.scale, bound=a.bound + b.bound))

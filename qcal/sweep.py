@@ -108,7 +108,8 @@ def run_sweep(config, output: Path, quiet: bool = False, command: str = "") -> d
     entries = []
     for model in config.models:
         session = pipeline.ModelSession(model, config.data, config.batch_size,
-                                        seed=config.seed, quiet=quiet)
+                                        pretrained=config.pretrained, seed=config.seed,
+                                        quiet=quiet)
         variants = ([None] if config.float32 else []) + list(config.variants)
         for options in variants:
             label = "float32" if options is None else options.label

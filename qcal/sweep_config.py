@@ -13,6 +13,7 @@ errors (a misspelt key silently ignored would make a table that is not what its 
       calib_range: null              #   "START:STOP"
       input_size: 224
       crop_ratio: 0.875
+    pretrained: false                # zoo models: weights from MXNet's model store
     batch_size: 64
     seed: 0
     float32: true                    # evaluate the float32 model too (the baseline of every delta)
@@ -25,6 +26,7 @@ errors (a misspelt key silently ignored would make a table that is not what its 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +41,8 @@ DATA_KEYS = {
     "calib_data": (str, type(None)), "calib_range": (str, type(None)),
     "input_size": (int,), "crop_ratio": (float, int),
 }
-TOP_KEYS = {"name", "models", "data", "batch_size", "seed", "float32", "grid", "variants"}
+TOP_KEYS = {"name", "models", "pretrained", "data", "batch_size", "seed", "float32", "grid",
+            "variants"}
 OPTION_KEYS = set(QuantOptions.__dataclass_fields__) | {"bias"}
 
 
@@ -51,6 +54,7 @@ class SweepConfig:
     batch_size: int
     seed: int
     float32: bool
+    pretrained: bool
     variants: tuple  # of QuantOptions, in grid order, duplicates removed
     source_path: str = ""
     raw: dict = field(default_factory=dict, compare=False)
@@ -119,7 +123,16 @@ def _existing_path(config_path: Path, value: str):
     return None
 
 
-def load_sweep_config(path) -> SweepConfig:
+def load_sweep_config(path, data_overrides: dict | None = None) -> SweepConfig:
+    """Parse and check ``path``; ``data_overrides`` (from the command line) replace data keys."""
+    config = _load_sweep_config(Path(path))
+    if data_overrides:
+        data = {**config.data, **{k: v for k, v in data_overrides.items() if v is not None}}
+        config = dataclasses.replace(config, data=data)
+    return config
+
+
+def _load_sweep_config(path: Path) -> SweepConfig:
     path = Path(path)
     if not path.is_file():
         raise UsageProblem(f"sweep config not found: {path}")
@@ -180,11 +193,16 @@ def load_sweep_config(path) -> SweepConfig:
 
     batch_size = integer("batch_size", 64, 1)
     seed = integer("seed", 0, 0)
-    float32 = True
-    if "float32" in top:
-        float32 = _scalar(loc, top["float32"][1])
-        if not isinstance(float32, bool):
-            loc.fail("float32 must be true or false", top["float32"][1])
+    def boolean(key, default):
+        if key not in top:
+            return default
+        value = _scalar(loc, top[key][1])
+        if not isinstance(value, bool):
+            loc.fail(f"{key} must be true or false", top[key][1])
+        return value
+
+    float32 = boolean("float32", True)
+    pretrained = boolean("pretrained", False)
 
     variants = []
     if "grid" in top:
@@ -217,5 +235,5 @@ def load_sweep_config(path) -> SweepConfig:
     unique = tuple(dict.fromkeys(variants))
     name = str(_scalar(loc, top["name"][1])) if "name" in top else path.stem
     return SweepConfig(name=name, models=tuple(models), data=data, batch_size=batch_size,
-                       seed=seed, float32=float32, variants=unique, source_path=str(path),
+                       seed=seed, float32=float32, pretrained=pretrained, variants=unique, source_path=str(path),
                        raw=yaml.safe_load(path.read_text()))

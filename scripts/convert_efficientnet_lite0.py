@@ -353,10 +353,10 @@ Produced by `scripts/convert_efficientnet_lite0.py` from PyPI packages; qcal its
 | {onnx_path.name} | {sha256_of(onnx_path)} |
 | {REFERENCE_FILE} | {sha256_of(onnx_path.parent / REFERENCE_FILE)} |
 
-`{REFERENCE_FILE}` holds PyTorch's logits (`logits`, float32 {REFERENCE_IMAGES} x 1000) for the first
-{REFERENCE_IMAGES} foolbox images, the uint8 RGB pixels they were computed from after the crop and
-resize below (`pixels_nhwc_rgb`, {REFERENCE_IMAGES} x 224 x 224 x 3; apply `(x - 127) / 128` and NCHW)
-and their labels, so the ONNX file can be checked without torch.
+`{REFERENCE_FILE}` holds PyTorch's logits (`logits`, float32 {REFERENCE_IMAGES} x 1000) for the
+first {REFERENCE_IMAGES} foolbox images, the uint8 RGB pixels they were computed from after the
+crop and resize below (`pixels_nhwc_rgb`, {REFERENCE_IMAGES} x 224 x 224 x 3; apply
+`(x - 127) / 128` and NCHW) and their labels, so the ONNX file can be checked without torch.
 
 ## Source
 
@@ -477,8 +477,23 @@ def write_reference(model, samples: list, path: Path):
                                   dtype=np.uint8) for p, _ in samples[:REFERENCE_IMAGES]])
     x = NORMALISATIONS[EXPECTED_NORMALISATION](pixels.astype(np.float32)).transpose(0, 3, 1, 2)
     logits = torch_logits(model, np.ascontiguousarray(x, dtype=np.float32))
-    np.savez_compressed(path, pixels_nhwc_rgb=pixels, logits=logits,
-                        labels=np.array([label for _, label in samples[:REFERENCE_IMAGES]]))
+    labels = np.array([label for _, label in samples[:REFERENCE_IMAGES]], dtype=np.int64)
+    save_npz_reproducibly(path, pixels_nhwc_rgb=pixels, logits=logits, labels=labels)
+
+
+def save_npz_reproducibly(path: Path, **arrays):
+    """np.savez stamps each member with the current time; fixed stamps keep the sha256 in
+    PROVENANCE.md stable when the script is rerun. np.load reads the result as usual."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, array in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(2020, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            zf.writestr(info, buf.getvalue())
 
 
 def main(argv=None):
