@@ -11,7 +11,7 @@ Each method is a pure function ``choose_amax_<name>(stats, **opts) -> float`` ov
 no defaults here: their one default lives in ``qcal.config.QuantOptions``; ``method_options``
 picks them out of a ``QuantOptions``.
 
-All methods are symmetric int8 (levels -127..127); a histogram is of |x|, bins of equal width from 0.
+All methods are symmetric int8 (levels -127..127); histograms are of |x|, equal bins from 0.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class TensorStats:
         return cls(amax, counts.astype(np.int64), edges, int(a.size - np.count_nonzero(a)))
 
 
-# --- the methods -----------------------------------------------------------------------------------
+# --- the methods ----------------------------------------------------------------------------------
 
 def choose_amax_global(stats: TensorStats, *, global_scale: float) -> float:
     """One fixed range for every tensor, as Relay's ``global_scale`` (the data is not looked at)."""
@@ -179,7 +179,7 @@ def kl_divergences(hist: np.ndarray, kept: np.ndarray) -> np.ndarray:
     return np.where((hist[kept - 1] == 0) & (tail > 0), np.inf, divergence)
 
 
-# --- histogram helpers -----------------------------------------------------------------------------
+# --- histogram helpers ----------------------------------------------------------------------------
 
 def _trimmed(stats: TensorStats):
     """The histogram up to its last non-empty bin (bins past the abs-max carry no information)."""
@@ -201,7 +201,7 @@ def _merge_bins(counts, edges, factor):
     return merged, edges[0] + width * factor * np.arange(len(merged) + 1)
 
 
-# --- registry and dispatch -------------------------------------------------------------------------
+# --- registry and dispatch ------------------------------------------------------------------------
 
 CALIBRATION_METHODS = {
     "global": choose_amax_global,

@@ -8,11 +8,12 @@ method's amax (``qcal.calib_methods``), and is saved to / loaded from one ``.npz
 compile and evaluate never touch the calibration data again.
 
 The histogram is built in the same single pass although the final range is not known in
-advance: it has a fixed number of equal bins over [0, R), R being the first batch's abs-max; when
-a later batch exceeds R, R is doubled as often as needed and each run of 2**k old bins is summed
-into one new bin. Bin edges of the doubled range are a subset of the old ones, so this re-binning
-is exact (no interpolation), and the final histogram covers the abs-max with at least half of
-its bins (4096 of the default 8192: fine enough for KL, which uses 2048).
+advance: it has a fixed number of equal bins over [0, R), R being the smallest power of two above
+the first batch's abs-max; when a later batch reaches R, R is doubled as often as needed and each
+run of 2**k old bins is summed into one new bin. Bin edges of the doubled range are a subset of
+the old ones and every value lies strictly below R, so this re-binning is exact (the same counts
+as binning all the data at the final R at once), and the final histogram covers the abs-max with
+at least half of its bins (4096 of the default 8192: fine enough for KL, which uses 2048).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ class AbsHistogram:
                              f"not {bins}")
         self.bins = bins
         self.counts = np.zeros(bins, dtype=np.int64) if bins else None
-        self.range = 0.0  # histogram covers [0, range); 0 until a non-zero value is seen
+        self.range = 0.0  # a power of two; bins cover [0, range); 0 until a non-zero value
         self.amax = 0.0
         self.min = np.inf
         self.max = -np.inf
@@ -61,10 +62,11 @@ class AbsHistogram:
         if not self.bins or self.amax == 0:
             return
         if self.range == 0:
-            self.range = self.amax
-        while self.range < self.amax:
+            self.range = 2.0 ** (np.floor(np.log2(self.amax)) + 1)
+        while self.range <= self.amax:
             self._double_range()
-        index = np.minimum((a * (self.bins / self.range)).astype(np.int64), self.bins - 1)
+        # bins / range is a power of two: the product is exact and strictly below bins
+        index = (a * (self.bins / self.range)).astype(np.int64)
         self.counts += np.bincount(index, minlength=self.bins)
 
     def _double_range(self):
@@ -188,6 +190,12 @@ class CalibrationResult:
         """The amax ``options.activation_method`` picks, with that method's options."""
         method = options.activation_method
         return self.amax(tensor, method, **method_options(method, options))
+
+    def ranges(self, options: QuantOptions, tensors=None) -> dict:
+        """{tensor: amax} under ``options`` for ``tensors`` (default: every tensor), as the
+        realizer takes them."""
+        return {t: self.amax_for(t, options) for t in (self.tensors if tensors is None
+                                                      else tensors)}
 
     def check_model(self, graph):
         if graph.fingerprint() != self.fingerprint:

@@ -38,7 +38,7 @@ from .errors import QcalError
 from .graph import Graph, Node
 from .numpy_kernels import output_size
 
-# --- shapes (per image, without the batch axis) ----------------------------------------------------
+# --- shapes (per image, without the batch axis) ---------------------------------------------------
 
 
 def _conv_shape(node, ins):
@@ -123,7 +123,7 @@ class _Builder:
         return self.shapes[name]
 
 
-# --- pooling helpers shared by both importers ------------------------------------------------------
+# --- pooling helpers shared by both importers -----------------------------------------------------
 
 def _ceil_extra(size, kernel, stride, pad_before, pad_after):
     """Extra bottom/right padding that makes floor-mode output size equal ceil-mode's."""
@@ -151,7 +151,7 @@ def _pool_node(layer, op, x, in_shape, kernel, strides, padding, ceil_mode,
     return Node(layer, op, (x,), attrs)
 
 
-# --- the shared passes -----------------------------------------------------------------------------
+# --- the shared passes ----------------------------------------------------------------------------
 
 def _remove_identities(nodes, output):
     alias = {}
@@ -230,7 +230,7 @@ def _batch_norm(layer, x, gamma, beta, mean, var, eps):
     return _affine(layer, x, scale, beta.astype(np.float64) - mean.astype(np.float64) * scale)
 
 
-# --- MXNet symbol graphs ---------------------------------------------------------------------------
+# --- MXNet symbol graphs --------------------------------------------------------------------------
 
 MXNET_OPS = {}
 
@@ -437,11 +437,11 @@ def import_gluon(net, input_shape, name: str = "model") -> Graph:
         prefix = os.path.join(tmp, "net")
         net.export(prefix)
         symbol = Path(f"{prefix}-symbol.json").read_text()
-        params = mx.nd.load(f"{prefix}-0000.params")
+        params = mx.nd.load(f"{prefix}-0000.params") if list(net.collect_params()) else {}
     return import_mxnet_symbol(symbol, params, input_shape, name)
 
 
-# --- ONNX ------------------------------------------------------------------------------------------
+# --- ONNX -----------------------------------------------------------------------------------------
 
 ONNX_OPS = {}
 
