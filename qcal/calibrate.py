@@ -58,6 +58,8 @@ class AbsHistogram:
         self.min = min(self.min, float(x.min()))
         self.max = max(self.max, float(x.max()))
         a = np.abs(x).ravel()
+        if not np.isfinite(a.max()):
+            raise ValueError("non-finite values")
         self.amax = max(self.amax, float(a.max()))
         if not self.bins or self.amax == 0:
             return
@@ -107,9 +109,19 @@ def collect_statistics(graph, batches, progress: bool = True,
     ``bins=0`` collects abs-max/min/max only (enough for global, max, power2).
     """
     accumulators = {n.name: AbsHistogram(bins) for n in graph.nodes}
+
+    def observe(name, values):
+        try:
+            accumulators[name].collect(values)
+        except ValueError:
+            raise QcalError(f"calibration of '{graph.name}': tensor '{name}' has non-finite "
+                            f"values (inf or NaN) on calibration batch {num_images_seen[0]}")
+
     num_images = 0
-    for batch in _progress(batches, progress, graph.name):
-        run_float(graph, batch, observe=lambda name, y: accumulators[name].collect(y))
+    num_images_seen = [0]
+    for index, batch in enumerate(_progress(batches, progress, graph.name)):
+        num_images_seen[0] = index
+        run_float(graph, batch, observe=observe)
         num_images += len(batch)
     if num_images == 0:
         raise QcalError(f"calibration of '{graph.name}' got no images")

@@ -70,10 +70,62 @@ EMBEDDED_MODELS = tuple(_FMNIST_SPECS)
 
 
 def get_spec(name: str) -> ModelSpec:
+    if str(name).endswith(".onnx"):
+        return onnx_spec(Path(name))
     try:
         return MODEL_SPECS[name]
     except KeyError:
-        raise UsageProblem(f"unknown model '{name}'; `qcal models` lists the supported ones") from None
+        raise UsageProblem(f"unknown model '{name}'; `qcal models` lists the supported "
+                           f"ones") from None
+
+
+def read_onnx(path: Path):
+    """(model proto without external data, its metadata_props as a dict)."""
+    import onnx
+
+    if not Path(path).is_file():
+        raise UsageProblem(f"ONNX model not found: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:
+        raise QcalError(f"cannot read ONNX model {path}: {str(exc).splitlines()[0]}") from None
+    return model, {p.key: p.value for p in model.metadata_props}
+
+
+def onnx_preprocessing(path: Path):
+    """Input size and normalisation an ONNX classifier states in its ``qcal.*`` metadata.
+
+    ``qcal.mean``/``qcal.std`` are on the 0..255 pixel scale (EfficientNet-Lite0: 127 / 128);
+    without them the ImageNet defaults apply and the caller may override them.
+    """
+    from .datasets import IMAGENET_PREPROCESSING, Preprocessing
+
+    _, meta = read_onnx(path)
+    pre = IMAGENET_PREPROCESSING
+    if "qcal.mean" in meta and "qcal.std" in meta:
+        mean = tuple(float(v) / 255.0 for v in meta["qcal.mean"].split(","))
+        std = tuple(float(v) / 255.0 for v in meta["qcal.std"].split(","))
+        pre = Preprocessing(input_size=int(meta.get("qcal.input_size", 224)), mean=mean, std=std)
+    return pre
+
+
+def onnx_spec(path: Path) -> ModelSpec:
+    model, _ = read_onnx(path)
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise QcalError(f"{path}: qcal handles classifiers with one input and one output")
+
+    def dims(value_info):
+        return [d.dim_value if d.HasField("dim_value") else None
+                for d in value_info.type.tensor_type.shape.dim]
+
+    in_dims, out_dims = dims(inputs[0]), dims(model.graph.output[0])
+    if len(in_dims) != 4 or None in in_dims[1:] or len(out_dims) != 2 or out_dims[1] is None:
+        raise QcalError(f"{path}: expected an N x C x H x W input and an N x classes output, "
+                        f"found {in_dims} -> {out_dims}")
+    return ModelSpec(str(path), "onnx", tuple(in_dims[1:]), out_dims[1],
+                     f"ONNX classifier {Path(path).name}")
 
 
 def _fmnist_vgg11_bn(classes):
@@ -155,7 +207,7 @@ def mxnet_home() -> Path:
 
 
 def pretrained_params_path(name: str, root: Path | None = None) -> Path:
-    """Where MXNet's model store keeps ``name``'s weights: ``$MXNET_HOME/models/NAME-HASH.params``."""
+    """Where MXNet's model store keeps ``name``'s weights (``$MXNET_HOME/models/NAME-HASH.params``)."""
     from mxnet.gluon.model_zoo import model_store
 
     root = Path(root) if root else mxnet_home() / "models"
