@@ -104,7 +104,7 @@ def choose_amax_l2(stats: TensorStats) -> float:
     thresholds = edges[picks]
     errors = np.concatenate([_squared_error(centres, weights, chunk)
                              for chunk in np.array_split(thresholds, max(1, len(picks) // 64))])
-    return float(thresholds[int(np.argmin(errors))])
+    return float(min(thresholds[int(np.argmin(errors))], stats.amax))
 
 
 def _squared_error(centres, weights, thresholds):

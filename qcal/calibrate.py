@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ import numpy as np
 from .calib_methods import (CALIBRATION_METHODS, HISTOGRAM_METHODS, TensorStats, choose_amax,
                             method_options)
 from .config import QuantOptions
-from .errors import QcalError
+from .errors import QcalError, UsageProblem
 from .float_reference import run_float
 
 DEFAULT_HISTOGRAM_BINS = 8192
@@ -40,8 +41,8 @@ class AbsHistogram:
 
     def __init__(self, bins: int = DEFAULT_HISTOGRAM_BINS):
         if bins and bins & (bins - 1):
-            raise ValueError(f"histogram bins must be a power of two (exact re-binning), "
-                             f"not {bins}")
+            raise UsageProblem(f"calibration histogram bins must be a power of two (for exact "
+                               f"re-binning), not {bins}")
         self.bins = bins
         self.counts = np.zeros(bins, dtype=np.int64) if bins else None
         self.range = 0.0  # a power of two; bins cover [0, range); 0 until a non-zero value
@@ -109,25 +110,23 @@ def collect_statistics(graph, batches, progress: bool = True,
     ``bins=0`` collects abs-max/min/max only (enough for global, max, power2).
     """
     accumulators = {n.name: AbsHistogram(bins) for n in graph.nodes}
-
-    def observe(name, values):
-        try:
-            accumulators[name].collect(values)
-        except ValueError:
-            raise QcalError(f"calibration of '{graph.name}': tensor '{name}' has non-finite "
-                            f"values (inf or NaN) on calibration batch {num_images_seen[0]}")
-
     num_images = 0
-    num_images_seen = [0]
     for index, batch in enumerate(_progress(batches, progress, graph.name)):
-        num_images_seen[0] = index
-        run_float(graph, batch, observe=observe)
+        run_float(graph, batch, observe=partial(_observe, accumulators, graph.name, index))
         num_images += len(batch)
     if num_images == 0:
         raise QcalError(f"calibration of '{graph.name}' got no images")
     return TensorStatistics(graph.fingerprint(), graph.name, num_images, bins,
                             {k: a.stats() for k, a in accumulators.items()},
                             {k: a.summary() for k, a in accumulators.items()})
+
+
+def _observe(accumulators, model, batch_index, name, values):
+    try:
+        accumulators[name].collect(values)
+    except ValueError:
+        raise QcalError(f"calibration of '{model}': tensor '{name}' has non-finite values "
+                        f"(inf or NaN) in calibration batch {batch_index}") from None
 
 
 def _progress(batches, enabled, name):
@@ -206,8 +205,8 @@ class CalibrationResult:
     def ranges(self, options: QuantOptions, tensors=None) -> dict:
         """{tensor: amax} under ``options`` for ``tensors`` (default: every tensor), as the
         realizer takes them."""
-        return {t: self.amax_for(t, options) for t in (self.tensors if tensors is None
-                                                      else tensors)}
+        names = self.tensors if tensors is None else tensors
+        return {t: self.amax_for(t, options) for t in names}
 
     def check_model(self, graph):
         if graph.fingerprint() != self.fingerprint:

@@ -114,8 +114,8 @@ def run_float(graph, x, keep=None, observe=None):
         if n.op == "input":
             y = x.astype(np.float32, copy=False)
         else:
-            y = FLOAT_KERNELS[n.op](n, *(values[i] for i in n.inputs)).astype(np.float32,
-                                                                             copy=False)
+            y = FLOAT_KERNELS[n.op](n, *(values[i] for i in n.inputs))
+            y = y.astype(np.float32, copy=False)
         values[n.name] = y
         if observe is not None:
             observe(n.name, y)

@@ -210,18 +210,18 @@ def _finish(builder, output):
 
 
 def _reachable(nodes, output):
-    """Nodes the output depends on, in order, ending with the output."""
+    """The nodes the output depends on, in order (so the output comes last)."""
     needed = {output}
     for n in reversed(nodes):
         if n.name in needed:
             needed.update(n.inputs)
-    kept = [n for n in nodes if n.name in needed and n.name != output]
-    return kept + [n for n in nodes if n.name == output]
+    return [n for n in nodes if n.name in needed]
 
 
 def _affine(layer, x, scale, shift):
-    return Node(layer, "affine", (x,), {}, {"scale": np.asarray(scale, dtype=np.float64),
-                                           "shift": np.asarray(shift, dtype=np.float64)})
+    params = {"scale": np.asarray(scale, dtype=np.float64),
+              "shift": np.asarray(shift, dtype=np.float64)}
+    return Node(layer, "affine", (x,), {}, params)
 
 
 def _batch_norm(layer, x, gamma, beta, mean, var, eps):
@@ -311,8 +311,8 @@ def _mx_relu(layer):
 
 @_mxnet_op("clip")
 def _mx_clip(layer):
-    return [Node(layer.name, "clip", layer.data, {"a_min": float(layer.attrs["a_min"]),
-                                                 "a_max": float(layer.attrs["a_max"])})]
+    bounds = {"a_min": float(layer.attrs["a_min"]), "a_max": float(layer.attrs["a_max"])}
+    return [Node(layer.name, "clip", layer.data, bounds)]
 
 
 @_mxnet_op("elemwise_add", "broadcast_add", "_Plus", "_plus", "_add")
@@ -658,6 +658,14 @@ def _onnx_identity(layer):
     return [Node(layer.name, "identity", (layer.tensor(0),))]
 
 
+def _onnx_constant(node):
+    import onnx
+    from onnx import numpy_helper
+
+    value = onnx.helper.get_attribute_value(node.attribute[0])
+    return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.array(value)
+
+
 def import_onnx(path, name: str | None = None) -> Graph:
     """Import an ONNX image classifier (one NCHW float input, one output)."""
     import onnx
@@ -684,7 +692,7 @@ def import_onnx(path, name: str | None = None) -> Graph:
     for index, node in enumerate(g.node):
         layer_name = node.name or node.output[0] or f"{node.op_type}_{index}"
         if node.op_type == "Constant":
-            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            constants[node.output[0]] = _onnx_constant(node)
             continue
         handler = ONNX_OPS.get(node.op_type)
         if handler is None:

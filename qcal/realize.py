@@ -65,11 +65,11 @@ from typing import Mapping
 
 import numpy as np
 
-from .annotate import FLOAT, INT8, Annotation, annotate
+from .annotate import Annotation, annotate
 from .config import QuantOptions
 from .errors import QcalError
 from .graph import Graph, Node
-from .numpy_kernels import output_size
+from .numpy_kernels import output_size, pool_sum_and_count
 
 INT8_MAX = 127
 INT32_MAX = 2 ** 31 - 1
@@ -179,7 +179,7 @@ def rescale_plan(ratio, bound) -> RescalePlan:
         shifted = np.left_shift(bound, lshift)
         out, rnd = _rounding_shift_bound(shifted, rshift)
         fits32 = np.all(shifted + rnd <= INT32_MAX) and np.all(rshift <= 31)
-        return RescalePlan("shift", lshift, rshift, np.zeros_like(lshift), 
+        return RescalePlan("shift", lshift, rshift, np.zeros_like(lshift),
                            "int32" if fits32 else "int64", out)
     multiplier = np.rint(mantissa * 2.0 ** 31).astype(np.int64)
     exponent = exponent.astype(np.int64)
@@ -275,6 +275,11 @@ class QGraph:
                              ("input", "dequantize")),
             "overflow_adjustments": len(self.adjustments),
         }
+
+    def report(self) -> list:
+        """Human-readable lines: the op counts, then every overflow adjustment."""
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts().items())
+        return [f"{self.name}: {counts}"] + [f"  {a}" for a in self.adjustments]
 
 
 def channels_of(shape) -> int:
@@ -618,8 +623,6 @@ def _avg_pool2d(ctx: _Realizer, node: Node) -> QNode:
     if a.get("count_include_pad", True) or not any(attrs["padding"]):
         return ctx.emit(QNode(node.name, "qsum_pool2d", (x.name,), attrs, dtype="int32",
                               shape=shape, scale=x.scale / count, bound=x.bound * count))
-    from .numpy_kernels import pool_sum_and_count
-
     _, counts = pool_sum_and_count(np.zeros((1, 1) + tuple(x.shape[1:]), np.int64),
                                    attrs["pool_size"], attrs["strides"], attrs["padding"], False)
     return ctx.emit(QNode(node.name, "qavg_pool2d", (x.name,), attrs,
@@ -663,6 +666,3 @@ def qgraph_from_float(graph: Graph) -> QGraph:
     shapes = tensor_shapes(graph)
     return QGraph([QNode(n.name, n.op, n.inputs, dict(n.attrs), dict(n.params),
                          shape=shapes[n.name]) for n in graph.nodes], graph.name)
-
-
-INT8_DOMAIN, FLOAT_DOMAIN = INT8, FLOAT  # re-exported for callers that inspect annotations

@@ -9,7 +9,7 @@ dense, then the requantize epilogue: + bias, rounding right shift in int64, clip
 compiled twice with the same host-CPU LLVM target: once through the CPU pipeline without
 ``ApplyCpuSchedules`` ("default") and once with it ("scheduled"). Rates count 2 ops per
 multiply-accumulate of the conv/dense only. The scheduled output is checked bit-exact against the
-default one on every row. MXNet 1.9.1 float32 (oneDNN) on the same shape is the reference column
+default one on every row (``--dtype float32``: allclose, and the epilogue is + bias, ReLU). MXNet 1.9.1 float32 (oneDNN) on the same shape is the reference column
 (GFLOP/s), when MXNet imports.
 
 Times are the minimum over --repeat runs after one warm-up run; the machine is shared, so read
@@ -98,16 +98,23 @@ def build_module(case, batch, rng, dtype="int8"):
         shape = (batch, case.in_features)
         weight = rng.integers(-128, 128, (case.in_features, case.out_features)).astype(dtype)
     x = relax.Var("x", relax.TensorType(shape, dtype))
+    acc_dtype = "int32" if dtype == "int8" else dtype
     with bb.function("main", [x]):
         with bb.dataflow():
             if isinstance(case, ConvCase):
                 acc = bb.emit(relax.op.nn.conv2d(
                     x, _const(weight), strides=case.stride, padding=case.pad, groups=case.groups,
-                    out_dtype="int32"))
-                out = _requantize(bb, acc, case.out_channels, rng, (1, case.out_channels, 1, 1))
+                    out_dtype=acc_dtype))
+                axis_shape = (1, case.out_channels, 1, 1)
             else:
-                acc = bb.emit(relax.op.matmul(x, _const(weight), out_dtype="int32"))
-                out = _requantize(bb, acc, case.out_features, rng, (case.out_features,))
+                acc = bb.emit(relax.op.matmul(x, _const(weight), out_dtype=acc_dtype))
+                axis_shape = (case.out_features,)
+            if dtype == "int8":
+                out = _requantize(bb, acc, axis_shape[1 if len(axis_shape) > 1 else 0], rng,
+                                  axis_shape)
+            else:  # the float path: conv + bias + ReLU
+                bias = rng.standard_normal(axis_shape).astype(dtype)
+                out = bb.emit(relax.op.nn.relu(bb.emit(relax.op.add(acc, _const(bias)))))
             out = bb.emit_output(out)
         bb.emit_func_output(out)
     return bb.get(), shape, weight
@@ -168,6 +175,8 @@ def main(argv=None):
     parser.add_argument("--no-default", action="store_true",
                         help="skip the slow unscheduled baseline (no exactness check then)")
     parser.add_argument("--no-mxnet", action="store_true", help="skip the MXNet float32 column")
+    parser.add_argument("--dtype", choices=["int8", "float32"], default="int8",
+                        help="int8 (qcal's integer path, bit-exact check) or float32 (TVM float path)")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.ops.split(",") if n.strip()]
     unknown = [n for n in names if n not in CASES]
@@ -185,15 +194,17 @@ def main(argv=None):
         case = CASES[name]
         for batch in args.batch:
             rng = np.random.default_rng(0)
-            mod, shape, weight = build_module(case, batch, rng)
-            x = rng.integers(-128, 128, shape).astype("int8")
+            mod, shape, weight = build_module(case, batch, rng, args.dtype)
+            x = rng.integers(-128, 128, shape).astype(args.dtype)
             gop = 2 * case.macs(batch) / 1e9
             out, t_sched, compile_s = time_module(mod, target, x, args.repeat, schedule=True)
             if args.no_default:
                 t_def, exact = float("nan"), "-"
             else:
                 ref, t_def, _ = time_module(mod, target, x, 1, schedule=False)
-                exact = "yes" if np.array_equal(out, ref) else "NO"
+                same = (np.array_equal(out, ref) if args.dtype == "int8"
+                        else np.allclose(out, ref, rtol=1e-4, atol=1e-2))
+                exact = "yes" if same else "NO"
             t_mx = None if args.no_mxnet else time_mxnet(case, batch, weight, args.repeat)
             mx_cols = (f"{t_mx * 1e3:>13.2f} {gop / t_mx:>7.1f} {t_mx / t_sched:>7.2f}x"
                        if t_mx else f"{'-':>13} {'-':>7} {'-':>8}")

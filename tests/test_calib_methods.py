@@ -154,3 +154,12 @@ class TestDispatch:
         assert method_options("percentile", options) == {"percentile": 99.9}
         assert method_options("global", options) == {"global_scale": 4.0}
         assert method_options("kl", options) == {}
+
+
+@pytest.mark.parametrize("bins", [200, 1024, 8192])
+@pytest.mark.parametrize("method, opts", [("kl", {}), ("l2", {}),
+                                          ("percentile", {"percentile": 99.99})])
+def test_data_driven_methods_never_exceed_the_max(bins, method, opts):
+    x = np.random.default_rng(bins).laplace(size=50_000)
+    stats = TensorStats.from_values(x, bins=bins)
+    assert 0 < choose_amax(method, stats, **opts) <= stats.amax

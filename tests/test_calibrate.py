@@ -4,8 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from qcal.calib_methods import TensorStats, choose_amax
-from qcal.calibrate import (AbsHistogram, CalibrationResult, calibrate, collect_statistics)
+from qcal.calib_methods import choose_amax
+from qcal.calibrate import AbsHistogram, CalibrationResult, calibrate, collect_statistics
 from qcal.config import QuantOptions
 from qcal.errors import QcalError, UsageProblem
 from qcal.float_reference import run_float
@@ -80,7 +80,7 @@ class TestAbsHistogram:
         assert choose_amax("kl", h.stats()) == 1.0
 
     def test_bins_must_be_a_power_of_two(self):
-        with pytest.raises(ValueError, match="power of two"):
+        with pytest.raises(UsageProblem, match="bins must be a power of two"):
             AbsHistogram(bins=1000)
 
 
@@ -107,6 +107,12 @@ class TestCollect:
     def test_no_images(self):
         with pytest.raises(QcalError, match="got no images"):
             collect_statistics(_tiny_graph(), [], progress=False)
+
+    def test_non_finite_values(self):
+        batches = _batches()
+        batches[1][0, 0, 0, 0] = np.inf
+        with pytest.raises(QcalError, match="tensor 'x' has non-finite values .* batch 1"):
+            collect_statistics(_tiny_graph(), batches, progress=False)
 
     def test_one_pass_over_a_generator(self):
         stats = collect_statistics(_tiny_graph(), (b for b in _batches()), progress=False)
@@ -219,7 +225,7 @@ def test_calibrate_an_imported_gluon_model(tmp_path):
     graph = import_gluon(net, (1, 32, 32), "fmnist_resnet20_v1")
     batches = [np.random.default_rng(i).standard_normal((4, 1, 32, 32)).astype(np.float32)
                for i in range(2)]
-    result = calibrate(graph, batches, progress=False)
+    result = calibrate(graph, batches, progress=False, bins=1024)
     assert set(result.tensors) == {n.name for n in graph.nodes}
     for name in result.tensors:
         s = result.summaries[name]
