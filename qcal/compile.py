@@ -73,6 +73,6 @@ def compile_model(model: Graph | QGraph, batch_size: int, target=None,
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UsageProblem(f"batch size must be a positive integer, not {batch_size!r}")
     qgraph = qgraph_from_float(model) if isinstance(model, Graph) else model
-    target = target or tvm_adapter.host_target()
+    target = tvm_adapter.host_target() if target is None else tvm_adapter.tvm.target.Target(target)
     main = tvm_adapter.build(tvm_adapter.emit_relax(qgraph, batch_size), target, use_schedules)
     return CompiledModel(qgraph, batch_size, main, None, target, use_schedules)

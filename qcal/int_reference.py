@@ -216,3 +216,54 @@ def run_simulated(qgraph: QGraph, x: np.ndarray) -> np.ndarray:
     for node in qgraph.nodes[1:]:
         values[node.name] = _simulated_op(node, [values[i] for i in node.inputs], qgraph)
     return values[qgraph.output.name]
+
+
+# -- per-layer diagnostics ----------------------------------------------------------------------
+
+def _sqnr_db(reference, approx) -> float:
+    noise = float(np.sum((reference - approx) ** 2))
+    signal = float(np.sum(reference ** 2))
+    if noise == 0:
+        return float("inf")
+    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
+
+
+def layer_errors(qgraph: QGraph, graph, x: np.ndarray) -> list:
+    """Per float-graph tensor that the integer model computes: how far its dequantized integer
+    value is from the float model's, on images ``x``. Rows (graph order) with ``tensor``, ``op``,
+    ``sqnr_db`` (signal-to-quantization-noise ratio) and ``max_abs_error``; layers with a bias also
+    get ``bias_max_error`` (|bias as added - float bias|, static) and ``bias_error_vs_acc_lsb``
+    (that error in units of the accumulator's scale: above 0.5 the bias is coarser than the
+    accumulator it is added to, which is where short biases lose accuracy)."""
+    from .realize import qgraph_from_float
+
+    floats = run_integer(qgraph_from_float(graph), x, keep="all")
+    ints = run_integer(qgraph, x, keep="all")
+    names = {n.name for n in qgraph.nodes}
+    rows = []
+    for fnode in graph.nodes[1:]:
+        if fnode.name not in names or not qgraph.node(fnode.name).is_int:
+            continue
+        qnode = qgraph.node(fnode.name)
+        value = ints[fnode.name]
+        real = value.astype(np.float64) * channel_view(qnode.scale, value.ndim)
+        ref = floats[fnode.name].astype(np.float64)
+        row = {"tensor": fnode.name, "op": fnode.op, "sqnr_db": _sqnr_db(ref, real),
+               "max_abs_error": float(np.abs(ref - real).max())}
+        if qnode.op == "bias_add":
+            bias = fnode.params.get("bias", fnode.params.get("shift"))
+            added = qnode.params["bias"].astype(np.float64) * np.asarray(qnode.scale)
+            error = np.abs(added - np.asarray(bias, dtype=np.float64))
+            acc_scale = _accumulator_scale(qgraph, qnode)
+            row["bias_max_error"] = float(error.max())
+            row["bias_error_vs_acc_lsb"] = float((error / acc_scale).max())
+        rows.append(row)
+    return rows
+
+
+def _accumulator_scale(qgraph: QGraph, node: QNode):
+    """The scale of the product s_in * s_w feeding a bias_add (before any alignment shift)."""
+    src = qgraph.node(node.inputs[0])
+    while src.op == "requantize":
+        src = qgraph.node(src.inputs[0])
+    return np.asarray(src.scale)

@@ -10,9 +10,12 @@ import hashlib
 import logging
 from pathlib import Path
 
-from .datasets import BatchCache, Preprocessing, plan_data
+import dataclasses
+import time
+
+from .datasets import IMAGENET_PREPROCESSING, BatchCache, iter_batches, plan_data
 from .evaluate import MXNetFloatRunner, evaluate
-from .models import get_spec, load_model
+from .models import get_spec, load_model, onnx_preprocessing
 
 log = logging.getLogger("qcal.pipeline")
 
@@ -45,22 +48,31 @@ class ModelSession:
     # --- load -------------------------------------------------------------------------------
     @property
     def net(self):
-        if self._net is None:
+        """The Gluon network (None for ONNX models, which qcal runs through its own graph)."""
+        if self._net is None and self.spec.family != "onnx":
             self._net = load_model(self.model, params=self.params, pretrained=self.pretrained)
         return self._net
 
     @property
     def identity(self) -> dict:
-        params = self.params or self.spec.embedded_params
+        weights = self.params or self.spec.embedded_params or (
+            self.model if self.spec.family == "onnx" else None)
         return {"name": self.model,
-                "params_sha256": _file_digest(params) if params else "model-store",
+                "weights_sha256": _file_digest(weights) if weights else "model-store",
                 "pretrained": self.pretrained}
+
+    @property
+    def preprocessing(self):
+        base = (onnx_preprocessing(self.model) if self.spec.family == "onnx"
+                else IMAGENET_PREPROCESSING)
+        overrides = {k: self.data[k] for k in ("input_size", "crop_ratio", "mean", "std")
+                     if self.data.get(k) is not None}
+        return dataclasses.replace(base, **overrides)
 
     def plan(self, needs_calibration: bool):
         if needs_calibration not in self._plans:
             d = self.data
-            preprocessing = Preprocessing(input_size=d.get("input_size", 224),
-                                          crop_ratio=d.get("crop_ratio", 0.875))
+            preprocessing = self.preprocessing
             self._plans[needs_calibration] = plan_data(
                 self.spec.family, data=d.get("data"), num_images=d.get("num_images"),
                 calib_data=d.get("calib_data"), calib_range=d.get("calib_range"),
@@ -77,19 +89,82 @@ class ModelSession:
 
         return progress_bar(total, f"{self.model} {label}", self.quiet)
 
+    # --- import, calibrate --------------------------------------------------------------------
+    @property
+    def graph(self):
+        """qcal's float graph of the model, BatchNorm folded (imported once)."""
+        if self._graph is None:
+            from .importer import import_gluon, import_onnx
+
+            if self.spec.family == "onnx":
+                self._graph = import_onnx(self.model)
+            else:
+                self._graph = import_gluon(self.net, self.spec.input_shape, name=self.spec.name)
+        return self._graph
+
+    @property
+    def calibration(self):
+        """Every method's ranges: from ``calibration_file``, or one statistics pass."""
+        if self._calibration is None:
+            from .calibrate import CalibrationResult, calibrate
+
+            if self.calibration_file is not None:
+                self._calibration = CalibrationResult.load(self.calibration_file, graph=self.graph)
+            else:
+                selection = self.plan(True).calibration
+                batches = [x for x, _ in iter_batches(selection, self.batch_size, self.cache)]
+                start = time.perf_counter()
+                self._calibration = calibrate(self.graph, batches, progress=not self.quiet)
+                log.info("%s: statistics over %d calibration images in %.1f s", self.model,
+                         len(selection), time.perf_counter() - start)
+        return self._calibration
+
+    # --- realize, compile, evaluate -----------------------------------------------------------
+    def quantize(self, options):
+        """The integer graph for one variant (realized, not yet compiled)."""
+        from .annotate import annotate
+        from .realize import realize
+
+        annotation = annotate(self.graph, options)
+        if annotation.required_amax:
+            self.calibration.require(options.activation_method)
+        amax = self.calibration.ranges(options, annotation.required_amax)
+        return realize(self.graph, amax, options, annotation)
+
     def evaluate(self, options=None):
         """(EvalResult, extra record fields) for float32 (options None) or one int8 variant."""
         if options is not None:
             return self.evaluate_int8(options)
         selection = self.plan(False).evaluation
+        if self.net is not None:
+            runner = MXNetFloatRunner(self.net)
+        else:  # ONNX: the imported float graph through TVM
+            from .compile import compile_model
+
+            runner = compile_model(self.graph, self.batch_size).run
         with self._progress(len(selection), "float32") as bar:
-            result = evaluate(MXNetFloatRunner(self.net), selection, self.batch_size, self.cache,
-                              bar)
+            result = evaluate(runner, selection, self.batch_size, self.cache, bar)
         return result, {}
 
     def evaluate_int8(self, options):
-        raise NotImplementedError("int8 evaluation is wired in by the quantizer")
+        from .compile import compile_model
+
+        qgraph = self.quantize(options)
+        for line in qgraph.report():
+            log.info("%s", line)
+        start = time.perf_counter()
+        compiled = compile_model(qgraph, self.batch_size)
+        compile_seconds = time.perf_counter() - start
+        selection = self.plan(True).evaluation
+        with self._progress(len(selection), options.label) as bar:
+            result = evaluate(compiled.run, selection, self.batch_size, self.cache, bar)
+        extra = {"compile_seconds": round(compile_seconds, 2), "counts": qgraph.counts(),
+                 "overflow_adjustments": [str(a) for a in qgraph.adjustments],
+                 "calibration": {"source": self.calibration.source,
+                                 "images": self.calibration.num_images}}
+        return result, extra
 
     def close(self):
         self._net = None
         self._graph = None
+        self._calibration = None

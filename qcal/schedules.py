@@ -23,24 +23,32 @@ anchor block structurally (the block names legalization gives -- ``conv2d_nchw``
 rule that hits anything unexpected raises, and the PrimFunc is left exactly as it was (declined):
 correctness never depends on this module, only speed does.
 
-The conv schedule (NCHW, int8 x int8 -> int32, any stride/kernel, also float32):
+The conv schedule (NCHW, int8 x int8 -> int32, any stride/kernel, groups with >= 4 output channels
+per group; float32 too):
   * the weight is repacked ``OIHW -> (O/v) I H W v`` so that ``v`` output channels (one vector
-    register of int32 accumulators) are contiguous. When every call site passes the weight as a
-    Relax constant (qcal binds weights as constants) the repack is done once, in numpy, on the
-    constant, and the PrimFunc's parameter changes layout; otherwise it is repacked inside the call.
-  * output tile = ``OW_T`` pixels of one row x ``OC_V * v`` channels, accumulated in a local
-    buffer laid out ``[.., x, c%v]`` (so vector lanes are contiguous): reduction loops outside,
-    pixels and channel vectors unrolled inside, lanes vectorized.
+    register of int32 accumulators, v = 16 with AVX-512) are contiguous. When every call site
+    passes the weight as a Relax constant (qcal binds weights as constants) the repack is done
+    once, in numpy, on the constant, and the PrimFunc (renamed ``*_prepacked``) takes the packed
+    layout; otherwise the repack runs inside each call.
+  * output tile = up to 8 pixels of one row x 2 vectors of channels, accumulated in a local buffer
+    laid out ``[.., x, c % v]`` (lanes contiguous): reduction loops outside, pixels and channel
+    vectors unrolled inside, lanes vectorized.
   * the fused epilogue (bias add, shifts, clip, casts, ReLU, residual add) is inlined into one block
     computed right after each tile, while the accumulators are hot.
-  * the outer (batch, channel-tile, row) loops run in parallel.
-Depthwise convs vectorize along output pixels instead (each channel has its own input plane).
-Dense vectorizes along output features with the same tiling; anything else (pooling, elementwise)
-gets parallel outer loops and a vectorized inner loop.
+  * (batch, output row, channel tile) run in parallel, in that order (rows next to each other
+    share input rows: 2x on a 1x1 conv at batch 16 against channel tile outermost).
+Depthwise int8 convs vectorize along output pixels instead (each channel reads its own input
+plane); float32 depthwise is left alone (LLVM's vectorization of the plain loops was faster).
+Dense vectorizes along output features with the same tiling. Anything else worth threads
+(pooling, the residual-add requantize) gets parallel outer loops and a vectorized inner loop.
 
-Measured on this 2-core znver4 box (1x64x56x56, 64 filters 3x3, pad 1, int8, with requantize
-epilogue): default pipeline with a generic target 2.8 GOP/s, with ``-mcpu=znver4`` 9-13 GOP/s,
-this schedule 74-83 GOP/s (3 ms, MXNet fp32 oneDNN 3.7 ms). ``scripts/bench_ops.py`` measures more.
+Measured on this 2-core AMD EPYC (znver4, AVX-512) box; ``scripts/bench_ops.py`` prints the table.
+The NOTES conv (1x64x56x56, 64 filters 3x3, pad 1, int8, requantize epilogue): default pipeline
+with a generic target 2.8 GOP/s, with ``mcpu=znver4`` 6-13 GOP/s, this schedule 78-83 GOP/s
+(2.8 ms; MXNet fp32 oneDNN 2.6-3.7 ms). The multiply is the limit: LLVM emits ``vpmulld`` for
+int8 x int8 -> int32 lanes. ``vpmaddwd``/VNNI would need ``sch.tensorize``, which segfaults in the
+apache-tvm 0.27.0.post1 wheel (even TVM's own ``dot_16x4_vnni`` on a 3-loop matmul), so it is
+not used.
 """
 from __future__ import annotations
 
@@ -62,7 +70,8 @@ _log = logging.getLogger(__name__)
 
 # Name of the PrimFunc attribute recording which rule scheduled it (read by tests and reports).
 SCHEDULE_ATTR = "qcal.schedule"
-# Largest output-pixel tile kept in registers (times OC_V vectors of accumulators).
+# Largest output-pixel tile kept in registers (times 2 vectors of accumulators: 16 of AVX-512's 32
+# registers; measured 74-83 GOP/s for 4x4, 7x2, 8x1, 8x2 tiles alike, so the exact tile matters less).
 _MAX_PIXEL_TILE = 8
 _CONV_BLOCKS = ("conv2d_nchw", "group_conv2d_nchw")
 
@@ -134,7 +143,7 @@ def _inline_epilogue(sch, anchor_index: int, blocks: list):
     return epilogue[-1] if epilogue else None
 
 
-def _parallel_outer(sch, block, min_extent: int = 1):
+def _parallel_outer(sch, block):
     """Fuse the leading data-parallel loops of a root-level block and run them in parallel."""
     loops = sch.get_loops(block)
     kinds = _iter_kinds(sch, block)
@@ -146,9 +155,7 @@ def _parallel_outer(sch, block, min_extent: int = 1):
     if len(loops) != len(kinds) or n_spatial == 0:
         return
     lead = loops[:max(1, min(2, n_spatial))]
-    fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
-    if int(sch.get(fused).extent) >= min_extent:
-        sch.parallel(fused)
+    sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
 
 
 class _Decline(Exception):
@@ -234,18 +241,19 @@ def schedule_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
     ow_tile = _largest_divisor(ow, _MAX_PIXEL_TILE)
     ffo, ffm, ffv = sch.split(ff, [None, oc_vectors, v])
     xxo, xxi = sch.split(xx, [None, ow_tile])
-    sch.reorder(nn, ffo, yy, xxo, rc, ry, rx, xxi, ffm, ffv)
+    sch.reorder(nn, yy, ffo, xxo, rc, ry, rx, xxi, ffm, ffv)
     sch.reverse_compute_at(out, xxo)
     sch.unroll(xxi)
     sch.unroll(ffm)
     sch.vectorize(ffv)
     out_loops = sch.get_loops(out)
     sch.vectorize(out_loops[-1])
-    sch.parallel(sch.fuse(nn, ffo, yy))
+    sch.parallel(sch.fuse(nn, yy, ffo))
     # parallel/vectorize/unroll first: after decompose_reduction they refuse the update block
     sch.decompose_reduction(conv, rc)
     for b in _root_blocks(sch):
-        if _name(sch, b) == "pad_temp" or (pack_block is not None and sch.get(b).same_as(sch.get(pack_block))):
+        is_pack = pack_block is not None and sch.get(b).same_as(sch.get(pack_block))
+        if _name(sch, b) == "pad_temp" or is_pack:
             _parallel_outer(sch, b)
     pack = None
     if packed_param is not None:

@@ -66,7 +66,7 @@ def relax_pipeline(target, use_schedules: bool = True):
 
 def build(mod: tvm.IRModule, target=None, use_schedules: bool = True):
     """Compile a Relax module; returns a callable VM function ``main``."""
-    target = target or host_target()
+    target = host_target() if target is None else tvm.target.Target(target)
     executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, use_schedules))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     return vm["main"]

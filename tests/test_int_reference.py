@@ -139,3 +139,19 @@ def test_simulated_equals_integer_when_every_rescale_is_an_exact_shift():
     q = realized(graph, OPTION_SETS["power2-b16"], images(8, (3, 16, 16)))
     x = images(8, (3, 16, 16), seed=4)
     assert np.array_equal(run_integer(q, x).astype(np.float64), run_simulated(q, x))
+
+
+def test_layer_errors_show_where_a_short_bias_costs_precision():
+    from qcal.int_reference import layer_errors
+
+    graph = MODELS["resnet_v1"]()
+    calib, x = images(16, (3, 16, 16), seed=1), images(8, (3, 16, 16), seed=2)
+    rows = {}
+    for options in ("power2-b8", "power2-b16"):
+        q = realized(graph, OPTION_SETS[options], calib)
+        rows[options] = {r["tensor"]: r for r in layer_errors(q, graph, x)}
+    first_conv = graph.nodes[1].name
+    short, wide = rows["power2-b8"][first_conv], rows["power2-b16"][first_conv]
+    assert short["bias_max_error"] > 10 * wide["bias_max_error"]
+    assert short["bias_error_vs_acc_lsb"] > 0.5 >= wide["bias_error_vs_acc_lsb"]
+    assert wide["sqnr_db"] > 25 and wide["sqnr_db"] >= short["sqnr_db"]

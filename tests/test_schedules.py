@@ -232,3 +232,20 @@ class TestDecline:
         mod = _module((2, 8), lambda bb, x: bb.emit(relax.op.negative(x)))
         with pytest.raises(QcalError, match="LLVM CPU targets only"):
             schedules.build(mod, tvm.target.Target("cuda"))
+
+
+class TestModulePass:
+    def test_apply_cpu_schedules_after_fusion_leaves_its_input_alone(self):
+        """The adapter's call sequence: legalize + fuse, then apply_cpu_schedules(mod, target)."""
+        from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+
+        mod, _ = _conv_module("1x1", epilogue=True)
+        with TARGET:
+            fused = tvm.transform.Sequential(cpu_pipeline.library_dispatch_passes(TARGET)
+                                             + cpu_pipeline.legalize_passes(TARGET))(mod)
+        before = fused.script()
+        scheduled = schedules.apply_cpu_schedules(fused, TARGET)
+        assert fused.script() == before
+        assert list(schedules.scheduled_functions(scheduled).values()) == ["conv2d_nchw"]
+        # applying twice changes nothing: scheduled PrimFuncs are marked and skipped
+        tvm.ir.assert_structural_equal(schedules.apply_cpu_schedules(scheduled, TARGET), scheduled)
