@@ -44,15 +44,63 @@ class ImageRangeType(click.ParamType):
         return start, stop
 
 
+class ModelType(click.ParamType):
+    """A registry name (see `qcal models`) or the path of an ONNX classifier."""
+
+    name = "MODEL"
+
+    def convert(self, value, param, ctx):
+        from .models import MODEL_SPECS
+
+        if value in MODEL_SPECS:
+            return value
+        if value.endswith(".onnx"):
+            if not Path(value).is_file():
+                self.fail(f"ONNX model not found: {value}", param, ctx)
+            return value
+        self.fail(f"unknown model '{value}'; `qcal models` lists the supported ones", param, ctx)
+
+
+class BiasType(click.ParamType):
+    """Bias precision: a bit count 2..32 (own power-of-2 scale) or int32-acc."""
+
+    name = "BITS|int32-acc"
+
+    def convert(self, value, param, ctx):
+        if value == "int32-acc" or isinstance(value, int):
+            return value
+        try:
+            bits = int(value)
+        except ValueError:
+            self.fail(f"'{value}' is neither a bit count nor int32-acc", param, ctx)
+        if not 2 <= bits <= 32:
+            self.fail(f"bias bits must be from 2 to 32, not {bits}", param, ctx)
+        return bits
+
+
+class ChannelsType(click.ParamType):
+    name = "R,G,B"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            numbers = tuple(float(v) for v in value.split(","))
+        except ValueError:
+            self.fail(f"expected comma-separated numbers, not '{value}'", param, ctx)
+        return numbers
+
+
 def model_options(multiple: bool):
     def decorate(func):
         func = click.option("--pretrained", is_flag=True,
                             help="Load ImageNet weights from MXNet's model store ($MXNET_HOME).")(func)
         func = click.option("--params", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                             help="Load weights from this Gluon .params file.")(func)
-        help_text = "Model name (see `qcal models`)" + (", repeatable." if multiple else ".")
-        func = click.option("--model", "models" if multiple else "model", required=True,
-                            multiple=multiple, help=help_text)(func)
+        help_text = ("Model: a name from `qcal models` or an .onnx file"
+                     + ("; repeatable." if multiple else "."))
+        func = click.option("--model", "models" if multiple else "model", type=ModelType(),
+                            required=True, multiple=multiple, help=help_text)(func)
         return func
     return decorate
 
@@ -71,10 +119,14 @@ def data_options(func):
         click.option("--calib-images", type=click.IntRange(min=1),
                      help="How many calibration images (default 500, or all of a smaller set)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
-        click.option("--input-size", type=click.IntRange(min=8), default=224, show_default=True,
-                     help="ImageNet models: centre-crop size."),
-        click.option("--crop-ratio", type=click.FloatRange(0.1, 1.0), default=0.875,
-                     show_default=True, help="ImageNet models: resize short side to size/ratio."),
+        click.option("--input-size", type=click.IntRange(min=8),
+                     help="Centre-crop size (default: 224, or what an ONNX model states)."),
+        click.option("--crop-ratio", type=click.FloatRange(0.1, 1.0),
+                     help="Resize the short side to size/ratio before the crop (default 0.875)."),
+        click.option("--mean", type=ChannelsType(),
+                     help="Per-channel mean on a 0..1 scale (default ImageNet's, or the ONNX "
+                          "model's)."),
+        click.option("--std", type=ChannelsType(), help="Per-channel std on a 0..1 scale."),
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
                      default=Path(".qcal-cache/batches"), show_default=True,
                      help="Where decoded, preprocessed batches are cached."),
@@ -84,14 +136,68 @@ def data_options(func):
     return func
 
 
-def _data_plan(spec, data, num_images, calib_data, calib_range, calib_images, input_size,
-               crop_ratio, calibrate=True):
-    from .datasets import Preprocessing, plan_data
+def quant_options(func):
+    """Each option may repeat; evaluate runs the cross product of the values given."""
+    from .config import ACTIVATION_METHODS, QuantOptions, WEIGHT_GRANULARITIES, WEIGHT_SCALES
 
-    preprocessing = Preprocessing(input_size=input_size, crop_ratio=crop_ratio)
-    return plan_data(spec.family, data=data, num_images=num_images, calib_data=calib_data,
-                     calib_range=calib_range, calib_images=calib_images,
-                     preprocessing=preprocessing, calibrate=calibrate)
+    d = QuantOptions()
+    options = [
+        click.option("--method", "activation_method", multiple=True,
+                     type=click.Choice(ACTIVATION_METHODS),
+                     help=f"Activation calibration method (default {d.activation_method})."),
+        click.option("--percentile", type=click.FloatRange(0, 100, min_open=True), multiple=True,
+                     help=f"For --method percentile (default {d.percentile})."),
+        click.option("--global-scale", type=click.FloatRange(0, min_open=True), multiple=True,
+                     help=f"For --method global: every activation's range (default "
+                          f"{d.global_scale})."),
+        click.option("--weight-scale", multiple=True, type=click.Choice(WEIGHT_SCALES),
+                     help=f"Weight scale rounding (default {d.weight_scale})."),
+        click.option("--weight-granularity", multiple=True, type=click.Choice(WEIGHT_GRANULARITIES),
+                     help=f"Per-tensor or per-output-channel weight scales (default "
+                          f"{d.weight_granularity})."),
+        click.option("--bias-bits", "bias", multiple=True, type=BiasType(),
+                     help=f"Bias precision: 2..32 bits with its own power-of-2 scale, or int32-acc "
+                          f"(int32 at the accumulator scale) (default {d.bias_bits})."),
+        click.option("--skip-k-conv", multiple=True, type=click.IntRange(min=0),
+                     help="Keep the first K convs in float32 (default 0)."),
+        click.option("--skip-dense", is_flag=True, help="Keep dense (classifier) layers in float32."),
+        click.option("--calib", "calibration_file",
+                     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Reuse the ranges of a `qcal calibrate` file (no calibration pass)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _variants(activation_method, percentile, global_scale, weight_scale, weight_granularity,
+              bias, skip_k_conv, skip_dense):
+    import itertools
+
+    from .config import QuantOptions
+
+    axes = {"activation_method": activation_method, "percentile": percentile,
+            "global_scale": global_scale, "weight_scale": weight_scale,
+            "weight_granularity": weight_granularity, "bias": bias, "skip_k_conv": skip_k_conv}
+    axes = {k: v for k, v in axes.items() if v}
+    variants = []
+    for combo in itertools.product(*axes.values()):
+        values = dict(zip(axes, combo), skip_dense=skip_dense)
+        b = values.pop("bias", None)
+        if b == "int32-acc":
+            values["bias_mode"] = "int32-acc"
+        elif b is not None:
+            values.update(bias_mode="bits", bias_bits=b)
+        variants.append(QuantOptions.from_dict(values))
+    return tuple(dict.fromkeys(variants))
+
+
+def _data_dict(data, num_images, calib_data, calib_range, calib_images, input_size, crop_ratio,
+               mean, std):
+    values = {"data": data, "num_images": num_images, "calib_data": calib_data,
+              "calib_range": calib_range, "calib_images": calib_images,
+              "input_size": input_size, "crop_ratio": crop_ratio, "mean": mean, "std": std}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if v is not None}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -119,42 +225,93 @@ def models():
 @main.command()
 @model_options(multiple=True)
 @data_options
+@quant_options
+@click.option("--float-only", is_flag=True, help="Evaluate float32 only (no int8 variant).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the table here (.csv, .md or .json, by suffix).")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the run's full results (per-variant records, predictions, plot) here.")
+@click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
 @_translate_errors
 def evaluate(models, params, pretrained, data, num_images, calib_data, calib_range,
-             calib_images, batch_size, input_size, crop_ratio, cache_dir, output, quiet):
-    """Evaluate models and report top-1/top-5.
+             calib_images, batch_size, input_size, crop_ratio, mean, std, cache_dir,
+             activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
+             skip_k_conv, skip_dense, calibration_file, float_only, output, results_dir, quiet):
+    """Quantize through TVM, run the integer model, report top-1/top-5 against float32.
 
-    This version evaluates float32 only (MXNet); int8 evaluation through TVM arrives with the
-    quantizer. It never reports int8 numbers it did not compute.
+    Quantization options may repeat (e.g. --bias-bits 8 --bias-bits 16); every combination is one
+    int8 variant. Options not given take their defaults (shown in each option's help).
     """
-    from . import report
-    from .datasets import BatchCache
-    from .evaluate import MXNetFloatRunner, evaluate as run_evaluation
-    from .models import get_spec, load_model
+    import tempfile
 
-    if output is not None and output.suffix not in report.WRITERS:
-        raise click.BadParameter(f"suffix must be one of {', '.join(report.WRITERS)}",
+    from . import report
+    from .sweep import run_sweep
+    from .sweep_config import SweepConfig
+
+    if output is not None and output.suffix not in report.TABLE_WRITERS:
+        raise click.BadParameter(f"suffix must be one of {', '.join(report.TABLE_WRITERS)}",
                                  param_hint="--output")
-    if params is not None and len(models) > 1:
-        raise click.UsageError("--params applies to one --model only")
-    rows = []
-    for name in models:
-        spec = get_spec(name)
-        plan = _data_plan(spec, data, num_images, calib_data, calib_range, calib_images,
-                          input_size, crop_ratio, calibrate=False)
-        net = load_model(name, params=params, pretrained=pretrained)
-        progress = report.progress_bar(len(plan.evaluation), f"{name} float32", quiet)
-        with progress:
-            result = run_evaluation(MXNetFloatRunner(net), plan.evaluation, batch_size,
-                                    BatchCache(cache_dir), progress)
-        rows.append(report.result_row(name, "float32", result))
-    table = report.make_table(rows)
-    click.echo(report.format_terminal(table))
+    if (params is not None or calibration_file is not None) and len(models) > 1:
+        raise click.UsageError("--params and --calib apply to one --model only")
+    variants = () if float_only else _variants(activation_method, percentile, global_scale,
+                                               weight_scale, weight_granularity, bias,
+                                               skip_k_conv, skip_dense)
+    config = SweepConfig(
+        name="evaluate", models=tuple(models),
+        data=_data_dict(data, num_images, calib_data, calib_range, calib_images, input_size,
+                        crop_ratio, mean, std),
+        batch_size=batch_size, seed=0, float32=True, pretrained=pretrained, variants=variants,
+        params=str(params) if params else None,
+        calibration_file=str(calibration_file) if calibration_file else None)
+    with tempfile.TemporaryDirectory(prefix="qcal-evaluate-") as scratch:
+        table = run_sweep(config, results_dir or Path(scratch), quiet=quiet,
+                          command=" ".join(["qcal", *sys.argv[1:]]), cache_dir=cache_dir)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     if output is not None:
-        report.write_table(table, output)
+        report.atomic_write_text(output, report.TABLE_WRITERS[output.suffix](table))
+
+
+@main.command()
+@model_options(multiple=False)
+@data_options
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The calibration file to write (.npz).")
+@click.option("--bins", type=click.IntRange(min=0), default=8192, show_default=True,
+              help="|x| histogram bins per tensor (0: abs-max only, enough for global/max/power2).")
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path),
+              help="Draw each tensor's histogram with every method's threshold into this folder.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_translate_errors
+def calibrate(model, params, pretrained, data, num_images, calib_data, calib_range, calib_images,
+              batch_size, input_size, crop_ratio, mean, std, cache_dir, output, bins, plots, quiet):
+    """Run the model once over the calibration images and save every method's ranges.
+
+    `qcal evaluate --calib FILE` reuses the file without touching the data again; it refuses a file
+    made for another model.
+    """
+    from .calibrate import CalibrationResult, collect_statistics
+    from .datasets import iter_batches
+    from .pipeline import ModelSession
+
+    if output.suffix != ".npz":
+        raise click.BadParameter("the calibration file must end in .npz", param_hint="--output")
+    data_dict = _data_dict(data, num_images, calib_data, calib_range, calib_images, input_size,
+                           crop_ratio, mean, std)
+    session = ModelSession(model, data_dict, batch_size, params=params, pretrained=pretrained,
+                           quiet=quiet, cache_dir=cache_dir)
+    selection = session.plan(True).calibration
+    batches = [x for x, _ in iter_batches(selection, batch_size, session.cache)]
+    stats = collect_statistics(session.graph, batches, progress=not quiet, bins=bins)
+    result = CalibrationResult.from_statistics(stats)
+    result.save(output)
+    click.echo(f"wrote {output}: {len(result.tensors)} tensors, {result.num_images} calibration "
+               f"images ({selection.describe()['kind']} {selection.start}:{selection.stop}), "
+               f"methods {', '.join(result.methods)}")
+    if plots is not None:
+        from .calibration_plots import plot_thresholds
+
+        count = plot_thresholds(result, plots)
+        click.echo(f"wrote {count} histogram plots to {plots}")
 
 
 @main.command()

@@ -1,14 +1,12 @@
-"""Report stage: tables of results (pandas), written atomically as CSV, Markdown or JSON."""
+"""Report stage: result rows, tables as CSV / Markdown / JSON (written atomically), progress bars."""
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-
-COLUMNS = ["model", "variant", "images", "top1", "top5", "images_per_s"]
 
 
 def result_row(model: str, variant: str, result) -> dict:
@@ -17,27 +15,27 @@ def result_row(model: str, variant: str, result) -> dict:
             "images_per_s": result.images_per_second}
 
 
-def make_table(rows) -> pd.DataFrame:
-    return pd.DataFrame(rows, columns=COLUMNS)
-
-
 def format_markdown(table: pd.DataFrame) -> str:
     def cell(column, value):
-        if column in ("top1", "top5"):
+        if isinstance(value, float):
+            if np.isnan(value):
+                return ""
+            if column == "mcnemar_p":
+                return f"{value:.3g}"
+            if column in ("lost", "gained"):
+                return f"{value:.0f}"
+            if column in ("images_per_s", "wall_s"):
+                return f"{value:.1f}"
+            if column == "delta_top1":
+                return f"{value:+.2f}"
             return f"{value:.2f}"
-        if column == "images_per_s":
-            return f"{value:.0f}"
         return str(value)
 
-    header = "| " + " | ".join(table.columns) + " |"
-    rule = "| " + " | ".join("---" for _ in table.columns) + " |"
-    body = ["| " + " | ".join(cell(c, row[c]) for c in table.columns) + " |"
-            for _, row in table.iterrows()]
-    return "\n".join([header, rule, *body]) + "\n"
-
-
-def format_terminal(table: pd.DataFrame) -> str:
-    return table.to_string(index=False, float_format=lambda v: f"{v:.2f}")
+    lines = ["| " + " | ".join(table.columns) + " |",
+             "|" + "|".join("---" for _ in table.columns) + "|"]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(cell(c, row[c]) for c in table.columns) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def atomic_write_text(path: Path, text: str):
@@ -55,15 +53,11 @@ def atomic_write_text(path: Path, text: str):
         raise
 
 
-WRITERS = {
+TABLE_WRITERS = {
     ".csv": lambda table: table.to_csv(index=False),
     ".md": format_markdown,
-    ".json": lambda table: json.dumps(table.to_dict(orient="records"), indent=2) + "\n",
+    ".json": lambda table: table.to_json(orient="records", indent=2) + "\n",
 }
-
-
-def write_table(table: pd.DataFrame, path: Path):
-    atomic_write_text(path, WRITERS[Path(path).suffix](table))
 
 
 def progress_bar(total: int, description: str, quiet: bool):

@@ -52,6 +52,7 @@ not used.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -195,6 +196,12 @@ def _weight_param_index(func, weight_buffer) -> int | None:
     return None
 
 
+def pack_oihw(weight: np.ndarray, lanes: int) -> np.ndarray:
+    """OIHW -> (O/lanes) I H W lanes, the layout the conv schedule reads (numpy, at compile time)."""
+    o, i, h, w = weight.shape
+    return np.ascontiguousarray(weight.reshape(o // lanes, lanes, i, h, w).transpose(0, 2, 3, 4, 1))
+
+
 def schedule_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
     """Output-channel-vectorized tiling for (grouped) NCHW conv with its epilogue.
 
@@ -255,12 +262,9 @@ def schedule_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
         is_pack = pack_block is not None and sch.get(b).same_as(sch.get(pack_block))
         if _name(sch, b) == "pad_temp" or is_pack:
             _parallel_outer(sch, b)
-    pack = None
-    if packed_param is not None:
-        def pack(w: np.ndarray, v=v) -> np.ndarray:
-            o, i, h, k = w.shape
-            return np.ascontiguousarray(w.reshape(o // v, v, i, h, k).transpose(0, 2, 3, 4, 1))
-    return Scheduled(sch.mod["main"], packed_param, pack)
+    if packed_param is None:
+        return Scheduled(sch.mod["main"])
+    return Scheduled(sch.mod["main"], packed_param, functools.partial(pack_oihw, lanes=v))
 
 
 def schedule_depthwise_conv2d(func, lanes: int, prepack: bool) -> Scheduled:

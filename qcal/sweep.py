@@ -96,8 +96,9 @@ def _setup_logging(output: Path, quiet: bool):
         logger.addHandler(stream)
 
 
-def run_sweep(config, output: Path, quiet: bool = False, command: str = "") -> dict:
-    """Run (or finish) every variant of ``config``; returns the summary written to results.json."""
+def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
+              cache_dir: Path | None = None):
+    """Run (or finish) every variant of ``config``; returns the table written to results.md."""
     from . import pipeline, report, sweep_report
 
     output = Path(output)
@@ -108,8 +109,10 @@ def run_sweep(config, output: Path, quiet: bool = False, command: str = "") -> d
     entries = []
     for model in config.models:
         session = pipeline.ModelSession(model, config.data, config.batch_size,
-                                        pretrained=config.pretrained, seed=config.seed,
-                                        quiet=quiet)
+                                        params=config.params, pretrained=config.pretrained,
+                                        seed=config.seed, quiet=quiet,
+                                        cache_dir=cache_dir or pipeline.DEFAULT_CACHE_DIR,
+                                        calibration_file=config.calibration_file)
         variants = ([None] if config.float32 else []) + list(config.variants)
         for options in variants:
             label = "float32" if options is None else options.label
@@ -117,6 +120,8 @@ def run_sweep(config, output: Path, quiet: bool = False, command: str = "") -> d
                 "model": session.identity, "variant": None if options is None else options.to_dict(),
                 "data": session.plan_description(needs_calibration=options is not None),
                 "batch_size": config.batch_size, "qcal": __version__,
+                "calibration_file": (hashlib.sha256(Path(config.calibration_file).read_bytes())
+                                     .hexdigest()[:16] if config.calibration_file else None),
             }
             key = store.key(description)
             if store.load(key) is not None:
@@ -139,5 +144,4 @@ def run_sweep(config, output: Path, quiet: bool = False, command: str = "") -> d
         "seed": config.seed, **environment(),
         "sweep_seconds_this_run": round(time.time() - started, 2),
     }
-    sweep_report.write_results(store, entries, output, summary)
-    return summary
+    return sweep_report.write_results(store, entries, output, summary)

@@ -56,6 +56,8 @@ class SweepConfig:
     float32: bool
     pretrained: bool
     variants: tuple  # of QuantOptions, in grid order, duplicates removed
+    params: str | None = None  # a local weights file (one model only; the CLI's --params)
+    calibration_file: str | None = None  # reuse a `qcal calibrate` file instead of a pass
     source_path: str = ""
     raw: dict = field(default_factory=dict, compare=False)
 

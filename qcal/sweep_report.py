@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .report import atomic_write_text
+from .report import atomic_write_text, format_markdown
 from .statistics import mcnemar_exact, wilson_interval
 
 TABLE_COLUMNS = ["model", "variant", "images", "top1", "top1_ci95", "top5", "top5_ci95",
@@ -55,29 +55,6 @@ def build_table(store, keys) -> tuple:
     ordered = [c for c in TABLE_COLUMNS if c in table.columns]
     extra = [c for c in table.columns if c not in TABLE_COLUMNS]
     return table[ordered + extra], pd.concat(predictions_rows, ignore_index=True)
-
-
-def format_markdown(table: pd.DataFrame) -> str:
-    def cell(column, value):
-        if isinstance(value, float):
-            if np.isnan(value):
-                return ""
-            if column == "mcnemar_p":
-                return f"{value:.3g}"
-            if column in ("lost", "gained"):
-                return f"{value:.0f}"
-            if column in ("images_per_s", "wall_s"):
-                return f"{value:.1f}"
-            if column == "delta_top1":
-                return f"{value:+.2f}"
-            return f"{value:.2f}"
-        return str(value)
-
-    lines = ["| " + " | ".join(table.columns) + " |",
-             "|" + "|".join("---" for _ in table.columns) + "|"]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(cell(c, row[c]) for c in table.columns) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def plot_top1(table: pd.DataFrame, path: Path):

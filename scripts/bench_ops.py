@@ -9,8 +9,9 @@ dense, then the requantize epilogue: + bias, rounding right shift in int64, clip
 compiled twice with the same host-CPU LLVM target: once through the CPU pipeline without
 ``ApplyCpuSchedules`` ("default") and once with it ("scheduled"). Rates count 2 ops per
 multiply-accumulate of the conv/dense only. The scheduled output is checked bit-exact against the
-default one on every row (``--dtype float32``: allclose, and the epilogue is + bias, ReLU). MXNet 1.9.1 float32 (oneDNN) on the same shape is the reference column
-(GFLOP/s), when MXNet imports.
+default one on every row (with ``--dtype float32``: allclose, and the epilogue is + bias, ReLU).
+MXNet 1.9.1 float32 (oneDNN) on the same shape is the reference column (GFLOP/s), when MXNet
+imports.
 
 Times are the minimum over --repeat runs after one warm-up run; the machine is shared, so read
 ratios, not absolutes, and rerun when a row looks off.

@@ -249,3 +249,52 @@ class TestModulePass:
         assert list(schedules.scheduled_functions(scheduled).values()) == ["conv2d_nchw"]
         # applying twice changes nothing: scheduled PrimFuncs are marked and skipped
         tvm.ir.assert_structural_equal(schedules.apply_cpu_schedules(scheduled, TARGET), scheduled)
+
+    def test_small_residual_network_bit_exact(self):
+        """Two same-shape convs (their fused PrimFuncs may be shared by two call sites, each with
+        its own weight constant), a residual join, max pool and a dense head, end to end.
+
+            x -> conv3x3+rq -> conv3x3+rq -> (+ x) >> 1 -> maxpool -> flatten -> dense+rq
+        """
+        rng = np.random.default_rng(9)
+        shape = (2, 16, 8, 8)
+        w1, w2 = _int8(rng, (16, 16, 3, 3)), _int8(rng, (16, 16, 3, 3))
+        wd = _int8(rng, (16 * 4 * 4, 10))
+
+        def emit(bb, x):
+            y = _requantize(bb, bb.emit(relax.op.nn.conv2d(x, _const(w1), padding=1,
+                                                           out_dtype="int32")), 16, rng)
+            y = _requantize(bb, bb.emit(relax.op.nn.conv2d(y, _const(w2), padding=1,
+                                                           out_dtype="int32")), 16, rng)
+            s = bb.emit(relax.op.add(relax.op.astype(y, "int32"), relax.op.astype(x, "int32")))
+            s = bb.emit(relax.op.astype(relax.op.clip(relax.op.right_shift(
+                s, _const(np.array(1, "int32"))), -128, 127), "int8"))
+            p = bb.emit(relax.op.nn.max_pool2d(s, 2, 2))
+            f = bb.emit(relax.op.reshape(p, (2, 16 * 4 * 4)))
+            d = bb.emit(relax.op.matmul(f, _const(wd), out_dtype="int32"))
+            return bb.emit(relax.op.right_shift(d, _const(np.array(4, "int32"))))
+
+        mod = _module(shape, emit)
+        x = _int8(rng, shape)
+        assert np.array_equal(_run(mod, x), _run(mod, x, schedule=False))
+        rules = list(schedules.scheduled_functions(schedules.lower(mod, TARGET)).values())
+        assert "conv2d_nchw" in rules and "dense" in rules
+
+    def test_primfunc_shared_by_two_calls_gets_each_calls_weight_packed(self):
+        """FuseTIR deduplicates two same-shape conv+requantize groups into one PrimFunc called
+        twice; each call's own weight constant must be repacked."""
+        rng = np.random.default_rng(10)
+        w1, w2 = _int8(rng, (16, 16, 3, 3)), _int8(rng, (16, 16, 3, 3))
+        shift = _const(np.array(7, "int32"))
+
+        def conv_rq(bb, x, w):
+            y = bb.emit(relax.op.nn.conv2d(x, _const(w), padding=1, out_dtype="int32"))
+            return bb.emit(relax.op.astype(relax.op.clip(relax.op.right_shift(y, shift), -128, 127),
+                                           "int8"))
+
+        mod = _module((1, 16, 8, 8), lambda bb, x: conv_rq(bb, conv_rq(bb, x, w1), w2))
+        lowered = schedules.lower(mod, TARGET)
+        (name,) = schedules.scheduled_functions(lowered)
+        assert lowered["main"].script().count(name + "(") == 2
+        x = _int8(rng, (1, 16, 8, 8))
+        assert np.array_equal(_run(mod, x), _run(mod, x, schedule=False))
