@@ -266,7 +266,7 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
     with tempfile.TemporaryDirectory(prefix="qcal-evaluate-") as scratch:
         table = run_sweep(config, results_dir or Path(scratch), quiet=quiet,
                           command=" ".join(["qcal", *sys.argv[1:]]), cache_dir=cache_dir)
-    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    click.echo(report.format_markdown(table), nl=False)
     if output is not None:
         report.atomic_write_text(output, report.TABLE_WRITERS[output.suffix](table))
 

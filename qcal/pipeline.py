@@ -6,14 +6,14 @@ statistics (one pass over the calibration images) and the float32 result.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
+import time
 from pathlib import Path
 
-import dataclasses
-import time
-
 from .datasets import IMAGENET_PREPROCESSING, BatchCache, iter_batches, plan_data
+from .errors import QcalError
 from .evaluate import MXNetFloatRunner, evaluate
 from .models import get_spec, load_model, onnx_preprocessing
 
@@ -23,6 +23,8 @@ DEFAULT_CACHE_DIR = Path(".qcal-cache/batches")
 
 
 def _file_digest(path: Path) -> str:
+    if not Path(path).is_file():
+        raise QcalError(f"weights file not found: {path}")
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
@@ -62,6 +64,14 @@ class ModelSession:
                 "pretrained": self.pretrained}
 
     @property
+    def input_shape(self) -> tuple:
+        """(C, H, W) the imported graph takes: ImageNet models follow --input-size."""
+        if self.spec.family != "imagenet-zoo":
+            return tuple(self.spec.input_shape)
+        size = self.preprocessing.input_size
+        return (self.spec.input_shape[0], size, size)
+
+    @property
     def preprocessing(self):
         base = (onnx_preprocessing(self.model) if self.spec.family == "onnx"
                 else IMAGENET_PREPROCESSING)
@@ -99,7 +109,7 @@ class ModelSession:
             if self.spec.family == "onnx":
                 self._graph = import_onnx(self.model)
             else:
-                self._graph = import_gluon(self.net, self.spec.input_shape, name=self.spec.name)
+                self._graph = import_gluon(self.net, self.input_shape, name=self.spec.name)
         return self._graph
 
     @property
@@ -118,6 +128,14 @@ class ModelSession:
                 log.info("%s: statistics over %d calibration images in %.1f s", self.model,
                          len(selection), time.perf_counter() - start)
         return self._calibration
+
+    def check_calibration_file(self, variants):
+        """Refuse a calibration file for another model, or one lacking a method's statistics,
+        before any work starts."""
+        if self.calibration_file is None:
+            return
+        for options in variants:
+            self.calibration.require(options.activation_method)
 
     # --- realize, compile, evaluate -----------------------------------------------------------
     def quantize(self, options):

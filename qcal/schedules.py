@@ -355,27 +355,42 @@ def schedule_dense(func, lanes: int, prepack: bool) -> Scheduled:
 
 def schedule_parallel_outer(func, lanes: int, prepack: bool) -> Scheduled:
     """Pooling, elementwise requantize/residual add, anything made of root-level loop nests with
-    no loop structure of its own: run the outer loops in parallel, vectorize spatial inner loops.
+    no loop structure of its own: inline the intermediate elementwise steps (else each one
+    materializes an int64 tensor), then run the outer loops in parallel and vectorize.
 
-    Declines for functions with fewer than a few thousand elements of work (threading overhead
-    would exceed the gain)."""
+    Declines for functions with fewer than 4096 elements of work (threading overhead would
+    exceed the gain)."""
     sch = s_tir.Schedule(func)
     blocks = _root_blocks(sch)
     if not blocks:
         raise _Decline("no blocks")
+    for b in blocks[:-1]:
+        if "R" in _iter_kinds(sch, b):
+            continue
+        try:
+            sch.compute_inline(b)
+        except Exception:  # noqa: BLE001 -- an output, or read by a reduction: keep the block
+            pass
     touched = False
-    for b in blocks:
+    for b in _root_blocks(sch):
         loops = sch.get_loops(b)
         kinds = _iter_kinds(sch, b)
-        if len(loops) != len(kinds) or len(loops) < 2:
+        if len(loops) != len(kinds) or not loops:
             continue
         extents = _extents(sch, loops)
         if int(np.prod(extents)) < 4096:
             continue
-        if "R" not in kinds and extents[-1] % lanes == 0 and extents[-1] > lanes:
-            inner_o, inner_v = sch.split(loops[-1], [None, lanes])
-            sch.vectorize(inner_v)
-        _parallel_outer(sch, b)
+        if "R" in kinds:
+            _parallel_outer(sch, b)
+        else:
+            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            total = int(np.prod(extents))
+            if total % lanes == 0:
+                outer, inner = sch.split(fused, [None, lanes])
+                sch.vectorize(inner)
+                sch.parallel(outer)
+            else:
+                sch.parallel(fused)
         touched = True
     if not touched:
         raise _Decline("too small to be worth threads")

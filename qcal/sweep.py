@@ -113,6 +113,7 @@ def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
                                         seed=config.seed, quiet=quiet,
                                         cache_dir=cache_dir or pipeline.DEFAULT_CACHE_DIR,
                                         calibration_file=config.calibration_file)
+        session.check_calibration_file(config.variants)
         variants = ([None] if config.float32 else []) + list(config.variants)
         for options in variants:
             label = "float32" if options is None else options.label

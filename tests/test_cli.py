@@ -75,8 +75,93 @@ def test_evaluate_imagenet_folder_with_local_params(tmp_path, imagenet_folder):
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
     assert rows[0]["model"] == "resnet18_v1" and rows[0]["images"] == 5
-    # the cache holds the 3 evaluated batches (2 + 2 + 1 images) at the requested size
+    assert [r["variant"] for r in rows] == ["float32", "a:power2 w:power2/tensor b16"]
+    # the cache holds the evaluated batches (2 + 2 + 1 images) and the calibration batches
+    # (images 5..7: 2 + 1) at the requested size, each decoded once for both variants
     import numpy as np
 
     shapes = sorted(np.load(p).shape for p in (tmp_path / "cache").glob("*.npy"))
-    assert shapes == [(1, 3, 64, 64), (2, 3, 64, 64), (2, 3, 64, 64)]
+    assert shapes == [(1, 3, 64, 64)] * 2 + [(2, 3, 64, 64)] * 3
+
+
+def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
+    """Every quantization option given on the command line shows up in the recorded variant."""
+    results = tmp_path / "results"
+    result = invoke("evaluate", "--model", "fmnist_vgg11_bn", "--num-images", 64,
+                    "--calib-images", 64, "--batch-size", 32, "--method", "percentile",
+                    "--percentile", 99.9, "--weight-scale", "max", "--weight-granularity",
+                    "channel", "--bias-bits", 9, "--skip-k-conv", 1, "--skip-dense",
+                    "--results-dir", results, "--cache-dir", tmp_path / "cache", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((results / "results.json").read_text())
+    int8 = [v for v in summary["variants"] if v["description"]["variant"] is not None]
+    assert len(int8) == 1
+    assert int8[0]["description"]["variant"] == {
+        "activation_method": "percentile", "percentile": 99.9, "global_scale": 8.0,
+        "weight_scale": "max", "weight_granularity": "channel", "bias_mode": "bits",
+        "bias_bits": 9, "skip_k_conv": 1, "skip_dense": True}
+    assert int8[0]["description"]["data"]["calibration"]["range"] == [0, 64]
+    rows = {r["variant"]: r for r in summary["rows"]}
+    assert set(rows) == {"float32", "a:p99.9 w:max/channel b9 skip1 fdense"}
+    assert "| fmnist_vgg11_bn | a:p99.9 w:max/channel b9 skip1 fdense | 64 |" in result.output
+
+
+def test_repeated_options_make_the_cross_product(tmp_path):
+    out = tmp_path / "table.csv"
+    result = invoke("evaluate", "--model", "fmnist_vgg11_bn", "--num-images", 32,
+                    "--calib-images", 32, "--bias-bits", 8, "--bias-bits", "int32-acc",
+                    "--method", "max", "--method", "kl", "--output", out,
+                    "--cache-dir", tmp_path / "cache", "--quiet")
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    assert list(table["variant"]) == ["float32", "a:max w:power2/tensor b8",
+                                      "a:max w:power2/tensor b32acc", "a:kl w:power2/tensor b8",
+                                      "a:kl w:power2/tensor b32acc"]
+
+
+def test_calibrate_then_evaluate_reuses_the_file(tmp_path):
+    calib = tmp_path / "vgg.npz"
+    result = invoke("calibrate", "--model", "fmnist_vgg11_bn", "--calib-images", 64,
+                    "--output", calib, "--plots", tmp_path / "plots", "--quiet",
+                    "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    assert "methods global, max, power2, l2, kl, percentile" in result.output
+    assert len(list((tmp_path / "plots").glob("*.png"))) > 10
+    # the data are never read again: an empty calibration split would fail a new pass
+    results = tmp_path / "results"
+    result = invoke("evaluate", "--model", "fmnist_vgg11_bn", "--num-images", 32, "--calib",
+                    calib, "--method", "kl", "--results-dir", results, "--quiet",
+                    "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    assert "calibrating" not in (results / "sweep.log").read_text()
+    record = json.loads((results / "results.json").read_text())
+    assert record["variants"][1]["description"]["calibration_file"] is not None
+
+
+def test_calibration_file_of_another_model_is_refused(tmp_path):
+    calib = tmp_path / "vgg.npz"
+    assert invoke("calibrate", "--model", "fmnist_vgg11_bn", "--calib-images", 16, "--output",
+                  calib, "--quiet", "--bins", 0).exit_code == 0
+    result = invoke("evaluate", "--model", "fmnist_resnet20_v1", "--num-images", 16,
+                    "--calib", calib, "--quiet", "--output", tmp_path / "t.md")
+    assert result.exit_code == 1
+    assert "fmnist_vgg11_bn" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "t.md").exists()
+    # abs-max-only statistics cannot answer KL: refused, naming the method
+    result = invoke("evaluate", "--model", "fmnist_vgg11_bn", "--num-images", 16,
+                    "--calib", calib, "--method", "kl", "--quiet")
+    assert result.exit_code == 1 and "kl" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bias-bits", 33], "bias bits must be from 2 to 32"),
+    (["--bias-bits", 1], "bias bits must be from 2 to 32"),
+    (["--bias-bits", "int16"], "neither a bit count nor int32-acc"),
+    (["--method", "entropy"], "'entropy' is not one of"),
+    (["--skip-k-conv", -1], "--skip-k-conv"),
+])
+def test_bad_quantization_options_exit_2(args, message):
+    result = invoke("evaluate", "--model", "fmnist_vgg11_bn", *args)
+    assert result.exit_code == 2 and message in result.output
