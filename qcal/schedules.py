@@ -63,6 +63,7 @@ import numpy as np
 import tvm
 from tvm import relax, s_tir
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.script import tirx as T
 from tvm.target import codegen
 
 from .errors import QcalError
@@ -353,6 +354,22 @@ def schedule_dense(func, lanes: int, prepack: bool) -> Scheduled:
     return Scheduled(sch.mod["main"])
 
 
+def _parallel_vectorize_spatial(sch, loops, extents, lanes):
+    """(N, C, H, W)-like loop nest: (N, C) in parallel, H serial, W vectorized.
+
+    Only the last loop is vectorized, never a fusion of H and W: per-lane index arithmetic
+    (div/mod of a fused index) measured 40x slower on the pad/pack block."""
+    last = loops[-1]
+    if extents[-1] % lanes == 0 and extents[-1] > lanes:
+        _, inner = sch.split(last, [None, lanes])
+        sch.vectorize(inner)
+    elif extents[-1] <= 4 * lanes:
+        sch.vectorize(last)
+    if len(loops) > 1:
+        lead = loops[:max(1, len(loops) - 2)]
+        sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
+
+
 def schedule_parallel_outer(func, lanes: int, prepack: bool) -> Scheduled:
     """Pooling, elementwise requantize/residual add, anything made of root-level loop nests with
     no loop structure of its own: inline the intermediate elementwise steps (else each one
@@ -383,14 +400,7 @@ def schedule_parallel_outer(func, lanes: int, prepack: bool) -> Scheduled:
         if "R" in kinds:
             _parallel_outer(sch, b)
         else:
-            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-            total = int(np.prod(extents))
-            if total % lanes == 0:
-                outer, inner = sch.split(fused, [None, lanes])
-                sch.vectorize(inner)
-                sch.parallel(outer)
-            else:
-                sch.parallel(fused)
+            _parallel_vectorize_spatial(sch, loops, extents, lanes)
         touched = True
     if not touched:
         raise _Decline("too small to be worth threads")
@@ -527,12 +537,196 @@ def scheduled_functions(mod: tvm.IRModule) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------
+# int8 conv as int16 pairs (a Relax rewrite that runs before legalization)
+# --------------------------------------------------------------------------------------------
+#
+# pmaddwd multiplies 2 adjacent int16 pairs and adds them into one int32 lane: 2 MACs per lane per
+# instruction against 1 MAC per vpmulld + vpaddd pair that LLVM emits for the legalized conv.
+# Legalized TIR cannot be made to use it (s_tir's tensorize segfaults in this wheel), so the conv
+# is replaced before legalization by two PrimFuncs written here:
+#
+#   x int8 NCHW --pack_int16_pairs--> xp int32 (N, ceil(C/2), H+pads, W+pads)   one int32 = 2 int16
+#   xp, w' --conv2d_int16_pairs--> int32 NCHW                                  (then the epilogue)
+#
+# w' is the constant weight repacked in numpy to int16 (O/v, ceil(C/2), kh, kw, v x 2), so one
+# 2v-lane int16 load holds v output channels x 2 input channels. An odd channel count is padded
+# with a zero channel (zero products). |a0*b0 + a1*b1| <= 2 * 128 * 128, so every lane is exact.
+
+_PMADDWD_INTRINSICS = {16: "llvm.x86.avx512.pmaddw.d.512", 8: "llvm.x86.avx2.pmadd.wd"}
+_PAIR_ATTR_VALUE = "conv2d_int16_pairs"
+# relax's OpPatternKind kOpaque: keeps FuseOps from merging this scheduled PrimFunc with others
+_OPAQUE = 8
+
+
+def pair_lanes(target: tvm.target.Target) -> int | None:
+    """int32 lanes of the target's pmaddwd (16 with AVX-512BW, 8 with AVX2), None without."""
+    if codegen.llvm_cpu_has_features(["avx512bw"], target):
+        return 16
+    if codegen.llvm_cpu_has_features(["avx2"], target):
+        return 8
+    return None
+
+
+def _pack_pairs_func(n, c, h, w, pads):
+    pt, pl, pb, pr = pads
+    c2, hp, wp = (c + 1) // 2, h + pt + pb, w + pl + pr
+
+    @T.prim_func(private=True, s_tir=True)
+    def pack_int16_pairs(x: T.Buffer((n, c, h, w), "int8"),  # noqa: F821 (TVMScript dtypes)
+                         xp: T.Buffer((n, c2, hp, wp), "int32")):  # noqa: F821
+        T.func_attr({"tirx.noalias": True})
+        for i, j, y, z in T.grid(n, c2, hp, wp):
+            with T.sblock("pack_int16_pairs"):
+                vi, vj, vy, vz = T.axis.remap("SSSS", [i, j, y, z])
+                # low half: channel 2j, high half: channel 2j+1 (little-endian int16x2)
+                xp[vi, vj, vy, vz] = T.bitwise_or(
+                    T.bitwise_and(T.if_then_else(
+                        pt <= vy and vy < pt + h and pl <= vz and vz < pl + w,
+                        T.Cast("int32", x[vi, vj * 2, vy - pt, vz - pl]), 0), 0xFFFF),
+                    T.shift_left(T.if_then_else(
+                        pt <= vy and vy < pt + h and pl <= vz and vz < pl + w and vj * 2 + 1 < c,
+                        T.Cast("int32", x[vi, T.min(vj * 2 + 1, c - 1), vy - pt, vz - pl]), 0), 16))
+    return pack_int16_pairs
+
+
+def _pair_conv_func(n, c2, hp, wp, o, kh, kw, oh, ow, sh, sw, v):
+    f = o // v
+    acc_t, pair_t = f"int32x{v}", f"int16x{2 * v}"
+    intrinsic = _PMADDWD_INTRINSICS[v]
+
+    @T.prim_func(private=True, s_tir=True)
+    def conv2d_int16_pairs(xp: T.Buffer((n, c2, hp, wp), "int32"),  # noqa: F821 (TVMScript dtypes)
+                           wq: T.Buffer((f, c2, kh, kw, 2 * v), "int16"),  # noqa: F821
+                           out: T.Buffer((n, o, oh, ow), "int32")):  # noqa: F821
+        T.func_attr({"tirx.noalias": True})
+        acc = T.sblock_alloc_buffer((n, f, oh, ow, v), "int32")
+        for i, j, y, z, rc, ry, rx in T.grid(n, f, oh, ow, c2, kh, kw):
+            with T.sblock("conv2d_int16_pairs"):
+                vi, vj, vy, vz, vc, vry, vrx = T.axis.remap("SSSSRRR", [i, j, y, z, rc, ry, rx])
+                with T.init():
+                    acc[vi, vj, vy, vz, T.ramp(0, 1, v)] = T.broadcast(T.int32(0), v)
+                acc[vi, vj, vy, vz, T.ramp(0, 1, v)] = acc[vi, vj, vy, vz, T.ramp(0, 1, v)] + (
+                    T.call_llvm_pure_intrin(
+                        acc_t, T.llvm_lookup_intrinsic_id(intrinsic),
+                        T.reinterpret(pair_t, T.broadcast(xp[vi, vc, vy * sh + vry, vz * sw + vrx], v)),
+                        wq[vj, vc, vry, vrx, T.ramp(0, 1, 2 * v)]))
+        for i, j, y, z in T.grid(n, o, oh, ow):
+            with T.sblock("unpack"):
+                vi, vj, vy, vz = T.axis.remap("SSSS", [i, j, y, z])
+                out[vi, vj, vy, vz] = acc[vi, vj // v, vy, vz, vj % v]
+    return conv2d_int16_pairs
+
+
+def _schedule_pair_conv(func):
+    """The conv schedule above at vector granularity: 8 pixels x 2 channel vectors of
+    accumulators in registers, NCHW written back per tile, (batch, row, channel tile) parallel."""
+    sch = s_tir.Schedule(func)
+    conv, unpack = sch.get_sblock("conv2d_int16_pairs"), sch.get_sblock("unpack")
+    i, j, y, z, rc, ry, rx = sch.get_loops(conv)
+    f, ow = _extents(sch, [j, z])
+    jo, jm = sch.split(j, [None, 2 if f % 2 == 0 else 1])
+    zo, zi = sch.split(z, [None, _largest_divisor(ow, _MAX_PIXEL_TILE)])
+    sch.reorder(i, y, jo, zo, rc, ry, rx, zi, jm)
+    sch.set_scope(conv, 0, "local")
+    sch.reverse_compute_at(unpack, zo)
+    sch.unroll(zi)
+    sch.unroll(jm)
+    sch.vectorize(sch.get_loops(unpack)[-1])
+    sch.parallel(sch.fuse(i, y, jo))
+    sch.decompose_reduction(conv, rc)
+    return sch.mod["main"]
+
+
+def pack_pair_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
+    """OIHW int8 -> int16 (O/lanes, ceil(I/2), kh, kw, lanes * 2), the layout pmaddwd reads."""
+    o, c, kh, kw = weight.shape
+    c2 = (c + 1) // 2
+    w16 = np.zeros((o, 2 * c2, kh, kw), np.int16)
+    w16[:, :c] = weight
+    blocks = w16.reshape(o // lanes, lanes, c2, 2, kh, kw).transpose(0, 2, 4, 5, 1, 3)
+    return np.ascontiguousarray(blocks).reshape(o // lanes, c2, kh, kw, 2 * lanes)
+
+
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+
+
+def _pair_conv_geometry(call, lanes):
+    """(N, C, H, W, pads, strides) of a conv2d call the pair rewrite handles, else None."""
+    attrs = call.attrs
+    data, weight = call.args
+    if not isinstance(weight, tvm.ir.expr.Constant):
+        return None
+    if (int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW"
+            or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW"
+            or str(attrs.out_dtype) != "int32" or any(int(d) != 1 for d in attrs.dilation)):
+        return None
+    if str(data.ty.dtype) != "int8" or str(weight.ty.dtype) != "int8":
+        return None
+    try:
+        shape = tuple(int(d) for d in data.ty.shape)
+    except (TypeError, ValueError):  # symbolic batch: not handled
+        return None
+    if int(weight.ty.shape[0]) % lanes:
+        return None
+    return shape, tuple(int(p) for p in attrs.padding), tuple(int(s) for s in attrs.strides)
+
+
+@relax.expr_functor.mutator
+class _PairConvRewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, lanes: int):
+        super().__init__(mod)
+        self.lanes = lanes
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)):
+            return call
+        geometry = _pair_conv_geometry(call, self.lanes)
+        return call if geometry is None else self._rewrite(call, *geometry)
+
+    def _rewrite(self, call, shape, pads, strides):
+        n, c, h, w = shape
+        weight = call.args[1].value.numpy()
+        o, _, kh, kw = weight.shape
+        c2, hp, wp = (c + 1) // 2, h + pads[0] + pads[2], w + pads[1] + pads[3]
+        oh, ow = (hp - kh) // strides[0] + 1, (wp - kw) // strides[1] + 1
+        conv = _schedule_pair_conv(_pair_conv_func(n, c2, hp, wp, o, kh, kw, oh, ow, *strides,
+                                                   self.lanes))
+        conv = conv.with_attr("op_pattern", _OPAQUE).with_attr(SCHEDULE_ATTR, _PAIR_ATTR_VALUE)
+        pack_gv = self.builder_.add_func(_pack_pairs_func(n, c, h, w, pads), "pack_int16_pairs")
+        conv_gv = self.builder_.add_func(conv, "conv2d_int16_pairs")
+        packed = self.builder_.emit(relax.call_tir(
+            pack_gv, [call.args[0]], relax.TensorType((n, c2, hp, wp), "int32")))
+        return relax.call_tir(conv_gv, [packed, relax.const(pack_pair_weight(weight, self.lanes))],
+                              relax.TensorType((n, o, oh, ow), "int32"))
+
+
+def rewrite_int8_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Replace each int8 NCHW conv2d with a constant weight (groups 1, dilation 1, out channels a
+    multiple of the pmaddwd lanes) by the int16-pair PrimFuncs; others stay for the schedules.
+    Runs before legalization; a target without AVX2 gets the module back unchanged."""
+    lanes = pair_lanes(target)
+    if lanes is None:
+        return mod
+    rewriter = _PairConvRewriter(mod, lanes)
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
+# --------------------------------------------------------------------------------------------
 # pipeline
 # --------------------------------------------------------------------------------------------
 
-def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: bool = True) -> tvm.IRModule:
-    """Run the CPU Relax pipeline (sequence in the module docstring); ``schedule=False`` leaves
-    the fused PrimFuncs unscheduled, the baseline the tests and benchmarks compare against."""
+def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: bool = True,
+          pair_convs: bool = True) -> tvm.IRModule:
+    """Run the CPU Relax pipeline (sequence in the module docstring). ``schedule=False`` leaves the
+    fused PrimFuncs unscheduled, the baseline tests and benchmarks compare against;
+    ``pair_convs=False`` skips the int16-pair conv rewrite (int8 convs then get the s_tir conv
+    schedule)."""
+    if schedule and pair_convs:
+        mod = rewrite_int8_convs(mod, target)
     passes = (cpu_pipeline.library_dispatch_passes(target)
               + cpu_pipeline.legalize_passes(target)
               + ([ApplyCpuSchedules(target)] if schedule else [])
@@ -542,10 +736,11 @@ def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: bool = True) -
         return tvm.transform.Sequential(passes)(mod)
 
 
-def build(mod: tvm.IRModule, target: tvm.target.Target | None = None, schedule: bool = True):
+def build(mod: tvm.IRModule, target: tvm.target.Target | None = None, schedule: bool = True,
+          pair_convs: bool = True):
     """Compile a Relax module for the CPU with qcal's schedules; returns a relax Executable
     (run it with ``relax.VirtualMachine(ex, tvm.cpu())``)."""
     target = target or cpu_target()
     if target.kind.name != "llvm":
         raise QcalError(f"qcal.schedules builds for LLVM CPU targets only, not {target.kind.name}")
-    return tvm.compile(lower(mod, target, schedule), target, relax_pipeline=None)
+    return tvm.compile(lower(mod, target, schedule, pair_convs), target, relax_pipeline=None)

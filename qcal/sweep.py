@@ -107,6 +107,8 @@ def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
     started = time.time()
     np.random.seed(config.seed)
     entries = []
+    log.info("sweep %s started: %d model(s) x %d variant(s), command: %s", config.name,
+             len(config.models), len(config.variants) + int(config.float32), command)
     for model in config.models:
         session = pipeline.ModelSession(model, config.data, config.batch_size,
                                         params=config.params, pretrained=config.pretrained,

@@ -36,8 +36,8 @@ def _module(input_shape, emit, dtype="int8", extra_params=()):
     return bb.get()
 
 
-def _run(mod, *inputs, schedule=True):
-    ex = schedules.build(mod, TARGET, schedule=schedule)
+def _run(mod, *inputs, schedule=True, pair_convs=True, target=TARGET):
+    ex = schedules.build(mod, target, schedule=schedule, pair_convs=pair_convs)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy()
 
@@ -71,8 +71,16 @@ CONVS = {
     "depthwise": ((1, 24, 12, 12), 24, 3, 1, 1, 24),
     "depthwise_stride2": ((2, 16, 11, 11), 16, 3, 2, 1, 16),
 }
-EXPECTED_RULE = {"grouped": "conv2d_nchw", "depthwise": "depthwise_conv2d_nchw",
-                 "depthwise_stride2": "depthwise_conv2d_nchw"}
+DEPTHWISE = {"depthwise", "depthwise_stride2"}
+PAIRS = schedules.pair_lanes(TARGET) is not None
+
+
+def _expected_rule(kind, pair_convs):
+    if kind in DEPTHWISE:
+        return "depthwise_conv2d_nchw"
+    if pair_convs and PAIRS and kind != "grouped":
+        return "conv2d_int16_pairs"
+    return "conv2d_nchw"
 
 
 def _conv_module(kind, epilogue, weight_as_input=False):
@@ -94,13 +102,16 @@ def _primfuncs(mod):
     return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
 
 
+@pytest.mark.parametrize("pair_convs", [True, False], ids=["pairs", "s_tir"])
 class TestConv:
+    """Both int8 conv paths: the int16-pair rewrite (default) and the s_tir conv schedule."""
+
     @pytest.mark.parametrize("kind", sorted(CONVS))
     @pytest.mark.parametrize("epilogue", [True, False], ids=["requantize", "raw"])
-    def test_bit_exact_against_unscheduled(self, kind, epilogue):
+    def test_bit_exact_against_unscheduled(self, kind, epilogue, pair_convs):
         mod, weight = _conv_module(kind, epilogue)
         x = _int8(np.random.default_rng(1), CONVS[kind][0])
-        scheduled = _run(mod, x)
+        scheduled = _run(mod, x, pair_convs=pair_convs)
         assert np.array_equal(scheduled, _run(mod, x, schedule=False))
         if not epilogue:  # and against qcal's own numpy reference
             _, _, _, stride, pad, groups = CONVS[kind]
@@ -109,41 +120,81 @@ class TestConv:
             assert np.array_equal(scheduled, ref)
 
     @pytest.mark.parametrize("kind", sorted(CONVS))
-    def test_schedule_applied(self, kind):
+    def test_schedule_applied(self, kind, pair_convs):
         mod, _ = _conv_module(kind, epilogue=True)
-        lowered = schedules.lower(mod, TARGET)
+        lowered = schedules.lower(mod, TARGET, pair_convs=pair_convs)
         rules = schedules.scheduled_functions(lowered)
-        assert list(rules.values()) == [EXPECTED_RULE.get(kind, "conv2d_nchw")], rules
-        (name,) = rules
-        text = _primfuncs(lowered)[name].script()
-        assert "T.parallel" in text and "T.vectorized" in text
-        # the requantize epilogue was inlined: one block writes the int8 output after the conv
-        assert text.count('T.sblock("compute') <= 1
+        expected = _expected_rule(kind, pair_convs)
+        convs = [name for name, rule in rules.items() if rule == expected]
+        assert len(convs) == 1, rules
+        text = _primfuncs(lowered)[convs[0]].script()
+        assert "T.parallel" in text
+        if expected == "conv2d_int16_pairs":
+            assert "pmadd" in text
+        else:
+            assert "T.vectorized" in text
+            # the requantize epilogue was inlined: one block writes the int8 output after the conv
+            assert text.count('T.sblock("compute') <= 1
 
-    def test_constant_weight_is_repacked_at_compile_time(self):
+    def test_constant_weight_is_repacked_at_compile_time(self, pair_convs):
+        if pair_convs:
+            pytest.skip("s_tir conv path only")
         mod, _ = _conv_module("3x3", epilogue=True)
-        funcs = _primfuncs(schedules.lower(mod, TARGET))
+        funcs = _primfuncs(schedules.lower(mod, TARGET, pair_convs=False))
         (name,) = funcs
         assert name.endswith("_prepacked")
         # no in-function repack block is left; the weight parameter is (O/v, I, kh, kw, v)
         assert "param_0_global" not in funcs[name].script()
 
-    def test_weight_given_at_run_time_is_repacked_in_the_call(self):
+    def test_weight_given_at_run_time_is_repacked_in_the_call(self, pair_convs):
+        """Only constant weights take the pair rewrite; a run-time weight gets the s_tir conv."""
         mod, weight = _conv_module("3x3", epilogue=True, weight_as_input=True)
         x = _int8(np.random.default_rng(2), CONVS["3x3"][0])
-        assert np.array_equal(_run(mod, x, weight), _run(mod, x, weight, schedule=False))
-        rules = schedules.scheduled_functions(schedules.lower(mod, TARGET))
+        out = _run(mod, x, weight, pair_convs=pair_convs)
+        assert np.array_equal(out, _run(mod, x, weight, schedule=False))
+        rules = schedules.scheduled_functions(schedules.lower(mod, TARGET, pair_convs=pair_convs))
         assert list(rules.values()) == ["conv2d_nchw"]
 
-    def test_float32_conv_close_to_unscheduled(self):
+    def test_float32_conv_close_to_unscheduled(self, pair_convs):
         rng = np.random.default_rng(3)
         weight = rng.standard_normal((32, 16, 3, 3)).astype("float32")
         mod = _module((1, 16, 12, 12), lambda bb, x: bb.emit(relax.op.nn.relu(bb.emit(
             relax.op.nn.conv2d(x, _const(weight), padding=1)))), dtype="float32")
         x = rng.standard_normal((1, 16, 12, 12)).astype("float32")
-        np.testing.assert_allclose(_run(mod, x), _run(mod, x, schedule=False), rtol=1e-5, atol=1e-5)
-        assert list(schedules.scheduled_functions(schedules.lower(mod, TARGET)).values()) == [
-            "conv2d_nchw"]
+        out = _run(mod, x, pair_convs=pair_convs)
+        np.testing.assert_allclose(out, _run(mod, x, schedule=False), rtol=1e-5, atol=1e-5)
+        lowered = schedules.lower(mod, TARGET, pair_convs=pair_convs)
+        assert list(schedules.scheduled_functions(lowered).values()) == ["conv2d_nchw"]
+
+
+class TestInt16Pairs:
+    @pytest.mark.skipif(not PAIRS, reason="no AVX2 on this CPU")
+    @pytest.mark.parametrize("kind", ["3x3_stride2", "7x7_stem"])
+    def test_avx2_eight_lane_path_bit_exact(self, kind):
+        """An AVX2-only target (haswell) takes the 8-lane pmaddwd; it runs on any AVX2 host."""
+        avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+        assert schedules.pair_lanes(avx2) == 8
+        mod, _ = _conv_module(kind, epilogue=True)
+        x = _int8(np.random.default_rng(11), CONVS[kind][0])
+        assert np.array_equal(_run(mod, x, target=avx2), _run(mod, x, schedule=False))
+        rules = schedules.scheduled_functions(schedules.lower(mod, avx2))
+        assert "conv2d_int16_pairs" in rules.values()
+
+    def test_target_without_avx2_is_not_rewritten(self):
+        generic = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+        assert schedules.pair_lanes(generic) is None
+        mod, _ = _conv_module("3x3", epilogue=True)
+        assert schedules.rewrite_int8_convs(mod, generic) is mod
+
+    def test_pack_pair_weight_layout(self):
+        """Lane l of vector (f, c2, ky, kx) holds out channel f*v + l//2, in channel 2*c2 + l%2."""
+        rng = np.random.default_rng(12)
+        weight = _int8(rng, (16, 3, 2, 2))
+        packed = schedules.pack_pair_weight(weight, 8)
+        assert packed.shape == (2, 2, 2, 2, 16) and packed.dtype == np.int16
+        assert packed[1, 0, 1, 0, 2 * 3 + 1] == weight[8 + 3, 1, 1, 0]
+        assert packed[0, 1, 0, 1, 2 * 5] == weight[5, 2, 0, 1]
+        assert packed[0, 1, 0, 1, 2 * 5 + 1] == 0  # the zero channel that pads 3 channels to 4
 
 
 class TestDense:
@@ -244,7 +295,7 @@ class TestModulePass:
             fused = tvm.transform.Sequential(cpu_pipeline.library_dispatch_passes(TARGET)
                                              + cpu_pipeline.legalize_passes(TARGET))(mod)
         before = fused.script()
-        scheduled = schedules.apply_cpu_schedules(fused, TARGET)
+        scheduled = schedules.apply_cpu_schedules(fused, TARGET)  # (no pair rewrite here)
         assert fused.script() == before
         assert list(schedules.scheduled_functions(scheduled).values()) == ["conv2d_nchw"]
         # applying twice changes nothing: scheduled PrimFuncs are marked and skipped
@@ -276,9 +327,12 @@ class TestModulePass:
 
         mod = _module(shape, emit)
         x = _int8(rng, shape)
-        assert np.array_equal(_run(mod, x), _run(mod, x, schedule=False))
-        rules = list(schedules.scheduled_functions(schedules.lower(mod, TARGET)).values())
-        assert "conv2d_nchw" in rules and "dense" in rules
+        reference = _run(mod, x, schedule=False)
+        for pair_convs in (True, False):
+            assert np.array_equal(_run(mod, x, pair_convs=pair_convs), reference)
+            lowered = schedules.lower(mod, TARGET, pair_convs=pair_convs)
+            rules = list(schedules.scheduled_functions(lowered).values())
+            assert _expected_rule("3x3", pair_convs) in rules and "dense" in rules
 
     def test_primfunc_shared_by_two_calls_gets_each_calls_weight_packed(self):
         """FuseTIR deduplicates two same-shape conv+requantize groups into one PrimFunc called
@@ -293,8 +347,10 @@ class TestModulePass:
                                            "int8"))
 
         mod = _module((1, 16, 8, 8), lambda bb, x: conv_rq(bb, conv_rq(bb, x, w1), w2))
-        lowered = schedules.lower(mod, TARGET)
+        lowered = schedules.lower(mod, TARGET, pair_convs=False)
         (name,) = schedules.scheduled_functions(lowered)
         assert lowered["main"].script().count(name + "(") == 2
         x = _int8(rng, (1, 16, 8, 8))
-        assert np.array_equal(_run(mod, x), _run(mod, x, schedule=False))
+        reference = _run(mod, x, schedule=False)
+        assert np.array_equal(_run(mod, x, pair_convs=False), reference)
+        assert np.array_equal(_run(mod, x), reference)
