@@ -156,8 +156,11 @@ def imagenet_label_of(wnid: str, known: list) -> int:
     """The standard ImageNet-1k index of a synset folder name.
 
     With the full list of 1000 synsets the index is the position in that sorted list (what gluoncv
-    and torchvision use); folders named by the index itself ("000".."999") are accepted too.
+    and torchvision use); folders named by the index itself ("000".."999") are accepted too, and a
+    folder named "unlabelled" holds images without a class (label -1: calibration, fidelity).
     """
+    if wnid == "unlabelled":
+        return -1
     if wnid.isdigit():
         return int(wnid)
     try:
@@ -200,12 +203,14 @@ class ImageFolderSource(_DecodedImageSource):
     def files(self):
         return list(self._files)
 
+    def raw(self, index: int) -> tuple:
+        """(encoded image bytes, a name for messages)."""
+        path = self._files[int(index)]
+        return path.read_bytes(), str(path)
+
     def decode(self, indices):
-        out = []
-        for i in indices:
-            path = self._files[int(i)]
-            out.append(self._preprocess(self._decode_bytes(path.read_bytes(), str(path))))
-        return np.stack(out).astype(np.float32)
+        return np.stack([self._preprocess(self._decode_bytes(*self.raw(i)))
+                         for i in indices]).astype(np.float32)
 
     @property
     def identity(self):
@@ -242,14 +247,15 @@ class RecordIOSource(_DecodedImageSource):
     def labels(self):
         return self._labels
 
-    def decode(self, indices):
+    def raw(self, index: int) -> tuple:
         import mxnet as mx
 
-        out = []
-        for i in indices:
-            _, raw = mx.recordio.unpack(self._reader.read_idx(self._keys[int(i)]))
-            out.append(self._preprocess(self._decode_bytes(raw, f"{self.rec_path}#{i}")))
-        return np.stack(out).astype(np.float32)
+        _, raw = mx.recordio.unpack(self._reader.read_idx(self._keys[int(index)]))
+        return raw, f"{self.rec_path}#{index}"
+
+    def decode(self, indices):
+        return np.stack([self._preprocess(self._decode_bytes(*self.raw(i)))
+                         for i in indices]).astype(np.float32)
 
     @property
     def identity(self):
@@ -257,6 +263,80 @@ class RecordIOSource(_DecodedImageSource):
         return {"path": str(self.rec_path.resolve()),
                 "stat": f"{st_rec.st_size}|{st_rec.st_mtime_ns}|{st_idx.st_size}|{st_idx.st_mtime_ns}",
                 "images": len(self._keys)}
+
+
+class _SubsetSource(_DecodedImageSource):
+    """Positions [start, stop) of another encoded-image source, as a source of its own."""
+
+    kind = "subset"
+
+    def __init__(self, base: _DecodedImageSource, start: int, stop: int):
+        super().__init__(Preprocessing(**base.preprocessing))
+        self.base, self.start, self.stop = base, start, stop
+
+    @property
+    def labels(self):
+        return self.base.labels[self.start:self.stop]
+
+    def raw(self, index: int) -> tuple:
+        return self.base.raw(self.start + int(index))
+
+    def decode(self, indices):
+        return self.base.decode([self.start + int(i) for i in indices])
+
+    @property
+    def identity(self):
+        return {"base": self.base.identity, "range": [self.start, self.stop]}
+
+
+class AugmentedSource(_DecodedImageSource):
+    """Label-free images: ``count`` random crops (area 25-100 %, aspect 3/4-4/3) with random
+    horizontal flips of a base source's images, each then preprocessed as usual.
+
+    Image j crops base image j mod len(base) with its own generator (seed, j), so every image is
+    reproducible on its own. Labels are -1: these images serve label-free fidelity metrics only.
+    """
+
+    kind = "augmented"
+
+    def __init__(self, base: _DecodedImageSource, count: int, seed: int = 0):
+        super().__init__(Preprocessing(**base.preprocessing))
+        if count < 1:
+            raise UsageProblem(f"the number of random crops must be at least 1, not {count}")
+        self.base, self.count, self.seed = base, count, seed
+
+    @property
+    def labels(self):
+        return np.full(self.count, -1, dtype=np.int64)
+
+    def _augment(self, image, j: int):
+        import mxnet as mx
+
+        rng = np.random.RandomState([self.seed, j])
+        h, w = image.shape[:2]
+        for _ in range(10):
+            area = rng.uniform(0.25, 1.0) * h * w
+            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                break
+        else:
+            cw, ch = w, h
+        x0, y0 = rng.randint(0, w - cw + 1), rng.randint(0, h - ch + 1)
+        crop = mx.image.fixed_crop(image, x0, y0, cw, ch)
+        return mx.nd.flip(crop, axis=1) if rng.rand() < 0.5 else crop
+
+    def decode(self, indices):
+        out = []
+        for j in indices:
+            image = self._decode_bytes(*self.base.raw(int(j) % len(self.base)))
+            out.append(self._preprocess(self._augment(image, int(j))))
+        return np.stack(out).astype(np.float32)
+
+    @property
+    def identity(self):
+        return {"base": self.base.identity, "count": self.count, "seed": self.seed,
+                "augment": "crop25-100%/aspect3:4-4:3/hflip"}
 
 
 def open_source(path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING) -> ImageSource:
@@ -360,15 +440,18 @@ def parse_range(text: str) -> tuple:
 class DataPlan:
     evaluation: Selection
     calibration: Selection | None  # None when only float32 is evaluated
+    fidelity: Selection | None = None  # extra label-free images for fidelity metrics
 
     def describe(self):
         return {"evaluation": self.evaluation.describe(),
-                "calibration": self.calibration.describe() if self.calibration else None}
+                "calibration": self.calibration.describe() if self.calibration else None,
+                "fidelity": self.fidelity.describe() if self.fidelity else None}
 
 
 def plan_data(family: str, data=None, num_images=None, calib_data=None, calib_range=None,
               calib_images=None, preprocessing: Preprocessing = IMAGENET_PREPROCESSING,
-              calibrate: bool = True) -> DataPlan:
+              calibrate: bool = True, fidelity_data=None, fidelity_crops=None,
+              fidelity_seed: int = 0, calib_crops=None) -> DataPlan:
     """Choose the evaluated images and the (disjoint) calibration images for one model.
 
     Fashion-MNIST models default to the vendored test split and the calibration split held out of
@@ -388,8 +471,15 @@ def plan_data(family: str, data=None, num_images=None, calib_data=None, calib_ra
     if n_eval > len(eval_source):
         raise UsageProblem(f"--num-images {n_eval} exceeds the {len(eval_source)} images available")
     evaluation = Selection(eval_source, 0, n_eval)
+    fidelity = None
+    if fidelity_crops:
+        base = open_source(fidelity_data, preprocessing) if fidelity_data else eval_source
+        if not isinstance(base, _DecodedImageSource):
+            raise UsageProblem("random crops need a source of photos (class folder or .rec)")
+        fidelity = Selection(AugmentedSource(base, fidelity_crops, fidelity_seed), 0,
+                             fidelity_crops)
     if not calibrate:
-        return DataPlan(evaluation, None)
+        return DataPlan(evaluation, None, fidelity)
 
     if calib_data is not None:
         calib_source = open_source(calib_data, preprocessing)
@@ -405,5 +495,12 @@ def plan_data(family: str, data=None, num_images=None, calib_data=None, calib_ra
         start, stop = (0, count) if calib_source is not eval_source else (
             len(calib_source) - count, len(calib_source))
     calibration = Selection(calib_source, start, stop)
+    if calib_crops:  # random crops of the chosen calibration images (few photos, many views)
+        if not isinstance(calib_source, _DecodedImageSource):
+            raise UsageProblem("calibration crops need a source of photos (class folder or .rec)")
+        check_disjoint(calibration, evaluation)
+        crops = AugmentedSource(_SubsetSource(calib_source, start, stop), calib_crops,
+                                fidelity_seed + 1)
+        calibration = Selection(crops, 0, calib_crops)
     check_disjoint(calibration, evaluation)
-    return DataPlan(evaluation, calibration)
+    return DataPlan(evaluation, calibration, fidelity)

@@ -55,6 +55,7 @@ class EvalResult:
     seconds: float
     predictions: np.ndarray = field(repr=False)  # N x 5 class indices
     labels: np.ndarray = field(repr=False)
+    logits: np.ndarray = field(repr=False)  # N x classes, float32 (fidelity metrics need them)
 
     @property
     def images_per_second(self) -> float:
@@ -65,16 +66,21 @@ def evaluate(runner, selection: Selection, batch_size: int, cache: BatchCache | 
              progress=None) -> EvalResult:
     acc = TopKAccumulator()
     compute_seconds = 0.0
+    all_logits = []
     for images, labels in iter_batches(selection, batch_size, cache):
         start = time.perf_counter()
         logits = runner(images)
         compute_seconds += time.perf_counter() - start
         acc.update(logits, labels)
+        all_logits.append(np.asarray(logits, dtype=np.float32))
         if progress is not None:
             progress.update(len(labels))
-    return EvalResult(images=len(acc.all_labels), top1=float(acc.correct_top1.mean()),
-                      top5=float(acc.correct_top5.mean()), seconds=compute_seconds,
-                      predictions=acc.top5_predictions, labels=acc.all_labels)
+    labelled = acc.all_labels >= 0  # label-free images (label -1) count for fidelity only
+    return EvalResult(images=len(acc.all_labels),
+                      top1=float(acc.correct_top1.mean()) if labelled.all() else float("nan"),
+                      top5=float(acc.correct_top5.mean()) if labelled.all() else float("nan"),
+                      seconds=compute_seconds, predictions=acc.top5_predictions,
+                      labels=acc.all_labels, logits=np.concatenate(all_logits))
 
 
 class MXNetFloatRunner:

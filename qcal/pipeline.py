@@ -12,6 +12,8 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
+
 from .datasets import IMAGENET_PREPROCESSING, BatchCache, iter_batches, plan_data
 from .errors import QcalError
 from .evaluate import MXNetFloatRunner, evaluate
@@ -20,6 +22,7 @@ from .models import get_spec, load_model, onnx_preprocessing
 log = logging.getLogger("qcal.pipeline")
 
 DEFAULT_CACHE_DIR = Path(".qcal-cache/batches")
+SQNR_IMAGES = 16  # per-layer SQNR runs the numpy references: a few images say enough
 
 
 def _file_digest(path: Path) -> str:
@@ -64,6 +67,11 @@ class ModelSession:
                 "pretrained": self.pretrained}
 
     @property
+    def display_name(self) -> str:
+        """The model's name in tables: registry name, or an ONNX file's stem."""
+        return Path(self.model).stem if self.spec.family == "onnx" else self.model
+
+    @property
     def input_shape(self) -> tuple:
         """(C, H, W) the imported graph takes: ImageNet models follow --input-size."""
         if self.spec.family != "imagenet-zoo":
@@ -87,7 +95,9 @@ class ModelSession:
                 self.spec.family, data=d.get("data"), num_images=d.get("num_images"),
                 calib_data=d.get("calib_data"), calib_range=d.get("calib_range"),
                 calib_images=d.get("calib_images"), preprocessing=preprocessing,
-                calibrate=needs_calibration)
+                calibrate=needs_calibration, fidelity_data=d.get("fidelity_data"),
+                fidelity_crops=d.get("fidelity_crops"), fidelity_seed=self.seed,
+                calib_crops=d.get("calib_crops"))
         return self._plans[needs_calibration]
 
     def plan_description(self, needs_calibration: bool) -> dict:
@@ -149,20 +159,46 @@ class ModelSession:
         amax = self.calibration.ranges(options, annotation.required_amax)
         return realize(self.graph, amax, options, annotation)
 
+    def _run_selections(self, runner, label, plan):
+        """(evaluation result, fidelity result or None) for one runner."""
+        outcomes = []
+        for selection in (plan.evaluation, plan.fidelity):
+            if selection is None:
+                outcomes.append(None)
+                continue
+            with self._progress(len(selection), label) as bar:
+                outcomes.append(evaluate(runner, selection, self.batch_size, self.cache, bar))
+        return outcomes
+
     def evaluate(self, options=None):
-        """(EvalResult, extra record fields) for float32 (options None) or one int8 variant."""
+        """(EvalResult, fidelity EvalResult or None, extra record fields) for float32 (options
+        None) or one int8 variant."""
         if options is not None:
             return self.evaluate_int8(options)
-        selection = self.plan(False).evaluation
         if self.net is not None:
             runner = MXNetFloatRunner(self.net)
         else:  # ONNX: the imported float graph through TVM
             from .compile import compile_model
 
             runner = compile_model(self.graph, self.batch_size).run
-        with self._progress(len(selection), "float32") as bar:
-            result = evaluate(runner, selection, self.batch_size, self.cache, bar)
-        return result, {}
+        result, fidelity = self._run_selections(runner, "float32", self.plan(False))
+        return result, fidelity, {}
+
+    def layer_sqnr(self, qgraph, images: int = SQNR_IMAGES) -> list:
+        """Per quantized tensor: SQNR of the integer model's value against float (numpy
+        references), on the first ``images`` fidelity (else evaluation) images."""
+        from .int_reference import layer_errors
+
+        plan = self.plan(True)
+        selection = plan.fidelity or plan.evaluation
+        batches, count = [], 0
+        for x, _ in iter_batches(selection, self.batch_size, self.cache):  # cached batches
+            batches.append(x)
+            count += len(x)
+            if count >= images:
+                break
+        x = np.concatenate(batches)[:images]
+        return layer_errors(qgraph, self.graph, x)
 
     def evaluate_int8(self, options):
         from .compile import compile_model
@@ -173,14 +209,17 @@ class ModelSession:
         start = time.perf_counter()
         compiled = compile_model(qgraph, self.batch_size)
         compile_seconds = time.perf_counter() - start
-        selection = self.plan(True).evaluation
-        with self._progress(len(selection), options.label) as bar:
-            result = evaluate(compiled.run, selection, self.batch_size, self.cache, bar)
+        result, fidelity = self._run_selections(compiled.run, options.label, self.plan(True))
+        layers = self.layer_sqnr(qgraph)
+        worst = min(layers, key=lambda r: r["sqnr_db"]) if layers else None
         extra = {"compile_seconds": round(compile_seconds, 2), "counts": qgraph.counts(),
                  "overflow_adjustments": [str(a) for a in qgraph.adjustments],
                  "calibration": {"source": self.calibration.source,
-                                 "images": self.calibration.num_images}}
-        return result, extra
+                                 "images": self.calibration.num_images},
+                 "layers": layers,
+                 "metrics": {"sqnr_min_db": worst["sqnr_db"] if worst else float("nan"),
+                             "sqnr_min_layer": worst["tensor"] if worst else ""}}
+        return result, fidelity, extra
 
     def close(self):
         self._net = None

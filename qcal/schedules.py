@@ -3,28 +3,38 @@
 Where this sits: after the TVM adapter has emitted a Relax module and before TVM's own lowering.
 TVM 0.27's ``tvm.compile(mod, "llvm")`` runs ``relax.pipeline.default_build_pipeline``, which
 legalizes but neither fuses nor schedules: every conv2d becomes a naive 7-deep loop nest (2.8 GOP/s
-on the NOTES conv with a generic target). ``build`` below runs the CPU pipeline of
-``tvm/relax/backend/cpu_generic/pipeline.py`` with one pass of ours inserted, in this order::
+on the NOTES conv with a generic target). ``build`` / ``lower`` below run the CPU pipeline of
+``tvm/relax/backend/cpu_generic/pipeline.py`` with two steps of ours inserted, in this order::
 
+    rewrite_int8_convs  (ours: int8 conv2d with a constant weight -> int16-pair PrimFuncs)
     DispatchSampling -> DispatchSortScan                      (library_dispatch_passes)
     LegalizeOps -> AnnotateTIROpPattern -> FoldConstant
         -> FuseOps -> FuseTIR                                 (legalize_passes)
-    ApplyCpuSchedules  (this module: schedule each fused PrimFunc, or decline)
+    ApplyCpuSchedules   (ours: schedule each fused PrimFunc, or decline)
     RewriteDataflowReshape -> ToNonDataflow -> RemovePurityChecking
         -> CallTIRRewrite                                     (dataflow_lower_passes)
     StaticPlanBlockMemory -> LowerAllocTensor -> KillAfterLastUse -> LowerRuntimeBuiltin
         -> ComputePrimValue -> VMShapeLower -> AttachGlobalSymbol   (finalize_passes)
     tvm.compile(mod, target, relax_pipeline=None)   (VM codegen + the default TIR pipeline, LLVM)
 
+A caller running its own legalization calls ``rewrite_int8_convs(mod, target)`` before it and
+``apply_cpu_schedules(mod, target)`` after FuseTIR; ``build(mod, target)`` does all of it.
+
 Each fused PrimFunc is offered to the rules in ``SCHEDULE_RULES`` in order. A rule recognises its
 anchor block structurally (the block names legalization gives -- ``conv2d_nchw``,
 ``group_conv2d_nchw``, ``matmul`` -- plus iterator kinds and buffer shapes) and schedules it with
 ``tvm.s_tir`` primitives. s_tir primitives check their own preconditions and preserve semantics, so a
-rule that hits anything unexpected raises, and the PrimFunc is left exactly as it was (declined):
-correctness never depends on this module, only speed does.
+rule that hits anything unexpected raises, and the PrimFunc is left exactly as it was (declined).
+The one place where correctness rests on this module rather than on TVM is the int16-pair conv
+(hand-written TIR calling ``pmaddwd``); the tests check it bit-exact against the unscheduled
+pipeline and the numpy reference.
 
-The conv schedule (NCHW, int8 x int8 -> int32, any stride/kernel, groups with >= 4 output channels
-per group; float32 too):
+int8 conv, int16-pair path (groups 1, dilation 1, out channels a multiple of 16 (AVX-512BW) or 8
+(AVX2), constant weight): see the section comment below; ~200 GOP/s, 2-3x the s_tir conv.
+Everything else goes through the rules:
+
+s_tir conv schedule (NCHW, int8 x int8 -> int32, any stride/kernel, groups with >= 4 output
+channels per group; float32 too):
   * the weight is repacked ``OIHW -> (O/v) I H W v`` so that ``v`` output channels (one vector
     register of int32 accumulators, v = 16 with AVX-512) are contiguous. When every call site
     passes the weight as a Relax constant (qcal binds weights as constants) the repack is done
@@ -40,15 +50,19 @@ per group; float32 too):
 Depthwise int8 convs vectorize along output pixels instead (each channel reads its own input
 plane); float32 depthwise is left alone (LLVM's vectorization of the plain loops was faster).
 Dense vectorizes along output features with the same tiling. Anything else worth threads
-(pooling, the residual-add requantize) gets parallel outer loops and a vectorized inner loop.
+(pooling, the residual-add requantize, the pair path's pack and epilogue) gets its elementwise
+steps inlined, parallel outer loops and a vectorized last loop.
 
 Measured on this 2-core AMD EPYC (znver4, AVX-512) box; ``scripts/bench_ops.py`` prints the table.
 The NOTES conv (1x64x56x56, 64 filters 3x3, pad 1, int8, requantize epilogue): default pipeline
-with a generic target 2.8 GOP/s, with ``mcpu=znver4`` 6-13 GOP/s, this schedule 78-83 GOP/s
-(2.8 ms; MXNet fp32 oneDNN 2.6-3.7 ms). The multiply is the limit: LLVM emits ``vpmulld`` for
-int8 x int8 -> int32 lanes. ``vpmaddwd``/VNNI would need ``sch.tensorize``, which segfaults in the
-apache-tvm 0.27.0.post1 wheel (even TVM's own ``dot_16x4_vnni`` on a 3-loop matmul), so it is
-not used.
+with a generic target 2.8 GOP/s, with ``mcpu=znver4`` 6-13 GOP/s, s_tir schedule 78-83 GOP/s
+(2.9 ms), int16 pairs 200-212 GOP/s (1.1 ms); MXNet fp32 oneDNN 2.5-3.7 ms. The s_tir conv is
+limited by ``vpmulld``, the instruction LLVM emits for int8 x int8 -> int32 lanes. ``sch.tensorize``
+would be the usual way to get ``pmaddwd``/VNNI, but it segfaults in the apache-tvm 0.27.0.post1 wheel
+(even TVM's own ``dot_16x4_vnni`` on a 3-loop matmul), hence the hand-written pair PrimFunc.
+Whole models through ``qcal.tvm_adapter`` (random weights, 224x224, int8, one sitting): resnet50_v1
+batch 16 21.7 img/s with the pair rewrite, 9.1 img/s s_tir only, MXNet fp32 11.6 img/s; batch 1
+22.6 / 9.2 / 12.4 img/s; resnet18_v1 batch 1 50.9 / 21.1 / 28.8 img/s.
 """
 from __future__ import annotations
 
@@ -567,9 +581,16 @@ def pair_lanes(target: tvm.target.Target) -> int | None:
     return None
 
 
+def _i64(*values):
+    """int64 immediates: legalized PrimFuncs use int64 shapes, and FuseTIR refuses to join a
+    buffer of int32 shape to one of int64 shape."""
+    return [tvm.tirx.IntImm("int64", int(v)) for v in values]
+
+
 def _pack_pairs_func(n, c, h, w, pads):
-    pt, pl, pb, pr = pads
-    c2, hp, wp = (c + 1) // 2, h + pt + pb, w + pl + pr
+    c2, hp, wp = _i64((c + 1) // 2, h + pads[0] + pads[2], w + pads[1] + pads[3])
+    n, c, h, w = _i64(n, c, h, w)
+    pt, pl = _i64(pads[0], pads[1])
 
     @T.prim_func(private=True, s_tir=True)
     def pack_int16_pairs(x: T.Buffer((n, c, h, w), "int8"),  # noqa: F821 (TVMScript dtypes)
@@ -590,30 +611,32 @@ def _pack_pairs_func(n, c, h, w, pads):
 
 
 def _pair_conv_func(n, c2, hp, wp, o, kh, kw, oh, ow, sh, sw, v):
-    f = o // v
     acc_t, pair_t = f"int32x{v}", f"int16x{2 * v}"
     intrinsic = _PMADDWD_INTRINSICS[v]
+    f, v2 = _i64(o // v, 2 * v)
+    n, c2, hp, wp, o, kh, kw, oh, ow, sh, sw = _i64(n, c2, hp, wp, o, kh, kw, oh, ow, sh, sw)
+    lanes, zero, one = _i64(v, 0, 1)
 
     @T.prim_func(private=True, s_tir=True)
     def conv2d_int16_pairs(xp: T.Buffer((n, c2, hp, wp), "int32"),  # noqa: F821 (TVMScript dtypes)
-                           wq: T.Buffer((f, c2, kh, kw, 2 * v), "int16"),  # noqa: F821
+                           wq: T.Buffer((f, c2, kh, kw, v2), "int16"),  # noqa: F821
                            out: T.Buffer((n, o, oh, ow), "int32")):  # noqa: F821
         T.func_attr({"tirx.noalias": True})
-        acc = T.sblock_alloc_buffer((n, f, oh, ow, v), "int32")
+        acc = T.sblock_alloc_buffer((n, f, oh, ow, lanes), "int32")
         for i, j, y, z, rc, ry, rx in T.grid(n, f, oh, ow, c2, kh, kw):
             with T.sblock("conv2d_int16_pairs"):
                 vi, vj, vy, vz, vc, vry, vrx = T.axis.remap("SSSSRRR", [i, j, y, z, rc, ry, rx])
                 with T.init():
-                    acc[vi, vj, vy, vz, T.ramp(0, 1, v)] = T.broadcast(T.int32(0), v)
-                acc[vi, vj, vy, vz, T.ramp(0, 1, v)] = acc[vi, vj, vy, vz, T.ramp(0, 1, v)] + (
+                    acc[vi, vj, vy, vz, T.ramp(zero, one, v)] = T.broadcast(T.int32(0), v)
+                acc[vi, vj, vy, vz, T.ramp(zero, one, v)] = acc[vi, vj, vy, vz, T.ramp(zero, one, v)] + (
                     T.call_llvm_pure_intrin(
                         acc_t, T.llvm_lookup_intrinsic_id(intrinsic),
                         T.reinterpret(pair_t, T.broadcast(xp[vi, vc, vy * sh + vry, vz * sw + vrx], v)),
-                        wq[vj, vc, vry, vrx, T.ramp(0, 1, 2 * v)]))
+                        wq[vj, vc, vry, vrx, T.ramp(zero, one, 2 * v)]))
         for i, j, y, z in T.grid(n, o, oh, ow):
             with T.sblock("unpack"):
                 vi, vj, vy, vz = T.axis.remap("SSSS", [i, j, y, z])
-                out[vi, vj, vy, vz] = acc[vi, vj // v, vy, vz, vj % v]
+                out[vi, vj, vy, vz] = acc[vi, vj // lanes, vy, vz, vj % lanes]
     return conv2d_int16_pairs
 
 

@@ -72,13 +72,29 @@ class ResultStore:
         with np.load(self.variants / f"{key}.npz") as arrays:
             return record, arrays["predictions"], arrays["labels"]
 
-    def save(self, key: str, record: dict, predictions: np.ndarray, labels: np.ndarray):
+    def arrays(self, key: str) -> dict:
+        with np.load(self.variants / f"{key}.npz") as arrays:
+            return {name: arrays[name] for name in arrays.files}
+
+    def save(self, key: str, record: dict, predictions: np.ndarray, labels: np.ndarray,
+             **arrays):
         self.variants.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.variants, suffix=".npz.tmp")
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, predictions=predictions, labels=labels)
+            np.savez(f, predictions=predictions, labels=labels, **arrays)
         os.replace(tmp, self.variants / f"{key}.npz")
         atomic_write_text(self.variants / f"{key}.json", json.dumps(record, indent=2) + "\n")
+
+
+def _fidelity_metrics(store, baseline_key, result, fidelity_result) -> dict:
+    """Label-free agreement with the float32 run of the same images."""
+    from .fidelity import compare
+
+    baseline = store.arrays(baseline_key)
+    metrics = compare(baseline["logits"], result.logits)
+    if fidelity_result is not None and "fidelity_logits" in baseline:
+        metrics.update(compare(baseline["fidelity_logits"], fidelity_result.logits, "_crops"))
+    return metrics
 
 
 def _setup_logging(output: Path, quiet: bool):
@@ -117,6 +133,7 @@ def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
                                         calibration_file=config.calibration_file)
         session.check_calibration_file(config.variants)
         variants = ([None] if config.float32 else []) + list(config.variants)
+        baseline_key = None
         for options in variants:
             label = "float32" if options is None else options.label
             description = {
@@ -132,15 +149,26 @@ def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
             else:
                 log.info("%s %s: running", model, label)
                 t0 = time.time()
-                result, extra = session.evaluate(options)
-                record = {**report.result_row(model, label, result),
+                result, fidelity_result, extra = session.evaluate(options)
+                if options is not None and baseline_key is not None:
+                    extra["metrics"] = {**_fidelity_metrics(store, baseline_key, result,
+                                                            fidelity_result),
+                                        **extra.get("metrics", {})}
+                record = {**report.result_row(session.display_name, label, result),
                           "key": key, "description": description,
                           "wall_seconds": round(time.time() - t0, 2), **extra}
-                store.save(key, record, result.predictions, result.labels)
+                arrays = {}
+                if options is None:  # int8 variants are compared against these
+                    arrays["logits"] = result.logits
+                    if fidelity_result is not None:
+                        arrays["fidelity_logits"] = fidelity_result.logits
+                store.save(key, record, result.predictions, result.labels, **arrays)
                 log.info("%s %s: top-1 %.2f %%, top-5 %.2f %% on %d images (%.1f s)", model, label,
                          100 * result.top1, 100 * result.top5, result.images,
                          record["wall_seconds"])
             entries.append(key)
+            if options is None:
+                baseline_key = key
         session.close()
     summary = {
         "config": config.raw, "config_path": config.source_path, "command": command,

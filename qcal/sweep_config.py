@@ -11,8 +11,11 @@ errors (a misspelt key silently ignored would make a table that is not what its 
       calib_images: 500
       calib_data: null
       calib_range: null              #   "START:STOP"
+      calib_crops: null              #   calibrate on this many random crops of those images
       input_size: 224
       crop_ratio: 0.875
+      fidelity_data: null            #   photos whose random crops feed label-free metrics
+      fidelity_crops: null           #   how many crops (null: none; metrics use data only)
     pretrained: false                # zoo models: weights from MXNet's model store
     batch_size: 64
     seed: 0
@@ -40,6 +43,8 @@ DATA_KEYS = {
     "data": (str, type(None)), "num_images": (int, type(None)), "calib_images": (int, type(None)),
     "calib_data": (str, type(None)), "calib_range": (str, type(None)),
     "input_size": (int,), "crop_ratio": (float, int),
+    "fidelity_data": (str, type(None)), "fidelity_crops": (int, type(None)),
+    "calib_crops": (int, type(None)),
 }
 TOP_KEYS = {"name", "models", "pretrained", "data", "batch_size", "seed", "float32", "grid",
             "variants"}
@@ -176,9 +181,10 @@ def _load_sweep_config(path: Path) -> SweepConfig:
             value = _scalar(loc, value_node)
             if not isinstance(value, DATA_KEYS[key]) or isinstance(value, bool):
                 loc.fail(f"data.{key} has the wrong type ({type(value).__name__})", value_node)
-            if key in ("num_images", "calib_images") and value is not None and value < 1:
+            positive = ("num_images", "calib_images", "fidelity_crops", "calib_crops")
+            if key in positive and value is not None and value < 1:
                 loc.fail(f"data.{key} must be at least 1", value_node)
-            if key in ("data", "calib_data") and value is not None:
+            if key in ("data", "calib_data", "fidelity_data") and value is not None:
                 resolved = _existing_path(path, value)
                 if resolved is None:
                     loc.fail(f"data.{key}: {value} does not exist", value_node)

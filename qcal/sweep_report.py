@@ -91,5 +91,9 @@ def write_results(store, keys, output: Path, summary: dict):
                "variants": [{"key": r["key"], "description": r["description"],
                              "wall_seconds": r["wall_seconds"]} for r in records]}
     atomic_write_text(output / "results.json", json.dumps(summary, indent=2, default=str) + "\n")
+    layers = [{"model": r["model"], "variant": r["variant"], **row}
+              for r in records for row in r.get("layers", [])]
+    if layers:
+        atomic_write_text(output / "layers.csv", pd.DataFrame(layers).to_csv(index=False))
     plot_top1(table, output / "top1.png")
     return table

@@ -1,8 +1,9 @@
 """qcal.schedules: scheduled results equal unscheduled ones bit for bit, and the schedules apply.
 
 Every module here is a small hand-built Relax graph of the kind the TVM adapter emits (int8 conv /
-dense with int32 accumulation, requantize epilogue, pooling). Each is compiled twice through the
-same CPU pipeline, once with ``ApplyCpuSchedules`` and once without, and run on the same input.
+dense with int32 accumulation, requantize epilogue, pooling). Each is compiled through the same CPU
+pipeline with and without qcal's schedules (and, for int8 convs, with and without the int16-pair
+rewrite) and run on the same input; integer results must be equal bit for bit.
 """
 from __future__ import annotations
 
@@ -136,16 +137,6 @@ class TestConv:
             # the requantize epilogue was inlined: one block writes the int8 output after the conv
             assert text.count('T.sblock("compute') <= 1
 
-    def test_constant_weight_is_repacked_at_compile_time(self, pair_convs):
-        if pair_convs:
-            pytest.skip("s_tir conv path only")
-        mod, _ = _conv_module("3x3", epilogue=True)
-        funcs = _primfuncs(schedules.lower(mod, TARGET, pair_convs=False))
-        (name,) = funcs
-        assert name.endswith("_prepacked")
-        # no in-function repack block is left; the weight parameter is (O/v, I, kh, kw, v)
-        assert "param_0_global" not in funcs[name].script()
-
     def test_weight_given_at_run_time_is_repacked_in_the_call(self, pair_convs):
         """Only constant weights take the pair rewrite; a run-time weight gets the s_tir conv."""
         mod, weight = _conv_module("3x3", epilogue=True, weight_as_input=True)
@@ -165,6 +156,16 @@ class TestConv:
         np.testing.assert_allclose(out, _run(mod, x, schedule=False), rtol=1e-5, atol=1e-5)
         lowered = schedules.lower(mod, TARGET, pair_convs=pair_convs)
         assert list(schedules.scheduled_functions(lowered).values()) == ["conv2d_nchw"]
+
+
+class TestStirConv:
+    def test_constant_weight_is_repacked_at_compile_time(self):
+        mod, _ = _conv_module("3x3", epilogue=True)
+        funcs = _primfuncs(schedules.lower(mod, TARGET, pair_convs=False))
+        (name,) = funcs
+        assert name.endswith("_prepacked")
+        # no in-function repack block is left; the weight parameter is (O/v, I, kh, kw, v)
+        assert "param_0_global" not in funcs[name].script()
 
 
 class TestInt16Pairs:

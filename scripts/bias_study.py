@@ -1,0 +1,587 @@
+#!/usr/bin/env python
+"""Issue 3's bias study: where, and why, short biases lose accuracy, measured layer by layer.
+
+    python scripts/bias_study.py fmnist_vgg11_bn --images 256 --calib-images 256
+    python scripts/bias_study.py weights/efficientnet-lite0/efficientnet_lite0.onnx \\
+        --data data/imagenet-samples --images 10 --calib-range 10:20 --batch-size 5
+
+Pipeline position: a diagnostic on top of the driver (``qcal.pipeline.ModelSession``: import,
+one calibration pass, realize) and the two numpy interpreters (``qcal.float_reference.run_float``,
+``qcal.int_reference.run_integer``). Nothing is compiled with TVM: the numpy integer interpreter
+is bit-exact with TVM (issue 3's tests), so its numbers are the integer model's.
+
+Variants (``VARIANTS``): activations and weights power-of-2 scaled ("power2"), weights per tensor,
+bias with its own power-of-2 scale at 8, 9 and 16 bits, and the int32 bias at the accumulator
+scale (``b32acc``); per-channel weights at 8 bits and int32-acc. Everything but the bias is the
+same across the per-tensor variants, so their SQNR differences are the bias's doing.
+
+Per layer with a bias (conv, depthwise conv, dense, channel_affine) it reports
+- the bias statics: abs-max, spread (max / median of the nonzero |b|), the accumulator scale
+  ``s_acc = s_in * s_w``, the bias step ``2**ceil(log2 max|b|) / 2**(B-1)`` at 8/9/16 bits, how
+  many channel biases round to zero at 8 bits;
+- the alignment the realizer chose ("the smaller scale wins", Relay's AddRealize): ``acc<<k``,
+  k > 0 where the bias is the finer operand (the accumulator is shifted left at run time, no
+  precision lost), k = 0 where the bias is the coarser one (the bias constant is shifted instead,
+  and its rounding error, up to step/2, lands on every output of the channel);
+- the bias error as added (max over channels, in accumulator LSBs and relative to the float
+  output's standard deviation) and the SQNR that bias error alone would leave at that layer
+  (``bias-only SQNR``: mean square of the float output over the mean square bias error; the
+  error is a constant per channel, so this needs no second run);
+- the SQNR of the integer model's layer output against the float model's on real images, for
+  every variant. This is cumulative (upstream errors included); the per-tensor variants differ
+  only in their biases.
+Then the top-1 of every variant, of "float with B-bit biases" (only the biases quantized: the
+bias's own share of the accuracy loss), and a summary naming the layers that lose most at 8 bits.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from qcal.config import QuantOptions  # noqa: E402
+from qcal.graph import Graph, Node  # noqa: E402
+from qcal.realize import QGraph, bias_scale, quantize_array  # noqa: E402
+
+BIAS_BITS = (8, 9, 16)
+BASE_OPTIONS = {"activation_method": "power2", "weight_scale": "power2",
+                "weight_granularity": "tensor"}
+# label -> the options that differ from BASE_OPTIONS; order is the column order of the tables.
+VARIANTS = {
+    "b8": {"bias_bits": 8},
+    "b9": {"bias_bits": 9},
+    "b16": {"bias_bits": 16},
+    "b32acc": {"bias_mode": "int32-acc"},
+    "pc-b8": {"weight_granularity": "channel", "bias_bits": 8},
+    "pc-b32acc": {"weight_granularity": "channel", "bias_mode": "int32-acc"},
+}
+# Each short-bias variant is judged against the int32-acc variant with the same weights.
+REFERENCE_OF = {"b8": "b32acc", "b9": "b32acc", "b16": "b32acc", "pc-b8": "pc-b32acc"}
+
+
+def variant_options(label: str) -> QuantOptions:
+    return QuantOptions.from_dict({**BASE_OPTIONS, **VARIANTS[label]})
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions over the float graph, the biases and the integer graph.
+# ---------------------------------------------------------------------------------------------
+
+def layer_kind(node: Node) -> str | None:
+    """conv / depthwise / dense / channel_affine for a layer that carries a bias, else None."""
+    if node.op == "channel_affine":
+        return "channel_affine"
+    if node.op not in ("conv2d", "dense") or node.params.get("bias") is None:
+        return None
+    if node.op == "dense":
+        return "dense"
+    groups = int(node.attrs.get("groups", 1))
+    # depthwise: one input channel per group (weight O x 1 x kh x kw)
+    return "depthwise" if groups > 1 and node.params["weight"].shape[1] == 1 else "conv"
+
+
+def layer_bias(node: Node) -> np.ndarray:
+    key = "shift" if node.op == "channel_affine" else "bias"
+    return np.asarray(node.params[key], dtype=np.float64)
+
+
+def biased_layers(graph: Graph) -> list:
+    return [n for n in graph.nodes if layer_kind(n) is not None]
+
+
+def bias_step(bias, bits: int) -> float:
+    """The B-bit bias's power-of-2 step (the realizer's own ``bias_scale``)."""
+    return bias_scale(np.asarray(bias, dtype=np.float64), bits)
+
+
+def quantized_bias(bias, bits: int) -> np.ndarray:
+    """The bias as B bits with its own power-of-2 scale represent it (float64)."""
+    bias = np.asarray(bias, dtype=np.float64)
+    step = bias_step(bias, bits)
+    return quantize_array(bias, step, 2 ** (bits - 1) - 1) * step
+
+
+def rounded_to_zero(bias, bits: int) -> int:
+    """How many nonzero channel biases become 0 at B bits."""
+    bias = np.asarray(bias, dtype=np.float64)
+    return int(np.sum((bias != 0) & (quantized_bias(bias, bits) == 0)))
+
+
+def bias_spread(bias) -> float:
+    """max |b| / median |b| over the nonzero channels: how much one shared scale must cover."""
+    mags = np.abs(np.asarray(bias, dtype=np.float64))
+    mags = mags[mags > 0]
+    return float(mags.max() / np.median(mags)) if mags.size else float("nan")
+
+
+def sqnr_db(signal_energy: float, noise_energy: float) -> float:
+    if noise_energy == 0:
+        return float("inf")
+    if signal_energy == 0:
+        return float("-inf")
+    return float(10.0 * np.log10(signal_energy / noise_energy))
+
+
+def bias_only_sqnr_db(output_mean_square: float, bias_error) -> float:
+    """SQNR of a layer output whose only error is the per-channel constant ``bias_error``
+    (every channel has as many elements, so the noise power is the mean of the squares)."""
+    return sqnr_db(output_mean_square, float(np.mean(np.square(bias_error))))
+
+
+def excess_sqnr_db(signal_energy: float, noise_energy: float, reference_noise: float) -> float:
+    """The SQNR the noise ADDED over a reference variant's would leave on its own (inf when the
+    variant is no noisier than the reference)."""
+    excess = noise_energy - reference_noise
+    return sqnr_db(signal_energy, excess) if excess > 0 else float("inf")
+
+
+def with_quantized_biases(graph: Graph, bits: int) -> Graph:
+    """The float graph with every layer bias replaced by its B-bit value (nothing else changed)."""
+    nodes = []
+    for n in graph.nodes:
+        params = dict(n.params)
+        if layer_kind(n) is not None:
+            params["shift" if n.op == "channel_affine" else "bias"] = (
+                quantized_bias(layer_bias(n), bits).astype(np.float32))
+        nodes.append(Node(n.name, n.op, n.inputs, dict(n.attrs), params))
+    return Graph(nodes, f"{graph.name}+b{bits}")
+
+
+def accumulator_node(qgraph, layer: str):
+    """The conv/dense/channel-mul product feeding ``layer``'s bias add (before any alignment)."""
+    node = qgraph.node(qgraph.node(layer).inputs[0])
+    while node.op == "requantize":
+        node = qgraph.node(node.inputs[0])
+    return node
+
+
+@dataclass(frozen=True)
+class BiasAsAdded:
+    """How one variant's integer graph adds one layer's bias."""
+
+    acc_scale: np.ndarray  # s_in * s_w, () or (C,)
+    acc_shift: np.ndarray  # k of acc << k at the add (negative: a right shift), per channel
+    error: np.ndarray  # |bias as added - float bias| per channel
+
+    @property
+    def error_lsb(self) -> np.ndarray:
+        """The error in units of the accumulator LSB (above 0.5: coarser than the accumulator)."""
+        return self.error / self.acc_scale
+
+
+def bias_as_added(qgraph, layer: str, float_bias) -> BiasAsAdded:
+    add = qgraph.node(layer)
+    acc = accumulator_node(qgraph, layer)
+    channels = len(np.atleast_1d(float_bias))
+    acc_scale = np.broadcast_to(np.asarray(acc.scale, np.float64), (channels,))
+    common = np.broadcast_to(np.asarray(add.scale, np.float64), (channels,))
+    added = add.params["bias"].astype(np.float64) * common
+    shift = np.rint(np.log2(acc_scale / common)).astype(np.int64)
+    return BiasAsAdded(acc_scale, shift, np.abs(added - np.asarray(float_bias, np.float64)))
+
+
+def with_layer_bias_from(base, donor, layer: str):
+    """``base`` (a QGraph) with ``layer``'s bias add taken from ``donor``, a variant of the same
+    model that differs only in its biases; None where the two add the bias at different scales
+    or after different alignments (then no single-node swap is exact). The swap keeps ``base``'s
+    downstream bounds; ``run_integer`` still checks every value against them."""
+    b, d = base.node(layer), donor.node(layer)
+    if b.op != "bias_add" or d.op != "bias_add" or b.inputs != d.inputs:
+        return None
+    if base.node(b.inputs[0]).op == "requantize" or not np.array_equal(b.scale, d.scale):
+        return None
+    swapped = dataclasses.replace(b, params={"bias": d.params["bias"]}, bound=d.bound)
+    return QGraph([swapped if n is b else n for n in base.nodes], f"{base.name}+{layer}",
+                  base.adjustments, base.options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement over real images.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Energies:
+    """Running sums for one tensor: the float reference's energy and element count, and the
+    noise energy of each variant against it."""
+
+    signal: float = 0.0
+    count: int = 0
+    noise: dict = field(default_factory=dict)
+    total: float = 0.0  # sum of the reference (for its standard deviation)
+
+    def add_reference(self, ref: np.ndarray):
+        self.signal += float(np.sum(np.square(ref, dtype=np.float64)))
+        self.total += float(np.sum(ref, dtype=np.float64))
+        self.count += ref.size
+
+    def add_noise(self, label: str, ref: np.ndarray, approx: np.ndarray):
+        diff = ref.astype(np.float64) - approx
+        self.noise[label] = self.noise.get(label, 0.0) + float(np.sum(diff * diff))
+
+    @property
+    def mean_square(self) -> float:
+        return self.signal / self.count
+
+    @property
+    def std(self) -> float:
+        mean = self.total / self.count
+        return float(np.sqrt(max(self.mean_square - mean * mean, 0.0)))
+
+    def sqnr(self, label: str) -> float:
+        return sqnr_db(self.signal, self.noise[label])
+
+
+@dataclass
+class Top1:
+    correct: int = 0
+    agree: int = 0  # same top-1 as the float model
+    count: int = 0
+
+    def add(self, logits, labels, float_top1):
+        top1 = np.asarray(logits).argmax(axis=1)
+        self.correct += int(np.sum(top1 == labels))
+        self.agree += int(np.sum(top1 == float_top1))
+        self.count += len(labels)
+
+    def text(self) -> str:
+        return f"{100.0 * self.correct / self.count:.2f} % ({self.correct}/{self.count})"
+
+
+@dataclass
+class Study:
+    model: str
+    plan: dict
+    layers: list  # float graph nodes with a bias
+    qgraphs: dict  # variant label -> QGraph
+    energies: dict  # tensor name (each layer, and "logits") -> Energies
+    top1: dict  # "float32", variant labels, "float+bN" -> Top1
+    seconds: float = 0.0
+    ablation: "Ablation | None" = None
+
+
+@dataclass
+class Ablation:
+    """The integer ``base`` variant with ONE layer's bias taken from ``donor``, layer by layer:
+    how much logit noise and how many top-1 changes each layer's short bias causes by itself."""
+
+    base: str
+    donor: str
+    images: int = 0
+    signal: float = 0.0  # energy of the float logits
+    base_noise: float = 0.0  # the base variant's logit noise energy
+    noise: dict = field(default_factory=dict)  # layer -> logit noise energy vs float
+    changed: dict = field(default_factory=dict)  # layer -> images whose top-1 moved off base's
+    skipped: list = field(default_factory=list)  # layers with no exact single-node swap
+
+    def excess_sqnr(self, layer: str) -> float:
+        return excess_sqnr_db(self.signal, self.noise[layer], self.base_noise)
+
+
+def measure(session, labels=tuple(VARIANTS), batch_size: int = 32, progress=print) -> Study:
+    from qcal.datasets import iter_batches
+    from qcal.float_reference import run_float
+    from qcal.int_reference import channel_view, run_integer
+
+    start = time.perf_counter()
+    graph = session.graph
+    layers = biased_layers(graph)
+    names = [n.name for n in layers]
+    qgraphs = {label: session.quantize(variant_options(label)) for label in labels}
+    biased_floats = {f"float+b{b}": with_quantized_biases(graph, b) for b in BIAS_BITS}
+    energies = {name: Energies() for name in names + ["logits"]}
+    top1 = {name: Top1() for name in ["float32", *labels, *biased_floats]}
+    selection = session.plan(True).evaluation
+    out = graph.output.name
+    for x, y in iter_batches(selection, batch_size, session.cache):
+        ref = run_float(graph, x, keep=set(names) | {out})
+        float_top1 = ref[out].argmax(axis=1)
+        top1["float32"].add(ref[out], y, float_top1)
+        for name in names:
+            energies[name].add_reference(ref[name])
+        energies["logits"].add_reference(ref[out])
+        for label, qgraph in qgraphs.items():
+            values = run_integer(qgraph, x, keep="all")
+            for name in names:
+                v = values[name]
+                energies[name].add_noise(
+                    label, ref[name], v * channel_view(qgraph.node(name).scale, v.ndim))
+            logits = values[qgraph.output.name]
+            energies["logits"].add_noise(label, ref[out], logits)
+            top1[label].add(logits, y, float_top1)
+            del values
+        for label, fgraph in biased_floats.items():
+            values = run_float(fgraph, x, keep=set(names) | {out})
+            for name in names:
+                energies[name].add_noise(label, ref[name], values[name])
+            energies["logits"].add_noise(label, ref[out], values[out])
+            top1[label].add(values[out], y, float_top1)
+        if progress:
+            progress(f"  {top1['float32'].count}/{len(selection)} images, "
+                     f"{time.perf_counter() - start:.0f} s")
+    return Study(session.model, session.plan_description(True), layers, qgraphs, energies, top1,
+                 time.perf_counter() - start)
+
+
+def ablate(session, study: Study, images: int, batch_size: int, base: str = "b32acc",
+           donor: str = "b8", progress=print) -> Ablation:
+    """Run the per-layer swap (``with_layer_bias_from``) on the first ``images`` evaluated images."""
+    from qcal.datasets import Selection, iter_batches
+    from qcal.float_reference import run_float
+    from qcal.int_reference import run_integer
+
+    start = time.perf_counter()
+    result = Ablation(base, donor)
+    graphs = {}
+    for node in study.layers:
+        swapped = with_layer_bias_from(study.qgraphs[base], study.qgraphs[donor], node.name)
+        if swapped is None:
+            result.skipped.append(node.name)
+        else:
+            graphs[node.name] = swapped
+    evaluation = session.plan(True).evaluation
+    selection = Selection(evaluation.source, evaluation.start,
+                          min(evaluation.start + images, evaluation.stop))
+    for x, _ in iter_batches(selection, batch_size, session.cache):
+        ref = run_float(session.graph, x).astype(np.float64)
+        base_logits = run_integer(study.qgraphs[base], x)
+        base_top1 = base_logits.argmax(axis=1)
+        result.signal += float(np.sum(ref * ref))
+        result.base_noise += float(np.sum(np.square(ref - base_logits)))
+        for name, qgraph in graphs.items():
+            logits = run_integer(qgraph, x)
+            result.noise[name] = result.noise.get(name, 0.0) + float(np.sum(np.square(ref - logits)))
+            result.changed[name] = (result.changed.get(name, 0)
+                                    + int(np.sum(logits.argmax(axis=1) != base_top1)))
+        result.images += len(x)
+        if progress:
+            progress(f"  ablation {result.images}/{len(selection)} images, "
+                     f"{time.perf_counter() - start:.0f} s")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer rows and the report.
+# ---------------------------------------------------------------------------------------------
+
+def short_name(name: str) -> str:
+    """Readable layer names: vgg0_conv3_fwd -> conv3, /_blocks.1/_depthwise_conv/Conv ->
+    blocks.1/depthwise_conv."""
+    for suffix in ("_fwd", "/Conv", "/Gemm", "/MatMul"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    name = name.lstrip("/").replace("/_", "/").lstrip("_")
+    parts = name.split("_", 1)
+    if len(parts) == 2 and parts[0].rstrip("0123456789") in ("vgg", "resnetv1", "resnetv2",
+                                                              "cifarresnetv1", "cifarresnetv2"):
+        name = parts[1]
+    return name
+
+
+def power_of_two_text(x: float) -> str:
+    mantissa, exponent = np.frexp(float(x))
+    return f"2^{exponent - 1}" if mantissa == 0.5 else f"{x:.2e}"
+
+
+def scale_text(scale) -> str:
+    scale = np.asarray(scale, dtype=np.float64)
+    if scale.ndim == 0 or np.all(scale == scale.flat[0]):
+        return power_of_two_text(scale.flat[0])
+    return f"{power_of_two_text(scale.min())}..{power_of_two_text(scale.max())}"
+
+
+def shift_text(shift) -> str:
+    lo, hi = int(np.min(shift)), int(np.max(shift))
+    return f"{lo}" if lo == hi else f"{lo}..{hi}"
+
+
+def db_text(x: float) -> str:
+    return "inf" if np.isposinf(x) else f"{x:.1f}"
+
+
+def layer_row(study: Study, node: Node) -> dict:
+    bias = layer_bias(node)
+    energy = study.energies[node.name]
+    row = {"layer": short_name(node.name), "name": node.name, "kind": layer_kind(node),
+           "channels": len(bias), "bias_absmax": float(np.abs(bias).max(initial=0.0)),
+           "spread": bias_spread(bias), "zeroed8": rounded_to_zero(bias, 8),
+           "out_std": energy.std}
+    for bits in BIAS_BITS:
+        row[f"step{bits}"] = bias_step(bias, bits)
+        row[f"bias_only_sqnr{bits}"] = bias_only_sqnr_db(
+            energy.mean_square, quantized_bias(bias, bits) - bias)
+        row[f"float_sqnr{bits}"] = energy.sqnr(f"float+b{bits}")
+    for label, qgraph in study.qgraphs.items():
+        added = bias_as_added(qgraph, node.name, bias)
+        row[f"sqnr:{label}"] = energy.sqnr(label)
+        row[f"acc_scale:{label}"] = added.acc_scale
+        row[f"shift:{label}"] = added.acc_shift
+        row[f"err_lsb:{label}"] = float(added.error_lsb.max())
+        row[f"err_std:{label}"] = float(added.error.max() / energy.std) if energy.std else np.inf
+        row[f"added_sqnr:{label}"] = bias_only_sqnr_db(energy.mean_square, added.error)
+    return row
+
+
+def markdown_table(header, rows) -> list:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return lines
+
+
+def sqnr_table(rows, labels) -> list:
+    header = ["layer", "kind", "C", "bias absmax", "step b8", "step b9", "step b16",
+              "s_acc (per-tensor w)"] + [f"SQNR {lb}" for lb in labels]
+    body = [[r["layer"], r["kind"], r["channels"], f"{r['bias_absmax']:.3g}",
+             power_of_two_text(r["step8"]), power_of_two_text(r["step9"]),
+             power_of_two_text(r["step16"]), scale_text(r.get("acc_scale:b8", np.nan))]
+            + [db_text(r[f"sqnr:{lb}"]) for lb in labels] for r in rows]
+    return markdown_table(header, body)
+
+
+def why_table(rows, labels) -> list:
+    header = ["layer", "kind", "max/median abs(b)", "b=0 at 8 bits", "out std",
+              "acc<<k b8", "acc<<k b16", "err b8 (acc LSB)", "err b8 / out std",
+              "bias-only SQNR b8", "b9", "b16", "float+b8 SQNR", "float+b9 SQNR"]
+    if "pc-b8" in labels:
+        header += ["acc<<k pc-b8", "err pc-b8 (acc LSB)"]
+    body = []
+    for r in rows:
+        line = [r["layer"], r["kind"], f"{r['spread']:.3g}", f"{r['zeroed8']}/{r['channels']}",
+                f"{r['out_std']:.3g}", shift_text(r["shift:b8"]), shift_text(r["shift:b16"]),
+                f"{r['err_lsb:b8']:.3g}", f"{r['err_std:b8']:.3g}",
+                db_text(r["bias_only_sqnr8"]), db_text(r["bias_only_sqnr9"]),
+                db_text(r["bias_only_sqnr16"]), db_text(r["float_sqnr8"]),
+                db_text(r["float_sqnr9"])]
+        if "pc-b8" in labels:
+            line += [shift_text(r["shift:pc-b8"]), f"{r['err_lsb:pc-b8']:.3g}"]
+        body.append(line)
+    return markdown_table(header, body)
+
+
+def accuracy_table(study: Study) -> list:
+    logits = study.energies["logits"]
+    body = []
+    for label, t in study.top1.items():
+        sqnr = "-" if label == "float32" else db_text(logits.sqnr(label))
+        adjustments = (len(study.qgraphs[label].adjustments) if label in study.qgraphs else "-")
+        body.append([label, t.text(), f"{t.agree}/{t.count}", sqnr, adjustments])
+    return markdown_table(["variant", "top-1", "same top-1 as float32", "logits SQNR (dB)",
+                           "overflow adjustments"], body)
+
+
+def reasons(row: dict) -> list:
+    """Why a layer's 8-bit bias hurts, from its measured statics (the explanation rules)."""
+    why = []
+    ratio = row["step8"] / float(np.max(row["acc_scale:b8"]))
+    if ratio > 1:
+        why.append(f"the 8-bit bias step {power_of_two_text(row['step8'])} is {ratio:.0f}x the "
+                   f"accumulator LSB {scale_text(row['acc_scale:b8'])}, so the bias is the coarser "
+                   f"operand: it is shifted, not the accumulator, and its rounding error (up to "
+                   f"{row['err_lsb:b8']:.0f} LSB here) is added to every output of the channel")
+    if row["zeroed8"]:
+        why.append(f"{row['zeroed8']} of {row['channels']} channel biases round to 0 "
+                   f"(max/median |b| = {row['spread']:.3g} under one power-of-2 scale)")
+    if row["kind"] == "depthwise":
+        why.append("depthwise: each output sums only kh*kw products, so its accumulator is "
+                   "small next to the folded-BN bias, which carries much of the output")
+    if row["kind"] == "channel_affine":
+        why.append("channel_affine (pre-activation BN): the shift is the whole additive term "
+                   "of x*a+b, and the product x*a is one int8 x int8 term")
+    if row["err_std:b8"] > 0.1:
+        why.append(f"the largest bias error is {row['err_std:b8']:.2f} output standard deviations")
+    return why
+
+
+def summary(study: Study, rows, labels, worst: int = 5) -> list:
+    lines = []
+    ranked = sorted(rows, key=lambda r: r["bias_only_sqnr8"])[:worst]
+    lines.append(f"Layers whose 8-bit bias alone leaves the lowest SQNR (worst {len(ranked)} "
+                 f"of {len(rows)}):")
+    for r in ranked:
+        drop = r["sqnr:b8"] - r["sqnr:b32acc"] if "b32acc" in labels else float("nan")
+        lines.append(f"- {r['layer']} ({r['kind']}): bias-only SQNR {db_text(r['bias_only_sqnr8'])} "
+                     f"dB at 8 bits ({db_text(r['bias_only_sqnr9'])} at 9, "
+                     f"{db_text(r['bias_only_sqnr16'])} at 16); layer SQNR b8 "
+                     f"{db_text(r['sqnr:b8'])} vs b32acc {db_text(r['sqnr:b32acc'])} dB "
+                     f"({drop:+.1f} dB). Why: " + ("; ".join(reasons(r)) or "no single cause"))
+    coarse = [r for r in rows if r["step8"] > float(np.max(r["acc_scale:b8"]))]
+    lines.append(f"8-bit bias coarser than the accumulator (bias shifted, error > 0.5 LSB) in "
+                 f"{len(coarse)} of {len(rows)} layers; at 16 bits in "
+                 f"{sum(r['step16'] > float(np.max(r['acc_scale:b16'])) for r in rows)}.")
+    by_kind = {}
+    for r in rows:
+        by_kind.setdefault(r["kind"], []).append(r["bias_only_sqnr8"])
+    lines.append("Median bias-only SQNR at 8 bits by kind: " + ", ".join(
+        f"{k} {np.median(v):.1f} dB ({len(v)} layers)" for k, v in by_kind.items()))
+    return lines
+
+
+def report(study: Study) -> list:
+    labels = list(study.qgraphs)
+    rows = [layer_row(study, n) for n in study.layers]
+    lines = [f"## {study.model}", "",
+             f"Evaluation: {study.plan['evaluation']}", f"Calibration: {study.plan['calibration']}",
+             f"Variants: activations/weights {BASE_OPTIONS['activation_method']}/"
+             f"{BASE_OPTIONS['weight_scale']}; " + ", ".join(
+                 f"{k} = {variant_options(k).label}" for k in labels),
+             f"Measured in {study.seconds:.0f} s.", "",
+             "### Accuracy", ""] + accuracy_table(study) + [
+             "", "### Per layer: bias steps and layer-output SQNR (dB, cumulative, vs float32)", ""]
+    lines += sqnr_table(rows, labels)
+    lines += ["", "### Per layer: why (8-bit bias, per-tensor weights unless marked pc)", ""]
+    lines += why_table(rows, labels)
+    lines += ["", "### Summary", ""] + summary(study, rows, labels)
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="a qcal model name or an ONNX file")
+    parser.add_argument("--images", type=int, default=256, help="evaluated images")
+    parser.add_argument("--calib-images", type=int, default=256, help="calibration images")
+    parser.add_argument("--calib-range", help="START:STOP calibration images of the --data source")
+    parser.add_argument("--data", help="image source for ImageNet/ONNX models")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--output", type=Path, help="also write the markdown report here")
+    args = parser.parse_args(argv)
+
+    from qcal.errors import QcalError, UsageProblem
+    from qcal.pipeline import ModelSession
+
+    labels = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in labels if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    if not {"b8", "b16", "b32acc"} <= set(labels):
+        parser.error("--variants must include b8, b16 and b32acc (the tables compare them)")
+    data = {"num_images": args.images, "calib_images": args.calib_images}
+    if args.data:
+        data["data"] = args.data
+    if args.calib_range:
+        data["calib_range"] = args.calib_range
+    try:
+        session = ModelSession(args.model, data, batch_size=args.batch_size, quiet=True)
+        print(f"{args.model}: measuring {', '.join(labels)} on {args.images} images", flush=True)
+        study = measure(session, labels, args.batch_size,
+                        progress=lambda m: print(m, file=sys.stderr, flush=True))
+    except (QcalError, UsageProblem) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    text = "\n".join(report(study)) + "\n"
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
