@@ -1,4 +1,4 @@
-"""TVM adapter: the only qcal module that imports ``tvm``.
+"""TVM adapter: with ``qcal.schedules`` (its CPU schedules), the only qcal code that imports ``tvm``.
 
 Pipeline position: realize -> **emit Relax** -> compile (LLVM CPU) -> run in the Relax VM.
 ``qcal.compile`` drives it; the numpy interpreters in ``qcal.int_reference`` are its reference, so
@@ -8,15 +8,13 @@ TVM 0.27 traps handled here (see the shared NOTES): ``relax.const`` always gets 
 (an int64 array would silently become int32); targets are built from the dict form; runtime arrays
 are ``tvm.runtime.tensor``.
 
-Compilation pipeline (``relax_pipeline``): the CPU backend's library dispatch and legalization
-passes (LegalizeOps -> AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR), then
-``schedule_hook`` (``qcal.schedules.apply_cpu_schedules(mod, target)`` when that module exists),
+Compilation pipeline (``relax_pipeline``): ``qcal.schedules.rewrite_int8_convs`` (int8 convs as
+int16 channel pairs), the CPU backend's library dispatch and legalization passes (LegalizeOps ->
+AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR), ``qcal.schedules.apply_cpu_schedules``,
 then the backend's dataflow-lowering and finalization passes. ``tvm.compile``'s own "default"
 relax pipeline for CPU skips fusion; fusing lets the requantize epilogue live in the conv's loop.
 """
 from __future__ import annotations
-
-import importlib
 
 import numpy as np
 import tvm
@@ -35,28 +33,22 @@ def host_target() -> tvm.target.Target:
     return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
 
 
-def schedule_hook(mod: tvm.IRModule, target) -> tvm.IRModule:
-    """CPU schedules from ``qcal.schedules`` if present; otherwise the module is unchanged."""
-    try:
-        schedules = importlib.import_module("qcal.schedules")
-    except ModuleNotFoundError as err:
-        if err.name != "qcal.schedules":
-            raise
-        return mod
-    apply = getattr(schedules, "apply_cpu_schedules", None)
-    return apply(mod, target) if apply is not None else mod
-
-
 def relax_pipeline(target, use_schedules: bool = True):
+    """TVM's cpu_generic pipeline with qcal's CPU schedules (``qcal.schedules``) inserted: int8
+    convs rewritten to int16 pairs before legalization, s_tir schedules after fusion."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    from . import schedules
 
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
+            if use_schedules:
+                mod = schedules.rewrite_int8_convs(mod, target)
             mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
                                            + cpu_generic.legalize_passes(target))(mod)
             if use_schedules:
-                mod = schedule_hook(mod, target)
+                mod = schedules.apply_cpu_schedules(mod, target)
             mod = tvm.transform.Sequential(cpu_generic.dataflow_lower_passes(target)
                                            + cpu_generic.finalize_passes(target))(mod)
         return mod

@@ -276,12 +276,17 @@ class Ablation:
     images: int = 0
     signal: float = 0.0  # energy of the float logits
     base_noise: float = 0.0  # the base variant's logit noise energy
+    donor_noise: float = 0.0  # the donor variant's (every bias swapped)
     noise: dict = field(default_factory=dict)  # layer -> logit noise energy vs float
     changed: dict = field(default_factory=dict)  # layer -> images whose top-1 moved off base's
     skipped: list = field(default_factory=list)  # layers with no exact single-node swap
 
-    def excess_sqnr(self, layer: str) -> float:
-        return excess_sqnr_db(self.signal, self.noise[layer], self.base_noise)
+    def sqnr(self, layer: str) -> float:
+        return sqnr_db(self.signal, self.noise[layer])
+
+    def noise_change_db(self, layer: str) -> float:
+        """How much this one 8-bit bias raises (+) or lowers (-) the base model's logit noise."""
+        return float(10.0 * np.log10(self.noise[layer] / self.base_noise))
 
 
 def measure(session, labels=tuple(VARIANTS), batch_size: int = 32, progress=print) -> Study:
@@ -354,6 +359,8 @@ def ablate(session, study: Study, images: int, batch_size: int, base: str = "b32
         base_top1 = base_logits.argmax(axis=1)
         result.signal += float(np.sum(ref * ref))
         result.base_noise += float(np.sum(np.square(ref - base_logits)))
+        donor_logits = run_integer(study.qgraphs[donor], x)
+        result.donor_noise += float(np.sum(np.square(ref - donor_logits)))
         for name, qgraph in graphs.items():
             logits = run_integer(qgraph, x)
             result.noise[name] = result.noise.get(name, 0.0) + float(np.sum(np.square(ref - logits)))
@@ -406,6 +413,7 @@ def db_text(x: float) -> str:
 
 
 def layer_row(study: Study, node: Node) -> dict:
+    """Everything the tables and the summary say about one layer (plain numbers)."""
     bias = layer_bias(node)
     energy = study.energies[node.name]
     row = {"layer": short_name(node.name), "name": node.name, "kind": layer_kind(node),
@@ -424,7 +432,15 @@ def layer_row(study: Study, node: Node) -> dict:
         row[f"shift:{label}"] = added.acc_shift
         row[f"err_lsb:{label}"] = float(added.error_lsb.max())
         row[f"err_std:{label}"] = float(added.error.max() / energy.std) if energy.std else np.inf
-        row[f"added_sqnr:{label}"] = bias_only_sqnr_db(energy.mean_square, added.error)
+    for label, reference in REFERENCE_OF.items():
+        if label in study.qgraphs and reference in study.qgraphs:
+            row[f"excess:{label}"] = excess_sqnr_db(energy.signal, energy.noise[label],
+                                                    energy.noise[reference])
+    ab = study.ablation
+    if ab is not None and node.name in ab.noise:
+        row["ablation_sqnr"] = ab.sqnr(node.name)
+        row["ablation_change"] = ab.noise_change_db(node.name)
+        row["ablation_changed"] = ab.changed[node.name]
     return row
 
 
@@ -439,27 +455,33 @@ def sqnr_table(rows, labels) -> list:
               "s_acc (per-tensor w)"] + [f"SQNR {lb}" for lb in labels]
     body = [[r["layer"], r["kind"], r["channels"], f"{r['bias_absmax']:.3g}",
              power_of_two_text(r["step8"]), power_of_two_text(r["step9"]),
-             power_of_two_text(r["step16"]), scale_text(r.get("acc_scale:b8", np.nan))]
+             power_of_two_text(r["step16"]), scale_text(r["acc_scale:b8"])]
             + [db_text(r[f"sqnr:{lb}"]) for lb in labels] for r in rows]
     return markdown_table(header, body)
 
 
-def why_table(rows, labels) -> list:
-    header = ["layer", "kind", "max/median abs(b)", "b=0 at 8 bits", "out std",
-              "acc<<k b8", "acc<<k b16", "err b8 (acc LSB)", "err b8 / out std",
-              "bias-only SQNR b8", "b9", "b16", "float+b8 SQNR", "float+b9 SQNR"]
+def why_table(rows, labels, ablation) -> list:
+    header = ["layer", "kind", "max/med abs(b)", "b=0 at b8", "acc<<k b8", "acc<<k b16",
+              "err b8 (acc LSB)", "err b8 / out std", "bias-only SQNR b8", "b9", "b16",
+              "float+b8 SQNR", "int b8 excess SQNR"]
+    if ablation is not None:
+        header += ["logits SQNR, only this bias b8", "logit noise change (dB)", "top-1 moved"]
     if "pc-b8" in labels:
-        header += ["acc<<k pc-b8", "err pc-b8 (acc LSB)"]
+        header += ["acc<<k pc-b8", "err pc-b8 (acc LSB)", "int pc-b8 excess SQNR"]
     body = []
     for r in rows:
         line = [r["layer"], r["kind"], f"{r['spread']:.3g}", f"{r['zeroed8']}/{r['channels']}",
-                f"{r['out_std']:.3g}", shift_text(r["shift:b8"]), shift_text(r["shift:b16"]),
+                shift_text(r["shift:b8"]), shift_text(r["shift:b16"]),
                 f"{r['err_lsb:b8']:.3g}", f"{r['err_std:b8']:.3g}",
                 db_text(r["bias_only_sqnr8"]), db_text(r["bias_only_sqnr9"]),
                 db_text(r["bias_only_sqnr16"]), db_text(r["float_sqnr8"]),
-                db_text(r["float_sqnr9"])]
+                db_text(r["excess:b8"])]
+        if ablation is not None:
+            line += ([db_text(r["ablation_sqnr"]), f"{r['ablation_change']:+.2f}",
+                      r["ablation_changed"]] if "ablation_sqnr" in r else ["-", "-", "-"])
         if "pc-b8" in labels:
-            line += [shift_text(r["shift:pc-b8"]), f"{r['err_lsb:pc-b8']:.3g}"]
+            line += [shift_text(r["shift:pc-b8"]), f"{r['err_lsb:pc-b8']:.3g}",
+                     db_text(r.get("excess:pc-b8", float("nan")))]
         body.append(line)
     return markdown_table(header, body)
 
@@ -480,45 +502,82 @@ def reasons(row: dict) -> list:
     why = []
     ratio = row["step8"] / float(np.max(row["acc_scale:b8"]))
     if ratio > 1:
-        why.append(f"the 8-bit bias step {power_of_two_text(row['step8'])} is {ratio:.0f}x the "
-                   f"accumulator LSB {scale_text(row['acc_scale:b8'])}, so the bias is the coarser "
-                   f"operand: it is shifted, not the accumulator, and its rounding error (up to "
-                   f"{row['err_lsb:b8']:.0f} LSB here) is added to every output of the channel")
+        why.append(f"the 8-bit step {power_of_two_text(row['step8'])} is {ratio:.0f}x the "
+                   f"accumulator LSB {scale_text(row['acc_scale:b8'])}: the bias is the coarser "
+                   f"operand, so it is the one shifted, and its rounding error (up to "
+                   f"{row['err_lsb:b8']:.0f} LSB, {row['err_std:b8']:.3f} output std) lands on "
+                   f"every output of its channel")
     if row["zeroed8"]:
         why.append(f"{row['zeroed8']} of {row['channels']} channel biases round to 0 "
                    f"(max/median |b| = {row['spread']:.3g} under one power-of-2 scale)")
     if row["kind"] == "depthwise":
-        why.append("depthwise: each output sums only kh*kw products, so its accumulator is "
-                   "small next to the folded-BN bias, which carries much of the output")
+        why.append("depthwise: each output sums only kh*kw products, so the folded-BN bias is "
+                   "large next to the accumulator and carries much of the output")
     if row["kind"] == "channel_affine":
         why.append("channel_affine (pre-activation BN): the shift is the whole additive term "
-                   "of x*a+b, and the product x*a is one int8 x int8 term")
-    if row["err_std:b8"] > 0.1:
-        why.append(f"the largest bias error is {row['err_std:b8']:.2f} output standard deviations")
+                   "of x*a+b, next to one int8 x int8 product")
     return why
+
+
+def ranking_key(row: dict):
+    """Most harmful first: by the single-layer ablation when it ran, else the bias-only SQNR."""
+    return -row["ablation_change"] if "ablation_change" in row else row["bias_only_sqnr8"]
 
 
 def summary(study: Study, rows, labels, worst: int = 5) -> list:
     lines = []
-    ranked = sorted(rows, key=lambda r: r["bias_only_sqnr8"])[:worst]
-    lines.append(f"Layers whose 8-bit bias alone leaves the lowest SQNR (worst {len(ranked)} "
-                 f"of {len(rows)}):")
+    logits, top1 = study.energies["logits"], study.top1
+    if {"b8", "b32acc"} <= set(labels):
+        lines.append(
+            f"- 8-bit bias vs int32-acc bias (per-tensor weights): top-1 {top1['b8'].text()} vs "
+            f"{top1['b32acc'].text()}; logits SQNR {db_text(logits.sqnr('b8'))} vs "
+            f"{db_text(logits.sqnr('b32acc'))} dB. The same 8-bit biases in the float model alone: "
+            f"top-1 {top1['float+b8'].text()}, logits SQNR {db_text(logits.sqnr('float+b8'))} dB; "
+            f"in the integer model they add noise worth "
+            f"{db_text(excess_sqnr_db(logits.signal, logits.noise['b8'], logits.noise['b32acc']))} "
+            f"dB SQNR at the logits.")
+    ranked = sorted(rows, key=ranking_key)[:worst]
+    basis = ("single-layer ablation (the b32acc model with only that layer's bias at 8 bits), "
+             f"on the first {study.ablation.images} images" if study.ablation is not None
+             else "bias-only SQNR at the layer")
+    lines.append(f"- Layers whose 8-bit bias hurts most (worst {len(ranked)} of {len(rows)}, "
+                 f"ranked by {basis}):")
     for r in ranked:
-        drop = r["sqnr:b8"] - r["sqnr:b32acc"] if "b32acc" in labels else float("nan")
-        lines.append(f"- {r['layer']} ({r['kind']}): bias-only SQNR {db_text(r['bias_only_sqnr8'])} "
-                     f"dB at 8 bits ({db_text(r['bias_only_sqnr9'])} at 9, "
-                     f"{db_text(r['bias_only_sqnr16'])} at 16); layer SQNR b8 "
-                     f"{db_text(r['sqnr:b8'])} vs b32acc {db_text(r['sqnr:b32acc'])} dB "
-                     f"({drop:+.1f} dB). Why: " + ("; ".join(reasons(r)) or "no single cause"))
-    coarse = [r for r in rows if r["step8"] > float(np.max(r["acc_scale:b8"]))]
-    lines.append(f"8-bit bias coarser than the accumulator (bias shifted, error > 0.5 LSB) in "
-                 f"{len(coarse)} of {len(rows)} layers; at 16 bits in "
-                 f"{sum(r['step16'] > float(np.max(r['acc_scale:b16'])) for r in rows)}.")
+        ablation = (f"alone it moves the logit noise by {r['ablation_change']:+.2f} dB "
+                    f"(logits SQNR {db_text(r['ablation_sqnr'])} dB) and "
+                    f"{r['ablation_changed']} top-1; " if "ablation_sqnr" in r else "")
+        lines.append(
+            f"  - {r['layer']} ({r['kind']}, {r['channels']} ch): {ablation}bias-only SQNR "
+            f"{db_text(r['bias_only_sqnr8'])} dB at 8 bits ({db_text(r['bias_only_sqnr9'])} at 9, "
+            f"{db_text(r['bias_only_sqnr16'])} at 16); layer SQNR b8 {db_text(r['sqnr:b8'])} vs "
+            f"b32acc {db_text(r['sqnr:b32acc'])} dB. Why: " + ("; ".join(reasons(r)) or "-"))
+    for bits in BIAS_BITS:
+        label = f"b{bits}"
+        if label in labels:
+            coarse = sum(r[f"step{bits}"] > float(np.max(r[f"acc_scale:{label}"])) for r in rows)
+            lines.append(f"- {bits}-bit bias coarser than the accumulator (the bias is shifted and "
+                         f"keeps its rounding error) in {coarse} of {len(rows)} layers.")
     by_kind = {}
     for r in rows:
-        by_kind.setdefault(r["kind"], []).append(r["bias_only_sqnr8"])
-    lines.append("Median bias-only SQNR at 8 bits by kind: " + ", ".join(
-        f"{k} {np.median(v):.1f} dB ({len(v)} layers)" for k, v in by_kind.items()))
+        by_kind.setdefault(r["kind"], []).append(r)
+    lines.append("- Median over layers by kind, 8-bit bias: " + "; ".join(
+        f"{k} ({len(v)}): bias-only SQNR {np.median([r['bias_only_sqnr8'] for r in v]):.1f} dB, "
+        f"error {np.median([r['err_lsb:b8'] for r in v]):.3g} acc LSB, "
+        f"{np.median([r['err_std:b8'] for r in v]):.3g} output std"
+        for k, v in by_kind.items()))
+    ab = study.ablation
+    if ab is not None and ab.noise:
+        single = sum(ab.noise[n] - ab.base_noise for n in ab.noise)
+        lines.append(f"- Ablation images: the {ab.base} model's logit noise rises by "
+                     f"{100 * (ab.donor_noise / ab.base_noise - 1):+.1f} % with every bias at 8 bits "
+                     f"({ab.donor}), and by {100 * single / ab.base_noise:+.1f} % summed over the "
+                     f"single-layer swaps: the layers' bias errors "
+                     + ("reinforce each other (they are constant per channel, so they add "
+                        "coherently downstream)" if ab.donor_noise - ab.base_noise > single
+                        else "partly cancel") + ".")
+    if study.ablation is not None and study.ablation.skipped:
+        lines.append(f"- Not ablated (bias added after an accumulator shift, no exact swap): "
+                     f"{', '.join(short_name(n) for n in study.ablation.skipped)}")
     return lines
 
 
@@ -526,16 +585,15 @@ def report(study: Study) -> list:
     labels = list(study.qgraphs)
     rows = [layer_row(study, n) for n in study.layers]
     lines = [f"## {study.model}", "",
-             f"Evaluation: {study.plan['evaluation']}", f"Calibration: {study.plan['calibration']}",
-             f"Variants: activations/weights {BASE_OPTIONS['activation_method']}/"
-             f"{BASE_OPTIONS['weight_scale']}; " + ", ".join(
-                 f"{k} = {variant_options(k).label}" for k in labels),
-             f"Measured in {study.seconds:.0f} s.", "",
-             "### Accuracy", ""] + accuracy_table(study) + [
-             "", "### Per layer: bias steps and layer-output SQNR (dB, cumulative, vs float32)", ""]
-    lines += sqnr_table(rows, labels)
-    lines += ["", "### Per layer: why (8-bit bias, per-tensor weights unless marked pc)", ""]
-    lines += why_table(rows, labels)
+             f"- Evaluation: {study.plan['evaluation']}",
+             f"- Calibration: {study.plan['calibration']}",
+             "- Variants: " + "; ".join(f"{k} = `{variant_options(k).label}`" for k in labels),
+             f"- Measured in {study.seconds:.0f} s.", "", "### Accuracy", ""]
+    lines += accuracy_table(study)
+    lines += ["", "### Per layer: bias steps, and layer-output SQNR (dB, cumulative, vs float32)",
+              ""] + sqnr_table(rows, labels)
+    lines += ["", "### Per layer: why (8-bit bias; per-tensor weights unless marked pc; SQNR in dB)",
+              ""] + why_table(rows, labels, study.ablation)
     lines += ["", "### Summary", ""] + summary(study, rows, labels)
     return lines
 
@@ -551,6 +609,9 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--ablate-images", type=int, default=0,
+                        help="also run the single-layer bias ablation on this many images "
+                             "(one integer run per layer per batch)")
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
 
@@ -571,8 +632,11 @@ def main(argv=None):
     try:
         session = ModelSession(args.model, data, batch_size=args.batch_size, quiet=True)
         print(f"{args.model}: measuring {', '.join(labels)} on {args.images} images", flush=True)
-        study = measure(session, labels, args.batch_size,
-                        progress=lambda m: print(m, file=sys.stderr, flush=True))
+        progress = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+        study = measure(session, labels, args.batch_size, progress=progress)
+        if args.ablate_images:
+            study.ablation = ablate(session, study, args.ablate_images, args.batch_size,
+                                    progress=progress)
     except (QcalError, UsageProblem) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
