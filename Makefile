@@ -4,10 +4,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean train-embedded vendor-data
+.PHONY: demo lite0 test lint install clean train-embedded vendor-data
 
-demo: $(STAMP)  ## main job on the embedded default: float32 (and int8) tables for the embedded models
-	$(BIN)/qcal evaluate --model fmnist_resnet20_v1 --model fmnist_resnet56_v2 --model fmnist_vgg11_bn --output results/embedded-float32.md
+demo: $(STAMP)  ## main job on the embedded default: float32 and int8 variants of the embedded models
+	$(BIN)/qcal sweep configs/fmnist-embedded.yaml
+
+lite0: $(STAMP)  ## the ImageNet-trained EfficientNet-Lite0 on the 20 labelled images + 240 crops
+	$(BIN)/qcal sweep configs/efficientnet-lite0.yaml
 
 test: $(STAMP)  ## the whole test suite (what .ci/run calls)
 	$(BIN)/python -m pytest -q tests
