@@ -147,3 +147,42 @@ class TestBatchCache:
         a = cache.key(ImageFolderSource(root, SMALL), [0, 1])
         b = cache.key(ImageFolderSource(root, Preprocessing(input_size=24)), [0, 1])
         assert a != b
+
+
+class TestLabelFreeSources:
+    def test_random_crops_are_reproducible_one_by_one(self, imagenet_folder):
+        from qcal.datasets import AugmentedSource
+
+        root, _ = imagenet_folder
+        crops = AugmentedSource(ImageFolderSource(root, SMALL), count=12, seed=3)
+        assert crops.labels.tolist() == [-1] * 12
+        all_at_once = crops.decode(range(12))
+        assert all_at_once.shape == (12, 3, 32, 32)
+        assert np.array_equal(crops.decode([9]), all_at_once[9:10])
+        # crop 8 views base image 0 again, differently from crop 0
+        assert not np.allclose(all_at_once[0], all_at_once[8])
+        other_seed = AugmentedSource(ImageFolderSource(root, SMALL), count=12, seed=4)
+        assert not np.allclose(other_seed.decode([0]), all_at_once[:1])
+
+    def test_unlabelled_folder_has_label_minus_one(self, tmp_path):
+        from conftest import write_jpeg
+
+        for i in range(3):
+            write_jpeg(tmp_path / "unlabelled" / f"p{i}.jpg", np.random.RandomState(i))
+        assert ImageFolderSource(tmp_path, SMALL).labels.tolist() == [-1, -1, -1]
+
+    def test_calibration_crops_of_a_separate_source(self, imagenet_folder, recordio_file):
+        root, _ = imagenet_folder
+        rec, _ = recordio_file
+        plan = plan_data("imagenet-zoo", data=root, calib_data=rec, calib_crops=10,
+                         fidelity_crops=5, preprocessing=SMALL)
+        assert len(plan.calibration) == 10 and plan.calibration.source.kind == "augmented"
+        assert len(plan.fidelity) == 5 and plan.fidelity.source.base is plan.evaluation.source
+        batch = plan.calibration.source.decode([0, 1])
+        assert batch.shape == (2, 3, 32, 32)
+
+    def test_calibration_crops_of_evaluated_images_are_refused(self, imagenet_folder):
+        root, _ = imagenet_folder
+        with pytest.raises(UsageProblem, match="overlap"):
+            plan_data("imagenet-zoo", data=root, calib_range="0:4", calib_crops=10,
+                      preprocessing=SMALL)
