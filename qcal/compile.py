@@ -4,16 +4,122 @@ Pipeline position: realize -> **compile** -> evaluate. The Relax module is emitt
 batch size (static shapes let TVM plan memory and schedule); ``CompiledModel.run`` feeds any number
 of images by padding the last partial batch with zeros and dropping the pad rows from the result,
 so every image is computed exactly once and the pad never reaches the caller.
+
+Compile cache: a compiled library is kept on disk (``$QCAL_CACHE_DIR``, else
+``.qcal-cache/compiled``) under a key made of the emitted Relax module's structural hash (which
+covers the constants' contents, so one changed weight is another module), the target, the batch
+size (part of the module's shapes, and in the key explicitly), whether qcal's schedules are used,
+and the versions of qcal and TVM with a digest of the code that lowers the module
+(``tvm_adapter.py``, ``schedules.py``: a changed schedule must not be served from an old library).
+A hit loads the ``.so`` and skips ``tvm.compile`` altogether; files are written atomically
+(a temporary file in the same folder, then ``os.replace``), so a crash or a concurrent compile never
+leaves a half-written library under a real key.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .errors import QcalError, UsageProblem
 from .graph import Graph
 from .realize import QGraph, qgraph_from_float
+
+
+log = logging.getLogger("qcal.compile")
+
+CACHE_ENV = "QCAL_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path(".qcal-cache/compiled")
+FROM_ENVIRONMENT = "from-environment"  # cache_dir default: $QCAL_CACHE_DIR, else DEFAULT_CACHE_DIR
+LOWERING_SOURCES = ("tvm_adapter.py", "schedules.py")
+
+
+def resolve_cache_dir(cache_dir=FROM_ENVIRONMENT) -> Path | None:
+    """The folder compiled libraries live in; None: no cache."""
+    if cache_dir is None:
+        return None
+    if cache_dir == FROM_ENVIRONMENT:
+        return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE_DIR)
+    return Path(cache_dir)
+
+
+@lru_cache(maxsize=1)
+def _lowering_code_digest() -> str:
+    h = hashlib.sha256()
+    for name in LOWERING_SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cache_key(mod_hash: str, target, batch_size: int, use_schedules: bool) -> str:
+    from . import tvm_adapter
+
+    fields = {"module": mod_hash, "target": str(target), "batch_size": batch_size,
+              "use_schedules": bool(use_schedules), "qcal": __version__,
+              "tvm": tvm_adapter.tvm.__version__, "lowering_code": _lowering_code_digest()}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """How one module came to be runnable: compiled now (``cache_hit`` False) or loaded."""
+
+    library: Path | None  # the cached .so (None without a cache)
+    cache_hit: bool
+    seconds: float
+
+
+def _store(executable, path: Path):
+    from . import tvm_adapter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        tvm_adapter.export_library(executable, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_cached(mod, name: str, target, batch_size: int, use_schedules: bool,
+                 cache_dir=FROM_ENVIRONMENT):
+    """(VM ``main``, BuildRecord) for a Relax module: loaded from the cache when its key is
+    there, else compiled (and stored when there is a cache)."""
+    from . import tvm_adapter
+
+    start = time.perf_counter()
+    folder = resolve_cache_dir(cache_dir)
+    path = None
+    if folder is not None:
+        key = cache_key(tvm_adapter.module_hash(mod), target, batch_size, use_schedules)
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:60]
+        path = folder / f"{safe}-b{batch_size}-{key}.so"
+        if path.is_file():
+            try:
+                main = tvm_adapter.vm_main(tvm_adapter.load_library(path))
+                return main, BuildRecord(path, True, time.perf_counter() - start)
+            except Exception as exc:  # a damaged file is rebuilt, never trusted
+                log.warning("compile cache: cannot load %s (%s); recompiling", path,
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    executable = tvm_adapter.compile_executable(mod, target, use_schedules)
+    if path is not None:
+        try:
+            _store(executable, path)
+        except OSError as exc:  # the cache only saves time: compiling still succeeded
+            log.warning("compile cache: cannot write %s (%s)", path, exc)
+            path = None
+    return tvm_adapter.vm_main(executable), BuildRecord(path, False, time.perf_counter() - start)
 
 
 @dataclass
@@ -24,6 +130,8 @@ class CompiledModel:
     _main_int: object = None  # same graph without the final dequantize (built on demand)
     _target: object = None
     _use_schedules: bool = True
+    _cache_dir: object = FROM_ENVIRONMENT
+    build: BuildRecord | None = None  # how ``run``'s library was obtained
 
     @property
     def input_shape(self) -> tuple:
@@ -61,18 +169,28 @@ class CompiledModel:
             from . import tvm_adapter
 
             mod = tvm_adapter.emit_relax(self.qgraph, self.batch_size, outputs=[out.inputs[0]])
-            self._main_int = tvm_adapter.build(mod, self._target, self._use_schedules)
+            self._main_int, _ = build_cached(mod, f"{self.qgraph.name}-int", self._target,
+                                             self.batch_size, self._use_schedules,
+                                             self._cache_dir)
         return self._run_with(self._main_int, x)
 
 
 def compile_model(model: Graph | QGraph, batch_size: int, target=None,
-                  use_schedules: bool = True) -> CompiledModel:
-    """Emit ``model`` as Relax for ``batch_size`` images and compile it for the host CPU."""
+                  use_schedules: bool = True, cache_dir=FROM_ENVIRONMENT) -> CompiledModel:
+    """Emit ``model`` as Relax for ``batch_size`` images and compile it for the host CPU.
+
+    ``cache_dir``: folder of the compile cache (default ``$QCAL_CACHE_DIR``, else
+    ``.qcal-cache/compiled``); None compiles without reading or writing a cache.
+    """
     from . import tvm_adapter
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UsageProblem(f"batch size must be a positive integer, not {batch_size!r}")
     qgraph = qgraph_from_float(model) if isinstance(model, Graph) else model
     target = tvm_adapter.host_target() if target is None else tvm_adapter.tvm.target.Target(target)
-    main = tvm_adapter.build(tvm_adapter.emit_relax(qgraph, batch_size), target, use_schedules)
-    return CompiledModel(qgraph, batch_size, main, None, target, use_schedules)
+    main, record = build_cached(tvm_adapter.emit_relax(qgraph, batch_size), qgraph.name, target,
+                                batch_size, use_schedules, cache_dir)
+    log.info("%s: %s in %.2f s", qgraph.name,
+             f"compile cache hit {record.library.name}" if record.cache_hit else "compiled",
+             record.seconds)
+    return CompiledModel(qgraph, batch_size, main, None, target, use_schedules, cache_dir, record)

@@ -56,12 +56,37 @@ def relax_pipeline(target, use_schedules: bool = True):
     return _pipeline
 
 
+def compile_executable(mod: tvm.IRModule, target=None, use_schedules: bool = True):
+    """Compile a Relax module to a VM executable (``export_library`` writes it as a .so)."""
+    target = host_target() if target is None else tvm.target.Target(target)
+    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, use_schedules))
+
+
+def vm_main(executable_or_library):
+    """The callable ``main`` of a compiled executable or of a library loaded by ``load_library``."""
+    return relax.VirtualMachine(executable_or_library, tvm.cpu())["main"]
+
+
 def build(mod: tvm.IRModule, target=None, use_schedules: bool = True):
     """Compile a Relax module; returns a callable VM function ``main``."""
-    target = host_target() if target is None else tvm.target.Target(target)
-    executable = tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, use_schedules))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    return vm["main"]
+    return vm_main(compile_executable(mod, target, use_schedules))
+
+
+def export_library(executable, path: str):
+    """Write a compiled executable as a shared library (links with the system C++ compiler)."""
+    executable.export_library(str(path))
+
+
+def load_library(path: str):
+    return tvm.runtime.load_module(str(path))
+
+
+def module_hash(mod: tvm.IRModule) -> str:
+    """Structural hash of a module, constants' contents included (one changed weight changes
+    it); stable across processes for modules without free variables, as emit_relax makes."""
+    import tvm_ffi
+
+    return f"{tvm_ffi.structural_hash(mod):016x}"
 
 
 def run(main, x: np.ndarray):

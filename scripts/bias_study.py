@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -377,6 +378,9 @@ def ablate(session, study: Study, images: int, batch_size: int, base: str = "b32
 # Per-layer rows and the report.
 # ---------------------------------------------------------------------------------------------
 
+GLUON_PREFIX = re.compile(r"^(vgg|resnetv|cifarresnetv)\d+_")
+
+
 def short_name(name: str) -> str:
     """Readable layer names: vgg0_conv3_fwd -> conv3, /_blocks.1/_depthwise_conv/Conv ->
     blocks.1/depthwise_conv."""
@@ -384,11 +388,7 @@ def short_name(name: str) -> str:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     name = name.lstrip("/").replace("/_", "/").lstrip("_")
-    parts = name.split("_", 1)
-    if len(parts) == 2 and parts[0].rstrip("0123456789") in ("vgg", "resnetv1", "resnetv2",
-                                                              "cifarresnetv1", "cifarresnetv2"):
-        name = parts[1]
-    return name
+    return GLUON_PREFIX.sub("", name)
 
 
 def power_of_two_text(x: float) -> str:
