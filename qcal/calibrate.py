@@ -33,6 +33,7 @@ from .errors import QcalError, UsageProblem
 from .float_reference import run_float
 
 DEFAULT_HISTOGRAM_BINS = 8192
+HISTOGRAM_CHUNK = 1 << 18  # elements per histogram step: 1 MB float32 + 2 MB int64 buffers
 FILE_FORMAT = "qcal-calibration/1"
 
 
@@ -53,24 +54,46 @@ class AbsHistogram:
         self.zeros = 0
 
     def collect(self, x: np.ndarray):
-        x = np.asarray(x)
-        self.count += x.size
-        self.zeros += x.size - int(np.count_nonzero(x))
-        self.min = min(self.min, float(x.min()))
-        self.max = max(self.max, float(x.max()))
-        a = np.abs(x).ravel()
-        if not np.isfinite(a.max()):
+        # Speed matters here: this runs on every tensor of every calibration batch. None of the
+        # statistics depends on element order, so the tensor is read in memory order
+        # (ravel "K": a view even for the NHWC-in-memory arrays the numpy conv returns, where a
+        # C-order ravel copies), each statistic is one pass over it, and the abs-max comes from
+        # the signed extremes (max(-min, max) equals max |x| exactly).
+        flat = np.asarray(x).ravel(order="K")
+        lo, hi = flat.min(), flat.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates through min/max
             raise ValueError("non-finite values")
-        self.amax = max(self.amax, float(a.max()))
+        self.count += flat.size
+        self.zeros += int(np.count_nonzero(flat == 0))
+        self.min = min(self.min, float(lo))
+        self.max = max(self.max, float(hi))
+        self.amax = max(self.amax, -float(lo), float(hi))
         if not self.bins or self.amax == 0:
             return
         if self.range == 0:
             self.range = 2.0 ** (np.floor(np.log2(self.amax)) + 1)
         while self.range <= self.amax:
             self._double_range()
+        self._add_to_histogram(flat)
+
+    def _add_to_histogram(self, flat: np.ndarray):
         # bins / range is a power of two: the product is exact and strictly below bins
-        index = (a * (self.bins / self.range)).astype(np.int64)
-        self.counts += np.bincount(index, minlength=self.bins)
+        factor = self.bins / self.range
+        scaled_dtype = (np.abs(flat[:1]) * factor).dtype  # numpy's own choice for the product
+        if flat.dtype.kind != "f" or scaled_dtype != flat.dtype:
+            index = (np.abs(flat) * factor).astype(np.int64)
+            self.counts += np.bincount(index, minlength=self.bins)
+            return
+        # The same arithmetic, element for element, in chunks whose intermediates stay in cache
+        # (half the time of whole-tensor temporaries on a 16x256x56x56 tensor).
+        step = min(flat.size, HISTOGRAM_CHUNK)
+        scaled, index = np.empty(step, scaled_dtype), np.empty(step, np.int64)
+        for start in range(0, flat.size, step):
+            part = flat[start:start + step]
+            s, i = scaled[:len(part)], index[:len(part)]
+            np.multiply(np.abs(part, out=s), factor, out=s)
+            np.copyto(i, s, casting="unsafe")  # truncation, as astype(np.int64)
+            self.counts += np.bincount(i, minlength=self.bins)
 
     def _double_range(self):
         merged = self.counts.reshape(-1, 2).sum(axis=1)

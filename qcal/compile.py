@@ -116,7 +116,7 @@ def build_cached(mod, name: str, target, batch_size: int, use_schedules: bool,
     if path is not None:
         try:
             _store(executable, path)
-        except OSError as exc:  # the cache only saves time: compiling still succeeded
+        except Exception as exc:  # the cache only saves time: compiling still succeeded
             log.warning("compile cache: cannot write %s (%s)", path, exc)
             path = None
     return tvm_adapter.vm_main(executable), BuildRecord(path, False, time.perf_counter() - start)

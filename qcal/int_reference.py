@@ -162,8 +162,13 @@ def _real_scale(node: QNode, rank):
     return channel_view(node.scale, rank)
 
 
-def _fake_quant(v, scale):
-    return np.clip(np.rint(v / scale), -INT8_MAX, INT8_MAX) * scale
+def _fake_quant(v, scale, limit=INT8_MAX, rounding=np.rint):
+    return np.clip(rounding(v / scale), -limit, limit) * scale
+
+
+def _round_half_up(v):
+    """What a rounding right shift does: add half, then floor (ties go towards +inf)."""
+    return np.floor(v + 0.5)
 
 
 def _simulated_op(node: QNode, args, qgraph: QGraph):
@@ -172,8 +177,12 @@ def _simulated_op(node: QNode, args, qgraph: QGraph):
     rank = x.ndim
     if node.op in ("quantize",):
         return _fake_quant(x, _real_scale(node, rank))
+    # Rescales round as the integer model does (half up), and int32 alignments that shift right
+    # lose their low bits here too: with power-of-2 scales every simulated value is a dyadic
+    # rational that float64 holds exactly, so the simulation then equals the integer model.
     if node.op == "requantize":
-        return _fake_quant(x, _real_scale(node, rank)) if node.dtype == "int8" else x
+        limit = INT8_MAX if node.dtype == "int8" else np.inf
+        return _fake_quant(x, _real_scale(node, rank), limit, _round_half_up)
     if node.op == "dequantize":
         return x
     src = qgraph.node(node.inputs[0]) if node.inputs else None
@@ -196,6 +205,9 @@ def _simulated_op(node: QNode, args, qgraph: QGraph):
     if node.op in ("qsum_pool2d", "qavg_pool2d"):
         sums, counts = K.pool_sum_and_count(x, a["pool_size"], a["strides"], a["padding"],
                                             node.op == "qsum_pool2d")
+        if node.op == "qavg_pool2d":  # the integer mean rounds half up in the input's units
+            step = _real_scale(src, rank)
+            return _round_half_up(sums / counts / step) * step
         return sums / counts
     if node.op == "qglobal_sum_pool2d":
         return x.mean(axis=(2, 3), keepdims=True)

@@ -36,7 +36,6 @@ bias's own share of the accuracy loss), and a summary naming the layers that los
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
 import time
@@ -49,7 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qcal.config import QuantOptions  # noqa: E402
 from qcal.graph import Graph, Node  # noqa: E402
-from qcal.realize import QGraph, bias_scale, quantize_array  # noqa: E402
+from qcal.annotate import annotate  # noqa: E402
+from qcal.realize import bias_scale, quantize_array, realize  # noqa: E402
 
 BIAS_BITS = (8, 9, 16)
 BASE_OPTIONS = {"activation_method": "power2", "weight_scale": "power2",
@@ -65,6 +65,8 @@ VARIANTS = {
 }
 # Each short-bias variant is judged against the int32-acc variant with the same weights.
 REFERENCE_OF = {"b8": "b32acc", "b9": "b32acc", "b16": "b32acc", "pc-b8": "pc-b32acc"}
+# The ablation's int32-acc model -> the 8-bit variant with the same weights.
+ABLATION_DONOR = {"b32acc": "b8", "pc-b32acc": "pc-b8"}
 
 
 def variant_options(label: str) -> QuantOptions:
@@ -143,16 +145,17 @@ def excess_sqnr_db(signal_energy: float, noise_energy: float, reference_noise: f
     return sqnr_db(signal_energy, excess) if excess > 0 else float("inf")
 
 
-def with_quantized_biases(graph: Graph, bits: int) -> Graph:
-    """The float graph with every layer bias replaced by its B-bit value (nothing else changed)."""
+def with_quantized_biases(graph: Graph, bits: int, layers=None) -> Graph:
+    """The float graph with the biases of ``layers`` (default: every layer) replaced by their
+    B-bit values (nothing else changed)."""
     nodes = []
     for n in graph.nodes:
         params = dict(n.params)
-        if layer_kind(n) is not None:
+        if layer_kind(n) is not None and (layers is None or n.name in layers):
             params["shift" if n.op == "channel_affine" else "bias"] = (
                 quantized_bias(layer_bias(n), bits).astype(np.float32))
         nodes.append(Node(n.name, n.op, n.inputs, dict(n.attrs), params))
-    return Graph(nodes, f"{graph.name}+b{bits}")
+    return Graph(nodes, f"{graph.name}+b{bits}" if layers is None else graph.name)
 
 
 def accumulator_node(qgraph, layer: str):
@@ -188,19 +191,20 @@ def bias_as_added(qgraph, layer: str, float_bias) -> BiasAsAdded:
     return BiasAsAdded(acc_scale, shift, np.abs(added - np.asarray(float_bias, np.float64)))
 
 
-def with_layer_bias_from(base, donor, layer: str):
-    """``base`` (a QGraph) with ``layer``'s bias add taken from ``donor``, a variant of the same
-    model that differs only in its biases; None where the two add the bias at different scales
-    or after different alignments (then no single-node swap is exact). The swap keeps ``base``'s
-    downstream bounds; ``run_integer`` still checks every value against them."""
-    b, d = base.node(layer), donor.node(layer)
-    if b.op != "bias_add" or d.op != "bias_add" or b.inputs != d.inputs:
-        return None
-    if base.node(b.inputs[0]).op == "requantize" or not np.array_equal(b.scale, d.scale):
-        return None
-    swapped = dataclasses.replace(b, params={"bias": d.params["bias"]}, bound=d.bound)
-    return QGraph([swapped if n is b else n for n in base.nodes], f"{base.name}+{layer}",
-                  base.adjustments, base.options)
+def realize_graph(graph: Graph, ranges, options: QuantOptions):
+    """``ModelSession.quantize`` for a float graph with the model's tensors (``ranges`` is
+    ``CalibrationResult.ranges``: the calibrated abs-max of each tensor under ``options``)."""
+    annotation = annotate(graph, options)
+    return realize(graph, ranges(options, annotation.required_amax), options, annotation)
+
+
+def single_bias_variant(graph: Graph, ranges, base: str, layer: str, bits: int = 8):
+    """The int32-acc variant ``base`` of ``graph`` with ONLY ``layer``'s bias replaced by its
+    B-bit value. int32-acc adds that value as ``rint(b_B / common)``, which is exactly what the
+    B-bit variant adds (same common scale, same rounding, same overflow fitting), and the
+    realizer proves every bound of the result as usual."""
+    return realize_graph(with_quantized_biases(graph, bits, {layer}), ranges,
+                         variant_options(base))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +284,6 @@ class Ablation:
     donor_noise: float = 0.0  # the donor variant's (every bias swapped)
     noise: dict = field(default_factory=dict)  # layer -> logit noise energy vs float
     changed: dict = field(default_factory=dict)  # layer -> images whose top-1 moved off base's
-    skipped: list = field(default_factory=list)  # layers with no exact single-node swap
 
     def sqnr(self, layer: str) -> float:
         return sqnr_db(self.signal, self.noise[layer])
@@ -336,21 +339,17 @@ def measure(session, labels=tuple(VARIANTS), batch_size: int = 32, progress=prin
 
 
 def ablate(session, study: Study, images: int, batch_size: int, base: str = "b32acc",
-           donor: str = "b8", progress=print) -> Ablation:
-    """Run the per-layer swap (``with_layer_bias_from``) on the first ``images`` evaluated images."""
+           progress=print) -> Ablation:
+    """Each layer's ``single_bias_variant`` of ``base`` on the first ``images`` evaluated images."""
     from qcal.datasets import Selection, iter_batches
     from qcal.float_reference import run_float
     from qcal.int_reference import run_integer
 
     start = time.perf_counter()
+    donor = ABLATION_DONOR[base]
     result = Ablation(base, donor)
-    graphs = {}
-    for node in study.layers:
-        swapped = with_layer_bias_from(study.qgraphs[base], study.qgraphs[donor], node.name)
-        if swapped is None:
-            result.skipped.append(node.name)
-        else:
-            graphs[node.name] = swapped
+    graphs = {n.name: single_bias_variant(session.graph, session.calibration.ranges, base, n.name)
+              for n in study.layers}
     evaluation = session.plan(True).evaluation
     selection = Selection(evaluation.source, evaluation.start,
                           min(evaluation.start + images, evaluation.stop))
@@ -467,7 +466,7 @@ def why_table(rows, labels, ablation) -> list:
     if ablation is not None:
         header += ["logits SQNR, only this bias b8", "logit noise change (dB)", "top-1 moved"]
     if "pc-b8" in labels:
-        header += ["acc<<k pc-b8", "err pc-b8 (acc LSB)", "int pc-b8 excess SQNR"]
+        header += ["acc<<k pc-b8", "err pc-b8 / out std", "int pc-b8 excess SQNR"]
     body = []
     for r in rows:
         line = [r["layer"], r["kind"], f"{r['spread']:.3g}", f"{r['zeroed8']}/{r['channels']}",
@@ -480,7 +479,7 @@ def why_table(rows, labels, ablation) -> list:
             line += ([db_text(r["ablation_sqnr"]), f"{r['ablation_change']:+.2f}",
                       r["ablation_changed"]] if "ablation_sqnr" in r else ["-", "-", "-"])
         if "pc-b8" in labels:
-            line += [shift_text(r["shift:pc-b8"]), f"{r['err_lsb:pc-b8']:.3g}",
+            line += [shift_text(r["shift:pc-b8"]), f"{r['err_std:pc-b8']:.3g}",
                      db_text(r.get("excess:pc-b8", float("nan")))]
         body.append(line)
     return markdown_table(header, body)
@@ -527,21 +526,27 @@ def ranking_key(row: dict):
 def summary(study: Study, rows, labels, worst: int = 5) -> list:
     lines = []
     logits, top1 = study.energies["logits"], study.top1
-    if {"b8", "b32acc"} <= set(labels):
-        lines.append(
-            f"- 8-bit bias vs int32-acc bias (per-tensor weights): top-1 {top1['b8'].text()} vs "
-            f"{top1['b32acc'].text()}; logits SQNR {db_text(logits.sqnr('b8'))} vs "
-            f"{db_text(logits.sqnr('b32acc'))} dB. The same 8-bit biases in the float model alone: "
-            f"top-1 {top1['float+b8'].text()}, logits SQNR {db_text(logits.sqnr('float+b8'))} dB; "
-            f"in the integer model they add noise worth "
-            f"{db_text(excess_sqnr_db(logits.signal, logits.noise['b8'], logits.noise['b32acc']))} "
-            f"dB SQNR at the logits.")
+    for short, reference in REFERENCE_OF.items():
+        if short.endswith("b8") and {short, reference} <= set(labels):
+            excess = excess_sqnr_db(logits.signal, logits.noise[short], logits.noise[reference])
+            lines.append(
+                f"- {short} vs {reference} ({variant_options(short).weight_granularity} weights): "
+                f"top-1 {top1[short].text()} vs {top1[reference].text()}; logits SQNR "
+                f"{db_text(logits.sqnr(short))} vs {db_text(logits.sqnr(reference))} dB: the 8-bit "
+                f"biases add noise worth {db_text(excess)} dB SQNR at the logits.")
+    lines.append(f"- The same 8-bit biases in the float model alone (float+b8): top-1 "
+                 f"{top1['float+b8'].text()} vs float32 {top1['float32'].text()}, logits SQNR "
+                 f"{db_text(logits.sqnr('float+b8'))} dB (9 bits: "
+                 f"{db_text(logits.sqnr('float+b9'))} dB, 16 bits: "
+                 f"{db_text(logits.sqnr('float+b16'))} dB).")
     ranked = sorted(rows, key=ranking_key)[:worst]
-    basis = ("single-layer ablation (the b32acc model with only that layer's bias at 8 bits), "
-             f"on the first {study.ablation.images} images" if study.ablation is not None
+    ab = study.ablation
+    basis = (f"single-layer ablation (the {ab.base} model with only that layer's bias from "
+             f"{ab.donor}), on the first {ab.images} images" if ab is not None
              else "bias-only SQNR at the layer")
     lines.append(f"- Layers whose 8-bit bias hurts most (worst {len(ranked)} of {len(rows)}, "
                  f"ranked by {basis}):")
+    short, reference = (ab.donor, ab.base) if ab is not None else ("b8", "b32acc")
     for r in ranked:
         ablation = (f"alone it moves the logit noise by {r['ablation_change']:+.2f} dB "
                     f"(logits SQNR {db_text(r['ablation_sqnr'])} dB) and "
@@ -549,8 +554,9 @@ def summary(study: Study, rows, labels, worst: int = 5) -> list:
         lines.append(
             f"  - {r['layer']} ({r['kind']}, {r['channels']} ch): {ablation}bias-only SQNR "
             f"{db_text(r['bias_only_sqnr8'])} dB at 8 bits ({db_text(r['bias_only_sqnr9'])} at 9, "
-            f"{db_text(r['bias_only_sqnr16'])} at 16); layer SQNR b8 {db_text(r['sqnr:b8'])} vs "
-            f"b32acc {db_text(r['sqnr:b32acc'])} dB. Why: " + ("; ".join(reasons(r)) or "-"))
+            f"{db_text(r['bias_only_sqnr16'])} at 16); layer SQNR {short} "
+            f"{db_text(r[f'sqnr:{short}'])} vs {reference} {db_text(r[f'sqnr:{reference}'])} dB. "
+            f"Why: " + ("; ".join(reasons(r)) or "-"))
     for bits in BIAS_BITS:
         label = f"b{bits}"
         if label in labels:
@@ -565,7 +571,6 @@ def summary(study: Study, rows, labels, worst: int = 5) -> list:
         f"error {np.median([r['err_lsb:b8'] for r in v]):.3g} acc LSB, "
         f"{np.median([r['err_std:b8'] for r in v]):.3g} output std"
         for k, v in by_kind.items()))
-    ab = study.ablation
     if ab is not None and ab.noise:
         single = sum(ab.noise[n] - ab.base_noise for n in ab.noise)
         lines.append(f"- Ablation images: the {ab.base} model's logit noise rises by "
@@ -575,9 +580,6 @@ def summary(study: Study, rows, labels, worst: int = 5) -> list:
                      + ("reinforce each other (they are constant per channel, so they add "
                         "coherently downstream)" if ab.donor_noise - ab.base_noise > single
                         else "partly cancel") + ".")
-    if study.ablation is not None and study.ablation.skipped:
-        lines.append(f"- Not ablated (bias added after an accumulator shift, no exact swap): "
-                     f"{', '.join(short_name(n) for n in study.ablation.skipped)}")
     return lines
 
 
@@ -612,6 +614,9 @@ def main(argv=None):
     parser.add_argument("--ablate-images", type=int, default=0,
                         help="also run the single-layer bias ablation on this many images "
                              "(one integer run per layer per batch)")
+    parser.add_argument("--ablate-base", default="b32acc", choices=sorted(ABLATION_DONOR),
+                        help="the ablation's int32-acc model, given one 8-bit bias at a time "
+                             "(pc-b32acc where per-tensor weights are too coarse to see the bias)")
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
 
@@ -624,6 +629,9 @@ def main(argv=None):
         parser.error(f"unknown variant(s) {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
     if not {"b8", "b16", "b32acc"} <= set(labels):
         parser.error("--variants must include b8, b16 and b32acc (the tables compare them)")
+    if args.ablate_images and not {args.ablate_base, ABLATION_DONOR[args.ablate_base]} <= set(labels):
+        parser.error(f"--ablate-base {args.ablate_base} needs it and "
+                     f"{ABLATION_DONOR[args.ablate_base]} among --variants")
     data = {"num_images": args.images, "calib_images": args.calib_images}
     if args.data:
         data["data"] = args.data
@@ -636,7 +644,7 @@ def main(argv=None):
         study = measure(session, labels, args.batch_size, progress=progress)
         if args.ablate_images:
             study.ablation = ablate(session, study, args.ablate_images, args.batch_size,
-                                    progress=progress)
+                                    args.ablate_base, progress=progress)
     except (QcalError, UsageProblem) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

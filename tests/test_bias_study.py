@@ -184,12 +184,16 @@ class TestOnIntegerGraphs:
         assert added.acc_shift.tolist() == [2, 2, 2]
         assert np.all(added.error_lsb <= 2 ** -2 / 2 + 1e-6)  # half a 16-bit step, in acc LSB
 
-    def test_single_layer_swap(self, bs):
-        base, donor = self._q(bs, "b32acc"), self._q(bs, "b8")
-        swapped = bs.with_layer_bias_from(base, donor, "dw")
-        assert np.array_equal(swapped.node("dw").params["bias"], donor.node("dw").params["bias"])
-        assert np.array_equal(swapped.node("c0").params["bias"], base.node("c0").params["bias"])
-        assert bs.with_layer_bias_from(base, self._q(bs, "b16"), "dw") is None  # acc << 2 there
+    def test_single_bias_variant_adds_the_8bit_bias_at_that_layer_only(self, bs):
+        ranges = lambda options, tensors: {t: self.AMAX[t] for t in tensors}  # noqa: E731
+        b8, b32 = self._q(bs, "b8"), self._q(bs, "b32acc")
+        one = bs.single_bias_variant(tiny_graph(), ranges, "b32acc", "dw")
+        # bit for bit the 8-bit variant's bias at dw, the int32-acc biases elsewhere
+        assert np.array_equal(one.node("dw").params["bias"], b8.node("dw").params["bias"])
+        assert not np.array_equal(one.node("dw").params["bias"], b32.node("dw").params["bias"])
+        for layer in ("c0", "aff", "fc"):
+            assert np.array_equal(one.node(layer).params["bias"], b32.node(layer).params["bias"])
+        assert bs.ABLATION_DONOR["b32acc"] == "b8"
 
     def test_float_graph_with_quantized_biases(self, bs):
         g = tiny_graph()
@@ -198,6 +202,9 @@ class TestOnIntegerGraphs:
             bs.layer_bias(g.node("aff")), 8).astype(np.float32).tolist()
         assert np.array_equal(g8.node("c0").params["weight"], g.node("c0").params["weight"])
         assert np.array_equal(g.node("c0").params["bias"], np.float32([0.5, -0.01, 0.2]))
+        only = bs.with_quantized_biases(g, 8, {"fc"})
+        assert np.array_equal(only.node("c0").params["bias"], g.node("c0").params["bias"])
+        assert not np.array_equal(only.node("fc").params["bias"], g.node("fc").params["bias"])
 
 
 def test_whole_study_on_the_embedded_vgg(bs, tmp_path, capsys):
@@ -222,3 +229,4 @@ def test_unknown_variant_is_refused(bs):
     with pytest.raises(SystemExit) as e:
         bs.main(["fmnist_vgg11_bn", "--variants", "b8,b7"])
     assert e.value.code == 2
+

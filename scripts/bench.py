@@ -1,0 +1,402 @@
+#!/usr/bin/env python
+"""qcal's speed on this machine, one run, same inputs: int8 through TVM against MXNet float32.
+
+    python scripts/bench.py                          # everything (about 6 minutes here)
+    python scripts/bench.py --quick                  # resnet18_v1 and the embedded models
+    python scripts/bench.py --models resnet50_v1 --batches 16 --json results/bench.json
+
+Per model, in this order, on one set of random inputs (seeded):
+  * the statistics pass (``qcal.calibrate.collect_statistics``: the numpy float interpreter with
+    every tensor's abs-max/min/max/histogram collected) against two plain float forwards over the
+    same images: the numpy float interpreter alone (``qcal.float_reference.run_float``, the engine
+    the statistics pass runs on) and MXNet float32 (hybridized, static_alloc: qcal's float32
+    reference runner);
+  * the int8 variant (default ``QuantOptions``) realized from those statistics;
+  * per batch size: the cold compile (empty compile cache: emit, compile, export the library) and
+    the warm one (a cache hit: load the library), then images/s of the compiled int8 model against
+    MXNet float32, both called the way qcal's evaluation calls them (numpy batch in, numpy logits
+    out), the two timed in alternating rounds so that a load change on this shared machine hits
+    both; the median round counts;
+  * peak resident memory of the process after each phase (``ru_maxrss``).
+ImageNet models (resnet18_v1, resnet50_v1 at 224x224) have random weights (qcal refuses to
+evaluate random weights, but speed does not depend on them); the embedded Fashion-MNIST models use
+their shipped weights and are skipped, with a note, when those are not there yet.
+
+Every model runs in a child process (this script with ``--child``): peak memory is then per model,
+and the thread count (``--threads``, for MXNet's OpenMP and TVM's pool alike) is set before MXNet
+and TVM load. Its default is what both pick by themselves on x86: half the logical CPUs (1 on
+this machine, although lscpu shows 2 cores with 1 thread each). On a loaded machine 2 OpenMP
+threads can be far slower than 1 (a barrier waits for a descheduled thread): fmnist_resnet20_v1
+b16 in MXNet went from 21 ms to 700 ms a call at load average 8.
+Timing never includes making the inputs; the floors of issue 5 are checked at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+IMAGENET_MODELS = ("resnet18_v1", "resnet50_v1")
+EMBEDDED_MODELS = ("fmnist_resnet20_v1", "fmnist_resnet56_v2", "fmnist_vgg11_bn")
+
+# issue 5's floors: (what, model, batch)
+FLOOR_INT8_RATIO = 1.0  # int8 images/s over MXNet fp32 images/s, resnet50_v1 at batch 16
+FLOOR_STATS_RATIO = 1.5  # statistics pass time over the float forward time
+FLOOR_COLD_S = 60.0  # resnet50_v1 compile, empty cache
+FLOOR_WARM_S = 2.0  # resnet50_v1 compile, cache hit
+FLOOR_MODEL = "resnet50_v1"
+
+
+# --- the child: one model ----------------------------------------------------------------------
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def best_of(fn, min_seconds: float, max_repeats: int = 5) -> float:
+    """Minimum time of ``fn()``; repeated while the total stays under ``min_seconds``."""
+    times = []
+    while not times or (sum(times) < min_seconds and len(times) < max_repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def alternating_rates(runners: dict, x, rounds: int, round_seconds: float) -> dict:
+    """Images/s of each runner on batch ``x``: after warm-up, ``rounds`` rounds, each timing every
+    runner for about ``round_seconds``; the median round of each counts."""
+    calls = {}
+    for name, run in runners.items():
+        run(x)  # warm-up: first-call allocations, thread pools
+        start = time.perf_counter()
+        run(x)
+        calls[name] = max(1, round(round_seconds / max(time.perf_counter() - start, 1e-6)))
+    per_call = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                run(x)
+            per_call[name].append((time.perf_counter() - start) / calls[name])
+    return {name: {"images_per_s": len(x) / statistics.median(times),
+                   "best_images_per_s": len(x) / min(times), "calls_per_round": calls[name]}
+            for name, times in per_call.items()}
+
+
+def load_net(name: str, seed: int):
+    import mxnet as mx
+
+    from qcal.models import build_network, get_spec, load_model
+
+    spec = get_spec(name)
+    if spec.embedded_params is not None:
+        return load_model(name), spec
+    mx.random.seed(seed)
+    net = build_network(name)
+    net.initialize(mx.init.Xavier(magnitude=2.0))
+    return net, spec
+
+
+def bench_model(args) -> dict:
+    import numpy as np
+
+    from qcal.annotate import annotate
+    from qcal.calibrate import CalibrationResult, collect_statistics
+    from qcal.compile import compile_model
+    from qcal.config import QuantOptions
+    from qcal.evaluate import MXNetFloatRunner
+    from qcal.float_reference import run_float
+    from qcal.importer import import_gluon
+    from qcal.realize import realize
+    from qcal.tvm_adapter import tvm
+
+    out = {"model": args.model, "threads": {"tvm": tvm.get_global_func("runtime.NumThreads")(),
+                                            "omp_env": os.environ.get("OMP_NUM_THREADS")}}
+    net, spec = load_net(args.model, args.seed)
+    start = time.perf_counter()
+    graph = import_gluon(net, spec.input_shape, name=args.model)
+    out["import_s"] = time.perf_counter() - start
+    mxnet = MXNetFloatRunner(net)  # hybridize(static_alloc=True)
+    out["rss_mb"] = {"import": peak_rss_mb()}
+
+    rng = np.random.RandomState(args.seed)
+    images = rng.randn(args.stat_images, *spec.input_shape).astype(np.float32)
+    batches = [images[i:i + args.stat_batch] for i in range(0, len(images), args.stat_batch)]
+    mxnet(batches[0])  # warm-up (graph build, static allocation)
+    run_float(graph, batches[0][:1])
+    log(f"{args.model}: float forwards and statistics pass over {len(images)} images")
+    timings = {"mxnet_forward_s": [], "numpy_forward_s": [], "statistics_pass_s": []}
+    result = {}
+
+    def one_round():
+        for key, fn in (("mxnet_forward_s", lambda: [mxnet(b) for b in batches]),
+                        ("numpy_forward_s", lambda: [run_float(graph, b) for b in batches]),
+                        ("statistics_pass_s", lambda: result.__setitem__(
+                            "stats", collect_statistics(graph, batches, progress=False)))):
+            start = time.perf_counter()
+            fn()
+            timings[key].append(time.perf_counter() - start)
+
+    one_round()
+    while sum(timings["statistics_pass_s"]) < args.min_stat_seconds and \
+            len(timings["statistics_pass_s"]) < 5:
+        one_round()
+    out["statistics"] = {"images": len(images), "batch": args.stat_batch,
+                         "rounds": len(timings["statistics_pass_s"]),
+                         **{k: min(v) for k, v in timings.items()}}
+    out["rss_mb"]["statistics"] = peak_rss_mb()
+
+    options = QuantOptions()
+    start = time.perf_counter()
+    calibration = CalibrationResult.from_statistics(result["stats"], options)
+    annotation = annotate(graph, options)
+    qgraph = realize(graph, calibration.ranges(options, annotation.required_amax), options,
+                     annotation)
+    out["quantize_s"] = time.perf_counter() - start
+    out["options"] = options.label
+
+    out["batches"] = {}
+    with tempfile.TemporaryDirectory(prefix="qcal-bench-cache-") as cache:
+        for batch in args.batches:
+            log(f"{args.model}: batch {batch}: cold compile")
+            start = time.perf_counter()
+            cold = compile_model(qgraph, batch, cache_dir=cache)
+            cold_s = time.perf_counter() - start
+            log(f"{args.model}: batch {batch}: warm compile, timing")
+            start = time.perf_counter()
+            warm = compile_model(qgraph, batch, cache_dir=cache)
+            warm_s = time.perf_counter() - start
+            assert not cold.build.cache_hit and warm.build.cache_hit
+            del cold
+            x = rng.randn(batch, *spec.input_shape).astype(np.float32)
+            rates = alternating_rates({"mxnet_fp32": mxnet, "tvm_int8": warm.run}, x,
+                                      args.rounds, args.round_seconds)
+            agree = float(np.mean(warm.run(images).argmax(1) == mxnet(images).argmax(1)))
+            out["batches"][str(batch)] = {
+                "cold_compile_s": cold_s, "warm_compile_s": warm_s,
+                "library_mb": warm.build.library.stat().st_size / 2 ** 20,
+                **rates, "top1_agreement": agree}
+            out["rss_mb"][f"batch {batch}"] = peak_rss_mb()
+    return out
+
+
+def log(message: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- the parent: every model, then the tables ---------------------------------------------------
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "cores": os.cpu_count()}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+        info["cpu"] = (f"{fields.get('Model name', '?').strip()} (family "
+                       f"{fields.get('CPU family', '?').strip()}, model "
+                       f"{fields.get('Model', '?').strip()})")
+        flags = fields.get("Flags", "").split()
+        info["isa"] = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni")
+                       if f in flags]
+    except OSError:
+        pass
+    return info
+
+
+def load_average() -> str:
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def embedded_weights_present(name: str) -> bool:
+    return (REPO / "weights" / "fashion-mnist" / f"{name}.params").is_file()
+
+
+def run_child(model: str, args) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), TVM_NUM_THREADS=str(args.threads),
+               MXNET_CPU_WORKER_NTHREADS="1")
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        cmd = [sys.executable, __file__, "--child", model, "--child-out", result.name,
+               "--batches", *map(str, args.batches), "--stat-images",
+               str(args.stat_images_embedded if model in EMBEDDED_MODELS else args.stat_images),
+               "--stat-batch", str(args.stat_batch), "--rounds", str(args.rounds),
+               "--round-seconds", str(args.round_seconds), "--seed", str(args.seed),
+               "--min-stat-seconds", str(args.min_stat_seconds)]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, env=env, cwd=REPO)
+        if done.returncode != 0:
+            return {"model": model, "error": f"child exited with {done.returncode}"}
+        out = json.loads(Path(result.name).read_text())
+        out["wall_s"] = time.perf_counter() - start
+        return out
+
+
+def table(header, rows) -> list:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def report(results: list, notes: list, meta: dict) -> list:
+    ok = [r for r in results if "error" not in r]
+    lines = [f"qcal bench {meta['date']}: {meta['machine'].get('cpu', '?')}, "
+             f"{meta['machine']['cores']} cores ({', '.join(meta['machine'].get('isa', []))}), "
+             f"threads {meta['threads']} (MXNet OpenMP and TVM), "
+             f"load average {meta['load_start']} at start, {meta['load_end']} at end",
+             f"versions: {meta['versions']}", ""]
+    lines += ["Throughput, images/s (median of alternating rounds; best round in brackets)", ""]
+    rows = []
+    for r in ok:
+        for batch, b in r["batches"].items():
+            m, t = b["mxnet_fp32"], b["tvm_int8"]
+            rows.append([r["model"], batch, f"{m['images_per_s']:.1f} ({m['best_images_per_s']:.1f})",
+                         f"{t['images_per_s']:.1f} ({t['best_images_per_s']:.1f})",
+                         f"{t['images_per_s'] / m['images_per_s']:.2f}x",
+                         f"{b['top1_agreement']:.0%}"])
+    lines += table(["model", "batch", "MXNet fp32", "qcal int8 (TVM)", "int8 / fp32",
+                    "top-1 agree"], rows)
+    lines += ["", "Statistics pass against a plain float forward on the same images (seconds, "
+              "best of the rounds)", ""]
+    rows = []
+    for r in ok:
+        s = r["statistics"]
+        rows.append([r["model"], f"{s['images']} (batch {s['batch']})", s["rounds"],
+                     f"{s['mxnet_forward_s']:.3f}", f"{s['numpy_forward_s']:.3f}",
+                     f"{s['statistics_pass_s']:.3f}",
+                     f"{s['statistics_pass_s'] / s['numpy_forward_s']:.2f}x",
+                     f"{s['statistics_pass_s'] / s['mxnet_forward_s']:.2f}x"])
+    lines += table(["model", "images", "rounds", "MXNet fp32 fwd", "numpy float fwd",
+                    "statistics pass", "stats / numpy fwd", "stats / MXNet fwd"], rows)
+    lines += ["", "Compile (int8, " + (ok[0]["options"] if ok else "") + "), seconds; peak "
+              "resident memory of the model's process, MB", ""]
+    rows = []
+    for r in ok:
+        for batch, b in r["batches"].items():
+            rows.append([r["model"], batch, f"{b['cold_compile_s']:.1f}",
+                         f"{b['warm_compile_s']:.2f}", f"{b['library_mb']:.1f}",
+                         f"{r['rss_mb']['statistics']:.0f}", f"{r['rss_mb'][f'batch {batch}']:.0f}"])
+    lines += table(["model", "batch", "cold compile", "warm (cache hit)", "library MB",
+                    "peak RSS after stats", "peak RSS after this batch"], rows)
+    lines += ["", "Floors (issue 5)", ""]
+    lines += floors(ok)
+    if notes or any("error" in r for r in results):
+        lines += [""] + [f"note: {n}" for n in notes]
+        lines += [f"note: {r['model']}: {r['error']}" for r in results if "error" in r]
+    return lines
+
+
+def floors(results: list) -> list:
+    def verdict(value, limit, higher_is_better):
+        good = value >= limit if higher_is_better else value <= limit
+        return "met" if good else "NOT met"
+
+    lines = []
+    by_name = {r["model"]: r for r in results}
+    r50 = by_name.get(FLOOR_MODEL)
+    if r50 and "16" in r50["batches"]:
+        b = r50["batches"]["16"]
+        ratio = b["tvm_int8"]["images_per_s"] / b["mxnet_fp32"]["images_per_s"]
+        lines.append(f"- {FLOOR_MODEL} b16 int8 / MXNet fp32 images/s: {ratio:.2f}x "
+                     f"(floor >= {FLOOR_INT8_RATIO}x): {verdict(ratio, FLOOR_INT8_RATIO, True)}")
+    if r50:
+        worst_cold = max(b["cold_compile_s"] for b in r50["batches"].values())
+        worst_warm = max(b["warm_compile_s"] for b in r50["batches"].values())
+        lines.append(f"- {FLOOR_MODEL} cold compile, slowest batch size: {worst_cold:.1f} s "
+                     f"(floor <= {FLOOR_COLD_S:.0f} s): {verdict(worst_cold, FLOOR_COLD_S, False)}")
+        lines.append(f"- {FLOOR_MODEL} warm compile, slowest batch size: {worst_warm:.2f} s "
+                     f"(floor <= {FLOOR_WARM_S:.0f} s): {verdict(worst_warm, FLOOR_WARM_S, False)}")
+    for r in results:
+        s = r["statistics"]
+        for engine in ("numpy", "mxnet"):
+            ratio = s["statistics_pass_s"] / s[f"{engine}_forward_s"]
+            what = "numpy float interpreter" if engine == "numpy" else "MXNet fp32"
+            lines.append(f"- {r['model']} statistics pass / {what} forward: {ratio:.2f}x "
+                         f"(floor <= {FLOOR_STATS_RATIO}x): "
+                         f"{verdict(ratio, FLOOR_STATS_RATIO, False)}")
+    return lines
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    names = ("apache-tvm", "mxnet", "numpy")
+    found = []
+    for n in names:
+        try:
+            found.append(f"{n} {md.version(n)}")
+        except md.PackageNotFoundError:
+            pass
+    from qcal import __version__
+
+    return ", ".join([f"qcal {__version__}", *found, f"python {platform.python_version()}"])
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"default: {' '.join(IMAGENET_MODELS + EMBEDDED_MODELS)}")
+    p.add_argument("--quick", action="store_true",
+                   help="resnet18_v1 and the embedded models, fewer rounds and images")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--stat-images", type=int, default=32,
+                   help="images in the statistics pass and the float forwards (ImageNet models)")
+    p.add_argument("--stat-images-embedded", type=int, default=512,
+                   help="the same for the embedded Fashion-MNIST models")
+    p.add_argument("--stat-batch", type=int, default=16)
+    p.add_argument("--min-stat-seconds", type=float, default=2.0,
+                   help="repeat the statistics rounds (best counts) while they total less")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--round-seconds", type=float, default=1.5)
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, help="also write every measurement here")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models = args.models or ["resnet18_v1", *EMBEDDED_MODELS]
+        args.rounds, args.round_seconds, args.stat_images = 3, 1.0, 16
+        args.stat_images_embedded = 128
+    args.models = args.models or [*IMAGENET_MODELS, *EMBEDDED_MODELS]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        args.model = args.child
+        Path(args.child_out).write_text(json.dumps(bench_model(args)))
+        return 0
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+            "threads": args.threads, "load_start": load_average(), "versions": versions(),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    results, notes = [], []
+    for model in args.models:
+        if model in EMBEDDED_MODELS and not embedded_weights_present(model):
+            notes.append(f"{model} skipped: weights/fashion-mnist/{model}.params is not there "
+                         f"(still training?)")
+            continue
+        log(f"{model} (load average {load_average()})")
+        results.append(run_child(model, args))
+    meta["load_end"] = load_average()
+    lines = report(results, notes, meta)
+    print("\n".join(lines))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "notes": notes},
+                                        indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
