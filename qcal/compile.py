@@ -13,7 +13,9 @@ and the versions of qcal and TVM with a digest of the code that lowers the modul
 (``tvm_adapter.py``, ``schedules.py``: a changed schedule must not be served from an old library).
 A hit loads the ``.so`` and skips ``tvm.compile`` altogether; files are written atomically
 (a temporary file in the same folder, then ``os.replace``), so a crash or a concurrent compile never
-leaves a half-written library under a real key.
+leaves a half-written library under a real key. The folder is kept under ``$QCAL_CACHE_MAX_MB``
+(default 4096): after each store the least recently used libraries (a hit refreshes a file's
+modification time) are removed until it fits, the one just written excepted.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ CACHE_ENV = "QCAL_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path(".qcal-cache/compiled")
 FROM_ENVIRONMENT = "from-environment"  # cache_dir default: $QCAL_CACHE_DIR, else DEFAULT_CACHE_DIR
 LOWERING_SOURCES = ("tvm_adapter.py", "schedules.py")
+SIZE_ENV = "QCAL_CACHE_MAX_MB"
+DEFAULT_MAX_MB = 4096.0  # a ResNet-50 int8 library is ~47 MB
 
 
 def resolve_cache_dir(cache_dir=FROM_ENVIRONMENT) -> Path | None:
@@ -92,6 +96,34 @@ def _store(executable, path: Path):
         raise
 
 
+def cache_limit_bytes() -> float:
+    value = os.environ.get(SIZE_ENV)
+    try:
+        return float(value) * 2 ** 20 if value else DEFAULT_MAX_MB * 2 ** 20
+    except ValueError:
+        raise UsageProblem(f"{SIZE_ENV} must be a number of megabytes, not {value!r}") from None
+
+
+def evict(folder: Path, keep: Path):
+    """Remove the least recently used libraries until the folder fits the size limit."""
+    limit = cache_limit_bytes()
+    entries = []
+    for p in folder.glob("*.so"):
+        if p.name.startswith(".") or p == keep:
+            continue  # temporary files of a compile in progress; the library just written
+        try:
+            st = p.stat()
+        except FileNotFoundError:  # removed by a concurrent process
+            continue
+        entries.append((st.st_mtime, st.st_size, p))
+    total = sum(size for _, size, _ in entries) + keep.stat().st_size
+    for _, size, p in sorted(entries):
+        if total <= limit:
+            break
+        p.unlink(missing_ok=True)
+        total -= size
+
+
 def build_cached(mod, name: str, target, batch_size: int, use_schedules: bool,
                  cache_dir=FROM_ENVIRONMENT):
     """(VM ``main``, BuildRecord) for a Relax module: loaded from the cache when its key is
@@ -108,6 +140,7 @@ def build_cached(mod, name: str, target, batch_size: int, use_schedules: bool,
         if path.is_file():
             try:
                 main = tvm_adapter.vm_main(tvm_adapter.load_library(path))
+                os.utime(path)  # recently used: evicted last
                 return main, BuildRecord(path, True, time.perf_counter() - start)
             except Exception as exc:  # a damaged file is rebuilt, never trusted
                 log.warning("compile cache: cannot load %s (%s); recompiling", path,
@@ -116,6 +149,7 @@ def build_cached(mod, name: str, target, batch_size: int, use_schedules: bool,
     if path is not None:
         try:
             _store(executable, path)
+            evict(folder, keep=path)
         except Exception as exc:  # the cache only saves time: compiling still succeeded
             log.warning("compile cache: cannot write %s (%s)", path, exc)
             path = None

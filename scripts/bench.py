@@ -247,20 +247,23 @@ def table(header, rows) -> list:
     return lines
 
 
+def rate(r: dict) -> str:
+    return f"{r['images_per_s']:.1f} ({r['best_images_per_s']:.1f})"
+
+
 def report(results: list, notes: list, meta: dict) -> list:
     ok = [r for r in results if "error" not in r]
     lines = [f"qcal bench {meta['date']}: {meta['machine'].get('cpu', '?')}, "
              f"{meta['machine']['cores']} cores ({', '.join(meta['machine'].get('isa', []))}), "
              f"threads {meta['threads']} (MXNet OpenMP and TVM), "
              f"load average {meta['load_start']} at start, {meta['load_end']} at end",
-             f"versions: {meta['versions']}", ""]
+             f"versions: {meta['versions']}", f"command: {meta['command']}", ""]
     lines += ["Throughput, images/s (median of alternating rounds; best round in brackets)", ""]
     rows = []
     for r in ok:
         for batch, b in r["batches"].items():
             m, t = b["mxnet_fp32"], b["tvm_int8"]
-            rows.append([r["model"], batch, f"{m['images_per_s']:.1f} ({m['best_images_per_s']:.1f})",
-                         f"{t['images_per_s']:.1f} ({t['best_images_per_s']:.1f})",
+            rows.append([r["model"], batch, rate(m), rate(t),
                          f"{t['images_per_s'] / m['images_per_s']:.2f}x",
                          f"{b['top1_agreement']:.0%}"])
     lines += table(["model", "batch", "MXNet fp32", "qcal int8 (TVM)", "int8 / fp32",
@@ -284,7 +287,8 @@ def report(results: list, notes: list, meta: dict) -> list:
         for batch, b in r["batches"].items():
             rows.append([r["model"], batch, f"{b['cold_compile_s']:.1f}",
                          f"{b['warm_compile_s']:.2f}", f"{b['library_mb']:.1f}",
-                         f"{r['rss_mb']['statistics']:.0f}", f"{r['rss_mb'][f'batch {batch}']:.0f}"])
+                         f"{r['rss_mb']['statistics']:.0f}",
+                         f"{r['rss_mb'][f'batch {batch}']:.0f}"])
     lines += table(["model", "batch", "cold compile", "warm (cache hit)", "library MB",
                     "peak RSS after stats", "peak RSS after this batch"], rows)
     lines += ["", "Floors (issue 5)", ""]

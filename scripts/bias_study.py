@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Issue 3's bias study: where, and why, short biases lose accuracy, measured layer by layer.
 
-    python scripts/bias_study.py fmnist_vgg11_bn --images 256 --calib-images 256
+    python scripts/bias_study.py fmnist_vgg11_bn --images 1000 --calib-images 500 --ablate-images 500
     python scripts/bias_study.py weights/efficientnet-lite0/efficientnet_lite0.onnx \\
-        --data data/imagenet-samples --images 10 --calib-range 10:20 --batch-size 5
+        --data data/imagenet-samples --images 10 --calib-range 10:20 --batch-size 5 \\
+        --ablate-images 4 --ablate-base pc-b32acc
 
 Pipeline position: a diagnostic on top of the driver (``qcal.pipeline.ModelSession``: import,
 one calibration pass, realize) and the two numpy interpreters (``qcal.float_reference.run_float``,
@@ -26,12 +27,18 @@ Per layer with a bias (conv, depthwise conv, dense, channel_affine) it reports
 - the bias error as added (max over channels, in accumulator LSBs and relative to the float
   output's standard deviation) and the SQNR that bias error alone would leave at that layer
   (``bias-only SQNR``: mean square of the float output over the mean square bias error; the
-  error is a constant per channel, so this needs no second run);
+  error is a constant per channel, so this needs no second run), and the bias's share of the
+  output's energy;
 - the SQNR of the integer model's layer output against the float model's on real images, for
   every variant. This is cumulative (upstream errors included); the per-tensor variants differ
-  only in their biases.
-Then the top-1 of every variant, of "float with B-bit biases" (only the biases quantized: the
-bias's own share of the accuracy loss), and a summary naming the layers that lose most at 8 bits.
+  only in their biases, and "excess SQNR" is the SQNR the noise a short bias ADDS over the
+  int32-acc variant's would leave on its own;
+- the same cumulative SQNR for "float+bB": the float model with only its biases quantized to B
+  bits (the bias's own share, without any interaction with int8 rounding);
+- with ``--ablate-images N``: the int32-acc model given ONE layer's 8-bit bias at a time
+  (``single_bias_variant``), its logit noise and top-1 changes: which layer's bias matters.
+Then the top-1 of every variant and of float+bB, and a summary naming the layers that lose most
+at 8 bits, with the measured reasons (``reasons``).
 """
 from __future__ import annotations
 
@@ -136,6 +143,13 @@ def bias_only_sqnr_db(output_mean_square: float, bias_error) -> float:
     """SQNR of a layer output whose only error is the per-channel constant ``bias_error``
     (every channel has as many elements, so the noise power is the mean of the squares)."""
     return sqnr_db(output_mean_square, float(np.mean(np.square(bias_error))))
+
+
+def bias_share(bias, output_mean_square: float) -> float:
+    """mean(b**2) / mean(y**2): how large the bias is next to the output it is part of. Above 1,
+    the bias mostly cancels the accumulator's mean (a folded BatchNorm's -gamma*mean/std does),
+    so a small relative error in the bias is a large relative error in the output."""
+    return float(np.mean(np.square(np.asarray(bias, np.float64))) / output_mean_square)
 
 
 def excess_sqnr_db(signal_energy: float, noise_energy: float, reference_noise: float) -> float:
@@ -418,7 +432,7 @@ def layer_row(study: Study, node: Node) -> dict:
     row = {"layer": short_name(node.name), "name": node.name, "kind": layer_kind(node),
            "channels": len(bias), "bias_absmax": float(np.abs(bias).max(initial=0.0)),
            "spread": bias_spread(bias), "zeroed8": rounded_to_zero(bias, 8),
-           "out_std": energy.std}
+           "out_std": energy.std, "bias_share": bias_share(bias, energy.mean_square)}
     for bits in BIAS_BITS:
         row[f"step{bits}"] = bias_step(bias, bits)
         row[f"bias_only_sqnr{bits}"] = bias_only_sqnr_db(
@@ -460,7 +474,8 @@ def sqnr_table(rows, labels) -> list:
 
 
 def why_table(rows, labels, ablation) -> list:
-    header = ["layer", "kind", "max/med abs(b)", "b=0 at b8", "acc<<k b8", "acc<<k b16",
+    header = ["layer", "kind", "max/med abs(b)", "b=0 at b8", "mean b^2 / mean y^2",
+              "acc<<k b8", "acc<<k b16",
               "err b8 (acc LSB)", "err b8 / out std", "bias-only SQNR b8", "b9", "b16",
               "float+b8 SQNR", "int b8 excess SQNR"]
     if ablation is not None:
@@ -470,6 +485,7 @@ def why_table(rows, labels, ablation) -> list:
     body = []
     for r in rows:
         line = [r["layer"], r["kind"], f"{r['spread']:.3g}", f"{r['zeroed8']}/{r['channels']}",
+                f"{r['bias_share']:.2f}",
                 shift_text(r["shift:b8"]), shift_text(r["shift:b16"]),
                 f"{r['err_lsb:b8']:.3g}", f"{r['err_std:b8']:.3g}",
                 db_text(r["bias_only_sqnr8"]), db_text(r["bias_only_sqnr9"]),
@@ -509,12 +525,12 @@ def reasons(row: dict) -> list:
     if row["zeroed8"]:
         why.append(f"{row['zeroed8']} of {row['channels']} channel biases round to 0 "
                    f"(max/median |b| = {row['spread']:.3g} under one power-of-2 scale)")
-    if row["kind"] == "depthwise":
-        why.append("depthwise: each output sums only kh*kw products, so the folded-BN bias is "
-                   "large next to the accumulator and carries much of the output")
+    if row["bias_share"] > 0.25:
+        why.append(f"the bias is large next to the output (mean b^2 = {row['bias_share']:.2f} x "
+                   f"mean y^2{': it cancels the accumulator mean' if row['bias_share'] > 1 else ''})")
     if row["kind"] == "channel_affine":
-        why.append("channel_affine (pre-activation BN): the shift is the whole additive term "
-                   "of x*a+b, next to one int8 x int8 product")
+        why.append("channel_affine (pre-activation BN): its accumulator is a single int8 x int8 "
+                   "product, so the shift is added to the coarsest accumulator of any layer kind")
     return why
 
 
@@ -529,11 +545,14 @@ def summary(study: Study, rows, labels, worst: int = 5) -> list:
     for short, reference in REFERENCE_OF.items():
         if short.endswith("b8") and {short, reference} <= set(labels):
             excess = excess_sqnr_db(logits.signal, logits.noise[short], logits.noise[reference])
+            effect = (f"the 8-bit biases add noise worth {db_text(excess)} dB SQNR at the logits"
+                      if np.isfinite(excess) else
+                      f"the 8-bit biases add no noise at the logits ({short} is the closer to "
+                      f"float32 here)")
             lines.append(
                 f"- {short} vs {reference} ({variant_options(short).weight_granularity} weights): "
                 f"top-1 {top1[short].text()} vs {top1[reference].text()}; logits SQNR "
-                f"{db_text(logits.sqnr(short))} vs {db_text(logits.sqnr(reference))} dB: the 8-bit "
-                f"biases add noise worth {db_text(excess)} dB SQNR at the logits.")
+                f"{db_text(logits.sqnr(short))} vs {db_text(logits.sqnr(reference))} dB: {effect}.")
     lines.append(f"- The same 8-bit biases in the float model alone (float+b8): top-1 "
                  f"{top1['float+b8'].text()} vs float32 {top1['float32'].text()}, logits SQNR "
                  f"{db_text(logits.sqnr('float+b8'))} dB (9 bits: "
@@ -568,6 +587,9 @@ def summary(study: Study, rows, labels, worst: int = 5) -> list:
         by_kind.setdefault(r["kind"], []).append(r)
     lines.append("- Median over layers by kind, 8-bit bias: " + "; ".join(
         f"{k} ({len(v)}): bias-only SQNR {np.median([r['bias_only_sqnr8'] for r in v]):.1f} dB, "
+        f"max/median |b| {np.median([r['spread'] for r in v]):.3g}, "
+        f"{np.median([r['zeroed8'] / r['channels'] for r in v]):.1%} of biases at 0, "
+        f"mean b^2 / mean y^2 {np.median([r['bias_share'] for r in v]):.2f}, "
         f"error {np.median([r['err_lsb:b8'] for r in v]):.3g} acc LSB, "
         f"{np.median([r['err_std:b8'] for r in v]):.3g} output std"
         for k, v in by_kind.items()))
@@ -648,7 +670,10 @@ def main(argv=None):
     except (QcalError, UsageProblem) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    text = "\n".join(report(study)) + "\n"
+    lines = report(study)
+    command = " ".join(["python", "scripts/bias_study.py", *(argv if argv is not None else sys.argv[1:])])
+    lines.insert(2, f"- Command: `{command}`")
+    text = "\n".join(lines) + "\n"
     print(text)
     if args.output:
         args.output.write_text(text)

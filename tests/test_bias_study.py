@@ -230,3 +230,7 @@ def test_unknown_variant_is_refused(bs):
         bs.main(["fmnist_vgg11_bn", "--variants", "b8,b7"])
     assert e.value.code == 2
 
+
+def test_bias_share(bs):
+    # biases 1 and 3 -> mean square 5; output mean square 20 -> a quarter of the energy
+    assert bs.bias_share([1.0, -3.0], 20.0) == pytest.approx(0.25)

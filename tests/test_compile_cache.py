@@ -12,6 +12,7 @@ import pytest
 
 from qcal import compile as qcompile
 from qcal.compile import compile_model
+from qcal.errors import UsageProblem
 
 from test_realize import OPTION_SETS, images, realized, resnet_v1
 
@@ -138,3 +139,16 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     assert qcompile.resolve_cache_dir() == tmp_path
     assert qcompile.resolve_cache_dir(tmp_path / "x") == tmp_path / "x"
     assert qcompile.resolve_cache_dir(None) is None
+
+
+def test_least_recently_used_libraries_are_evicted(qgraph, compiles, tmp_path, monkeypatch):
+    first = compile_model(qgraph, BATCH, cache_dir=tmp_path)
+    size_mb = first.build.library.stat().st_size / 2 ** 20
+    monkeypatch.setenv(qcompile.SIZE_ENV, str(size_mb * 1.5))  # room for one library only
+    second = compile_model(qgraph, 3, cache_dir=tmp_path)
+    assert _libraries(tmp_path) == [second.build.library.name]
+    assert not compile_model(qgraph, BATCH, cache_dir=tmp_path).build.cache_hit
+    assert len(compiles) == 3
+    monkeypatch.setenv(qcompile.SIZE_ENV, "lots")
+    with pytest.raises(UsageProblem, match=qcompile.SIZE_ENV):
+        qcompile.cache_limit_bytes()
