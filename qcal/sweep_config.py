@@ -201,6 +201,7 @@ def _load_sweep_config(path: Path) -> SweepConfig:
 
     batch_size = integer("batch_size", 64, 1)
     seed = integer("seed", 0, 0)
+
     def boolean(key, default):
         if key not in top:
             return default
@@ -243,5 +244,5 @@ def _load_sweep_config(path: Path) -> SweepConfig:
     unique = tuple(dict.fromkeys(variants))
     name = str(_scalar(loc, top["name"][1])) if "name" in top else path.stem
     return SweepConfig(name=name, models=tuple(models), data=data, batch_size=batch_size,
-                       seed=seed, float32=float32, pretrained=pretrained, variants=unique, source_path=str(path),
-                       raw=yaml.safe_load(path.read_text()))
+                       seed=seed, float32=float32, pretrained=pretrained, variants=unique,
+                       source_path=str(path), raw=yaml.safe_load(path.read_text()))
