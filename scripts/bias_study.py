@@ -234,6 +234,7 @@ class Energies:
     count: int = 0
     noise: dict = field(default_factory=dict)
     total: float = 0.0  # sum of the reference (for its standard deviation)
+    error_sums: dict = field(default_factory=dict)  # label -> per-channel sum of the error
 
     def add_reference(self, ref: np.ndarray):
         self.signal += float(np.sum(np.square(ref, dtype=np.float64)))
@@ -243,6 +244,15 @@ class Energies:
     def add_noise(self, label: str, ref: np.ndarray, approx: np.ndarray):
         diff = ref.astype(np.float64) - approx
         self.noise[label] = self.noise.get(label, 0.0) + float(np.sum(diff * diff))
+        axes = tuple(a for a in range(diff.ndim) if a != 1)
+        self.error_sums[label] = self.error_sums.get(label, 0.0) + diff.sum(axis=axes)
+
+    def dc_share(self, label: str) -> float:
+        """The share of the noise energy that is a constant per channel (the part a corrected
+        bias could remove): sum over channels of n_c * mean_c**2, over the noise energy."""
+        sums = np.asarray(self.error_sums[label])
+        per_channel = self.count / sums.size
+        return float(np.sum(np.square(sums)) / per_channel / self.noise[label])
 
     @property
     def mean_square(self) -> float:
@@ -445,6 +455,7 @@ def layer_row(study: Study, node: Node) -> dict:
         row[f"shift:{label}"] = added.acc_shift
         row[f"err_lsb:{label}"] = float(added.error_lsb.max())
         row[f"err_std:{label}"] = float(added.error.max() / energy.std) if energy.std else np.inf
+        row[f"dc:{label}"] = energy.dc_share(label)
     for label, reference in REFERENCE_OF.items():
         if label in study.qgraphs and reference in study.qgraphs:
             row[f"excess:{label}"] = excess_sqnr_db(energy.signal, energy.noise[label],
@@ -477,7 +488,7 @@ def why_table(rows, labels, ablation) -> list:
     header = ["layer", "kind", "max/med abs(b)", "b=0 at b8", "mean b^2 / mean y^2",
               "acc<<k b8", "acc<<k b16",
               "err b8 (acc LSB)", "err b8 / out std", "bias-only SQNR b8", "b9", "b16",
-              "float+b8 SQNR", "int b8 excess SQNR"]
+              "float+b8 SQNR", "int b8 excess SQNR", "DC share of error b32acc", "b8"]
     if ablation is not None:
         header += ["logits SQNR, only this bias b8", "logit noise change (dB)", "top-1 moved"]
     if "pc-b8" in labels:
@@ -490,7 +501,7 @@ def why_table(rows, labels, ablation) -> list:
                 f"{r['err_lsb:b8']:.3g}", f"{r['err_std:b8']:.3g}",
                 db_text(r["bias_only_sqnr8"]), db_text(r["bias_only_sqnr9"]),
                 db_text(r["bias_only_sqnr16"]), db_text(r["float_sqnr8"]),
-                db_text(r["excess:b8"])]
+                db_text(r["excess:b8"]), f"{r['dc:b32acc']:.2f}", f"{r['dc:b8']:.2f}"]
         if ablation is not None:
             line += ([db_text(r["ablation_sqnr"]), f"{r['ablation_change']:+.2f}",
                       r["ablation_changed"]] if "ablation_sqnr" in r else ["-", "-", "-"])
@@ -593,6 +604,10 @@ def summary(study: Study, rows, labels, worst: int = 5) -> list:
         f"error {np.median([r['err_lsb:b8'] for r in v]):.3g} acc LSB, "
         f"{np.median([r['err_std:b8'] for r in v]):.3g} output std"
         for k, v in by_kind.items()))
+    lines.append(f"- Share of the b32acc layer error that is a constant per channel (what bias "
+                 f"correction could remove): median {np.median([r['dc:b32acc'] for r in rows]):.2f}, "
+                 f"max {max(r['dc:b32acc'] for r in rows):.2f}; with 8-bit biases median "
+                 f"{np.median([r['dc:b8'] for r in rows]):.2f}.")
     if ab is not None and ab.noise:
         single = sum(ab.noise[n] - ab.base_noise for n in ab.noise)
         lines.append(f"- Ablation images: the {ab.base} model's logit noise rises by "

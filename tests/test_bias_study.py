@@ -113,6 +113,17 @@ class TestSqnr:
         assert e.sqnr("v") == pytest.approx(10 * np.log10(12))
         assert e.std == pytest.approx(np.std([1.0, -1.0, 2.0, 0.0]))
 
+    def test_dc_share(self, bs):
+        e = bs.Energies()
+        ref = np.zeros((2, 2, 1, 2))  # N C H W
+        approx = np.zeros_like(ref)
+        approx[:, 0] = 0.5  # channel 0: a constant error, all of it DC
+        approx[:, 1, 0] = [[1.0, -1.0], [1.0, -1.0]]  # channel 1: zero-mean error
+        e.add_reference(ref)
+        e.add_noise("v", ref, approx)
+        # DC energy 4 * 0.25 = 1 of a noise energy 1 + 4 = 5
+        assert e.dc_share("v") == pytest.approx(0.2)
+
 
 class TestTextHelpers:
     @pytest.mark.parametrize("name, short", [
