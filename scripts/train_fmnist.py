@@ -44,6 +44,28 @@ def evaluate_float32(model_name, params_path):
     return result.top1, result.top5
 
 
+def recalibrate_input_batchnorm(net, x_train) -> dict | None:
+    """Give a BatchNorm applied to the raw input the statistics of the training data.
+
+    MXNet updates BatchNorm running statistics in the backward pass (NOTES); the input of the
+    network needs no gradient, so ResNet v2's parameter-free input BatchNorm keeps mean 0 / var 1
+    for ever while training normalises with batch statistics. On zero-padded, normalised
+    Fashion-MNIST the data have mean -0.19 and variance 0.88, not 0 / 1: without this step
+    fmnist_resnet56_v2 scored 72.4 % top-1 in inference mode. Returns what was set, or None.
+    """
+    import mxnet as mx
+    from mxnet.gluon import nn
+
+    first = net.features[0] if hasattr(net, "features") else None
+    if not isinstance(first, nn.BatchNorm):
+        return None
+    mean = x_train.mean(axis=(0, 2, 3), dtype=np.float64)
+    var = x_train.var(axis=(0, 2, 3), dtype=np.float64)
+    first.running_mean.set_data(mx.nd.array(mean))
+    first.running_var.set_data(mx.nd.array(var))
+    return {"layer": first.name, "running_mean": mean.tolist(), "running_var": var.tolist()}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, choices=EMBEDDED_MODELS)
@@ -56,7 +78,27 @@ def main():
     parser.add_argument("--out-dir", type=Path, default=EMBEDDED_WEIGHTS_DIR)
     parser.add_argument("--evaluate-only", action="store_true",
                         help="re-score the saved weights and update the JSON record; no training")
+    parser.add_argument("--fix-input-bn", action="store_true",
+                        help="apply recalibrate_input_batchnorm to the saved weights (for weights "
+                             "trained before it was part of training), then re-score")
     args = parser.parse_args()
+    if args.fix_input_bn:
+        from qcal.models import load_model
+
+        params_path = args.out_dir / f"{args.model}.params"
+        net = load_model(args.model, params=params_path)
+        images, _ = fashion_mnist.load_split(args.data_dir, "train")
+        fixed = recalibrate_input_batchnorm(net, fashion_mnist.preprocess(images[:-CALIB_HOLDOUT]))
+        net.save_parameters(str(params_path))
+        record_path = args.out_dir / f"{args.model}.json"
+        record = json.loads(record_path.read_text())
+        record["input_batchnorm_recalibrated"] = fixed
+        record["commands"] = [record["command"], "python scripts/train_fmnist.py " +
+                              " ".join(sys.argv[1:])]
+        record["float32_test_top1_before_fix"] = record["float32_test_top1"]
+        record["sha256"] = hashlib.sha256(params_path.read_bytes()).hexdigest()
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        args.evaluate_only = True
     if args.evaluate_only:
         record_path = args.out_dir / f"{args.model}.json"
         record = json.loads(record_path.read_text())
@@ -110,6 +152,7 @@ def main():
                 print(f"step {step}/{total_steps} loss {loss.mean().asscalar():.4f} "
                       f"{rate:.0f} img/s", flush=True)
 
+    input_bn = recalibrate_input_batchnorm(net, x_train)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     params_path = args.out_dir / f"{args.model}.params"
     tmp = params_path.with_suffix(".params.tmp")
@@ -123,6 +166,7 @@ def main():
         "lr": args.lr, "wd": args.wd, "train_images": int(len(x_train)),
         "calib_holdout": f"last {CALIB_HOLDOUT} images of the training split",
         "float32_test_top1": top1, "float32_test_top5": top5, "eval_batch_size": EVAL_BATCH_SIZE,
+        "input_batchnorm_recalibrated": input_bn,
         "train_seconds": round(time.time() - start, 1),
         "mxnet": mx.__version__, "numpy": np.__version__,
         "sha256": hashlib.sha256(params_path.read_bytes()).hexdigest(),
