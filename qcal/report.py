@@ -20,7 +20,7 @@ def format_markdown(table: pd.DataFrame) -> str:
         if isinstance(value, float):
             if np.isnan(value):
                 return ""
-            if column == "mcnemar_p":
+            if column == "mcnemar_p" or column.startswith("kl"):
                 return f"{value:.3g}"
             if column in ("lost", "gained"):
                 return f"{value:.0f}"
