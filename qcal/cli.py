@@ -24,6 +24,9 @@ def _translate_errors(func):
             raise click.UsageError(str(exc)) from None
         except QcalError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a file qcal was asked to read or write: name it, no traceback
+            where = exc.filename or ""
+            raise click.ClickException(f"{where}: {exc.strerror or exc}") from None
     return wrapper
 
 

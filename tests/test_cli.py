@@ -165,3 +165,12 @@ def test_calibration_file_of_another_model_is_refused(tmp_path):
 def test_bad_quantization_options_exit_2(args, message):
     result = invoke("evaluate", "--model", "fmnist_vgg11_bn", *args)
     assert result.exit_code == 2 and message in result.output
+
+
+def test_unwritable_output_is_one_line_exit_1(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = invoke("calibrate", "--model", "fmnist_vgg11_bn", "--calib-images", 8, "--bins", 0,
+                    "--output", blocker / "c.npz", "--quiet")
+    assert result.exit_code == 1
+    assert result.output.startswith("Error: ") and "Traceback" not in result.output
