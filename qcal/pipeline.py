@@ -212,7 +212,8 @@ class ModelSession:
         result, fidelity = self._run_selections(compiled.run, options.label, self.plan(True))
         layers = self.layer_sqnr(qgraph)
         worst = min(layers, key=lambda r: r["sqnr_db"]) if layers else None
-        extra = {"compile_seconds": round(compile_seconds, 2), "counts": qgraph.counts(),
+        extra = {"compile_seconds": round(compile_seconds, 2),
+                 "compile_cache_hit": compiled.build.cache_hit, "counts": qgraph.counts(),
                  "overflow_adjustments": [str(a) for a in qgraph.adjustments],
                  "calibration": {"source": self.calibration.source,
                                  "images": self.calibration.num_images},

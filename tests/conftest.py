@@ -1,8 +1,15 @@
 """Fixtures that make small but real inputs on disk: JPEG class folders, RecordIO files."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import numpy as np
 import pytest
+
+# Compiled libraries go to a cache private to this test run: no test is served a library built by
+# an earlier run or by a sweep in the working tree.
+os.environ["QCAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="qcal-test-compiled-")
 
 
 def write_jpeg(path, rng, size=(40, 56)):

@@ -234,3 +234,16 @@ def test_calibrate_an_imported_gluon_model(tmp_path):
         assert 0 < result.amax(name, "l2") <= s["amax"]
     result.save(tmp_path / "r.npz")
     CalibrationResult.load(tmp_path / "r.npz", graph, methods=("kl", "l2", "percentile"))
+
+
+def test_chunked_collect_matches_whole_tensor_binning():
+    rng = np.random.RandomState(0)
+    x = (rng.randn(3, 301, 299, 5).astype(np.float32) * 3).transpose(0, 3, 1, 2)  # NHWC strides
+    x[0, :, :200] = 0  # memory starts with more than one chunk of zeros
+    h = AbsHistogram(bins=8192)
+    h.collect(x)
+    amax = float(np.abs(x).max())
+    top = 2.0 ** (np.floor(np.log2(amax)) + 1)
+    want = np.bincount((np.abs(x).ravel() * (8192 / top)).astype(np.int64), minlength=8192)
+    assert h.range == top and np.array_equal(h.counts, want)
+    assert h.zeros == x.size - np.count_nonzero(x) and h.amax == amax
