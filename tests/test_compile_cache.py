@@ -98,7 +98,7 @@ def test_another_batch_size_misses(qgraph, x, compiles, tmp_path):
 
 
 def test_no_cache_dir_compiles_every_time_and_writes_nothing(qgraph, compiles, tmp_path,
-                                                            monkeypatch):
+                                                             monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default folder would be under the working directory
     monkeypatch.delenv(qcompile.CACHE_ENV, raising=False)
     model = compile_model(qgraph, BATCH, cache_dir=None)
