@@ -7,6 +7,7 @@ statistics (one pass over the calibration images) and the float32 result.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -58,8 +59,9 @@ class ModelSession:
             self._net = load_model(self.model, params=self.params, pretrained=self.pretrained)
         return self._net
 
-    @property
+    @functools.cached_property
     def identity(self) -> dict:
+        """What the weights are, read once: a file replaced mid-sweep cannot mislabel results."""
         weights = self.params or self.spec.embedded_params or (
             self.model if self.spec.family == "onnx" else None)
         return {"name": self.model,

@@ -343,8 +343,11 @@ def measure(session, labels=tuple(VARIANTS), batch_size: int = 32, progress=prin
             values = run_integer(qgraph, x, keep="all")
             for name in names:
                 v = values[name]
-                energies[name].add_noise(
-                    label, ref[name], v * channel_view(qgraph.node(name).scale, v.ndim))
+                node = qgraph.node(name)
+                # a layer this variant keeps in float (ResNet v2's BatchNorm on the image) is
+                # already a real value; integer layers are dequantized with their scale
+                real = v if node.scale is None else v * channel_view(node.scale, v.ndim)
+                energies[name].add_noise(label, ref[name], real)
             logits = values[qgraph.output.name]
             energies["logits"].add_noise(label, ref[out], logits)
             top1[label].add(logits, y, float_top1)
