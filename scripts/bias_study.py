@@ -625,7 +625,9 @@ def summary(study: Study, rows, labels, worst: int = 5) -> list:
 
 def report(study: Study) -> list:
     labels = list(study.qgraphs)
-    rows = [layer_row(study, n) for n in study.layers]
+    # a layer every variant keeps in float (ResNet v2's BatchNorm on the image) has no integer bias
+    rows = [layer_row(study, n) for n in study.layers
+            if any(q.node(n.name).is_int for q in study.qgraphs.values())]
     lines = [f"## {study.model}", "",
              f"- Evaluation: {study.plan['evaluation']}",
              f"- Calibration: {study.plan['calibration']}",
