@@ -19,6 +19,7 @@ source's identity, the indices and the preprocessing, so a sweep decodes each im
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -84,7 +85,7 @@ class ImageSource:
         return {"kind": self.kind, **self.identity, "preprocessing": self.preprocessing}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -109,10 +110,10 @@ class FashionMNISTSource(ImageSource):
     def decode(self, indices):
         return fashion_mnist.preprocess(self._images[np.asarray(indices, dtype=np.int64)])
 
-    @property
+    @functools.cached_property  # read once: cache keys ask for it every batch
     def identity(self):
         path = self.directory / f"{self.split}-images-idx3-ubyte.gz"
-        return {"split": self.split, "path": str(path), "sha256": _sha256_file(path)[:16]}
+        return {"split": self.split, "path": str(path), "sha256": sha256_file(path)[:16]}
 
     @property
     def preprocessing(self):
@@ -212,7 +213,7 @@ class ImageFolderSource(_DecodedImageSource):
         return np.stack([self._preprocess(self._decode_bytes(*self.raw(i)))
                          for i in indices]).astype(np.float32)
 
-    @property
+    @functools.cached_property  # read once: cache keys ask for it every batch
     def identity(self):
         h = hashlib.sha256()
         for f in self._files:
@@ -257,7 +258,7 @@ class RecordIOSource(_DecodedImageSource):
         return np.stack([self._preprocess(self._decode_bytes(*self.raw(i)))
                          for i in indices]).astype(np.float32)
 
-    @property
+    @functools.cached_property  # read once: cache keys ask for it every batch
     def identity(self):
         st_rec, st_idx = self.rec_path.stat(), self.idx_path.stat()
         return {"path": str(self.rec_path.resolve()),

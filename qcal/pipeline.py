@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .datasets import IMAGENET_PREPROCESSING, BatchCache, iter_batches, plan_data
+from .datasets import IMAGENET_PREPROCESSING, BatchCache, iter_batches, plan_data, sha256_file
 from .errors import QcalError
 from .evaluate import MXNetFloatRunner, evaluate
 from .models import get_spec, load_model, onnx_preprocessing
@@ -26,10 +25,10 @@ DEFAULT_CACHE_DIR = Path(".qcal-cache/batches")
 SQNR_IMAGES = 16  # per-layer SQNR runs the numpy references: a few images say enough
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path, what: str = "weights file") -> str:
     if not Path(path).is_file():
-        raise QcalError(f"weights file not found: {path}")
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+        raise QcalError(f"{what} not found: {path}")
+    return sha256_file(path)[:16]
 
 
 class ModelSession:
@@ -65,7 +64,7 @@ class ModelSession:
         weights = self.params or self.spec.embedded_params or (
             self.model if self.spec.family == "onnx" else None)
         return {"name": self.model,
-                "weights_sha256": _file_digest(weights) if weights else "model-store",
+                "weights_sha256": file_digest(weights) if weights else "model-store",
                 "pretrained": self.pretrained}
 
     @property

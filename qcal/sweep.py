@@ -140,8 +140,9 @@ def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
                 "model": session.identity, "variant": None if options is None else options.to_dict(),
                 "data": session.plan_description(needs_calibration=options is not None),
                 "batch_size": config.batch_size, "qcal": __version__,
-                "calibration_file": (hashlib.sha256(Path(config.calibration_file).read_bytes())
-                                     .hexdigest()[:16] if config.calibration_file else None),
+                "calibration_file": (pipeline.file_digest(config.calibration_file,
+                                                          "calibration file")
+                                     if config.calibration_file else None),
             }
             key = store.key(description)
             if store.load(key) is not None:
