@@ -1,9 +1,10 @@
 """Calibrate stage: one statistics pass over the calibration images, then every method's ranges.
 
 Pipeline position: import -> annotate -> **calibrate** -> realize -> compile. ``collect_statistics``
-runs the float reference (``qcal.float_reference.run_float``) once over the calibration batches
-and accumulates, for every tensor of the graph (the input included), its signed min/max, abs-max
-and a histogram of |x|. ``CalibrationResult`` turns those statistics into each activation
+runs the float model once over the calibration batches (``qcal.tensor_sources``: MXNet's own
+executor for Gluon models, the numpy interpreter of the graph otherwise) and accumulates, for
+every tensor of the graph (the input included), its signed min/max, abs-max, exact-zero count
+and a histogram of |x| (binned by the TIR kernel of ``qcal.histogram_tir``). ``CalibrationResult`` turns those statistics into each activation
 method's amax (``qcal.calib_methods``), and is saved to / loaded from one ``.npz`` file so that
 compile and evaluate never touch the calibration data again.
 
@@ -30,7 +31,7 @@ from .calib_methods import (CALIBRATION_METHODS, HISTOGRAM_METHODS, TensorStats,
                             method_options)
 from .config import QuantOptions
 from .errors import QcalError, UsageProblem
-from .float_reference import run_float
+from .tensor_sources import GraphInterpreter
 
 DEFAULT_HISTOGRAM_BINS = 8192
 HISTOGRAM_CHUNK = 1 << 18  # elements per histogram step: 1 MB float32 + 2 MB int64 buffers
@@ -53,7 +54,9 @@ class AbsHistogram:
         self.count = 0
         self.zeros = 0
 
-    def collect(self, x: np.ndarray):
+    def collect(self, x: np.ndarray, kernel=None):
+        """Add every element of ``x``. ``kernel``: a ``qcal.histogram_tir.AbsHistogramKernel``
+        for this many bins, used for float32 data (the numpy path below is its reference)."""
         # Speed matters here: this runs on every tensor of every calibration batch. None of the
         # statistics depends on element order, so the tensor is read in memory order (ravel "K":
         # a view even for the NHWC-in-memory arrays the numpy conv returns, where a C-order ravel
@@ -63,30 +66,42 @@ class AbsHistogram:
         flat = np.asarray(x).ravel(order="K")
         if flat.size == 0:
             raise ValueError("empty tensor")
+        if kernel is not None and flat.dtype != np.float32:
+            kernel = None
         scratch = {}
         pending_zeros = 0  # elements of all-zero leading chunks: bin 0, once a range exists
-        for start in range(0, flat.size, HISTOGRAM_CHUNK):
-            part = flat[start:start + HISTOGRAM_CHUNK]
-            lo, hi = part.min(), part.max()
-            if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates through min/max
-                raise ValueError("non-finite values")
-            self.count += part.size
-            self.zeros += int(np.count_nonzero(part == 0))
-            self.min = min(self.min, float(lo))
-            self.max = max(self.max, float(hi))
-            self.amax = max(self.amax, -float(lo), float(hi))  # = max |x|, exactly
-            if not self.bins:
-                continue
-            if self.amax == 0:
-                pending_zeros += part.size
-                continue
-            if self.range == 0:
-                self.range = 2.0 ** (np.floor(np.log2(self.amax)) + 1)
-            while self.range <= self.amax:
-                self._double_range()
-            self.counts[0] += pending_zeros
-            pending_zeros = 0
-            self.counts += np.bincount(self._bin_index(part, scratch), minlength=self.bins)
+        try:
+            for start in range(0, flat.size, HISTOGRAM_CHUNK):
+                part = flat[start:start + HISTOGRAM_CHUNK]
+                lo, hi = part.min(), part.max()
+                if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates through min/max
+                    raise ValueError("non-finite values")
+                self.count += part.size
+                self.min = min(self.min, float(lo))
+                self.max = max(self.max, float(hi))
+                self.amax = max(self.amax, -float(lo), float(hi))  # = max |x|, exactly
+                if not self.bins or self.amax == 0:
+                    self.zeros += int(np.count_nonzero(part == 0))
+                    if self.bins:
+                        pending_zeros += part.size
+                    continue
+                if self.range == 0:
+                    self.range = 2.0 ** (np.floor(np.log2(self.amax)) + 1)
+                if self.range <= self.amax and kernel is not None:
+                    self.zeros += kernel.flush(self.counts)  # binned at the old factor
+                while self.range <= self.amax:
+                    self._double_range()
+                self.counts[0] += pending_zeros
+                pending_zeros = 0
+                if kernel is not None:
+                    kernel.add(part, self.bins / self.range)  # counts zeros too
+                else:
+                    self.zeros += int(np.count_nonzero(part == 0))
+                    self.counts += np.bincount(self._bin_index(part, scratch),
+                                               minlength=self.bins)
+        finally:
+            if kernel is not None:
+                self.zeros += kernel.flush(self.counts)
 
     def _bin_index(self, part: np.ndarray, scratch: dict) -> np.ndarray:
         """floor(|x| * bins / range) as int64: bins / range is a power of two, so the product is
@@ -133,29 +148,47 @@ class TensorStatistics:
     bins: int
     tensors: dict  # name -> TensorStats
     summaries: dict  # name -> {"amax", "min", "max", "count", "zeros"}
+    engine: str = "qcal numpy float interpreter"  # what computed the float values
 
 
 def collect_statistics(graph, batches, progress: bool = True,
-                       bins: int = DEFAULT_HISTOGRAM_BINS) -> TensorStatistics:
-    """One pass of the float reference over ``batches`` (float32 N x C x H x W arrays).
+                       bins: int = DEFAULT_HISTOGRAM_BINS, source=None) -> TensorStatistics:
+    """One pass over ``batches`` (float32 N x C x H x W arrays) collecting every tensor's
+    statistics. ``source``: where the float values come from (``qcal.tensor_sources``; default
+    the numpy interpreter of ``graph``).
 
     ``bins=0`` collects abs-max/min/max only (enough for global, max, power2).
     """
+    source = source or GraphInterpreter(graph)
     accumulators = {n.name: AbsHistogram(bins) for n in graph.nodes}
+    kernel = _histogram_kernel(bins)
     num_images = 0
     for index, batch in enumerate(_progress(batches, progress, graph.name)):
-        run_float(graph, batch, observe=partial(_observe, accumulators, graph.name, index))
+        source.run(batch, partial(_observe, accumulators, kernel, graph.name, index))
         num_images += len(batch)
     if num_images == 0:
         raise QcalError(f"calibration of '{graph.name}' got no images")
+    missing = [k for k, a in accumulators.items() if a.count == 0]
+    if missing:
+        raise QcalError(f"calibration of '{graph.name}': {source.description} produced no "
+                        f"values for tensor '{missing[0]}'")
     return TensorStatistics(graph.fingerprint(), graph.name, num_images, bins,
                             {k: a.stats() for k, a in accumulators.items()},
-                            {k: a.summary() for k, a in accumulators.items()})
+                            {k: a.summary() for k, a in accumulators.items()},
+                            source.description)
 
 
-def _observe(accumulators, model, batch_index, name, values):
+def _histogram_kernel(bins):
+    if not bins:
+        return None
+    from .histogram_tir import AbsHistogramKernel
+
+    return AbsHistogramKernel(bins)
+
+
+def _observe(accumulators, kernel, model, batch_index, name, values):
     try:
-        accumulators[name].collect(values)
+        accumulators[name].collect(values, kernel)
     except ValueError:
         raise QcalError(f"calibration of '{model}': tensor '{name}' has non-finite values "
                         f"(inf or NaN) in calibration batch {batch_index}") from None
@@ -188,13 +221,15 @@ class CalibrationResult:
     chosen: dict = field(default_factory=dict)  # method -> {tensor -> amax}
     chosen_options: dict = field(default_factory=dict)  # method -> {option -> value}
     source: str = "<memory>"
+    engine: str = "qcal numpy float interpreter"  # what computed the float values
 
     @classmethod
     def from_statistics(cls, statistics: TensorStatistics, options: QuantOptions | None = None,
                         methods=None) -> "CalibrationResult":
         options = options or QuantOptions()
         result = cls(statistics.fingerprint, statistics.model, statistics.num_images,
-                     statistics.bins, statistics.tensors, statistics.summaries)
+                     statistics.bins, statistics.tensors, statistics.summaries,
+                     engine=statistics.engine)
         for method in methods or CALIBRATION_METHODS:
             if method in HISTOGRAM_METHODS and not statistics.bins:
                 continue  # abs-max-only statistics cannot answer it; `require` says so
@@ -255,7 +290,7 @@ class CalibrationResult:
         meta = {"format": FILE_FORMAT, "fingerprint": self.fingerprint, "model": self.model,
                 "num_images": self.num_images, "bins": self.bins, "tensors": names,
                 "summaries": self.summaries, "chosen": self.chosen,
-                "chosen_options": self.chosen_options}
+                "chosen_options": self.chosen_options, "engine": self.engine}
         arrays = {"meta": np.array(json.dumps(meta))}
         if self.bins:
             arrays["counts"] = np.stack([self.tensors[n].counts for n in names])
@@ -296,7 +331,7 @@ class CalibrationResult:
                 tensors[name] = TensorStats(summary["amax"], counts[i], edges, summary["zeros"])
         result = cls(meta["fingerprint"], meta["model"], meta["num_images"], meta["bins"],
                      tensors, meta["summaries"], meta["chosen"], meta["chosen_options"],
-                     source=str(path))
+                     source=str(path), engine=meta.get("engine", "unrecorded"))
         if graph is not None:
             result.check_model(graph)
         for method in methods:
@@ -305,7 +340,7 @@ class CalibrationResult:
 
 
 def calibrate(graph, batches, options: QuantOptions | None = None, progress: bool = True,
-              bins: int = DEFAULT_HISTOGRAM_BINS) -> CalibrationResult:
+              bins: int = DEFAULT_HISTOGRAM_BINS, source=None) -> CalibrationResult:
     """Collect statistics in one pass and choose every method's amax for every tensor."""
-    return CalibrationResult.from_statistics(collect_statistics(graph, batches, progress, bins),
-                                             options)
+    return CalibrationResult.from_statistics(
+        collect_statistics(graph, batches, progress, bins, source), options)

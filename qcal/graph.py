@@ -60,6 +60,10 @@ class Graph:
 
     nodes: list
     name: str = "model"
+    # tensor name -> the source framework's name for the same values (MXNet symbol outputs, set
+    # by the MXNet importer): the calibration pass reads them from MXNet's own executor. Not part
+    # of the fingerprint: it names where values come from, not what the model computes.
+    source_tensors: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
         self.validate()

@@ -153,7 +153,7 @@ def _pool_node(layer, op, x, in_shape, kernel, strides, padding, ceil_mode,
 
 # --- the shared passes ----------------------------------------------------------------------------
 
-def _remove_identities(nodes, output):
+def _remove_identities(nodes):
     alias = {}
     kept = []
     for n in nodes:
@@ -162,7 +162,7 @@ def _remove_identities(nodes, output):
             alias[n.name] = inputs[0]
             continue
         kept.append(Node(n.name, n.op, inputs, n.attrs, n.params))
-    return kept, alias.get(output, output)
+    return kept, alias
 
 
 def _fold_affines(nodes, output):
@@ -186,7 +186,7 @@ def _fold_affines(nodes, output):
             continue
         kept[n.name] = Node(n.name, "channel_affine", inputs, {},
                             {"scale": n.params["scale"], "shift": n.params["shift"]})
-    return list(kept.values()), alias.get(output, output)
+    return list(kept.values()), alias
 
 
 def _fold_into(producer, scale, shift):
@@ -200,13 +200,26 @@ def _fold_into(producer, scale, shift):
                        "bias": bias * scale + shift}
 
 
-def _finish(builder, output):
-    nodes, output = _remove_identities(builder.nodes, output)
-    nodes, output = _fold_affines(nodes, output)
+def _finish(builder, output, sources=()):
+    """The graph, identities removed and affines folded. ``sources``: (node name before those
+    rewrites, the source framework's name for its output), in the source graph's order; the
+    graph's ``source_tensors`` maps each final tensor to the last source output holding its value
+    (a folded conv's value is its BatchNorm's output, an identity's its input's)."""
+    nodes, identity_alias = _remove_identities(builder.nodes)
+    output = identity_alias.get(output, output)
+    nodes, affine_alias = _fold_affines(nodes, output)
+    output = affine_alias.get(output, output)
     nodes = _reachable(nodes, output)
     for n in nodes:  # affines were folded in float64; the graph stores float32
         n.params = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in n.params.items()}
-    return Graph(nodes, builder.name)
+    graph = Graph(nodes, builder.name)
+    present = {n.name for n in nodes}
+    for name, source in sources:
+        name = identity_alias.get(name, name)
+        name = affine_alias.get(name, name)
+        if name in present:
+            graph.source_tensors[name] = source
+    return graph
 
 
 def _reachable(nodes, output):
@@ -416,7 +429,9 @@ def import_mxnet_symbol(symbol, params: dict, input_shape, name: str = "model") 
     if len(heads) != 1:
         raise QcalError(f"model '{name}': {len(heads)} outputs; qcal handles one-output "
                         f"classifiers")
-    return _finish(builder, builder.tensor[heads[0][0]])
+    sources = [(builder.tensor[i], node["name"] if node["op"] == "null" else f"{node['name']}_output")
+               for i, node in enumerate(nodes) if i in builder.tensor]
+    return _finish(builder, builder.tensor[heads[0][0]], sources)
 
 
 def _to_numpy(value):
