@@ -53,6 +53,7 @@ class AbsHistogram:
         self.max = -np.inf
         self.count = 0
         self.zeros = 0
+        self._pending_zeros = 0  # elements seen while everything was zero: bin 0, once R exists
 
     def collect(self, x: np.ndarray, kernel=None):
         """Add every element of ``x``. ``kernel``: a ``qcal.histogram_tir.AbsHistogramKernel``
@@ -69,7 +70,6 @@ class AbsHistogram:
         if kernel is not None and flat.dtype != np.float32:
             kernel = None
         scratch = {}
-        pending_zeros = 0  # elements of all-zero leading chunks: bin 0, once a range exists
         try:
             for start in range(0, flat.size, HISTOGRAM_CHUNK):
                 part = flat[start:start + HISTOGRAM_CHUNK]
@@ -83,7 +83,7 @@ class AbsHistogram:
                 if not self.bins or self.amax == 0:
                     self.zeros += int(np.count_nonzero(part == 0))
                     if self.bins:
-                        pending_zeros += part.size
+                        self._pending_zeros += part.size
                     continue
                 if self.range == 0:
                     self.range = 2.0 ** (np.floor(np.log2(self.amax)) + 1)
@@ -91,8 +91,8 @@ class AbsHistogram:
                     self.zeros += kernel.flush(self.counts)  # binned at the old factor
                 while self.range <= self.amax:
                     self._double_range()
-                self.counts[0] += pending_zeros
-                pending_zeros = 0
+                self.counts[0] += self._pending_zeros
+                self._pending_zeros = 0
                 if kernel is not None:
                     kernel.add(part, self.bins / self.range)  # counts zeros too
                 else:

@@ -292,8 +292,7 @@ def calibrate(model, params, pretrained, data, num_images, calib_data, calib_ran
     `qcal evaluate --calib FILE` reuses the file without touching the data again; it refuses a file
     made for another model.
     """
-    from .calibrate import CalibrationResult, collect_statistics
-    from .datasets import iter_batches
+    from .calibrate import CalibrationResult
     from .pipeline import ModelSession
 
     if output.suffix != ".npz":
@@ -302,9 +301,7 @@ def calibrate(model, params, pretrained, data, num_images, calib_data, calib_ran
                            crop_ratio, mean, std)
     session = ModelSession(model, data_dict, batch_size, params=params, pretrained=pretrained,
                            quiet=quiet, cache_dir=cache_dir)
-    selection = session.plan(True).calibration
-    batches = [x for x, _ in iter_batches(selection, batch_size, session.cache)]
-    stats = collect_statistics(session.graph, batches, progress=not quiet, bins=bins)
+    stats, selection = session.collect_statistics(bins)
     result = CalibrationResult.from_statistics(stats)
     result.save(output)
     click.echo(f"wrote {output}: {len(result.tensors)} tensors, {result.num_images} calibration "

@@ -123,21 +123,34 @@ class ModelSession:
                 self._graph = import_gluon(self.net, self.input_shape, name=self.spec.name)
         return self._graph
 
+    def collect_statistics(self, bins: int | None = None):
+        """One pass over the calibration images (MXNet's executor for Gluon models, the numpy
+        interpreter for ONNX): the statistics and the image selection they came from."""
+        from .calibrate import DEFAULT_HISTOGRAM_BINS, collect_statistics
+        from .tensor_sources import tensor_source
+
+        selection = self.plan(True).calibration
+        batches = [x for x, _ in iter_batches(selection, self.batch_size, self.cache)]
+        start = time.perf_counter()
+        source = tensor_source(self.graph, self.net)
+        statistics = collect_statistics(self.graph, batches, progress=not self.quiet,
+                                        bins=DEFAULT_HISTOGRAM_BINS if bins is None else bins,
+                                        source=source)
+        log.info("%s: statistics over %d calibration images in %.1f s (%s)", self.model,
+                 len(selection), time.perf_counter() - start, source.description)
+        return statistics, selection
+
     @property
     def calibration(self):
         """Every method's ranges: from ``calibration_file``, or one statistics pass."""
         if self._calibration is None:
-            from .calibrate import CalibrationResult, calibrate
+            from .calibrate import CalibrationResult
 
             if self.calibration_file is not None:
                 self._calibration = CalibrationResult.load(self.calibration_file, graph=self.graph)
             else:
-                selection = self.plan(True).calibration
-                batches = [x for x, _ in iter_batches(selection, self.batch_size, self.cache)]
-                start = time.perf_counter()
-                self._calibration = calibrate(self.graph, batches, progress=not self.quiet)
-                log.info("%s: statistics over %d calibration images in %.1f s", self.model,
-                         len(selection), time.perf_counter() - start)
+                self._calibration = CalibrationResult.from_statistics(
+                    self.collect_statistics()[0])
         return self._calibration
 
     def check_calibration_file(self, variants):
