@@ -4,9 +4,10 @@ Pipeline position: import -> annotate -> **calibrate** -> realize -> compile. ``
 runs the float model once over the calibration batches (``qcal.tensor_sources``: MXNet's own
 executor for Gluon models, the numpy interpreter of the graph otherwise) and accumulates, for
 every tensor of the graph (the input included), its signed min/max, abs-max, exact-zero count
-and a histogram of |x| (binned by the TIR kernel of ``qcal.histogram_tir``). ``CalibrationResult`` turns those statistics into each activation
-method's amax (``qcal.calib_methods``), and is saved to / loaded from one ``.npz`` file so that
-compile and evaluate never touch the calibration data again.
+and a histogram of |x| (binned by the TIR kernel of ``qcal.histogram_tir``).
+``CalibrationResult`` turns those statistics into each activation method's amax
+(``qcal.calib_methods``), and is saved to / loaded from one ``.npz`` file so that compile and
+evaluate never touch the calibration data again.
 
 The histogram is built in the same single pass although the final range is not known in
 advance: it has a fixed number of equal bins over [0, R), R being the smallest power of two above

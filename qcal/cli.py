@@ -305,8 +305,8 @@ def calibrate(model, params, pretrained, data, num_images, calib_data, calib_ran
     result = CalibrationResult.from_statistics(stats)
     result.save(output)
     click.echo(f"wrote {output}: {len(result.tensors)} tensors, {result.num_images} calibration "
-               f"images ({selection.describe()['kind']} {selection.start}:{selection.stop}), "
-               f"methods {', '.join(result.methods)}")
+               f"images ({selection.describe()['kind']} {selection.start}:{selection.stop}) "
+               f"through the {result.engine}, methods {', '.join(result.methods)}")
     if plots is not None:
         from .calibration_plots import plot_thresholds
 
