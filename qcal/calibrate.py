@@ -72,37 +72,46 @@ class AbsHistogram:
             kernel = None
         scratch = {}
         try:
-            for start in range(0, flat.size, HISTOGRAM_CHUNK):
-                part = flat[start:start + HISTOGRAM_CHUNK]
-                lo, hi = part.min(), part.max()
-                if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates through min/max
-                    raise ValueError("non-finite values")
-                self.count += part.size
-                self.min = min(self.min, float(lo))
-                self.max = max(self.max, float(hi))
-                self.amax = max(self.amax, -float(lo), float(hi))  # = max |x|, exactly
-                if not self.bins or self.amax == 0:
-                    self.zeros += int(np.count_nonzero(part == 0))
-                    if self.bins:
-                        self._pending_zeros += part.size
-                    continue
-                if self.range == 0:
-                    self.range = 2.0 ** (np.floor(np.log2(self.amax)) + 1)
-                if self.range <= self.amax and kernel is not None:
-                    self.zeros += kernel.flush(self.counts)  # binned at the old factor
-                while self.range <= self.amax:
-                    self._double_range()
-                self.counts[0] += self._pending_zeros
-                self._pending_zeros = 0
-                if kernel is not None:
-                    kernel.add(part, self.bins / self.range)  # counts zeros too
-                else:
-                    self.zeros += int(np.count_nonzero(part == 0))
-                    self.counts += np.bincount(self._bin_index(part, scratch),
-                                               minlength=self.bins)
+            self._collect_chunks(flat, kernel, scratch)
         finally:
+            if kernel is not None and kernel.unflushed:
+                self._add_kernel_counts(kernel)
+
+    def _add_kernel_counts(self, kernel):
+        counts, zeros = kernel.flush()
+        self.counts += counts
+        self.zeros += zeros
+
+    def _collect_chunks(self, flat, kernel, scratch):
+        for start in range(0, flat.size, HISTOGRAM_CHUNK):
+            part = flat[start:start + HISTOGRAM_CHUNK]
+            lo, hi = part.min(), part.max()
+            if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates through min/max
+                raise ValueError("non-finite values")
+            self.count += part.size
+            self.min = min(self.min, float(lo))
+            self.max = max(self.max, float(hi))
+            self.amax = max(self.amax, -float(lo), float(hi))  # = max |x|, exactly
+            if not self.bins or self.amax == 0:
+                self.zeros += int(np.count_nonzero(part == 0))
+                if self.bins:
+                    self._pending_zeros += part.size
+                continue
+            if self.range == 0:
+                self.range = 2.0 ** (np.floor(np.log2(self.amax)) + 1)
+            if kernel is not None and kernel.unflushed and (
+                    self.range <= self.amax
+                    or kernel.unflushed + part.size > kernel.MAX_UNFLUSHED):
+                self._add_kernel_counts(kernel)  # made at the old range / before overflow
+            while self.range <= self.amax:
+                self._double_range()
+            self.counts[0] += self._pending_zeros
+            self._pending_zeros = 0
             if kernel is not None:
-                self.zeros += kernel.flush(self.counts)
+                kernel.add(part, self.bins / self.range)  # zeros counted there
+            else:
+                self.zeros += int(np.count_nonzero(part == 0))
+                self.counts += np.bincount(self._bin_index(part, scratch), minlength=self.bins)
 
     def _bin_index(self, part: np.ndarray, scratch: dict) -> np.ndarray:
         """floor(|x| * bins / range) as int64: bins / range is a power of two, so the product is

@@ -1,4 +1,5 @@
-"""TVM adapter: with ``qcal.schedules`` (its CPU schedules), the only qcal code that imports ``tvm``.
+"""TVM adapter: with ``qcal.schedules`` (its CPU schedules) and ``qcal.histogram_tir`` (the
+calibration histogram kernel), the only qcal code that imports ``tvm``.
 
 Pipeline position: realize -> **emit Relax** -> compile (LLVM CPU) -> run in the Relax VM.
 ``qcal.compile`` drives it; the numpy interpreters in ``qcal.int_reference`` are its reference, so

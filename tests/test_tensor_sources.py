@@ -62,6 +62,9 @@ def test_kernel_refuses_what_it_cannot_bin():
         kernel.add(np.zeros(8), 1.0)
     with pytest.raises(TypeError):
         kernel.add(np.zeros(8, np.float32)[::2], 1.0)
+    kernel.unflushed = kernel.MAX_UNFLUSHED - 4  # int32 rows: never past 2**30 unflushed
+    with pytest.raises(OverflowError):
+        kernel.add(np.zeros(8, np.float32), 1.0)
 
 
 # --- MXNet's executor as the source --------------------------------------------------------
@@ -125,6 +128,18 @@ def test_input_and_inserted_flatten_are_observed(embedded):
         assert np.array_equal(seen[i][1].ravel(), seen[producer][1].ravel())
 
 
+def test_reads_are_the_outputs_values(embedded):
+    """The pass copies MXNet's outputs into one reused buffer: element for element what MXNet's
+    own ``asnumpy`` gives."""
+    graph, net, batches = embedded
+    source = MXNetInternals(graph, net)
+    source.run(batches[0][:3], lambda *a: None)
+    executor = source._executor(batches[0][:3].shape)
+    for output in executor.outputs:
+        assert np.array_equal(source._read(output), output.asnumpy())
+    assert source._read(executor.outputs[0]).base is source._buffer
+
+
 def test_last_batch_of_another_size_and_bad_shape(embedded):
     graph, net, batches = embedded
     source = MXNetInternals(graph, net)
@@ -168,3 +183,18 @@ def test_every_zoo_tensor_has_an_mxnet_output(name, shape):
 def test_graphs_without_mxnet_outputs_use_the_interpreter(embedded):
     graph, net, _ = embedded
     assert isinstance(tensor_source(graph, None), GraphInterpreter)  # e.g. an ONNX model
+
+
+def test_tvm_does_not_pin_the_main_thread():
+    """TVM's pool pins its starting thread to one core unless TVM_BIND_THREADS=0 (qcal sets it
+    on import); MXNet's threads started afterwards would inherit the one-core mask."""
+    import subprocess
+    import sys
+
+    code = ("import os, qcal.tvm_adapter as a; before = os.sched_getaffinity(0); "
+            "a.tvm.get_global_func('runtime.NumThreads')(); "
+            "print(before == os.sched_getaffinity(0))")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.strip() == "True"
