@@ -6,6 +6,7 @@ runtime failure); no traceback reaches the user.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -205,8 +206,18 @@ def _data_dict(data, num_images, calib_data, calib_range, calib_images, input_si
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qcal")
-def main():
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="QCAL_THREADS",
+              help="CPU threads for MXNet (OpenMP) and TVM's runtime [default: each engine's own "
+                   "choice, half the logical CPUs on x86]. Results do not depend on it.")
+def main(threads):
     """Calibrate, quantize (int8, through Apache TVM) and evaluate convolutional classifiers."""
+    if threads is not None:
+        # read by MXNet when it loads and by TVM's pool when it starts: both happen later,
+        # inside the command (qcal imports them lazily)
+        if "mxnet" in sys.modules or "tvm" in sys.modules:
+            raise click.UsageError("--threads must be set before MXNet or TVM is loaded")
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        os.environ["TVM_NUM_THREADS"] = str(threads)
 
 
 @main.command()

@@ -174,3 +174,47 @@ def test_unwritable_output_is_one_line_exit_1(tmp_path):
                     "--output", blocker / "c.npz", "--quiet")
     assert result.exit_code == 1
     assert result.output.startswith("Error: ") and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_threads_reach_tvm_and_mxnet(threads):
+    import os
+    import subprocess
+    import sys
+
+    if threads > len(os.sched_getaffinity(0)):
+        pytest.skip("TVM caps its pool at the CPUs it may use")
+    code = ("import os; from qcal.cli import main; "
+            f"main(['--threads', '{threads}', 'models'], standalone_mode=False); "
+            "import tvm, mxnet; "
+            "print(tvm.get_global_func('runtime.NumThreads')(), os.environ['OMP_NUM_THREADS'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TVM_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)
+    assert out.stdout.strip().splitlines()[-1] == f"{threads} {threads}"
+
+
+def test_threads_after_the_engines_loaded_is_refused():
+    import mxnet  # noqa: F401  (loaded: too late to choose its threads)
+
+    result = CliRunner().invoke(main, ["--threads", "2", "models"])
+    assert result.exit_code == 2 and "--threads must be set before" in result.output
+    assert CliRunner().invoke(main, ["--threads", "0", "models"]).exit_code == 2
+
+
+def test_float32_logits_do_not_depend_on_threads():
+    import os
+    import subprocess
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU")
+    code = ("import hashlib, numpy as np, mxnet as mx; from qcal.models import load_model; "
+            "from qcal.datasets import FashionMNISTSource; "
+            "net = load_model('fmnist_resnet56_v2'); net.hybridize(static_alloc=True); "
+            "x = FashionMNISTSource('t10k').decode(np.arange(64)); "
+            "print(hashlib.sha1(net(mx.nd.array(x)).asnumpy().tobytes()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads))
+                              ).stdout.strip().splitlines()[-1] for threads in (1, 2)}
+    assert len(digests) == 1
