@@ -12,7 +12,8 @@ once per graph tensor, in graph order; the array is only valid during the call):
   importer records which symbol output holds each graph tensor's value
   (``Graph.source_tensors``: a folded conv's value is its BatchNorm's output). The forward runs
   asynchronously on MXNet's engine thread while this thread copies out and histograms the
-  tensors already computed, so on two cores that work hides behind the forward.
+  tensors already computed, so on two cores that work hides behind the forward. Batches run in
+  slices of at most ``MAX_EXECUTOR_BATCH`` images, which bounds the memory the outputs hold.
 
 The two agree to float32 rounding (the folded conv + bias against conv then BatchNorm); the tests
 bound the difference on the embedded models.
@@ -31,6 +32,10 @@ from .float_reference import run_float
 # ops whose output is the same multiset of values as their input: a tensor the source framework
 # does not materialise (the flatten qcal's importer puts before a Dense) reads its input's values
 VALUE_PRESERVING_OPS = frozenset({"flatten"})
+
+# images one MXNet forward takes: the executor keeps every tensor of its batch alive (ResNet-50:
+# 1.6 GB at 16 images), so larger batches are run in slices of this size
+MAX_EXECUTOR_BATCH = 16
 
 
 class GraphInterpreter:
@@ -107,6 +112,10 @@ class MXNetInternals:
             raise QcalError(f"model '{self.graph.name}' takes N x "
                             f"{' x '.join(map(str, expected))} images, got an array of shape "
                             f"{batch.shape}")
+        for start in range(0, len(batch), MAX_EXECUTOR_BATCH):
+            self._run_slice(batch[start:start + MAX_EXECUTOR_BATCH], observe)
+
+    def _run_slice(self, batch: np.ndarray, observe):
         executor = self._executor(batch.shape)
         # returns at once: the forward runs on MXNet's engine thread while this one reads the
         # outputs in order, each copy waiting only for its own tensor

@@ -12,7 +12,8 @@ from qcal.errors import QcalError
 from qcal.histogram_tir import AbsHistogramKernel
 from qcal.importer import import_gluon
 from qcal.models import build_network, load_model
-from qcal.tensor_sources import GraphInterpreter, MXNetInternals, tensor_source
+from qcal.tensor_sources import (MAX_EXECUTOR_BATCH, GraphInterpreter, MXNetInternals,
+                                 tensor_source)
 
 
 # --- the histogram kernel ------------------------------------------------------------------
@@ -148,6 +149,22 @@ def test_last_batch_of_another_size_and_bad_shape(embedded):
     assert stats.summaries[graph.output.name]["count"] == 37 * 10
     with pytest.raises(QcalError, match="takes N x 1 x 32 x 32"):
         source.run(np.zeros((2, 3, 32, 32), np.float32), lambda *a: None)
+
+
+def test_large_batches_run_in_slices_with_the_same_statistics(embedded):
+    """The executor holds every tensor of its batch, so a batch of 40 runs as 16 + 16 + 8: the
+    statistics are exactly those of feeding the slices as batches."""
+    graph, net, batches = embedded
+    images = np.concatenate(batches)[:40]
+    source = MXNetInternals(graph, net)
+    whole = collect_statistics(graph, [images], progress=False, source=source)
+    assert sorted(shape[0] for shape in source._executors) == [8, MAX_EXECUTOR_BATCH]
+    slices = [images[i:i + MAX_EXECUTOR_BATCH] for i in range(0, 40, MAX_EXECUTOR_BATCH)]
+    sliced = collect_statistics(graph, slices, progress=False, source=MXNetInternals(graph, net))
+    assert whole.num_images == sliced.num_images == 40
+    for name in whole.tensors:
+        assert whole.summaries[name] == sliced.summaries[name], name
+        assert np.array_equal(whole.tensors[name].counts, sliced.tensors[name].counts), name
 
 
 def test_fusion_setting_is_left_as_it_was(embedded):
