@@ -6,8 +6,9 @@
     python scripts/probe_statistics_costs.py --memory 64          # one 64-image pass: time, RSS
     python scripts/probe_statistics_costs.py --memory 64 --unsliced
 
-On one batch of random images (random weights, seeded), with MXNet's executor bound on every
-graph tensor as ``qcal.tensor_sources.MXNetInternals`` binds it, prints:
+On one batch of random images (the network built and seeded as ``bench.py`` builds it: random
+weights for ImageNet models), with MXNet's executor bound on every graph tensor as
+``qcal.tensor_sources.MXNetInternals`` binds it, prints:
   * the forward alone (all outputs computed, none read);
   * copying every output out the way the pass does (``MXNDArraySyncCopyToCPU`` into one reused
     buffer: MXNet reorders oneDNN's blocked layouts into a fresh array, then copies);
@@ -23,23 +24,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import best_of, load_net, peak_rss_mb  # also puts the repository on sys.path
 
 
-def seconds(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def seconds(fn) -> float:
+    return best_of(fn, min_seconds=float("inf"), max_repeats=3)
 
 
 def main(argv=None):
@@ -52,23 +45,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import mxnet as mx
-    from gluoncv.model_zoo import get_model
 
     import qcal.tensor_sources as tensor_sources
     from qcal.histogram_tir import AbsHistogramKernel
     from qcal.importer import import_gluon
 
-    mx.random.seed(args.seed)
-    net = get_model(args.model, pretrained=False)
-    net.initialize(mx.init.Xavier())
-    net.hybridize()
-    net(mx.nd.zeros((1, 3, 224, 224)))
-    graph = import_gluon(net, (3, 224, 224), name=args.model)
+    net, spec = load_net(args.model, args.seed)  # random weights, as bench.py's
+    graph = import_gluon(net, spec.input_shape, name=args.model)
     rng = np.random.RandomState(args.seed)
     if args.memory:
-        return statistics_pass_memory(graph, net, rng, args)
+        return statistics_pass_memory(graph, net, spec, rng, args)
     source = tensor_sources.MXNetInternals(graph, net)
-    images = rng.randn(args.batch, 3, 224, 224).astype(np.float32)
+    images = rng.randn(args.batch, *spec.input_shape).astype(np.float32)
     executor = source._executor(images.shape)
     outputs = [executor.outputs[index] for index, _ in source.plan if index is not None]
     elements = sum(int(np.prod(o.shape)) for o in outputs)
@@ -119,20 +107,20 @@ def main(argv=None):
         print(f"  {label + ':':33s} {t:.3f} s, {t / n * 1e9:.2f} ns an element")
 
 
-def statistics_pass_memory(graph, net, rng, args):
+def statistics_pass_memory(graph, net, spec, rng, args):
     import qcal.tensor_sources as tensor_sources
     from qcal.calibrate import collect_statistics
 
     if args.unsliced:
         tensor_sources.MAX_EXECUTOR_BATCH = 1 << 30
-    images = rng.randn(args.memory, 3, 224, 224).astype(np.float32)
+    images = rng.randn(args.memory, *spec.input_shape).astype(np.float32)
     source = tensor_sources.MXNetInternals(graph, net)
     start = time.perf_counter()
     collect_statistics(graph, [images], progress=False, source=source)
     took = time.perf_counter() - start
     how = "unsliced" if args.unsliced else f"slices of {tensor_sources.MAX_EXECUTOR_BATCH}"
     print(f"{args.model}: statistics pass, {args.memory} images in one batch ({how}): "
-          f"{took:.1f} s, peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+          f"{took:.1f} s, peak RSS {peak_rss_mb():.0f} MB")
 
 
 if __name__ == "__main__":
