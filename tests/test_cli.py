@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -178,10 +181,6 @@ def test_unwritable_output_is_one_line_exit_1(tmp_path):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_threads_reach_tvm_and_mxnet(threads):
-    import os
-    import subprocess
-    import sys
-
     if threads > len(os.sched_getaffinity(0)):
         pytest.skip("TVM caps its pool at the CPUs it may use")
     code = ("import os; from qcal.cli import main; "
@@ -203,10 +202,6 @@ def test_threads_after_the_engines_loaded_is_refused():
 
 
 def test_float32_logits_do_not_depend_on_threads():
-    import os
-    import subprocess
-    import sys
-
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one CPU")
     code = ("import hashlib, numpy as np, mxnet as mx; from qcal.models import load_model; "
