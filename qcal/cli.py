@@ -12,8 +12,11 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import QcalError, UsageProblem
+from qcal import __version__
+from qcal.config import (DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_CALIB_IMAGES,
+                         DEFAULT_HISTOGRAM_BINS)
+from qcal.errors import QcalError, UsageProblem
+from qcal.files import atomic_write_text
 
 
 def _translate_errors(func):
@@ -35,7 +38,7 @@ class ImageRangeType(click.ParamType):
     name = "START:STOP"
 
     def convert(self, value, param, ctx):
-        from .datasets import parse_range
+        from qcal.data.plan import parse_range
 
         if isinstance(value, tuple):
             return value
@@ -49,20 +52,17 @@ class ImageRangeType(click.ParamType):
 
 
 class ModelType(click.ParamType):
-    """A registry name (see `qcal models`) or the path of an ONNX classifier."""
+    """A name `qcal models` lists, or a model file a family takes (an ONNX classifier)."""
 
     name = "MODEL"
 
     def convert(self, value, param, ctx):
-        from .models import MODEL_SPECS
+        from qcal.families import canonical_model_name
 
-        if value in MODEL_SPECS:
-            return value
-        if value.endswith(".onnx"):
-            if not Path(value).is_file():
-                self.fail(f"ONNX model not found: {value}", param, ctx)
-            return value
-        self.fail(f"unknown model '{value}'; `qcal models` lists the supported ones", param, ctx)
+        try:
+            return canonical_model_name(value)
+        except UsageProblem as exc:
+            self.fail(str(exc), param, ctx)
 
 
 class BiasType(click.ParamType):
@@ -121,8 +121,10 @@ def data_options(func):
         click.option("--calib-range", type=ImageRangeType(),
                      help="Calibration images at these positions of the source."),
         click.option("--calib-images", type=click.IntRange(min=1),
-                     help="How many calibration images (default 500, or all of a smaller set)."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+                     help=f"How many calibration images (default {DEFAULT_CALIB_IMAGES}, or all of a "
+                          f"smaller set)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE,
+                     show_default=True),
         click.option("--input-size", type=click.IntRange(min=8),
                      help="Centre-crop size (default: 224, or what an ONNX model states)."),
         click.option("--crop-ratio", type=click.FloatRange(0.1, 1.0),
@@ -132,7 +134,7 @@ def data_options(func):
                           "model's)."),
         click.option("--std", type=ChannelsType(), help="Per-channel std on a 0..1 scale."),
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-                     default=Path(".qcal-cache/batches"), show_default=True,
+                     default=DEFAULT_BATCH_CACHE_DIR, show_default=True,
                      help="Where decoded, preprocessed batches are cached."),
     ]
     for option in reversed(options):
@@ -142,7 +144,7 @@ def data_options(func):
 
 def quant_options(func):
     """Each option may repeat; evaluate runs the cross product of the values given."""
-    from .config import ACTIVATION_METHODS, QuantOptions, WEIGHT_GRANULARITIES, WEIGHT_SCALES
+    from qcal.config import ACTIVATION_METHODS, WEIGHT_GRANULARITIES, WEIGHT_SCALES, QuantOptions
 
     d = QuantOptions()
     options = [
@@ -176,24 +178,12 @@ def quant_options(func):
 
 def _variants(activation_method, percentile, global_scale, weight_scale, weight_granularity,
               bias, skip_k_conv, skip_dense):
-    import itertools
-
-    from .config import QuantOptions
+    from qcal.config import expand_variants
 
     axes = {"activation_method": activation_method, "percentile": percentile,
             "global_scale": global_scale, "weight_scale": weight_scale,
             "weight_granularity": weight_granularity, "bias": bias, "skip_k_conv": skip_k_conv}
-    axes = {k: v for k, v in axes.items() if v}
-    variants = []
-    for combo in itertools.product(*axes.values()):
-        values = dict(zip(axes, combo), skip_dense=skip_dense)
-        b = values.pop("bias", None)
-        if b == "int32-acc":
-            values["bias_mode"] = "int32-acc"
-        elif b is not None:
-            values.update(bias_mode="bits", bias_bits=b)
-        variants.append(QuantOptions.from_dict(values))
-    return tuple(dict.fromkeys(variants))
+    return expand_variants({k: v for k, v in axes.items() if v}, {"skip_dense": skip_dense})
 
 
 def _data_dict(data, num_images, calib_data, calib_range, calib_images, input_size, crop_ratio,
@@ -223,14 +213,10 @@ def main(threads):
 @main.command()
 def models():
     """List the supported models and where their weights come from."""
-    from .models import MODEL_SPECS, pretrained_params_path
+    from qcal.families import family_of, listed_specs
 
-    for spec in MODEL_SPECS.values():
-        if spec.embedded_params is not None:
-            weights = "embedded" if spec.embedded_params.is_file() else "embedded (missing)"
-        else:
-            weights = ("model store: found" if pretrained_params_path(spec.name).is_file()
-                       else "--pretrained or --params")
+    for spec in listed_specs():
+        weights = family_of(spec.name).weights_note(spec)
         shape = "x".join(str(d) for d in spec.input_shape)
         click.echo(f"{spec.name:22s} {shape:10s} {spec.classes:5d} classes  {weights:26s} "
                    f"{spec.description}")
@@ -258,9 +244,9 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
     """
     import tempfile
 
-    from . import report
-    from .sweep import run_sweep
-    from .sweep_config import SweepConfig
+    from qcal.drivers.sweep import run_sweep
+    from qcal.drivers.sweep_config import SweepConfig
+    from qcal.report import tables as report
 
     if output is not None and output.suffix not in report.TABLE_WRITERS:
         raise click.BadParameter(f"suffix must be one of {', '.join(report.TABLE_WRITERS)}",
@@ -282,7 +268,7 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
                           command=" ".join(["qcal", *sys.argv[1:]]), cache_dir=cache_dir)
     click.echo(report.format_markdown(table), nl=False)
     if output is not None:
-        report.atomic_write_text(output, report.TABLE_WRITERS[output.suffix](table))
+        atomic_write_text(output, report.TABLE_WRITERS[output.suffix](table))
 
 
 @main.command()
@@ -290,7 +276,7 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
 @data_options
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The calibration file to write (.npz).")
-@click.option("--bins", type=click.IntRange(min=0), default=8192, show_default=True,
+@click.option("--bins", type=click.IntRange(min=0), default=DEFAULT_HISTOGRAM_BINS, show_default=True,
               help="|x| histogram bins per tensor (0: abs-max only, enough for global/max/power2).")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path),
               help="Draw each tensor's histogram with every method's threshold into this folder.")
@@ -303,8 +289,8 @@ def calibrate(model, params, pretrained, data, num_images, calib_data, calib_ran
     `qcal evaluate --calib FILE` reuses the file without touching the data again; it refuses a file
     made for another model.
     """
-    from .calibrate import CalibrationResult
-    from .pipeline import ModelSession
+    from qcal.calib.collect import CalibrationResult
+    from qcal.drivers.session import ModelSession
 
     if output.suffix != ".npz":
         raise click.BadParameter("the calibration file must end in .npz", param_hint="--output")
@@ -319,7 +305,7 @@ def calibrate(model, params, pretrained, data, num_images, calib_data, calib_ran
                f"images ({selection.describe()['kind']} {selection.start}:{selection.stop}) "
                f"through the {result.engine}, methods {', '.join(result.methods)}")
     if plots is not None:
-        from .calibration_plots import plot_thresholds
+        from qcal.report.calibration_plots import plot_thresholds
 
         count = plot_thresholds(result, plots)
         click.echo(f"wrote {count} histogram plots to {plots}")
@@ -341,8 +327,8 @@ def sweep(config, output, data, calib_data, num_images, quiet):
 
     The config is checked completely before any work starts; see configs/ for examples.
     """
-    from .sweep import run_sweep
-    from .sweep_config import load_sweep_config
+    from qcal.drivers.sweep import run_sweep
+    from qcal.drivers.sweep_config import load_sweep_config
 
     cfg = load_sweep_config(config, {"data": str(data) if data else None,
                                      "calib_data": str(calib_data) if calib_data else None,

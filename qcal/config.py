@@ -1,16 +1,25 @@
-"""Quantization options: one frozen object, defaults in exactly one place, unknown keys refused.
+"""qcal's shared vocabulary: the quantization options and every default, each defined once.
 
 The CLI, sweep YAML files and calibration files all build a ``QuantOptions`` through
 ``QuantOptions.from_dict`` so that a misspelt key is an error, never silently ignored (Relay's
-``qconfig(**kw)`` dropped unknown keys).
+``qconfig(**kw)`` dropped unknown keys). ``expand_variants`` turns lists of option values (the
+CLI's repeated options, a sweep file's grid) into the variants they describe.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
-from .errors import UsageProblem
+from qcal.errors import UsageProblem
 
-# Activation calibration methods (qcal.calibrate's registry holds their implementations).
+# Defaults of the pipeline, used by the CLI, sweep files and the library alike.
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_CALIB_IMAGES = 500  # calibration images when none are given (all of a smaller split)
+DEFAULT_HISTOGRAM_BINS = 8192  # |x| histogram bins per tensor in the statistics pass
+DEFAULT_BATCH_CACHE_DIR = Path(".qcal-cache/batches")
+
+# Activation calibration methods (qcal.calib.collect's registry holds their implementations).
 ACTIVATION_METHODS = ("global", "max", "power2", "l2", "kl", "percentile")
 WEIGHT_SCALES = ("max", "power2")
 WEIGHT_GRANULARITIES = ("tensor", "channel")
@@ -81,3 +90,31 @@ class QuantOptions:
         if self.skip_dense:
             parts.append("fdense")
         return " ".join(parts)
+
+
+# Option names a variant may set: the QuantOptions fields, plus "bias", the one-key shorthand for
+# bias_mode / bias_bits that the CLI's --bias-bits and sweep files use.
+OPTION_KEYS = frozenset({f.name for f in fields(QuantOptions)} | {"bias"})
+
+
+def options_from_values(values: dict) -> QuantOptions:
+    """A ``QuantOptions`` from option values, ``bias`` (a bit count or 'int32-acc') included."""
+    values = dict(values)
+    bias = values.pop("bias", None)
+    if bias is not None:
+        if bias == "int32-acc":
+            values["bias_mode"] = "int32-acc"
+        elif isinstance(bias, int) and not isinstance(bias, bool):
+            values.update(bias_mode="bits", bias_bits=bias)
+        else:
+            raise UsageProblem(f"bias must be a bit count (2..32) or 'int32-acc', not {bias!r}")
+    return QuantOptions.from_dict(values)
+
+
+def expand_variants(axes: dict, fixed: dict | None = None) -> tuple:
+    """Every combination of the values in ``axes`` ({option: [values, ...]}, in that order),
+    each with the ``fixed`` options: the variants a grid describes, duplicates removed."""
+    fixed = dict(fixed or {})
+    variants = [options_from_values({**dict(zip(axes, combo)), **fixed})
+                for combo in itertools.product(*axes.values())]
+    return tuple(dict.fromkeys(variants))

@@ -6,12 +6,12 @@
     python scripts/bench.py --models resnet50_v1 --batches 16 --json results/bench.json
 
 Per model, in this order, on one set of random inputs (seeded):
-  * the statistics pass (``qcal.calibrate.collect_statistics``: every tensor's abs-max, min/max,
+  * the statistics pass (``qcal.calib.collect.collect_statistics``: every tensor's abs-max, min/max,
     zero count and 8192-bin |x| histogram) as qcal runs it for these Gluon models (MXNet's
-    executor with the graph's tensors as outputs, ``qcal.tensor_sources.MXNetInternals``)
+    executor with the graph's tensors as outputs, ``qcal.calib.sources.MXNetInternals``)
     against a plain MXNet float32 forward over the same images (hybridized, static_alloc:
     qcal's float32 reference runner); and, for ONNX models' path, the same pass on the numpy
-    interpreter against the interpreter's plain forward (``qcal.float_reference.run_float``);
+    interpreter against the interpreter's plain forward (``qcal.reference.float_interpreter.run_float``);
   * the int8 variant (default ``QuantOptions``) realized from those statistics;
   * per batch size: the cold compile (empty compile cache: emit, compile, export the library) and
     the warm one (a cache hit: load the library), then images/s of the compiled int8 model against
@@ -99,36 +99,35 @@ def alternating_rates(runners: dict, x, rounds: int, round_seconds: float) -> di
 def load_net(name: str, seed: int):
     import mxnet as mx
 
-    from qcal.models import build_network, get_spec, load_model
+    from qcal.families import resolve_model
 
-    spec = get_spec(name)
-    if spec.embedded_params is not None:
-        return load_model(name), spec
+    model = resolve_model(name)
+    if model.weights_file() is not None:  # shipped weights
+        return model
     mx.random.seed(seed)
-    net = build_network(name)
+    net = model.build_network()
     net.initialize(mx.init.Xavier(magnitude=2.0))
-    return net, spec
+    return model.use_network(net)
 
 
 def bench_model(args) -> dict:
     import numpy as np
 
-    from qcal.annotate import annotate
-    from qcal.calibrate import CalibrationResult, collect_statistics
-    from qcal.compile import compile_model
+    from qcal.backend.tvm.compile import compile_model
+    from qcal.backend.tvm.emit import tvm
+    from qcal.calib.collect import CalibrationResult, collect_statistics
+    from qcal.calib.sources import GraphInterpreter
     from qcal.config import QuantOptions
-    from qcal.evaluate import MXNetFloatRunner
-    from qcal.float_reference import run_float
-    from qcal.importer import import_gluon
-    from qcal.realize import realize
-    from qcal.tensor_sources import GraphInterpreter, tensor_source
-    from qcal.tvm_adapter import tvm
+    from qcal.families.gluon import MXNetFloatRunner
+    from qcal.quant import quantize
+    from qcal.reference.float_interpreter import run_float
 
     out = {"model": args.model, "threads": {"tvm": tvm.get_global_func("runtime.NumThreads")(),
                                             "omp_env": os.environ.get("OMP_NUM_THREADS")}}
-    net, spec = load_net(args.model, args.seed)
+    model = load_net(args.model, args.seed)
+    net, spec = model.net, model.spec
     start = time.perf_counter()
-    graph = import_gluon(net, spec.input_shape, name=args.model)
+    graph = model.import_graph(spec.input_shape)
     out["import_s"] = time.perf_counter() - start
     mxnet = MXNetFloatRunner(net)  # hybridize(static_alloc=True)
     out["rss_mb"] = {"import": peak_rss_mb()}
@@ -142,7 +141,7 @@ def bench_model(args) -> dict:
     timings = {"mxnet_forward_s": [], "statistics_pass_s": [], "numpy_forward_s": [],
                "interpreter_statistics_pass_s": []}
     result = {}
-    source = tensor_source(graph, net)
+    source = model.tensor_source(graph)
     out["statistics_engine"] = source.description
     collect_statistics(graph, batches[:1], progress=False, source=source)  # bind, compile kernel
     interpreter = GraphInterpreter(graph)
@@ -171,9 +170,7 @@ def bench_model(args) -> dict:
     options = QuantOptions()
     start = time.perf_counter()
     calibration = CalibrationResult.from_statistics(result["stats"], options)
-    annotation = annotate(graph, options)
-    qgraph = realize(graph, calibration.ranges(options, annotation.required_amax), options,
-                     annotation)
+    qgraph = quantize(graph, calibration.ranges, options)
     out["quantize_s"] = time.perf_counter() - start
     out["options"] = options.label
 

@@ -8,7 +8,7 @@ Each op is a small Relax module of the shape the TVM adapter emits (int8 x int8 
 dense, then the requantize epilogue: + bias, rounding right shift in int64, clip, cast int8),
 compiled three times with the same host-CPU LLVM target: through the CPU pipeline without
 ``ApplyCpuSchedules`` ("default"), with it ("s_tir"), and with the int16-pair conv rewrite in
-front of it ("pairs", what ``qcal.schedules.build`` does by default). Rates count 2 ops per
+front of it ("pairs", what ``qcal.backend.tvm.schedules.build`` does by default). Rates count 2 ops per
 multiply-accumulate of the conv/dense only. Both scheduled outputs are checked bit-exact against
 the default one on every row (with ``--dtype float32``: allclose, and the epilogue is + bias, ReLU).
 MXNet 1.9.1 float32 (oneDNN) on the same shape is the reference column (GFLOP/s), when MXNet
@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from qcal import schedules  # noqa: E402
+from qcal.backend.tvm import schedules  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,9 @@
         --data data/imagenet-samples --images 10 --calib-range 10:20 --batch-size 5 \\
         --ablate-images 4 --ablate-base pc-b32acc
 
-Pipeline position: a diagnostic on top of the driver (``qcal.pipeline.ModelSession``: import,
-one calibration pass, realize) and the two numpy interpreters (``qcal.float_reference.run_float``,
-``qcal.int_reference.run_integer``). Nothing is compiled with TVM: the numpy integer interpreter
+Pipeline position: a diagnostic on top of the driver (``qcal.drivers.session.ModelSession``: import,
+one calibration pass, realize) and the two numpy interpreters (``qcal.reference.float_interpreter.run_float``,
+``qcal.reference.int_interpreter.run_integer``). Nothing is compiled with TVM: the numpy integer interpreter
 is bit-exact with TVM (issue 3's tests), so its numbers are the integer model's.
 
 Variants (``VARIANTS``): activations and weights power-of-2 scaled ("power2"), weights per tensor,
@@ -54,9 +54,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qcal.config import QuantOptions  # noqa: E402
-from qcal.graph import Graph, Node  # noqa: E402
-from qcal.annotate import annotate  # noqa: E402
-from qcal.realize import bias_scale, quantize_array, realize  # noqa: E402
+from qcal.ir.graph import Graph, Node  # noqa: E402
+from qcal.quant import quantize  # noqa: E402
+from qcal.quant.fixed_point import bias_scale, quantize_array  # noqa: E402
 
 BIAS_BITS = (8, 9, 16)
 BASE_OPTIONS = {"activation_method": "power2", "weight_scale": "power2",
@@ -205,20 +205,12 @@ def bias_as_added(qgraph, layer: str, float_bias) -> BiasAsAdded:
     return BiasAsAdded(acc_scale, shift, np.abs(added - np.asarray(float_bias, np.float64)))
 
 
-def realize_graph(graph: Graph, ranges, options: QuantOptions):
-    """``ModelSession.quantize`` for a float graph with the model's tensors (``ranges`` is
-    ``CalibrationResult.ranges``: the calibrated abs-max of each tensor under ``options``)."""
-    annotation = annotate(graph, options)
-    return realize(graph, ranges(options, annotation.required_amax), options, annotation)
-
-
 def single_bias_variant(graph: Graph, ranges, base: str, layer: str, bits: int = 8):
     """The int32-acc variant ``base`` of ``graph`` with ONLY ``layer``'s bias replaced by its
     B-bit value. int32-acc adds that value as ``rint(b_B / common)``, which is exactly what the
     B-bit variant adds (same common scale, same rounding, same overflow fitting), and the
     realizer proves every bound of the result as usual."""
-    return realize_graph(with_quantized_biases(graph, bits, {layer}), ranges,
-                         variant_options(base))
+    return quantize(with_quantized_biases(graph, bits, {layer}), ranges, variant_options(base))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,9 +310,9 @@ class Ablation:
 
 
 def measure(session, labels=tuple(VARIANTS), batch_size: int = 32, progress=print) -> Study:
-    from qcal.datasets import iter_batches
-    from qcal.float_reference import run_float
-    from qcal.int_reference import channel_view, run_integer
+    from qcal.data.cache import iter_batches
+    from qcal.reference.float_interpreter import run_float
+    from qcal.reference.int_interpreter import channel_view, run_integer
 
     start = time.perf_counter()
     graph = session.graph
@@ -361,16 +353,17 @@ def measure(session, labels=tuple(VARIANTS), batch_size: int = 32, progress=prin
         if progress:
             progress(f"  {top1['float32'].count}/{len(selection)} images, "
                      f"{time.perf_counter() - start:.0f} s")
-    return Study(session.model, session.plan_description(True), layers, qgraphs, energies, top1,
+    return Study(session.model.name, session.plan_description(True), layers, qgraphs, energies, top1,
                  time.perf_counter() - start)
 
 
 def ablate(session, study: Study, images: int, batch_size: int, base: str = "b32acc",
            progress=print) -> Ablation:
     """Each layer's ``single_bias_variant`` of ``base`` on the first ``images`` evaluated images."""
-    from qcal.datasets import Selection, iter_batches
-    from qcal.float_reference import run_float
-    from qcal.int_reference import run_integer
+    from qcal.data.cache import iter_batches
+    from qcal.data.plan import Selection
+    from qcal.reference.float_interpreter import run_float
+    from qcal.reference.int_interpreter import run_integer
 
     start = time.perf_counter()
     donor = ABLATION_DONOR[base]
@@ -662,8 +655,8 @@ def main(argv=None):
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
 
+    from qcal.drivers.session import ModelSession
     from qcal.errors import QcalError, UsageProblem
-    from qcal.pipeline import ModelSession
 
     labels = [v for v in args.variants.split(",") if v]
     unknown = [v for v in labels if v not in VARIANTS]

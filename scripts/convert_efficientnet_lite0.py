@@ -49,7 +49,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from qcal.imagenet_classes import IMAGENET_CLASS_NAMES, IMAGENET_WNIDS  # noqa: E402
+from qcal.data.imagenet_classes import IMAGENET_CLASS_NAMES, IMAGENET_WNIDS  # noqa: E402
 
 MODEL_NAME = "efficientnet-lite0"
 IMAGE_SIZE = 224
@@ -421,7 +421,7 @@ def samples_provenance(out_dir: Path, shipped: list) -> str:
 
 ImageNet class-folder layout: `<wnid>/<file>`, one folder per WordNet synset id, the layout that
 gluoncv's ImageNet dataset and torchvision's ImageFolder read. The class index of a folder is the
-position of its wnid in the sorted list of the 1000 ImageNet-1k wnids (`qcal.imagenet_classes`).
+position of its wnid in the sorted list of the 1000 ImageNet-1k wnids (`qcal.data.imagenet_classes`).
 Two images share class 609 (jeep), so there are 19 folders.
 
 ## Source

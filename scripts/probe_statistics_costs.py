@@ -8,7 +8,7 @@
 
 On one batch of random images (the network built and seeded as ``bench.py`` builds it: random
 weights for ImageNet models), with MXNet's executor bound on every graph tensor as
-``qcal.tensor_sources.MXNetInternals`` binds it, prints:
+``qcal.calib.sources.MXNetInternals`` binds it, prints:
   * the forward alone (all outputs computed, none read);
   * copying every output out the way the pass does (``MXNDArraySyncCopyToCPU`` into one reused
     buffer: MXNet reorders oneDNN's blocked layouts into a fresh array, then copies);
@@ -27,7 +27,6 @@ import os
 import time
 
 import numpy as np
-
 from bench import best_of, load_net, peak_rss_mb  # also puts the repository on sys.path
 
 
@@ -46,16 +45,16 @@ def main(argv=None):
 
     import mxnet as mx
 
-    import qcal.tensor_sources as tensor_sources
-    from qcal.histogram_tir import AbsHistogramKernel
-    from qcal.importer import import_gluon
+    from qcal.backend.tvm.histogram import AbsHistogramKernel
+    from qcal.families.mxnet_internals import MXNetInternals
 
-    net, spec = load_net(args.model, args.seed)  # random weights, as bench.py's
-    graph = import_gluon(net, spec.input_shape, name=args.model)
+    model = load_net(args.model, args.seed)  # random weights, as bench.py's
+    net, spec = model.net, model.spec
+    graph = model.import_graph(spec.input_shape)
     rng = np.random.RandomState(args.seed)
     if args.memory:
         return statistics_pass_memory(graph, net, spec, rng, args)
-    source = tensor_sources.MXNetInternals(graph, net)
+    source = MXNetInternals(graph, net)
     images = rng.randn(args.batch, *spec.input_shape).astype(np.float32)
     executor = source._executor(images.shape)
     outputs = [executor.outputs[index] for index, _ in source.plan if index is not None]
@@ -108,8 +107,8 @@ def main(argv=None):
 
 
 def statistics_pass_memory(graph, net, spec, rng, args):
-    import qcal.tensor_sources as tensor_sources
-    from qcal.calibrate import collect_statistics
+    import qcal.families.mxnet_internals as tensor_sources
+    from qcal.calib.collect import collect_statistics
 
     if args.unsliced:
         tensor_sources.MAX_EXECUTOR_BATCH = 1 << 30

@@ -23,8 +23,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qcal import fashion_mnist  # noqa: E402
-from qcal.models import EMBEDDED_MODELS, EMBEDDED_WEIGHTS_DIR, build_network  # noqa: E402
+from qcal.data import fashion_mnist  # noqa: E402
+from qcal.families import resolve_model  # noqa: E402
+from qcal.families.embedded import EMBEDDED_MODELS, EMBEDDED_WEIGHTS_DIR  # noqa: E402
 
 CALIB_HOLDOUT = 2000
 
@@ -34,13 +35,13 @@ EVAL_BATCH_SIZE = 64  # the CLI's default, so `qcal evaluate` reproduces the rec
 
 def evaluate_float32(model_name, params_path):
     """Test-set top-1/top-5 through qcal's own evaluation path (the figure tests check)."""
-    from qcal.datasets import FashionMNISTSource, Selection
-    from qcal.evaluate import MXNetFloatRunner, evaluate
-    from qcal.models import load_model
+    from qcal.data.plan import Selection
+    from qcal.data.sources import FashionMNISTSource
+    from qcal.eval.evaluate import evaluate
 
     source = FashionMNISTSource("t10k")
-    net = load_model(model_name, params=params_path)
-    result = evaluate(MXNetFloatRunner(net), Selection(source, 0, len(source)), EVAL_BATCH_SIZE)
+    runner = resolve_model(model_name, params=params_path).float_runner(None, EVAL_BATCH_SIZE)
+    result = evaluate(runner, Selection(source, 0, len(source)), EVAL_BATCH_SIZE)
     return result.top1, result.top5
 
 
@@ -83,10 +84,8 @@ def main():
                              "trained before it was part of training), then re-score")
     args = parser.parse_args()
     if args.fix_input_bn:
-        from qcal.models import load_model
-
         params_path = args.out_dir / f"{args.model}.params"
-        net = load_model(args.model, params=params_path)
+        net = resolve_model(args.model, params=params_path).net
         images, _ = fashion_mnist.load_split(args.data_dir, "train")
         fixed = recalibrate_input_batchnorm(net, fashion_mnist.preprocess(images[:-CALIB_HOLDOUT]))
         net.save_parameters(str(params_path))
@@ -120,7 +119,7 @@ def main():
     train_labels = train_labels[:-CALIB_HOLDOUT]
     x_train = fashion_mnist.preprocess(train_images)
 
-    net = build_network(args.model)
+    net = resolve_model(args.model).build_network()
     net.initialize(mx.init.Xavier(magnitude=2), force_reinit=True)
     net.hybridize(static_alloc=True, static_shape=True)
     steps_per_epoch = len(x_train) // args.batch_size

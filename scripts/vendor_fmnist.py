@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qcal import fashion_mnist  # noqa: E402
+from qcal.data import fashion_mnist  # noqa: E402
 
 CALIB_HOLDOUT = 2000
 

@@ -7,18 +7,11 @@ import tempfile
 import numpy as np
 import pytest
 
+from tests.fixtures import write_jpeg
+
 # Compiled libraries go to a cache private to this test run: no test is served a library built by
 # an earlier run or by a sweep in the working tree.
 os.environ["QCAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="qcal-test-compiled-")
-
-
-def write_jpeg(path, rng, size=(40, 56)):
-    import cv2
-
-    image = rng.randint(0, 256, size=size + (3,), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), image)
-    return path
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ def test_models_lists_zoo_and_embedded():
 
 @pytest.mark.parametrize("args, exit_code, message", [
     (["--model", "resnet1000_v9"], 2, "unknown model 'resnet1000_v9'"),
-    (["--model", "resnet18_v1"], 2, "need --data"),
+    (["--model", "resnet18_v1"], 2, "needs --data"),
     (["--model", "fmnist_vgg11_bn", "--num-images", "0"], 2, "--num-images"),
     (["--model", "fmnist_vgg11_bn", "--num-images", "20000"], 2, "exceeds the 10000 images"),
     (["--model", "fmnist_vgg11_bn", "--output", "table.xlsx"], 2, "--output"),
@@ -63,10 +63,10 @@ def test_evaluate_imagenet_folder_with_local_params(tmp_path, imagenet_folder):
     """The whole float32 path on real files: JPEG folder -> MXNet -> table, every option used."""
     import mxnet as mx
 
-    from qcal.models import _resolved_network
+    from qcal.families import resolve_model
 
     root, layout = imagenet_folder
-    net = _resolved_network("resnet18_v1")
+    net = resolve_model("resnet18_v1").resolved_network()
     net.initialize(mx.init.Normal(0.05), force_reinit=True)
     params = tmp_path / "r18.params"
     net.save_parameters(str(params))
@@ -204,9 +204,9 @@ def test_threads_after_the_engines_loaded_is_refused():
 def test_float32_logits_do_not_depend_on_threads():
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("one CPU")
-    code = ("import hashlib, numpy as np, mxnet as mx; from qcal.models import load_model; "
-            "from qcal.datasets import FashionMNISTSource; "
-            "net = load_model('fmnist_resnet56_v2'); net.hybridize(static_alloc=True); "
+    code = ("import hashlib, numpy as np, mxnet as mx; from qcal.families import resolve_model; "
+            "from qcal.data.sources import FashionMNISTSource; "
+            "net = resolve_model('fmnist_resnet56_v2').net; net.hybridize(static_alloc=True); "
             "x = FashionMNISTSource('t10k').decode(np.arange(64)); "
             "print(hashlib.sha1(net(mx.nd.array(x)).asnumpy().tobytes()).hexdigest())")
     digests = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

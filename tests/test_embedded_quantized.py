@@ -7,12 +7,12 @@ fixed-point multipliers (KL ranges, per-channel max weights, int32 accumulator b
 import numpy as np
 import pytest
 
-from qcal.compile import compile_model
+from qcal.backend.tvm.compile import compile_model
 from qcal.config import QuantOptions
-from qcal.datasets import FashionMNISTSource
-from qcal.int_reference import run_integer, run_simulated
-from qcal.models import EMBEDDED_MODELS
-from qcal.pipeline import ModelSession
+from qcal.data.sources import FashionMNISTSource
+from qcal.drivers.session import ModelSession
+from qcal.families.embedded import EMBEDDED_MODELS
+from qcal.reference.int_interpreter import run_integer, run_simulated
 
 VARIANTS = {
     "power2-b8": QuantOptions(activation_method="power2", bias_bits=8),

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from qcal.files import REPO_ROOT
+
+ROOT = REPO_ROOT
 FOLDERS = sorted(p.parent for p in ROOT.glob("*/*/PROVENANCE.md")
                  if p.parent.parent.name in ("data", "weights"))
 SHA256 = re.compile(r"\b[0-9a-f]{64}\b")

@@ -1,0 +1,347 @@
+"""Calibrate stage: one statistics pass over the calibration images, then every method's ranges.
+
+Pipeline position: import -> annotate -> **calibrate** -> realize -> compile. ``collect_statistics``
+runs the float model once over the calibration batches (``qcal.calib.sources``: MXNet's own
+executor for Gluon models, the numpy interpreter of the graph otherwise) and accumulates, for
+every tensor of the graph (the input included), its signed min/max, abs-max, exact-zero count
+and a histogram of |x| (binned by the TIR kernel of ``qcal.backend.tvm.histogram``).
+``CalibrationResult`` turns those statistics into each activation method's amax
+(``qcal.calib.methods``), and is saved to / loaded from one ``.npz`` file so that compile and
+evaluate never touch the calibration data again.
+
+The histogram is built in the same single pass although the final range is not known in
+advance: it has a fixed number of equal bins over [0, R), R being the smallest power of two above
+the first batch's abs-max; when a later batch reaches R, R is doubled as often as needed and each
+run of 2**k old bins is summed into one new bin. Bin edges of the doubled range are a subset of
+the old ones and every value lies strictly below R, so this re-binning is exact (the same counts
+as binning all the data at the final R at once), and the final histogram covers the abs-max with
+at least half of its bins (4096 of the default 8192: fine enough for KL, which uses 2048).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from qcal.calib.methods import (CALIBRATION_METHODS, HISTOGRAM_METHODS, TensorStats, choose_amax,
+                                method_options)
+from qcal.calib.sources import GraphInterpreter
+from qcal.config import DEFAULT_HISTOGRAM_BINS, QuantOptions
+from qcal.errors import QcalError, UsageProblem
+from qcal.files import atomic_open
+
+HISTOGRAM_CHUNK = 1 << 18  # elements per histogram step: 1 MB float32 + 2 MB int64 buffers
+FILE_FORMAT = "qcal-calibration/1"
+
+
+class AbsHistogram:
+    """Running abs-max, signed min/max and |x| histogram of one tensor (bins=0: no histogram)."""
+
+    def __init__(self, bins: int = DEFAULT_HISTOGRAM_BINS):
+        if bins and bins & (bins - 1):
+            raise UsageProblem(f"calibration histogram bins must be a power of two (for exact "
+                               f"re-binning), not {bins}")
+        self.bins = bins
+        self.counts = np.zeros(bins, dtype=np.int64) if bins else None
+        self.range = 0.0  # a power of two; bins cover [0, range); 0 until a non-zero value
+        self.amax = 0.0
+        self.min = np.inf
+        self.max = -np.inf
+        self.count = 0
+        self.zeros = 0
+        self._pending_zeros = 0  # elements seen while everything was zero: bin 0, once R exists
+
+    def collect(self, x: np.ndarray, kernel=None):
+        """Add every element of ``x``. ``kernel``: a ``qcal.backend.tvm.histogram.AbsHistogramKernel``
+        for this many bins, used for float32 data (the numpy path below is its reference)."""
+        # Speed matters here: this runs on every tensor of every calibration batch. None of the
+        # statistics depends on element order, so the tensor is read in memory order (ravel "K":
+        # a view even for the NHWC-in-memory arrays the numpy conv returns, where a C-order ravel
+        # copies), in chunks small enough to stay in cache while every statistic of the chunk is
+        # computed. Collecting chunk after chunk gives the same counts as binning the whole
+        # tensor at once: the range only doubles, and re-binning is exact (module docstring).
+        flat = np.asarray(x).ravel(order="K")
+        if flat.size == 0:
+            raise ValueError("empty tensor")
+        if kernel is not None and flat.dtype != np.float32:
+            kernel = None
+        scratch = {}
+        try:
+            self._collect_chunks(flat, kernel, scratch)
+        finally:
+            if kernel is not None and kernel.unflushed:
+                self._add_kernel_counts(kernel)
+
+    def _add_kernel_counts(self, kernel):
+        counts, zeros = kernel.flush()
+        self.counts += counts
+        self.zeros += zeros
+
+    def _collect_chunks(self, flat, kernel, scratch):
+        for start in range(0, flat.size, HISTOGRAM_CHUNK):
+            part = flat[start:start + HISTOGRAM_CHUNK]
+            lo, hi = part.min(), part.max()
+            if not (np.isfinite(lo) and np.isfinite(hi)):  # NaN propagates through min/max
+                raise ValueError("non-finite values")
+            self.count += part.size
+            self.min = min(self.min, float(lo))
+            self.max = max(self.max, float(hi))
+            self.amax = max(self.amax, -float(lo), float(hi))  # = max |x|, exactly
+            if not self.bins or self.amax == 0:
+                self.zeros += int(np.count_nonzero(part == 0))
+                if self.bins:
+                    self._pending_zeros += part.size
+                continue
+            if self.range == 0:
+                self.range = 2.0 ** (np.floor(np.log2(self.amax)) + 1)
+            if kernel is not None and kernel.unflushed and (
+                    self.range <= self.amax
+                    or kernel.unflushed + part.size > kernel.MAX_UNFLUSHED):
+                self._add_kernel_counts(kernel)  # made at the old range / before overflow
+            while self.range <= self.amax:
+                self._double_range()
+            self.counts[0] += self._pending_zeros
+            self._pending_zeros = 0
+            if kernel is not None:
+                kernel.add(part, self.bins / self.range)  # zeros counted there
+            else:
+                self.zeros += int(np.count_nonzero(part == 0))
+                self.counts += np.bincount(self._bin_index(part, scratch), minlength=self.bins)
+
+    def _bin_index(self, part: np.ndarray, scratch: dict) -> np.ndarray:
+        """floor(|x| * bins / range) as int64: bins / range is a power of two, so the product is
+        exact and strictly below bins."""
+        factor = self.bins / self.range
+        dtype = (np.abs(part[:1]) * factor).dtype  # numpy's own choice of type for the product
+        if part.dtype.kind != "f" or dtype != part.dtype:
+            return (np.abs(part) * factor).astype(np.int64)
+        # the same arithmetic, in reused buffers (no fresh temporaries per chunk)
+        if "scaled" not in scratch or scratch["scaled"].dtype != dtype:
+            scratch.update(scaled=np.empty(HISTOGRAM_CHUNK, dtype),
+                           index=np.empty(HISTOGRAM_CHUNK, np.int64))
+        scaled, index = scratch["scaled"][:part.size], scratch["index"][:part.size]
+        np.multiply(np.abs(part, out=scaled), factor, out=scaled)
+        np.copyto(index, scaled, casting="unsafe")  # truncation toward zero, as astype(int64)
+        return index
+
+    def _double_range(self):
+        merged = self.counts.reshape(-1, 2).sum(axis=1)
+        self.counts = np.concatenate([merged, np.zeros(self.bins // 2, dtype=np.int64)])
+        self.range *= 2
+
+    def stats(self) -> TensorStats:
+        if not self.bins:
+            return TensorStats(self.amax, zeros=self.zeros)
+        edges = np.linspace(0.0, self.range or 1.0, self.bins + 1)
+        counts = self.counts.copy()
+        if self.range == 0:  # all zeros so far: every value sits in the first bin
+            counts[0] = self.count
+        return TensorStats(self.amax, counts, edges, self.zeros)
+
+    def summary(self) -> dict:
+        return {"amax": self.amax, "min": self.min, "max": self.max, "count": self.count,
+                "zeros": self.zeros}
+
+
+@dataclass
+class TensorStatistics:
+    """What one pass over the calibration images saw, per tensor."""
+
+    fingerprint: str
+    model: str
+    num_images: int
+    bins: int
+    tensors: dict  # name -> TensorStats
+    summaries: dict  # name -> {"amax", "min", "max", "count", "zeros"}
+    engine: str = "qcal numpy float interpreter"  # what computed the float values
+
+
+def collect_statistics(graph, batches, progress: bool = True,
+                       bins: int = DEFAULT_HISTOGRAM_BINS, source=None) -> TensorStatistics:
+    """One pass over ``batches`` (float32 N x C x H x W arrays) collecting every tensor's
+    statistics. ``source``: where the float values come from (``qcal.calib.sources``; default
+    the numpy interpreter of ``graph``).
+
+    ``bins=0`` collects abs-max/min/max only (enough for global, max, power2).
+    """
+    source = source or GraphInterpreter(graph)
+    accumulators = {n.name: AbsHistogram(bins) for n in graph.nodes}
+    kernel = _histogram_kernel(bins)
+    num_images = 0
+    for index, batch in enumerate(_progress(batches, progress, graph.name)):
+        source.run(batch, partial(_observe, accumulators, kernel, graph.name, index))
+        num_images += len(batch)
+    if num_images == 0:
+        raise QcalError(f"calibration of '{graph.name}' got no images")
+    missing = [k for k, a in accumulators.items() if a.count == 0]
+    if missing:
+        raise QcalError(f"calibration of '{graph.name}': {source.description} produced no "
+                        f"values for tensor '{missing[0]}'")
+    return TensorStatistics(graph.fingerprint(), graph.name, num_images, bins,
+                            {k: a.stats() for k, a in accumulators.items()},
+                            {k: a.summary() for k, a in accumulators.items()},
+                            source.description)
+
+
+def _histogram_kernel(bins):
+    if not bins:
+        return None
+    from qcal.backend.tvm.histogram import AbsHistogramKernel
+
+    return AbsHistogramKernel(bins)
+
+
+def _observe(accumulators, kernel, model, batch_index, name, values):
+    try:
+        accumulators[name].collect(values, kernel)
+    except ValueError:
+        raise QcalError(f"calibration of '{model}': tensor '{name}' has non-finite values "
+                        f"(inf or NaN) in calibration batch {batch_index}") from None
+
+
+def _progress(batches, enabled, name):
+    if not enabled:
+        return batches
+    from tqdm import tqdm
+
+    total = len(batches) if hasattr(batches, "__len__") else None
+    return tqdm(batches, total=total, desc=f"calibrating {name}", unit="batch", leave=False)
+
+
+@dataclass
+class CalibrationResult:
+    """Per-tensor statistics and every activation method's chosen amax, for one model.
+
+    ``chosen[method][tensor]`` holds the amax of each method at the options in
+    ``chosen_options[method]`` (the QuantOptions given when it was made); ``amax`` recomputes
+    from the stored histograms when asked for other options.
+    """
+
+    fingerprint: str
+    model: str
+    num_images: int
+    bins: int
+    tensors: dict  # name -> TensorStats
+    summaries: dict  # name -> {"amax", "min", "max", "count", "zeros"}
+    chosen: dict = field(default_factory=dict)  # method -> {tensor -> amax}
+    chosen_options: dict = field(default_factory=dict)  # method -> {option -> value}
+    source: str = "<memory>"
+    engine: str = "qcal numpy float interpreter"  # what computed the float values
+
+    @classmethod
+    def from_statistics(cls, statistics: TensorStatistics, options: QuantOptions | None = None,
+                        methods=None) -> "CalibrationResult":
+        options = options or QuantOptions()
+        result = cls(statistics.fingerprint, statistics.model, statistics.num_images,
+                     statistics.bins, statistics.tensors, statistics.summaries,
+                     engine=statistics.engine)
+        for method in methods or CALIBRATION_METHODS:
+            if method in HISTOGRAM_METHODS and not statistics.bins:
+                continue  # abs-max-only statistics cannot answer it; `require` says so
+            opts = method_options(method, options)
+            result.chosen[method] = {name: choose_amax(method, stats, **opts)
+                                     for name, stats in statistics.tensors.items()}
+            result.chosen_options[method] = opts
+        return result
+
+    @property
+    def methods(self) -> tuple:
+        """The methods this result can answer."""
+        if self.bins:
+            return tuple(CALIBRATION_METHODS)
+        return tuple(m for m in CALIBRATION_METHODS if m not in HISTOGRAM_METHODS)
+
+    def require(self, method: str):
+        if method not in CALIBRATION_METHODS:
+            raise QcalError(f"unknown calibration method '{method}' "
+                            f"(known: {', '.join(CALIBRATION_METHODS)})")
+        if method not in self.methods:
+            raise QcalError(f"calibration file {self.source} holds abs-max statistics only; "
+                            f"method '{method}' needs histograms: recalibrate with histograms")
+
+    def amax(self, tensor: str, method: str, **opts) -> float:
+        """The amax ``method`` (with its options, e.g. percentile=99.9) picks for ``tensor``."""
+        self.require(method)
+        if tensor not in self.tensors:
+            raise QcalError(f"calibration file {self.source} has no statistics for tensor "
+                            f"'{tensor}' of model '{self.model}'")
+        if self.chosen_options.get(method) == opts and tensor in self.chosen.get(method, {}):
+            return self.chosen[method][tensor]
+        return choose_amax(method, self.tensors[tensor], **opts)
+
+    def amax_for(self, tensor: str, options: QuantOptions) -> float:
+        """The amax ``options.activation_method`` picks, with that method's options."""
+        method = options.activation_method
+        return self.amax(tensor, method, **method_options(method, options))
+
+    def ranges(self, options: QuantOptions, tensors=None) -> dict:
+        """{tensor: amax} under ``options`` for ``tensors`` (default: every tensor), as the
+        realizer takes them."""
+        names = self.tensors if tensors is None else tensors
+        return {t: self.amax_for(t, options) for t in names}
+
+    def check_model(self, graph):
+        if graph.fingerprint() != self.fingerprint:
+            raise QcalError(f"calibration file {self.source} was made for model '{self.model}' "
+                            f"(fingerprint {self.fingerprint}), not for '{graph.name}' "
+                            f"(fingerprint {graph.fingerprint()})")
+
+    # --- file --------------------------------------------------------------------------------
+
+    def save(self, path):
+        """Write one .npz file atomically (a temporary file in the same folder, then rename)."""
+        path = Path(path)
+        names = list(self.tensors)
+        meta = {"format": FILE_FORMAT, "fingerprint": self.fingerprint, "model": self.model,
+                "num_images": self.num_images, "bins": self.bins, "tensors": names,
+                "summaries": self.summaries, "chosen": self.chosen,
+                "chosen_options": self.chosen_options, "engine": self.engine}
+        arrays = {"meta": np.array(json.dumps(meta))}
+        if self.bins:
+            arrays["counts"] = np.stack([self.tensors[n].counts for n in names])
+            arrays["ranges"] = np.array([self.tensors[n].edges[-1] for n in names])
+        with atomic_open(path) as f:
+            np.savez_compressed(f, **arrays)
+
+    @classmethod
+    def load(cls, path, graph=None, methods=()) -> "CalibrationResult":
+        """Read a file written by ``save``; refuse it for another model or a missing method."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"]))
+                counts = f["counts"] if "counts" in f.files else None
+                ranges = f["ranges"] if "ranges" in f.files else None
+        except FileNotFoundError:
+            raise QcalError(f"calibration file {path} does not exist") from None
+        except (OSError, ValueError, KeyError) as exc:
+            raise QcalError(f"{path} is not a qcal calibration file ({exc})") from None
+        if meta.get("format") != FILE_FORMAT:
+            raise QcalError(f"{path} is a '{meta.get('format')}' file; qcal reads "
+                            f"'{FILE_FORMAT}'")
+        tensors = {}
+        for i, name in enumerate(meta["tensors"]):
+            summary = meta["summaries"][name]
+            if counts is None:
+                tensors[name] = TensorStats(summary["amax"], zeros=summary["zeros"])
+            else:
+                edges = np.linspace(0.0, float(ranges[i]), meta["bins"] + 1)
+                tensors[name] = TensorStats(summary["amax"], counts[i], edges, summary["zeros"])
+        result = cls(meta["fingerprint"], meta["model"], meta["num_images"], meta["bins"],
+                     tensors, meta["summaries"], meta["chosen"], meta["chosen_options"],
+                     source=str(path), engine=meta.get("engine", "unrecorded"))
+        if graph is not None:
+            result.check_model(graph)
+        for method in methods:
+            result.require(method)
+        return result
+
+
+def calibrate(graph, batches, options: QuantOptions | None = None, progress: bool = True,
+              bins: int = DEFAULT_HISTOGRAM_BINS, source=None) -> CalibrationResult:
+    """Collect statistics in one pass and choose every method's amax for every tensor."""
+    return CalibrationResult.from_statistics(
+        collect_statistics(graph, batches, progress, bins, source), options)

@@ -1,0 +1,315 @@
+"""Load stage, data sources: fixed, ordered collections of labelled images.
+
+Sources (each a ``ImageSource``: ``len``, ``labels``, ``decode(indices)``, ``identity``):
+
+- ``FashionMNISTSource``: the IDX files vendored under ``data/fashion-mnist/`` (test split ``t10k``,
+  calibration split ``calib`` drawn from the training split).
+- ``ImageFolderSource``: ImageNet validation in the class-folder layout (``ROOT/<wnid>/<image>``), the
+  layout gluoncv's ``ImageNet`` dataset reads. Images are ordered by FILE NAME across all classes, so
+  with the original names (``ILSVRC2012_val_00000001.JPEG`` ...) "the first N images" are the first N
+  of the official validation order, as in the forum thread's "first 3k images"; ordering by class
+  folder would make the first 3000 images cover only 60 classes.
+- ``RecordIOSource``: ``val.rec`` + ``val.idx`` (gluoncv's ``ImageNet`` RecordIO layout, made by
+  ``im2rec``); images are in the order of the ``.idx`` file.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from qcal.data import fashion_mnist
+from qcal.data.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
+from qcal.errors import QcalError, UsageProblem
+from qcal.files import file_digest
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class ImageSource:
+    """A fixed, ordered collection of labelled images."""
+
+    kind = "abstract"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def labels(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def decode(self, indices) -> np.ndarray:
+        """Preprocessed float32 N x C x H x W for the given positions in the fixed order."""
+        raise NotImplementedError
+
+    @property
+    def identity(self) -> dict:
+        """What makes two sources the same data: used for cache keys and overlap checks."""
+        raise NotImplementedError
+
+    @property
+    def preprocessing(self) -> dict:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, **self.identity, "preprocessing": self.preprocessing}
+
+
+class FashionMNISTSource(ImageSource):
+    kind = "fashion-mnist"
+
+    def __init__(self, split: str = "t10k", directory: Path = fashion_mnist.VENDORED_DIR):
+        if split not in ("t10k", "calib", "train"):
+            raise UsageProblem(f"Fashion-MNIST split must be t10k, calib or train, not '{split}'")
+        self.split = split
+        self.directory = Path(directory)
+        self._images, self._labels = fashion_mnist.load_split(self.directory, split)
+
+    @property
+    def labels(self):
+        return self._labels
+
+    def decode(self, indices):
+        return fashion_mnist.preprocess(self._images[np.asarray(indices, dtype=np.int64)])
+
+    @functools.cached_property  # read once: cache keys ask for it every batch
+    def identity(self):
+        path = self.directory / f"{self.split}-images-idx3-ubyte.gz"
+        return {"split": self.split, "path": str(path), "sha256": file_digest(path, "Fashion-MNIST file")}
+
+    @property
+    def preprocessing(self):
+        return {"pad": fashion_mnist.PAD, "mean": fashion_mnist.PIXEL_MEAN,
+                "std": fashion_mnist.PIXEL_STD}
+
+
+class DecodedImageSource(ImageSource):
+    """Sources of encoded images (JPEG/PNG) preprocessed with MXNet's transforms."""
+
+    def __init__(self, preprocessing: Preprocessing):
+        self._pre = preprocessing
+        self._transform = None
+
+    @property
+    def preprocessing(self):
+        return self._pre.to_dict()
+
+    def _preprocess(self, image_nd):
+        if self._transform is None:
+            from mxnet.gluon.data.vision import transforms
+
+            self._transform = transforms.Compose([
+                transforms.Resize(self._pre.resize, keep_ratio=True),
+                transforms.CenterCrop(self._pre.input_size),
+                transforms.ToTensor(),
+                transforms.Normalize(self._pre.mean, self._pre.std),
+            ])
+        return self._transform(image_nd).asnumpy()
+
+    def _decode_bytes(self, raw: bytes, what: str):
+        import mxnet as mx
+
+        try:
+            return mx.image.imdecode(raw, flag=1)  # RGB, HWC uint8
+        except Exception:
+            raise QcalError(f"cannot decode image {what}") from None
+
+
+def imagenet_label_of(wnid: str, known: list) -> int:
+    """The standard ImageNet-1k index of a synset folder name.
+
+    With the full list of 1000 synsets the index is the position in that sorted list (what gluoncv
+    and torchvision use); folders named by the index itself ("000".."999") are accepted too, and a
+    folder named "unlabelled" holds images without a class (label -1: calibration, fidelity).
+    """
+    if wnid == "unlabelled":
+        return -1
+    if wnid.isdigit():
+        return int(wnid)
+    try:
+        from qcal.data.imagenet_classes import IMAGENET_WNIDS
+    except ImportError:
+        IMAGENET_WNIDS = None
+    if IMAGENET_WNIDS is not None and wnid in IMAGENET_WNIDS:
+        return IMAGENET_WNIDS.index(wnid)
+    if len(known) == 1000:
+        return known.index(wnid)
+    raise QcalError(f"class folder '{wnid}' is neither an ImageNet synset id nor a class index")
+
+
+class ImageFolderSource(DecodedImageSource):
+    kind = "image-folder"
+
+    def __init__(self, root: Path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING):
+        super().__init__(preprocessing)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise QcalError(f"image folder not found: {self.root}")
+        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        entries = []
+        for wnid in classes:
+            label = imagenet_label_of(wnid, classes)
+            for f in (self.root / wnid).iterdir():
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    entries.append((f.name, wnid, label))
+        if not entries:
+            raise QcalError(f"{self.root} has no images in class folders (ROOT/<class>/<image>)")
+        entries.sort()
+        self._files = [self.root / wnid / name for name, wnid, _ in entries]
+        self._labels = np.array([label for _, _, label in entries], dtype=np.int64)
+
+    @property
+    def labels(self):
+        return self._labels
+
+    @property
+    def files(self):
+        return list(self._files)
+
+    def raw(self, index: int) -> tuple:
+        """(encoded image bytes, a name for messages)."""
+        path = self._files[int(index)]
+        return path.read_bytes(), str(path)
+
+    def decode(self, indices):
+        return np.stack([self._preprocess(self._decode_bytes(*self.raw(i)))
+                         for i in indices]).astype(np.float32)
+
+    @functools.cached_property  # read once: cache keys ask for it every batch
+    def identity(self):
+        h = hashlib.sha256()
+        for f in self._files:
+            st = f.stat()
+            h.update(f"{f.relative_to(self.root)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return {"path": str(self.root.resolve()), "listing": h.hexdigest()[:16],
+                "images": len(self._files)}
+
+
+class RecordIOSource(DecodedImageSource):
+    kind = "recordio"
+
+    def __init__(self, rec_path: Path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING):
+        super().__init__(preprocessing)
+        self.rec_path = Path(rec_path)
+        self.idx_path = self.rec_path.with_suffix(".idx")
+        for p in (self.rec_path, self.idx_path):
+            if not p.is_file():
+                raise QcalError(f"RecordIO file not found: {p} (need both .rec and .idx)")
+        import mxnet as mx
+
+        self._reader = mx.recordio.MXIndexedRecordIO(str(self.idx_path), str(self.rec_path), "r")
+        self._keys = list(self._reader.keys)
+        labels = []
+        for k in self._keys:
+            header, _ = mx.recordio.unpack(self._reader.read_idx(k))
+            label = header.label
+            labels.append(int(label if np.isscalar(label) else label[0]))
+        self._labels = np.array(labels, dtype=np.int64)
+
+    @property
+    def labels(self):
+        return self._labels
+
+    def raw(self, index: int) -> tuple:
+        import mxnet as mx
+
+        _, raw = mx.recordio.unpack(self._reader.read_idx(self._keys[int(index)]))
+        return raw, f"{self.rec_path}#{index}"
+
+    def decode(self, indices):
+        return np.stack([self._preprocess(self._decode_bytes(*self.raw(i)))
+                         for i in indices]).astype(np.float32)
+
+    @functools.cached_property  # read once: cache keys ask for it every batch
+    def identity(self):
+        st_rec, st_idx = self.rec_path.stat(), self.idx_path.stat()
+        return {"path": str(self.rec_path.resolve()),
+                "stat": f"{st_rec.st_size}|{st_rec.st_mtime_ns}|{st_idx.st_size}|{st_idx.st_mtime_ns}",
+                "images": len(self._keys)}
+
+
+class SubsetSource(DecodedImageSource):
+    """Positions [start, stop) of another encoded-image source, as a source of its own."""
+
+    kind = "subset"
+
+    def __init__(self, base: DecodedImageSource, start: int, stop: int):
+        super().__init__(Preprocessing(**base.preprocessing))
+        self.base, self.start, self.stop = base, start, stop
+
+    @property
+    def labels(self):
+        return self.base.labels[self.start:self.stop]
+
+    def raw(self, index: int) -> tuple:
+        return self.base.raw(self.start + int(index))
+
+    def decode(self, indices):
+        return self.base.decode([self.start + int(i) for i in indices])
+
+    @property
+    def identity(self):
+        return {"base": self.base.identity, "range": [self.start, self.stop]}
+
+
+class AugmentedSource(DecodedImageSource):
+    """Label-free images: ``count`` random crops (area 25-100 %, aspect 3/4-4/3) with random
+    horizontal flips of a base source's images, each then preprocessed as usual.
+
+    Image j crops base image j mod len(base) with its own generator (seed, j), so every image is
+    reproducible on its own. Labels are -1: these images serve label-free fidelity metrics only.
+    """
+
+    kind = "augmented"
+
+    def __init__(self, base: DecodedImageSource, count: int, seed: int = 0):
+        super().__init__(Preprocessing(**base.preprocessing))
+        if count < 1:
+            raise UsageProblem(f"the number of random crops must be at least 1, not {count}")
+        self.base, self.count, self.seed = base, count, seed
+
+    @property
+    def labels(self):
+        return np.full(self.count, -1, dtype=np.int64)
+
+    def _augment(self, image, j: int):
+        import mxnet as mx
+
+        rng = np.random.RandomState([self.seed, j])
+        h, w = image.shape[:2]
+        for _ in range(10):
+            area = rng.uniform(0.25, 1.0) * h * w
+            aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+            cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+            if 0 < cw <= w and 0 < ch <= h:
+                break
+        else:
+            cw, ch = w, h
+        x0, y0 = rng.randint(0, w - cw + 1), rng.randint(0, h - ch + 1)
+        crop = mx.image.fixed_crop(image, x0, y0, cw, ch)
+        return mx.nd.flip(crop, axis=1) if rng.rand() < 0.5 else crop
+
+    def decode(self, indices):
+        out = []
+        for j in indices:
+            image = self._decode_bytes(*self.base.raw(int(j) % len(self.base)))
+            out.append(self._preprocess(self._augment(image, int(j))))
+        return np.stack(out).astype(np.float32)
+
+    @property
+    def identity(self):
+        return {"base": self.base.identity, "count": self.count, "seed": self.seed,
+                "augment": "crop25-100%/aspect3:4-4:3/hflip"}
+
+
+def open_source(path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING) -> ImageSource:
+    """An ImageNet-style source from a path: a ``.rec`` file or a class-folder directory."""
+    path = Path(path)
+    if path.suffix == ".rec":
+        return RecordIOSource(path, preprocessing)
+    if path.is_dir():
+        return ImageFolderSource(path, preprocessing)
+    raise QcalError(f"data source not found or not understood: {path} "
+                    f"(expected a class-folder directory or a .rec file)")

@@ -1,0 +1,200 @@
+"""The one visible driver: load -> import -> annotate -> calibrate -> realize -> compile -> evaluate.
+
+``ModelSession`` holds what every variant of one model shares, each computed at most once and only
+when first needed: the loaded network, its data plan, the imported float graph, the calibration
+statistics (one pass over the calibration images) and the float32 result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE
+from qcal.data.cache import BatchCache, iter_batches
+from qcal.data.plan import plan_data
+from qcal.eval.evaluate import evaluate
+from qcal.families import resolve_model
+
+log = logging.getLogger("qcal.session")
+
+SQNR_IMAGES = 16  # per-layer SQNR runs the numpy references: a few images say enough
+
+
+class ModelSession:
+    def __init__(self, model: str, data: dict | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                 params=None, pretrained: bool = False, seed: int = 0, quiet: bool = False,
+                 cache_dir: Path = DEFAULT_BATCH_CACHE_DIR, calibration_file=None):
+        self.model = resolve_model(model, params=params, pretrained=pretrained)
+        self.spec = self.model.spec
+        self.data = dict(data or {})
+        self.batch_size = batch_size
+        self.seed = seed
+        self.quiet = quiet
+        self.cache = BatchCache(cache_dir)
+        self.calibration_file = calibration_file
+        self._plans = {}
+        self._graph = None
+        self._calibration = None
+
+    # --- load -------------------------------------------------------------------------------
+    @property
+    def identity(self) -> dict:
+        return self.model.identity
+
+    @property
+    def display_name(self) -> str:
+        return self.model.display_name
+
+    @property
+    def input_shape(self) -> tuple:
+        """(C, H, W) the imported graph takes."""
+        return self.model.input_shape(self.preprocessing)
+
+    @property
+    def preprocessing(self):
+        overrides = {k: self.data[k] for k in ("input_size", "crop_ratio", "mean", "std")
+                     if self.data.get(k) is not None}
+        return dataclasses.replace(self.model.default_preprocessing(), **overrides)
+
+    def plan(self, needs_calibration: bool):
+        if needs_calibration not in self._plans:
+            d = self.data
+            preprocessing = self.preprocessing
+            self._plans[needs_calibration] = plan_data(
+                self.model.evaluation_source(d.get("data"), preprocessing),
+                self.model.default_calibration_source(), num_images=d.get("num_images"),
+                calib_data=d.get("calib_data"), calib_range=d.get("calib_range"),
+                calib_images=d.get("calib_images"), preprocessing=preprocessing,
+                calibrate=needs_calibration, fidelity_data=d.get("fidelity_data"),
+                fidelity_crops=d.get("fidelity_crops"), fidelity_seed=self.seed,
+                calib_crops=d.get("calib_crops"))
+        return self._plans[needs_calibration]
+
+    def plan_description(self, needs_calibration: bool) -> dict:
+        return self.plan(needs_calibration).describe()
+
+    # --- evaluate ---------------------------------------------------------------------------
+    def _progress(self, total, label):
+        from qcal.report.tables import progress_bar
+
+        return progress_bar(total, f"{self.model.name} {label}", self.quiet)
+
+    # --- import, calibrate --------------------------------------------------------------------
+    @property
+    def graph(self):
+        """qcal's float graph of the model, BatchNorm folded (imported once)."""
+        if self._graph is None:
+            self._graph = self.model.import_graph(self.input_shape)
+        return self._graph
+
+    def collect_statistics(self, bins: int | None = None):
+        """One pass over the calibration images (MXNet's executor for Gluon models, the numpy
+        interpreter for ONNX): the statistics and the image selection they came from."""
+        from qcal.calib.collect import collect_statistics
+        from qcal.config import DEFAULT_HISTOGRAM_BINS
+
+        selection = self.plan(True).calibration
+        batches = [x for x, _ in iter_batches(selection, self.batch_size, self.cache)]
+        start = time.perf_counter()
+        source = self.model.tensor_source(self.graph)
+        statistics = collect_statistics(self.graph, batches, progress=not self.quiet,
+                                        bins=DEFAULT_HISTOGRAM_BINS if bins is None else bins,
+                                        source=source)
+        log.info("%s: statistics over %d calibration images in %.1f s (%s)", self.model.name,
+                 len(selection), time.perf_counter() - start, source.description)
+        return statistics, selection
+
+    @property
+    def calibration(self):
+        """Every method's ranges: from ``calibration_file``, or one statistics pass."""
+        if self._calibration is None:
+            from qcal.calib.collect import CalibrationResult
+
+            if self.calibration_file is not None:
+                self._calibration = CalibrationResult.load(self.calibration_file, graph=self.graph)
+            else:
+                self._calibration = CalibrationResult.from_statistics(
+                    self.collect_statistics()[0])
+        return self._calibration
+
+    def check_calibration_file(self, variants):
+        """Refuse a calibration file for another model, or one lacking a method's statistics,
+        before any work starts."""
+        if self.calibration_file is None:
+            return
+        for options in variants:
+            self.calibration.require(options.activation_method)
+
+    # --- realize, compile, evaluate -----------------------------------------------------------
+    def quantize(self, options):
+        """The integer graph for one variant (realized, not yet compiled)."""
+        from qcal.quant import quantize
+
+        return quantize(self.graph, self.calibration.ranges, options)
+
+    def _run_selections(self, runner, label, plan):
+        """(evaluation result, fidelity result or None) for one runner."""
+        outcomes = []
+        for selection in (plan.evaluation, plan.fidelity):
+            if selection is None:
+                outcomes.append(None)
+                continue
+            with self._progress(len(selection), label) as bar:
+                outcomes.append(evaluate(runner, selection, self.batch_size, self.cache, bar))
+        return outcomes
+
+    def evaluate(self, options=None):
+        """(EvalResult, fidelity EvalResult or None, extra record fields) for float32 (options
+        None) or one int8 variant."""
+        if options is not None:
+            return self.evaluate_int8(options)
+        runner = self.model.float_runner(self.graph, self.batch_size)
+        result, fidelity = self._run_selections(runner, "float32", self.plan(False))
+        return result, fidelity, {}
+
+    def layer_sqnr(self, qgraph, images: int = SQNR_IMAGES) -> list:
+        """Per quantized tensor: SQNR of the integer model's value against float (numpy
+        references), on the first ``images`` fidelity (else evaluation) images."""
+        from qcal.reference.int_interpreter import layer_errors
+
+        plan = self.plan(True)
+        selection = plan.fidelity or plan.evaluation
+        batches, count = [], 0
+        for x, _ in iter_batches(selection, self.batch_size, self.cache):  # cached batches
+            batches.append(x)
+            count += len(x)
+            if count >= images:
+                break
+        x = np.concatenate(batches)[:images]
+        return layer_errors(qgraph, self.graph, x)
+
+    def evaluate_int8(self, options):
+        from qcal.backend.tvm.compile import compile_model
+
+        qgraph = self.quantize(options)
+        for line in qgraph.report():
+            log.info("%s", line)
+        start = time.perf_counter()
+        compiled = compile_model(qgraph, self.batch_size)
+        compile_seconds = time.perf_counter() - start
+        result, fidelity = self._run_selections(compiled.run, options.label, self.plan(True))
+        layers = self.layer_sqnr(qgraph)
+        worst = min(layers, key=lambda r: r["sqnr_db"]) if layers else None
+        extra = {"compile_seconds": round(compile_seconds, 2),
+                 "compile_cache_hit": compiled.build.cache_hit, "counts": qgraph.counts(),
+                 "overflow_adjustments": [str(a) for a in qgraph.adjustments],
+                 "calibration": {"source": self.calibration.source,
+                                 "images": self.calibration.num_images},
+                 "layers": layers,
+                 "metrics": {"sqnr_min_db": worst["sqnr_db"] if worst else float("nan"),
+                             "sqnr_min_layer": worst["tensor"] if worst else ""}}
+        return result, fidelity, extra
+
+    def close(self):
+        self.model.close()
+        self._graph = None
+        self._calibration = None

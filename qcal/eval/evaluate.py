@@ -1,0 +1,98 @@
+"""Evaluate stage: run a model over an image selection and score top-1 / top-5.
+
+A *runner* is anything callable as ``runner(batch_float32_nchw) -> logits (N x classes)``: MXNet's
+float32 network, or a TVM-compiled integer model. Scoring is a streaming accumulator over exact counts;
+per-image top-5 predictions are kept so later stages can run paired tests on the same images.
+Timing excludes data loading (batches are decoded and cached before the clock starts on each batch).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qcal.data.cache import BatchCache, iter_batches
+from qcal.data.plan import Selection
+
+
+class TopKAccumulator:
+    def __init__(self, k: int = 5):
+        self.k = k
+        self.predictions = []
+        self.labels = []
+
+    def update(self, logits: np.ndarray, labels: np.ndarray):
+        if len(logits) != len(labels):
+            raise ValueError(f"{len(logits)} outputs for {len(labels)} labels")
+        # stable sort: ties resolve to the lower class index, identically for every runner
+        topk = np.argsort(-logits, axis=1, kind="stable")[:, :self.k]
+        self.predictions.append(topk.astype(np.int32))
+        self.labels.append(np.asarray(labels, dtype=np.int64))
+
+    @property
+    def top5_predictions(self) -> np.ndarray:
+        return np.concatenate(self.predictions) if self.predictions else np.zeros((0, self.k),
+                                                                                  np.int32)
+
+    @property
+    def all_labels(self) -> np.ndarray:
+        return np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
+
+    @property
+    def correct_top1(self) -> np.ndarray:
+        return self.top5_predictions[:, 0] == self.all_labels
+
+    @property
+    def correct_top5(self) -> np.ndarray:
+        return (self.top5_predictions == self.all_labels[:, None]).any(axis=1)
+
+
+@dataclass
+class EvalResult:
+    images: int
+    top1: float
+    top5: float
+    seconds: float
+    predictions: np.ndarray = field(repr=False)  # N x 5 class indices
+    labels: np.ndarray = field(repr=False)
+    logits: np.ndarray = field(repr=False)  # N x classes, float32 (fidelity metrics need them)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+
+def evaluate(runner, selection: Selection, batch_size: int, cache: BatchCache | None = None,
+             progress=None) -> EvalResult:
+    acc = TopKAccumulator()
+    compute_seconds = 0.0
+    all_logits = []
+    for images, labels in iter_batches(selection, batch_size, cache):
+        start = time.perf_counter()
+        logits = runner(images)
+        compute_seconds += time.perf_counter() - start
+        acc.update(logits, labels)
+        all_logits.append(np.asarray(logits, dtype=np.float32))
+        if progress is not None:
+            progress.update(len(labels))
+    labelled = acc.all_labels >= 0  # label-free images (label -1) count for fidelity only
+    return EvalResult(images=len(acc.all_labels),
+                      top1=float(acc.correct_top1.mean()) if labelled.all() else float("nan"),
+                      top5=float(acc.correct_top5.mean()) if labelled.all() else float("nan"),
+                      seconds=compute_seconds, predictions=acc.top5_predictions,
+                      labels=acc.all_labels, logits=np.concatenate(all_logits))
+
+
+class MXNetFloatRunner:
+    """The float32 reference: the Gluon network itself, run by MXNet (oneDNN)."""
+
+    def __init__(self, net):
+        self.net = net
+        net.hybridize(static_alloc=True)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import mxnet as mx
+
+        out = self.net(mx.nd.array(images, dtype="float32"))
+        return out.asnumpy()

@@ -1,0 +1,157 @@
+"""qcal's integer graph (``QGraph``): what realize produces, and what the numpy integer
+interpreter (``qcal.reference``) and the TVM backend (``qcal.backend.tvm``) both run, bit for bit.
+
+Value model. Every integer tensor ``v`` means the real number ``v * scale``; ``scale`` is a float64
+array of shape ``()`` (per tensor) or ``(C,)`` (per channel, axis 1 of the NCHW / NC tensor).
+Each integer node also carries ``bound``: a proven upper bound of ``|v|`` (same shape), derived from
+int8 ranges, the integer weights and the shifts. The realizer refuses to build an int32 node whose
+bound exceeds 2**31 - 1, and where an alignment would overflow it picks a coarser common scale
+and records an ``Adjustment`` (never a silent wrap-around). ``int_reference`` checks at run time that
+every value respects its bound.
+
+QGraph op set (``QNode.op``). Ops marked "any" work on float32 or integer tensors alike.
+
+=====================  =====================================  ========================================
+op                     semantics                              attrs / params
+=====================  =====================================  ========================================
+input                  float32 image batch                    shape
+quantize               f32 -> int8: clip(rint(x * inv), 127)  inv_scale (float32 scalar)
+dequantize             int -> f32: float32(v) * scale         scale (float32, () or (C,))
+requantize             int -> int8/int32, rounding rescale:   kind "shift": lshift, rshift (C,) ints:
+                       shift: ((v << L) + (1<<R>>1)) >> R     kind "multiply": multiplier, rshift:
+                       multiply: (v*m + (1<<(R-1))) >> R      (int64 math); compute (int32|int64);
+                       then clip +-127 when out is int8       out dtype in QNode.dtype
+qconv2d                int8 x int8 -> int32, zero padding     conv attrs of graph.py; weight int8
+qdense                 int8 (N, I) x int8 (O, I)^T -> int32   weight int8
+qchannel_mul           int8 * int8[c] -> int32                multiplier int8 (C,)
+bias_add               int32 + int32[c]                       bias int32 (C,)
+qclip                  int: min(max(v, lo[c]), hi[c])         lo, hi int64 (() or (C,))
+qsum_pool2d            window sums -> int32 (divisor is in    pool_size, strides, padding
+                       the output scale)
+qavg_pool2d            rounded mean: (2*sum + n) // (2n)      pool_size, strides, padding; counts
+                       (count_include_pad=False with pads)    int32 (OH, OW)
+qglobal_sum_pool2d     sum over H, W -> int32 (N, C, 1, 1)    -
+qadd                   int32 + int32 (operands aligned)       -
+relu, max_pool2d,      any: as in graph.py (max-pool pads     as in graph.py
+flatten                with the dtype's minimum)
+conv2d, dense,         float32 only: graph.py semantics       as in graph.py (float params)
+channel_affine, clip,
+avg_pool2d,
+global_avg_pool2d, add
+=====================  =====================================  ========================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qcal.config import QuantOptions
+from qcal.errors import QcalError
+
+INT8_MAX = 127
+INT32_MAX = 2 ** 31 - 1
+
+FLOAT_ONLY_OPS = frozenset({"conv2d", "dense", "channel_affine", "clip", "avg_pool2d",
+                            "global_avg_pool2d", "add"})
+ANY_DTYPE_OPS = frozenset({"relu", "max_pool2d", "flatten"})
+INT_OPS = frozenset({"quantize", "dequantize", "requantize", "qconv2d", "qdense", "qchannel_mul",
+                     "bias_add", "qclip", "qsum_pool2d", "qavg_pool2d", "qglobal_sum_pool2d",
+                     "qadd"})
+QGRAPH_OPS = frozenset({"input"}) | FLOAT_ONLY_OPS | ANY_DTYPE_OPS | INT_OPS
+
+
+@dataclass
+class QNode:
+    name: str
+    op: str
+    inputs: tuple = ()
+    attrs: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    dtype: str = "float32"
+    shape: tuple = ()  # one image's shape
+    scale: np.ndarray | None = None  # integer nodes: float64, () or (C,)
+    bound: np.ndarray | None = None  # integer nodes: int64, () or (C,)
+
+    def __post_init__(self):
+        self.inputs = tuple(self.inputs)
+
+    @property
+    def is_int(self) -> bool:
+        return self.dtype != "float32"
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """An alignment changed to avoid int32 overflow (recorded, never silent)."""
+
+    layer: str
+    what: str
+    channels: int
+    requested: str
+    applied: str
+
+    def __str__(self):
+        return (f"{self.layer}: {self.what} on {self.channels} channel(s): requested "
+                f"{self.requested}, applied {self.applied} (int32 overflow otherwise)")
+
+
+@dataclass
+class QGraph:
+    nodes: list
+    name: str = "model"
+    adjustments: list = field(default_factory=list)
+    options: QuantOptions | None = None
+
+    def __post_init__(self):
+        self._index = {n.name: n for n in self.nodes}
+        for n in self.nodes:
+            if n.op not in QGRAPH_OPS:
+                raise QcalError(f"qgraph '{self.name}': unknown op '{n.op}' at '{n.name}'")
+
+    @property
+    def input(self) -> QNode:
+        return self.nodes[0]
+
+    @property
+    def output(self) -> QNode:
+        return self.nodes[-1]
+
+    def node(self, name: str) -> QNode:
+        return self._index[name]
+
+    def counts(self) -> dict:
+        ops = [n.op for n in self.nodes]
+        requant = [n for n in self.nodes if n.op == "requantize"]
+        return {
+            "quantize": ops.count("quantize"),
+            "requantize": sum(1 for n in requant if n.dtype == "int8"),
+            "align": sum(1 for n in requant if n.dtype != "int8"),
+            "dequantize": ops.count("dequantize"),
+            "integer_intermediates": sum(1 for n in self.nodes if n.is_int),
+            "float_ops": sum(1 for n in self.nodes if not n.is_int and n.op not in
+                             ("input", "dequantize")),
+            "overflow_adjustments": len(self.adjustments),
+        }
+
+    def report(self) -> list:
+        """Human-readable lines: the op counts, then every overflow adjustment."""
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts().items())
+        return [f"{self.name}: {counts}"] + [f"  {a}" for a in self.adjustments]
+
+
+def channels_of(shape) -> int:
+    return int(shape[0])
+
+
+def per_channel(a, channels) -> np.ndarray:
+    a = np.asarray(a)
+    return np.broadcast_to(a, (channels,)).copy() if a.ndim == 0 else a
+
+
+def collapse(a) -> np.ndarray:
+    """A per-channel array whose entries are all equal becomes a scalar (0-d) array."""
+    a = np.asarray(a)
+    if a.ndim == 1 and a.size and np.all(a == a[0]):
+        return a[0].copy().reshape(())
+    return a

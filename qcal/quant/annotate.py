@@ -1,0 +1,175 @@
+"""Annotate stage: decide which parts of a float ``Graph`` run in integers.
+
+Pipeline position: import -> **annotate** -> calibrate -> realize -> compile. Annotate reads only the
+float graph and the ``QuantOptions``; it needs no data. Its answer, an ``Annotation``, says for every
+tensor which domain it lives in, and which tensors must be materialised as int8 at their calibrated
+scale (so it also names the activation ranges that calibration must supply: ``required_amax``).
+
+Domains of a tensor:
+- ``float``: float32 (the input, skipped layers, ops that follow only float tensors);
+- ``int8``: symmetric int8 at a calibrated scale, or derived from such a tensor without rescaling
+  (ReLU, clip, max-pool and flatten keep int8 as int8);
+- ``int32``: an accumulator (conv/dense/channel multiply, bias add, pooling sums, residual adds).
+
+Rules (one handler per op, registered with ``@annotator``; returning ``None`` declines and the op
+stays float):
+- conv2d / dense are integer unless ``skip_k_conv`` (the first K convs in graph order) or
+  ``skip_dense`` keeps them float; their data input must be int8.
+- channel_affine (ResNet v2's pre-activation BatchNorm) is integer when its input already is; its
+  multiplier is quantized like a weight and its additive constant like a bias. Before the first
+  integer op it stays float: there is nothing to gain from quantizing the float image twice.
+- relu / clip / pooling / flatten follow their input's domain.
+- add is integer when either operand is; a float operand is quantized to int8; an integer operand
+  that is quantized to int8 for another consumer is read as that int8 value (one quantized value
+  per tensor), any other integer operand keeps its int32 value.
+
+A tensor that several consumers need as int8 (the two branches of a residual block) is quantized
+ONCE and shared; likewise one dequantize serves every float consumer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qcal.config import QuantOptions
+from qcal.ir.graph import Graph, Node
+from qcal.registry import Registry
+
+FLOAT, INT8, INT32 = "float", "int8", "int32"
+
+
+@dataclass(frozen=True)
+class OpDecision:
+    """An integer decision for one node: its output domain and which inputs it needs as int8."""
+
+    domain: str
+    int8_inputs: tuple = ()
+
+
+@dataclass
+class _Context:
+    options: QuantOptions
+    domain: dict  # tensor name -> domain, filled in graph order
+    conv_index: dict  # conv node name -> position among convs (graph order)
+
+    def is_int(self, tensor: str) -> bool:
+        return self.domain[tensor] != FLOAT
+
+
+# handlers ``f(node, ctx) -> OpDecision | None`` per float op
+ANNOTATORS = Registry("op", "is not one qcal can quantize")
+annotator = ANNOTATORS.register
+
+
+@annotator("conv2d")
+def _conv2d(node: Node, ctx: _Context):
+    if ctx.conv_index[node.name] < ctx.options.skip_k_conv:
+        return None
+    return OpDecision(INT32, (node.inputs[0],))
+
+
+@annotator("dense")
+def _dense(node: Node, ctx: _Context):
+    if ctx.options.skip_dense:
+        return None
+    return OpDecision(INT32, (node.inputs[0],))
+
+
+@annotator("channel_affine")
+def _channel_affine(node: Node, ctx: _Context):
+    if not ctx.is_int(node.inputs[0]):
+        return None
+    return OpDecision(INT32, (node.inputs[0],))
+
+
+@annotator("relu", "clip", "max_pool2d", "flatten")
+def _same_domain(node: Node, ctx: _Context):
+    if not ctx.is_int(node.inputs[0]):
+        return None
+    return OpDecision(ctx.domain[node.inputs[0]])
+
+
+@annotator("avg_pool2d", "global_avg_pool2d")
+def _pool_sum(node: Node, ctx: _Context):
+    if not ctx.is_int(node.inputs[0]):
+        return None
+    return OpDecision(INT32)
+
+
+@annotator("add")
+def _add(node: Node, ctx: _Context):
+    if not any(ctx.is_int(i) for i in node.inputs):
+        return None
+    return OpDecision(INT32, tuple(i for i in node.inputs if not ctx.is_int(i)))
+
+
+@dataclass
+class Annotation:
+    """Which tensors are integer, and where the domain conversions go."""
+
+    graph: Graph
+    options: QuantOptions
+    domain: dict  # tensor -> float | int8 | int32
+    decisions: dict  # node name -> OpDecision (integer nodes only)
+    int8_needed: list = field(default_factory=list)  # tensors some consumer needs as int8, ordered
+    float_needed: list = field(default_factory=list)  # integer tensors some float op (or the output) reads
+
+    def is_integer(self, name: str) -> bool:
+        return name in self.decisions
+
+    @property
+    def quantize_points(self) -> list:
+        """Float tensors converted to int8 (one ``quantize`` each)."""
+        return [t for t in self.int8_needed if self.domain[t] == FLOAT]
+
+    @property
+    def requantize_points(self) -> list:
+        """int32 tensors converted to int8 (one ``requantize`` each)."""
+        return [t for t in self.int8_needed if self.domain[t] == INT32]
+
+    @property
+    def required_amax(self) -> list:
+        """Tensors whose calibrated range the realizer needs (int8 tensors derived from another
+        int8 tensor inherit its scale)."""
+        return self.quantize_points + self.requantize_points
+
+    def counts(self) -> dict:
+        return {
+            "quantize": len(self.quantize_points),
+            "requantize": len(self.requantize_points),
+            "dequantize": len(self.float_needed),
+            "integer_ops": len(self.decisions),
+            "integer_intermediates": sum(1 for d in self.domain.values() if d != FLOAT),
+            "float_ops": len(self.graph.nodes) - 1 - len(self.decisions),
+        }
+
+
+def annotate(graph: Graph, options: QuantOptions) -> Annotation:
+    convs = [n.name for n in graph.nodes if n.op == "conv2d"]
+    ctx = _Context(options, {}, {name: i for i, name in enumerate(convs)})
+    decisions = {}
+    int8_needed, float_needed = [], []
+
+    def need(lst, tensor):
+        if tensor not in lst:
+            lst.append(tensor)
+
+    for node in graph.nodes:
+        if node.op == "input":
+            ctx.domain[node.name] = FLOAT
+            continue
+        handler = ANNOTATORS.lookup(node.op, layer=node.name)
+        decision = handler(node, ctx)
+        if decision is None:
+            ctx.domain[node.name] = FLOAT
+            for i in node.inputs:
+                if ctx.is_int(i):
+                    need(float_needed, i)
+            continue
+        decisions[node.name] = decision
+        ctx.domain[node.name] = decision.domain
+        for i in decision.int8_inputs:
+            if ctx.domain[i] != INT8:
+                need(int8_needed, i)
+    if ctx.is_int(graph.output.name):
+        need(float_needed, graph.output.name)
+    return Annotation(graph, options, ctx.domain, decisions, int8_needed, float_needed)

@@ -1,0 +1,128 @@
+"""Realize stage, fixed-point maths: scales, integer constants and exact rescales (pure functions).
+
+Scales. ``scale_for_amax``: an amax that is a power of two gives ``amax / 128`` (Relay's
+``dom_scale = scale / 2**(nbit-1)``: the scale is then a power of two too, and rescaling between such
+scales is an exact shift); any other amax gives ``amax / 127`` (the full symmetric range). int8
+values are clipped to [-127, 127].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qcal.errors import QcalError
+from qcal.ir.qgraph import INT8_MAX, INT32_MAX
+
+INT64_SAFE = 2 ** 62  # products and shifts in int64 are kept below this
+MAX_LEFT_SHIFT = 30
+MAX_RIGHT_SHIFT = 62
+
+
+def is_power_of_two(x) -> np.ndarray:
+    mantissa, _ = np.frexp(np.asarray(x, dtype=np.float64))
+    return mantissa == 0.5
+
+
+def ceil_log2(x) -> np.ndarray:
+    """Exact ceil(log2(x)) for positive x (frexp, not floating-point log)."""
+    mantissa, exponent = np.frexp(np.asarray(x, dtype=np.float64))
+    return np.where(mantissa == 0.5, exponent - 1, exponent).astype(np.int64)
+
+
+def power2_ceil(x) -> np.ndarray:
+    return np.ldexp(1.0, ceil_log2(x))
+
+
+def scale_for_amax(amax) -> np.ndarray:
+    """Symmetric int8 scale for a range: amax/128 when amax is a power of two (then the scale is a
+    power of two), else amax/127. A zero range (a dead channel or tensor) gets amax 1."""
+    amax = np.asarray(amax, dtype=np.float64)
+    if not np.all(np.isfinite(amax)) or np.any(amax < 0):
+        raise QcalError(f"activation/weight range must be finite and non-negative, got {amax}")
+    amax = np.where(amax == 0, 1.0, amax)
+    return np.where(is_power_of_two(amax), amax / 128.0, amax / 127.0)
+
+
+def quantize_array(x, scale, limit=INT8_MAX) -> np.ndarray:
+    """rint(x / scale) clipped to [-limit, limit], as int64 (offline constants only)."""
+    return np.clip(np.rint(np.asarray(x, np.float64) / scale), -limit, limit).astype(np.int64)
+
+
+def weight_amax(w: np.ndarray, granularity: str) -> np.ndarray:
+    w = np.abs(np.asarray(w, dtype=np.float64))
+    if granularity == "tensor":
+        return np.asarray(w.max(initial=0.0))
+    return w.reshape(w.shape[0], -1).max(axis=1, initial=0.0)
+
+
+def quantize_weight(w: np.ndarray, method: str, granularity: str):
+    """int8 weights and their scale (shape () per tensor, (O,) per output channel)."""
+    amax = weight_amax(w, granularity)
+    if method == "power2":
+        amax = np.where(amax == 0, 0.0, power2_ceil(np.where(amax == 0, 1.0, amax)))
+    scale = scale_for_amax(amax)
+    shaped = scale.reshape((-1,) + (1,) * (w.ndim - 1)) if scale.ndim else scale
+    return quantize_array(w, shaped).astype(np.int8), scale
+
+
+def bias_scale(bias: np.ndarray, bits: int) -> float:
+    """The bias's own power-of-2 scale for B bits: 2**ceil(log2 max|b|) / 2**(B-1)."""
+    amax = float(np.abs(bias).max(initial=0.0))
+    if amax == 0:
+        return 1.0
+    return float(power2_ceil(amax)) / 2.0 ** (bits - 1)
+
+
+@dataclass(frozen=True)
+class RescalePlan:
+    """How ``requantize`` multiplies an integer tensor by ``ratio`` (per channel), exactly."""
+
+    kind: str  # "shift" or "multiply"
+    lshift: np.ndarray
+    rshift: np.ndarray
+    multiplier: np.ndarray  # int64, only for "multiply"
+    compute: str  # "int32" or "int64"
+    out_bound: np.ndarray  # proven bound of the result before any int8 clip
+
+
+def rounding_shift_bound(bound, rshift):
+    rnd = np.where(rshift > 0, np.left_shift(np.int64(1), np.maximum(rshift - 1, 0)), 0)
+    return np.right_shift(bound + rnd, rshift), rnd
+
+
+def rescale_plan(ratio, bound) -> RescalePlan:
+    """Rescale by ``ratio`` > 0: a shift when every ratio is a power of two, else a fixed-point
+    multiplier m in [2**30, 2**31) with a rounding right shift, computed in int64."""
+    ratio = np.asarray(ratio, dtype=np.float64)
+    bound = np.asarray(bound, dtype=np.int64)
+    if np.any(ratio <= 0) or not np.all(np.isfinite(ratio)):
+        raise QcalError(f"cannot rescale by {ratio}")
+    mantissa, exponent = np.frexp(ratio)
+    if np.all(mantissa == 0.5):
+        log2 = exponent.astype(np.int64) - 1
+        lshift = np.maximum(log2, 0)
+        rshift = np.minimum(np.maximum(-log2, 0), MAX_RIGHT_SHIFT)
+        if np.any(lshift > MAX_LEFT_SHIFT):
+            raise QcalError(f"rescale ratio {ratio.max()} is too large to shift")
+        shifted = np.left_shift(bound, lshift)
+        out, rnd = rounding_shift_bound(shifted, rshift)
+        fits32 = np.all(shifted + rnd <= INT32_MAX) and np.all(rshift <= 31)
+        return RescalePlan("shift", lshift, rshift, np.zeros_like(lshift),
+                           "int32" if fits32 else "int64", out)
+    multiplier = np.rint(mantissa * 2.0 ** 31).astype(np.int64)
+    exponent = exponent.astype(np.int64)
+    carry = multiplier == 2 ** 31
+    multiplier = np.where(carry, 2 ** 30, multiplier)
+    exponent = exponent + carry
+    rshift = 31 - exponent
+    if np.any(rshift < 1):
+        raise QcalError(f"rescale ratio {ratio.max()} is too large for a fixed-point multiplier")
+    too_fine = rshift > MAX_RIGHT_SHIFT
+    multiplier = np.where(too_fine, np.right_shift(multiplier, np.maximum(rshift - MAX_RIGHT_SHIFT, 0)),
+                          multiplier)
+    rshift = np.minimum(rshift, MAX_RIGHT_SHIFT)
+    if np.any(bound * multiplier >= INT64_SAFE):
+        raise QcalError("fixed-point rescale would overflow int64")
+    out, _ = rounding_shift_bound(bound * multiplier, rshift)
+    return RescalePlan("multiply", np.zeros_like(rshift), rshift, multiplier, "int64", out)

@@ -1,0 +1,367 @@
+"""Realize stage: turn an annotated float ``Graph`` plus activation ranges into an integer ``QGraph``.
+
+Pipeline position: import -> annotate -> calibrate -> **realize** -> compile (``qcal.backend.tvm``).
+The numpy interpreter ``qcal.reference.int_interpreter`` runs the same ``QGraph`` and must agree
+with TVM bit for bit, so every rounding and every shift is decided here, once, and stored in the node params.
+
+The integer graph's value model and op table are in ``qcal.ir.qgraph``; the scale maths in
+``qcal.quant.fixed_point``.
+
+Bias. ``bias_mode='bits'``: the bias gets its own power-of-2 scale ``2**ceil(log2 max|b|) / 2**(B-1)``
+and B-bit values (Relay annotated the folded BN bias as a weight; the forum thread widens it). It is
+added as Relay's AddRealize does: the finer of the two scales wins and the other operand is shifted
+left -- the accumulator at run time (``requantize`` with a left shift), or the bias constant offline.
+When the accumulator scale is not a power of two the common scale is ``s_acc / 2**k`` with the
+smallest k that is at least as fine as the bias scale, so the run-time shift stays exact.
+``bias_mode='int32-acc'``: ``rint(b / s_acc)`` in int32 at the accumulator scale (ONNX Runtime, TFLite).
+Both go through the same overflow check: per channel the accumulator shift k is lowered (down to a
+rounding right shift) until ``bound(acc << k) + |bias| <= 2**31 - 1``; each lowering is recorded.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from qcal.config import QuantOptions
+from qcal.errors import QcalError
+from qcal.ir.graph import Graph, Node
+from qcal.ir.qgraph import INT8_MAX, INT32_MAX, Adjustment, QGraph, QNode, channels_of, collapse, per_channel
+from qcal.ir.shapes import infer_shapes
+from qcal.quant.annotate import Annotation, annotate
+from qcal.quant.fixed_point import (MAX_LEFT_SHIFT, bias_scale, ceil_log2, quantize_array, quantize_weight,
+                                    rescale_plan, rounding_shift_bound, scale_for_amax)
+from qcal.reference.kernels import pool_sum_and_count
+from qcal.registry import Registry
+
+# ---------------------------------------------------------------------------------------------
+# The realizer: one pass over the float graph in order.
+# ---------------------------------------------------------------------------------------------
+
+
+class _Realizer:
+    def __init__(self, graph, annotation, amax, options):
+        self.graph, self.annotation, self.amax, self.options = graph, annotation, amax, options
+        self.shapes = infer_shapes(graph)
+        self.nodes, self.adjustments = [], []
+        self.value, self.int8_of, self.float_of = {}, {}, {}
+        self.names = set()
+
+    # -- node bookkeeping --
+    def emit(self, node: QNode) -> QNode:
+        if node.name in self.names:
+            raise QcalError(f"realize: two nodes named '{node.name}'")
+        if node.is_int:
+            node.scale = collapse(np.asarray(node.scale, dtype=np.float64))
+            node.bound = collapse(np.asarray(node.bound, dtype=np.int64))
+            limit = INT8_MAX if node.dtype == "int8" else INT32_MAX
+            if np.any(node.bound > limit):
+                raise QcalError(f"realize: '{node.name}' could reach {int(node.bound.max())}, "
+                                f"beyond {node.dtype} (a realizer bug; please report it)")
+        self.names.add(node.name)
+        self.nodes.append(node)
+        return node
+
+    def adjust(self, layer, what, mask, requested, applied):
+        mask = np.atleast_1d(mask)
+        if mask.any():
+            req, app = np.atleast_1d(requested)[mask], np.atleast_1d(applied)[mask]
+            self.adjustments.append(Adjustment(
+                layer, what, int(mask.sum()), _span(req), _span(app)))
+
+    def amax_of(self, tensor):
+        if tensor not in self.amax:
+            raise QcalError(f"no calibrated range for tensor '{tensor}' (the calibration result "
+                            f"lacks it)")
+        return float(self.amax[tensor])
+
+    # -- domain conversions, each made once per tensor and shared --
+    def int8(self, tensor) -> QNode:
+        if tensor in self.int8_of:
+            return self.int8_of[tensor]
+        src = self.value[tensor]
+        if src.dtype == "int8":
+            node = src
+        else:
+            scale = scale_for_amax(self.amax_of(tensor))
+            if src.is_int:
+                node = self.requantize(src, f"{tensor}:q", scale, "int8")
+            else:
+                node = self.emit(QNode(f"{tensor}:q", "quantize", (src.name,),
+                                       params={"inv_scale": np.float32(1.0 / scale)},
+                                       dtype="int8", shape=src.shape, scale=scale,
+                                       bound=np.int64(INT8_MAX)))
+        self.int8_of[tensor] = node
+        return node
+
+    def as_float(self, tensor) -> QNode:
+        if tensor in self.float_of:
+            return self.float_of[tensor]
+        src = self.value[tensor]
+        node = src
+        if src.is_int:
+            node = self.emit(QNode(f"{tensor}:dq", "dequantize", (src.name,),
+                                   params={"scale": src.scale.astype(np.float32)},
+                                   shape=src.shape))
+        self.float_of[tensor] = node
+        return node
+
+    def requantize(self, src: QNode, name, out_scale, out_dtype) -> QNode:
+        channels = channels_of(src.shape)
+        ratio = per_channel(src.scale, channels) / per_channel(out_scale, channels)
+        plan = rescale_plan(collapse(ratio), src.bound)
+        bound = np.minimum(plan.out_bound, INT8_MAX) if out_dtype == "int8" else plan.out_bound
+        params = {"lshift": collapse(plan.lshift), "rshift": collapse(plan.rshift)}
+        if plan.kind == "multiply":
+            params["multiplier"] = collapse(plan.multiplier)
+        return self.emit(QNode(name, "requantize", (src.name,),
+                               attrs={"kind": plan.kind, "compute": plan.compute},
+                               params=params, dtype=out_dtype, shape=src.shape,
+                               scale=out_scale, bound=bound))
+
+    # -- shared integer building blocks --
+    def add_bias(self, acc: QNode, bias: np.ndarray, layer: str) -> QNode:
+        channels = channels_of(acc.shape)
+        s_acc = per_channel(acc.scale, channels)
+        bound = per_channel(acc.bound, channels).astype(np.int64)
+        bias = np.asarray(bias, dtype=np.float64)
+        if self.options.bias_mode == "int32-acc":
+            k0 = np.zeros(channels, dtype=np.int64)
+
+            def bias_at(common):
+                return np.rint(bias / common)
+        else:
+            bits = self.options.bias_bits
+            s_b = bias_scale(bias, bits)
+            b_q = quantize_array(bias, s_b, 2 ** (bits - 1) - 1).astype(np.float64)
+            k0 = np.maximum(ceil_log2(s_acc / s_b), 0) if np.any(b_q) else np.zeros(channels, np.int64)
+
+            def bias_at(common):
+                return np.rint(b_q * (s_b / common))
+        k, b_c, acc_bound = _fit_bias_shift(bound, s_acc, k0, bias_at)
+        self.adjust(layer, "bias alignment (accumulator shift)", k != k0,
+                    [f"<<{v}" if v >= 0 else f">>{-v}" for v in k0],
+                    [f"<<{v}" if v >= 0 else f">>{-v}" for v in k])
+        common = np.ldexp(s_acc, -k)
+        if np.any(k != 0):
+            acc = self.requantize(acc, f"{layer}:align", common, "int32")
+        return self.emit(QNode(layer, "bias_add", (acc.name,), params={"bias": b_c.astype(np.int32)},
+                               dtype="int32", shape=acc.shape, scale=common,
+                               bound=per_channel(acc.bound, channels) + np.abs(b_c)))
+
+    def align(self, operands, layer) -> list:
+        """Bring integer operands to one int32 scale: the finer one per channel, coarsened by
+        powers of two where the sum could overflow."""
+        channels = channels_of(operands[0].shape)
+        scales = [per_channel(o.scale, channels) for o in operands]
+        base = np.minimum.reduce(scales)
+        coarsen = np.zeros(channels, dtype=np.int64)
+        for _ in range(64):
+            common = np.ldexp(base, coarsen)
+            total = sum(rescale_plan(s / common, per_channel(o.bound, channels)).out_bound
+                        for s, o in zip(scales, operands))
+            over = total > INT32_MAX
+            if not over.any():
+                break
+            coarsen = coarsen + over
+        else:
+            raise QcalError(f"{layer}: cannot align the operands of an add within int32")
+        self.adjust(layer, "add alignment (common scale coarsened)", coarsen > 0,
+                    ["finest"] * channels, [f"finest*2^{c}" for c in coarsen])
+        out = []
+        for i, (s, o) in enumerate(zip(scales, operands)):
+            if o.dtype == "int32" and np.all(s == common):
+                out.append(o)
+            else:
+                out.append(self.requantize(o, f"{layer}:align{i}", common, "int32"))
+        return out
+
+    def fit_for_sum(self, src: QNode, count: int, layer: str) -> QNode:
+        """Right-shift an input whose window sums could overflow int32."""
+        bound = int(np.max(src.bound))
+        shift = 0
+        while ((bound + ((1 << shift) >> 1)) >> shift) * count > INT32_MAX:
+            shift += 1
+        if shift == 0:
+            return src
+        self.adjust(layer, "pooling input pre-shift", np.array([True]), ["none"], [f">>{shift}"])
+        return self.requantize(src, f"{layer}:presum", src.scale * 2.0 ** shift, "int32")
+
+    def run(self) -> QGraph:
+        for node in self.graph.nodes:
+            if node.op == "input":
+                self.value[node.name] = self.emit(QNode(node.name, "input", attrs=dict(node.attrs),
+                                                        shape=self.shapes[node.name]))
+            elif self.annotation.is_integer(node.name):
+                self.value[node.name] = REALIZERS.lookup(node.op, layer=node.name)(self, node)
+            else:
+                self.value[node.name] = self.emit(QNode(
+                    node.name, node.op, tuple(self.as_float(i).name for i in node.inputs),
+                    dict(node.attrs), dict(node.params), shape=self.shapes[node.name]))
+        out = self.as_float(self.graph.output.name)
+        if out is not self.nodes[-1]:
+            raise QcalError("realize: the output must be the last node")
+        return QGraph(self.nodes, self.graph.name, self.adjustments, self.options)
+
+
+def _span(values) -> str:
+    values = sorted(set(str(v) for v in values))
+    return values[0] if len(values) == 1 else f"{values[0]}..{values[-1]}"
+
+
+def _fit_bias_shift(bound, s_acc, k0, bias_at):
+    """Per channel, the largest shift k <= k0 with bound(acc << k) + |bias| within int32."""
+    channels = len(bound)
+    k = np.full(channels, np.iinfo(np.int64).min)
+    b_c = np.zeros(channels)
+    acc_bound = np.zeros(channels, dtype=np.int64)
+    for cand in range(min(int(k0.max()), MAX_LEFT_SHIFT), -MAX_LEFT_SHIFT - 1, -1):
+        todo = (k == np.iinfo(np.int64).min) & (k0 >= cand)
+        if not todo.any():
+            continue
+        if cand >= 0:
+            shifted = np.left_shift(bound, cand)
+        else:
+            shifted, _ = rounding_shift_bound(bound, np.full(channels, -cand))
+        bias_c = bias_at(np.ldexp(s_acc, -cand))
+        fits = todo & (shifted + np.abs(bias_c) <= INT32_MAX)
+        k = np.where(fits, cand, k)
+        b_c = np.where(fits, bias_c, b_c)
+        acc_bound = np.where(fits, shifted, acc_bound)
+        if not (k == np.iinfo(np.int64).min).any():
+            break
+    if (k == np.iinfo(np.int64).min).any():
+        raise QcalError("cannot add the bias within int32 at any alignment")
+    return k, b_c.astype(np.int64), acc_bound
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-op integer realizers (the annotation decided these nodes are integer).
+# ---------------------------------------------------------------------------------------------
+
+REALIZERS = Registry("integer realization of op")
+realizer = REALIZERS.register
+
+
+def _weighted(ctx: _Realizer, node: Node, op: str, attrs: dict, x: QNode, wq, s_w, l1) -> QNode:
+    bias = node.params.get("bias")
+    name = node.name if bias is None else f"{node.name}:acc"
+    acc = ctx.emit(QNode(name, op, (x.name,), attrs, {"weight": wq} if op != "qchannel_mul" else
+                         {"multiplier": wq}, dtype="int32", shape=ctx.shapes[node.name],
+                         scale=x.scale * s_w, bound=int(np.max(x.bound)) * l1))
+    return acc if bias is None else ctx.add_bias(acc, bias, node.name)
+
+
+@realizer("conv2d")
+def _conv2d(ctx: _Realizer, node: Node) -> QNode:
+    x = ctx.int8(node.inputs[0])
+    o = ctx.options
+    wq, s_w = quantize_weight(node.params["weight"], o.weight_scale, o.weight_granularity)
+    l1 = np.abs(wq.astype(np.int64)).reshape(wq.shape[0], -1).sum(axis=1)
+    attrs = {k: tuple(node.attrs.get(k, d)) for k, d in
+             (("strides", (1, 1)), ("padding", (0, 0, 0, 0)), ("dilation", (1, 1)))}
+    attrs["groups"] = int(node.attrs.get("groups", 1))
+    return _weighted(ctx, node, "qconv2d", attrs, x, wq, s_w, l1)
+
+
+@realizer("dense")
+def _dense(ctx: _Realizer, node: Node) -> QNode:
+    x = ctx.int8(node.inputs[0])
+    o = ctx.options
+    wq, s_w = quantize_weight(node.params["weight"], o.weight_scale, o.weight_granularity)
+    l1 = np.abs(wq.astype(np.int64)).sum(axis=1)
+    return _weighted(ctx, node, "qdense", {}, x, wq, s_w, l1)
+
+
+@realizer("channel_affine")
+def _channel_affine(ctx: _Realizer, node: Node) -> QNode:
+    """y = x * a[c] + b[c]: a is quantized like a weight, b like a bias (issue 3)."""
+    x = ctx.int8(node.inputs[0])
+    o = ctx.options
+    wq, s_a = quantize_weight(node.params["scale"], o.weight_scale, o.weight_granularity)
+    fake = Node(node.name, node.op, node.inputs, node.attrs, {"bias": node.params["shift"]})
+    return _weighted(ctx, fake, "qchannel_mul", {}, x, wq, s_a, np.abs(wq.astype(np.int64)))
+
+
+@realizer("relu", "max_pool2d")
+def _passthrough(ctx: _Realizer, node: Node) -> QNode:
+    x = ctx.value[node.inputs[0]]
+    return ctx.emit(QNode(node.name, node.op, (x.name,), dict(node.attrs), dtype=x.dtype,
+                          shape=ctx.shapes[node.name], scale=x.scale, bound=x.bound))
+
+
+@realizer("flatten")
+def _flatten(ctx: _Realizer, node: Node) -> QNode:
+    x = ctx.value[node.inputs[0]]
+    per_feature = int(np.prod(x.shape[1:])) if len(x.shape) > 1 else 1
+    scale = np.repeat(x.scale, per_feature) if x.scale.ndim else x.scale
+    bound = np.repeat(x.bound, per_feature) if x.bound.ndim else x.bound
+    return ctx.emit(QNode(node.name, "flatten", (x.name,), dtype=x.dtype,
+                          shape=ctx.shapes[node.name], scale=scale, bound=bound))
+
+
+@realizer("clip")
+def _clip(ctx: _Realizer, node: Node) -> QNode:
+    x = ctx.value[node.inputs[0]]
+    limit = INT8_MAX if x.dtype == "int8" else INT32_MAX
+    lo = np.clip(np.rint(node.attrs["a_min"] / x.scale), -limit, limit).astype(np.int64)
+    hi = np.clip(np.rint(node.attrs["a_max"] / x.scale), -limit, limit).astype(np.int64)
+    bound = np.minimum(x.bound, np.maximum(np.abs(lo), np.abs(hi)))
+    return ctx.emit(QNode(node.name, "qclip", (x.name,), params={"lo": lo, "hi": hi},
+                          dtype=x.dtype, shape=ctx.shapes[node.name], scale=x.scale, bound=bound))
+
+
+@realizer("avg_pool2d")
+def _avg_pool2d(ctx: _Realizer, node: Node) -> QNode:
+    a = node.attrs
+    count = int(np.prod(a["pool_size"]))
+    x = ctx.fit_for_sum(ctx.value[node.inputs[0]], count, node.name)
+    attrs = {"pool_size": tuple(a["pool_size"]), "strides": tuple(a["strides"]),
+             "padding": tuple(a.get("padding", (0, 0, 0, 0)))}
+    shape = ctx.shapes[node.name]
+    if a.get("count_include_pad", True) or not any(attrs["padding"]):
+        return ctx.emit(QNode(node.name, "qsum_pool2d", (x.name,), attrs, dtype="int32",
+                              shape=shape, scale=x.scale / count, bound=x.bound * count))
+    _, counts = pool_sum_and_count(np.zeros((1, 1) + tuple(x.shape[1:]), np.int64),
+                                   attrs["pool_size"], attrs["strides"], attrs["padding"], False)
+    return ctx.emit(QNode(node.name, "qavg_pool2d", (x.name,), attrs,
+                          {"counts": counts.astype(np.int32)}, dtype="int32", shape=shape,
+                          scale=x.scale, bound=x.bound))
+
+
+@realizer("global_avg_pool2d")
+def _global_avg_pool2d(ctx: _Realizer, node: Node) -> QNode:
+    src = ctx.value[node.inputs[0]]
+    count = int(src.shape[1] * src.shape[2])
+    x = ctx.fit_for_sum(src, count, node.name)
+    return ctx.emit(QNode(node.name, "qglobal_sum_pool2d", (x.name,), dtype="int32",
+                          shape=ctx.shapes[node.name], scale=x.scale / count,
+                          bound=x.bound * count))
+
+
+@realizer("add")
+def _add(ctx: _Realizer, node: Node) -> QNode:
+    # An operand that is quantized to int8 anyway (it also feeds a conv) is read as int8, so the
+    # tensor has one quantized value for all its consumers (Relay did the same); an operand
+    # nobody else quantizes keeps its exact int32 value; a float operand is quantized.
+    shared = set(ctx.annotation.int8_needed)
+    operands = [ctx.int8(i) if i in shared or not ctx.value[i].is_int else ctx.value[i]
+                for i in node.inputs]
+    a, b = ctx.align(operands, node.name)
+    return ctx.emit(QNode(node.name, "qadd", (a.name, b.name), dtype="int32",
+                          shape=ctx.shapes[node.name], scale=a.scale, bound=a.bound + b.bound))
+
+
+def realize(graph: Graph, amax: Mapping[str, float], options: QuantOptions,
+            annotation: Annotation | None = None) -> QGraph:
+    """The integer graph for ``graph`` under ``options``, with activation ranges ``amax``
+    ({tensor name: abs-max}; ``annotation.required_amax`` lists the names needed)."""
+    annotation = annotation or annotate(graph, options)
+    return _Realizer(graph, annotation, amax, options).run()
+
+
+def qgraph_from_float(graph: Graph) -> QGraph:
+    """The float graph as a QGraph with no integer node (so one emitter serves both)."""
+    shapes = infer_shapes(graph)
+    return QGraph([QNode(n.name, n.op, n.inputs, dict(n.attrs), dict(n.params),
+                         shape=shapes[n.name]) for n in graph.nodes], graph.name)

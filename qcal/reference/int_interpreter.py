@@ -1,0 +1,281 @@
+"""Numpy interpreters of a ``QGraph`` (the reference for ``qcal.backend.tvm.emit``).
+
+Pipeline position: realize -> **int_reference** (checks) and realize -> compile (TVM). Two
+interpreters of the same graph:
+
+- ``run_integer``: the integer semantics bit for bit (TVM must produce the same bits). Integer
+  values are carried as int64; after every integer node the result is checked against the node's
+  dtype range and its proven ``bound`` (``QcalError`` if exceeded), so an overflow the realizer
+  failed to rule out is caught here instead of wrapping around.
+- ``run_simulated``: the "fake-quantized" float model of the same decisions: every value is the
+  real number ``v * scale`` in float64; only ``quantize`` and int8 ``requantize`` round (to their
+  int8 grid), weights and biases are their quantized values; int32 alignments, bias shifts and
+  pooling divisions are taken as exact. Its top-1 should agree with the integer model's.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from qcal.errors import QcalError
+from qcal.ir.qgraph import INT8_MAX, QGraph, QNode
+from qcal.reference import kernels as K
+
+_DTYPE_RANGE = {"int8": (-128, 127), "int32": (-2 ** 31, 2 ** 31 - 1)}
+
+
+def channel_view(a, rank: int) -> np.ndarray:
+    """A () or (C,) per-channel array shaped to broadcast along axis 1 of a rank-``rank`` tensor."""
+    a = np.asarray(a)
+    if a.ndim == 0:
+        return a
+    return a.reshape((1, -1) + (1,) * (rank - 2))
+
+
+def rounding_right_shift(v, rshift):
+    rshift = np.asarray(rshift, dtype=np.int64)
+    rnd = np.where(rshift > 0, np.left_shift(np.int64(1), np.maximum(rshift - 1, 0)), 0)
+    return np.right_shift(v + rnd, rshift)
+
+
+# -- float ops (graph.py semantics), shared by both interpreters ---------------------------------
+
+def _float_op(node: QNode, args, dtype):
+    a, p = node.attrs, node.params
+    x = args[0]
+    if node.op == "conv2d":
+        y = K.conv2d(x, p["weight"].astype(dtype), a.get("strides", (1, 1)),
+                     a.get("padding", (0, 0, 0, 0)), a.get("dilation", (1, 1)), a.get("groups", 1))
+        return y + channel_view(p["bias"], 4).astype(dtype) if "bias" in p else y
+    if node.op == "dense":
+        y = K.dense(x, p["weight"].astype(dtype))
+        return y + p["bias"].astype(dtype) if "bias" in p else y
+    if node.op == "channel_affine":
+        return x * channel_view(p["scale"], 4).astype(dtype) + channel_view(p["shift"], 4).astype(dtype)
+    if node.op == "relu":
+        return np.maximum(x, dtype(0))
+    if node.op == "clip":
+        return np.clip(x, dtype(a["a_min"]), dtype(a["a_max"]))
+    if node.op == "max_pool2d":
+        return K.max_pool2d(x, a["pool_size"], a["strides"], a.get("padding", (0, 0, 0, 0)))
+    if node.op == "avg_pool2d":
+        sums, counts = K.pool_sum_and_count(x, a["pool_size"], a["strides"],
+                                            a.get("padding", (0, 0, 0, 0)),
+                                            a.get("count_include_pad", True))
+        return (sums / counts).astype(dtype)
+    if node.op == "global_avg_pool2d":
+        return x.mean(axis=(2, 3), keepdims=True, dtype=np.float64).astype(dtype)
+    if node.op == "flatten":
+        return x.reshape(x.shape[0], -1)
+    if node.op == "add":
+        return x + args[1]
+    raise QcalError(f"no float semantics for op '{node.op}' at '{node.name}'")
+
+
+# -- integer semantics ------------------------------------------------------------------------
+
+def _requantize_int(node: QNode, v):
+    p, rank = node.params, v.ndim
+    rshift = channel_view(p["rshift"], rank)
+    if node.attrs["kind"] == "shift":
+        v = rounding_right_shift(np.left_shift(v, channel_view(p["lshift"], rank)), rshift)
+    else:
+        v = rounding_right_shift(v * channel_view(p["multiplier"], rank), rshift)
+    return np.clip(v, -INT8_MAX, INT8_MAX) if node.dtype == "int8" else v
+
+
+def _int_op(node: QNode, args):
+    a, p = node.attrs, node.params
+    x = args[0]
+    rank = x.ndim
+    if node.op == "quantize":
+        q = np.rint(x.astype(np.float32) * np.float32(p["inv_scale"]))
+        return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int64)
+    if node.op == "requantize":
+        return _requantize_int(node, x)
+    if node.op == "qconv2d":
+        return K.conv2d(x, p["weight"].astype(np.int64), a["strides"], a["padding"],
+                        a["dilation"], a["groups"])
+    if node.op == "qdense":
+        return K.dense(x, p["weight"].astype(np.int64))
+    if node.op == "qchannel_mul":
+        return x * channel_view(p["multiplier"].astype(np.int64), rank)
+    if node.op == "bias_add":
+        return x + channel_view(p["bias"].astype(np.int64), rank)
+    if node.op == "qclip":
+        return np.clip(x, channel_view(p["lo"], rank), channel_view(p["hi"], rank))
+    if node.op == "relu":
+        return np.maximum(x, 0)
+    if node.op == "max_pool2d":
+        lowest = _DTYPE_RANGE[node.dtype][0]
+        return K.windows(K.pad_nchw(x, a.get("padding", (0, 0, 0, 0)), lowest),
+                         a["pool_size"], a["strides"]).max(axis=(4, 5))
+    if node.op == "qsum_pool2d":
+        return K.pool_sum_and_count(x, a["pool_size"], a["strides"], a["padding"], True)[0]
+    if node.op == "qavg_pool2d":
+        sums, _ = K.pool_sum_and_count(x, a["pool_size"], a["strides"], a["padding"], True)
+        counts = p["counts"].astype(np.int64)
+        return (2 * sums + counts) // (2 * counts)
+    if node.op == "qglobal_sum_pool2d":
+        return x.sum(axis=(2, 3), keepdims=True)
+    if node.op == "flatten":
+        return x.reshape(x.shape[0], -1)
+    if node.op == "qadd":
+        return x + args[1]
+    raise QcalError(f"no integer semantics for op '{node.op}' at '{node.name}'")
+
+
+def _check_range(node: QNode, v):
+    lo, hi = _DTYPE_RANGE[node.dtype]
+    if v.size and (v.min() < lo or v.max() > hi):
+        raise QcalError(f"integer overflow at '{node.name}': values reach [{v.min()}, {v.max()}], "
+                        f"outside {node.dtype}")
+    bound = channel_view(node.bound, v.ndim)
+    if v.size and np.any(np.abs(v) > bound):
+        raise QcalError(f"'{node.name}' exceeds its proven bound {int(np.max(node.bound))} "
+                        f"(reached {int(np.abs(v).max())})")
+
+
+def _dequantize(node: QNode, v):
+    return v.astype(np.float32) * channel_view(node.params["scale"], v.ndim).astype(np.float32)
+
+
+def run_integer(qgraph: QGraph, x: np.ndarray, keep=None):
+    """Run the integer graph on a float32 NCHW batch; returns the float32 output, or with
+    ``keep='all'`` a dict of every node's value (integers as int64)."""
+    values = {qgraph.input.name: np.asarray(x, dtype=np.float32)}
+    for node in qgraph.nodes[1:]:
+        args = [values[i] for i in node.inputs]
+        if node.op == "dequantize":
+            out = _dequantize(node, args[0])
+        elif node.is_int:
+            out = _int_op(node, args)
+            _check_range(node, out)
+        else:
+            out = _float_op(node, args, np.float32).astype(np.float32)
+        values[node.name] = out
+    return values if keep == "all" else values[qgraph.output.name]
+
+
+# -- simulated (fake-quantized float) semantics -------------------------------------------------
+
+def _real_scale(node: QNode, rank):
+    return channel_view(node.scale, rank)
+
+
+def _fake_quant(v, scale, limit=INT8_MAX, rounding=np.rint):
+    return np.clip(rounding(v / scale), -limit, limit) * scale
+
+
+def _round_half_up(v):
+    """What a rounding right shift does: add half, then floor (ties go towards +inf)."""
+    return np.floor(v + 0.5)
+
+
+def _simulated_op(node: QNode, args, qgraph: QGraph):
+    a, p = node.attrs, node.params
+    x = args[0]
+    rank = x.ndim
+    if node.op in ("quantize",):
+        return _fake_quant(x, _real_scale(node, rank))
+    # Rescales round as the integer model does (half up), and int32 alignments that shift right
+    # lose their low bits here too: with power-of-2 scales every simulated value is a dyadic
+    # rational that float64 holds exactly, so the simulation then equals the integer model.
+    if node.op == "requantize":
+        limit = INT8_MAX if node.dtype == "int8" else np.inf
+        return _fake_quant(x, _real_scale(node, rank), limit, _round_half_up)
+    if node.op == "dequantize":
+        return x
+    src = qgraph.node(node.inputs[0]) if node.inputs else None
+    if node.op in ("qconv2d", "qdense"):
+        w_scale = np.asarray(node.scale) / np.asarray(src.scale)  # s_w = s_acc / s_x
+        if w_scale.ndim:
+            w_scale = w_scale.reshape((-1,) + (1,) * (p["weight"].ndim - 1))
+        w = p["weight"].astype(np.float64) * w_scale
+        if node.op == "qdense":
+            return K.dense(x, w)
+        return K.conv2d(x, w, a["strides"], a["padding"], a["dilation"], a["groups"])
+    if node.op == "qchannel_mul":
+        mult = p["multiplier"] * (np.asarray(node.scale) / np.asarray(src.scale))
+        return x * channel_view(mult, rank)
+    if node.op == "bias_add":
+        return x + channel_view(p["bias"] * np.asarray(node.scale), rank)
+    if node.op == "qclip":
+        scale = _real_scale(node, rank)
+        return np.clip(x, channel_view(p["lo"], rank) * scale, channel_view(p["hi"], rank) * scale)
+    if node.op in ("qsum_pool2d", "qavg_pool2d"):
+        sums, counts = K.pool_sum_and_count(x, a["pool_size"], a["strides"], a["padding"],
+                                            node.op == "qsum_pool2d")
+        if node.op == "qavg_pool2d":  # the integer mean rounds half up in the input's units
+            step = _real_scale(src, rank)
+            return _round_half_up(sums / counts / step) * step
+        return sums / counts
+    if node.op == "qglobal_sum_pool2d":
+        return x.mean(axis=(2, 3), keepdims=True)
+    if node.op == "qadd":
+        return x + args[1]
+    if node.op == "relu":
+        return np.maximum(x, 0.0)
+    if node.op == "max_pool2d":
+        return K.max_pool2d(x, a["pool_size"], a["strides"], a.get("padding", (0, 0, 0, 0)))
+    if node.op == "flatten":
+        return x.reshape(x.shape[0], -1)
+    return _float_op(node, args, np.float64)
+
+
+def run_simulated(qgraph: QGraph, x: np.ndarray) -> np.ndarray:
+    """The fake-quantized float model of ``qgraph`` (float64 output)."""
+    values = {qgraph.input.name: np.asarray(x, dtype=np.float64)}
+    for node in qgraph.nodes[1:]:
+        values[node.name] = _simulated_op(node, [values[i] for i in node.inputs], qgraph)
+    return values[qgraph.output.name]
+
+
+# -- per-layer diagnostics ----------------------------------------------------------------------
+
+def _sqnr_db(reference, approx) -> float:
+    noise = float(np.sum((reference - approx) ** 2))
+    signal = float(np.sum(reference ** 2))
+    if noise == 0:
+        return float("inf")
+    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
+
+
+def layer_errors(qgraph: QGraph, graph, x: np.ndarray) -> list:
+    """Per float-graph tensor that the integer model computes: how far its dequantized integer
+    value is from the float model's, on images ``x``. Rows (graph order) with ``tensor``, ``op``,
+    ``sqnr_db`` (signal-to-quantization-noise ratio) and ``max_abs_error``; layers with a bias also
+    get ``bias_max_error`` (|bias as added - float bias|, static) and ``bias_error_vs_acc_lsb``
+    (that error in units of the accumulator's scale: above 0.5 the bias is coarser than the
+    accumulator it is added to, which is where short biases lose accuracy)."""
+    from qcal.quant.realize import qgraph_from_float
+
+    floats = run_integer(qgraph_from_float(graph), x, keep="all")
+    ints = run_integer(qgraph, x, keep="all")
+    names = {n.name for n in qgraph.nodes}
+    rows = []
+    for fnode in graph.nodes[1:]:
+        if fnode.name not in names or not qgraph.node(fnode.name).is_int:
+            continue
+        qnode = qgraph.node(fnode.name)
+        value = ints[fnode.name]
+        real = value.astype(np.float64) * channel_view(qnode.scale, value.ndim)
+        ref = floats[fnode.name].astype(np.float64)
+        row = {"tensor": fnode.name, "op": fnode.op, "sqnr_db": _sqnr_db(ref, real),
+               "max_abs_error": float(np.abs(ref - real).max())}
+        if qnode.op == "bias_add":
+            bias = fnode.params.get("bias", fnode.params.get("shift"))
+            added = qnode.params["bias"].astype(np.float64) * np.asarray(qnode.scale)
+            error = np.abs(added - np.asarray(bias, dtype=np.float64))
+            acc_scale = _accumulator_scale(qgraph, qnode)
+            row["bias_max_error"] = float(error.max())
+            row["bias_error_vs_acc_lsb"] = float((error / acc_scale).max())
+        rows.append(row)
+    return rows
+
+
+def _accumulator_scale(qgraph: QGraph, node: QNode):
+    """The scale of the product s_in * s_w feeding a bias_add (before any alignment shift)."""
+    src = qgraph.node(node.inputs[0])
+    while src.op == "requantize":
+        src = qgraph.node(src.inputs[0])
+    return np.asarray(src.scale)

@@ -1,0 +1,357 @@
+"""qcal.backend.tvm.schedules: scheduled results equal unscheduled ones bit for bit, and the schedules apply.
+
+Every module here is a small hand-built Relax graph of the kind the TVM adapter emits (int8 conv /
+dense with int32 accumulation, requantize epilogue, pooling). Each is compiled through the same CPU
+pipeline with and without qcal's schedules (and, for int8 convs, with and without the int16-pair
+rewrite) and run on the same input; integer results must be equal bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+from qcal.backend.tvm import schedules  # noqa: E402
+from qcal.errors import QcalError  # noqa: E402
+from qcal.reference import kernels as numpy_kernels  # noqa: E402
+
+TARGET = schedules.cpu_target()
+RNG_SEED = 7
+
+
+def _const(array: np.ndarray):
+    return relax.const(array, str(array.dtype))
+
+
+def _module(input_shape, emit, dtype="int8", extra_params=()):
+    """main(x[, *extra_params]) whose body is what ``emit(bb, x, *params)`` returns."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(input_shape, dtype))
+    params = [relax.Var(name, relax.TensorType(shape, dt)) for name, shape, dt in extra_params]
+    with bb.function("main", [x, *params]):
+        with bb.dataflow():
+            out = bb.emit_output(emit(bb, x, *params))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _run(mod, *inputs, schedule=True, pair_convs=True, target=TARGET):
+    ex = schedules.build(mod, target, schedule=schedule, pair_convs=pair_convs)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy()
+
+
+def _int8(rng, shape):
+    return rng.integers(-128, 128, shape).astype("int8")
+
+
+def _requantize(bb, acc, channels, rng):
+    """The adapter's epilogue: + int32 bias, per-channel rounding right shift in int64, clip, cast.
+
+        acc(int32) -> add bias -> astype int64 -> add (1 << (s-1)) -> right_shift s -> clip -> int8
+    """
+    bias = rng.integers(-5000, 5000, (1, channels, 1, 1)).astype("int32")
+    shift = rng.integers(6, 12, (1, channels, 1, 1)).astype("int64")
+    y = bb.emit(relax.op.add(acc, _const(bias)))
+    y = bb.emit(relax.op.astype(y, "int64"))
+    y = bb.emit(relax.op.add(y, _const(np.left_shift(1, shift - 1).astype("int64"))))
+    y = bb.emit(relax.op.right_shift(y, _const(shift)))
+    y = bb.emit(relax.op.clip(y, -128, 127))
+    return bb.emit(relax.op.astype(y, "int8"))
+
+
+# (N, C, H, W), out channels, kernel, stride, pad, groups
+CONVS = {
+    "1x1": ((1, 32, 10, 10), 32, 1, 1, 0, 1),
+    "3x3": ((1, 16, 12, 12), 32, 3, 1, 1, 1),
+    "3x3_stride2": ((2, 16, 13, 13), 32, 3, 2, 1, 1),
+    "7x7_stem": ((1, 3, 32, 32), 16, 7, 2, 3, 1),
+    "grouped": ((1, 32, 8, 8), 64, 3, 1, 1, 2),
+    "depthwise": ((1, 24, 12, 12), 24, 3, 1, 1, 24),
+    "depthwise_stride2": ((2, 16, 11, 11), 16, 3, 2, 1, 16),
+}
+DEPTHWISE = {"depthwise", "depthwise_stride2"}
+PAIRS = schedules.pair_lanes(TARGET) is not None
+
+
+def _expected_rule(kind, pair_convs):
+    if kind in DEPTHWISE:
+        return "depthwise_conv2d_nchw"
+    if pair_convs and PAIRS and kind != "grouped":
+        return "conv2d_int16_pairs"
+    return "conv2d_nchw"
+
+
+def _conv_module(kind, epilogue, weight_as_input=False):
+    shape, out_ch, k, stride, pad, groups = CONVS[kind]
+    rng = np.random.default_rng(RNG_SEED)
+    weight = _int8(rng, (out_ch, shape[1] // groups, k, k))
+    extra = [("w", weight.shape, "int8")] if weight_as_input else []
+
+    def emit(bb, x, *params):
+        w = params[0] if weight_as_input else _const(weight)
+        acc = bb.emit(relax.op.nn.conv2d(x, w, strides=stride, padding=pad, groups=groups,
+                                         out_dtype="int32"))
+        return _requantize(bb, acc, out_ch, rng) if epilogue else acc
+
+    return _module(shape, emit, extra_params=extra), weight
+
+
+def _primfuncs(mod):
+    return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+
+
+@pytest.mark.parametrize("pair_convs", [True, False], ids=["pairs", "s_tir"])
+class TestConv:
+    """Both int8 conv paths: the int16-pair rewrite (default) and the s_tir conv schedule."""
+
+    @pytest.mark.parametrize("kind", sorted(CONVS))
+    @pytest.mark.parametrize("epilogue", [True, False], ids=["requantize", "raw"])
+    def test_bit_exact_against_unscheduled(self, kind, epilogue, pair_convs):
+        mod, weight = _conv_module(kind, epilogue)
+        x = _int8(np.random.default_rng(1), CONVS[kind][0])
+        scheduled = _run(mod, x, pair_convs=pair_convs)
+        assert np.array_equal(scheduled, _run(mod, x, schedule=False))
+        if not epilogue:  # and against qcal's own numpy reference
+            _, _, _, stride, pad, groups = CONVS[kind]
+            ref = numpy_kernels.conv2d(x, weight, (stride, stride), (pad,) * 4, groups=groups)
+            assert scheduled.dtype == np.int32
+            assert np.array_equal(scheduled, ref)
+
+    @pytest.mark.parametrize("kind", sorted(CONVS))
+    def test_schedule_applied(self, kind, pair_convs):
+        mod, _ = _conv_module(kind, epilogue=True)
+        lowered = schedules.lower(mod, TARGET, pair_convs=pair_convs)
+        rules = schedules.scheduled_functions(lowered)
+        expected = _expected_rule(kind, pair_convs)
+        convs = [name for name, rule in rules.items() if rule == expected]
+        assert len(convs) == 1, rules
+        text = _primfuncs(lowered)[convs[0]].script()
+        assert "T.parallel" in text
+        if expected == "conv2d_int16_pairs":
+            assert "pmadd" in text
+        else:
+            assert "T.vectorized" in text
+            # the requantize epilogue was inlined: one block writes the int8 output after the conv
+            assert text.count('T.sblock("compute') <= 1
+
+    def test_weight_given_at_run_time_is_repacked_in_the_call(self, pair_convs):
+        """Only constant weights take the pair rewrite; a run-time weight gets the s_tir conv."""
+        mod, weight = _conv_module("3x3", epilogue=True, weight_as_input=True)
+        x = _int8(np.random.default_rng(2), CONVS["3x3"][0])
+        out = _run(mod, x, weight, pair_convs=pair_convs)
+        assert np.array_equal(out, _run(mod, x, weight, schedule=False))
+        rules = schedules.scheduled_functions(schedules.lower(mod, TARGET, pair_convs=pair_convs))
+        assert list(rules.values()) == ["conv2d_nchw"]
+
+    def test_float32_conv_close_to_unscheduled(self, pair_convs):
+        rng = np.random.default_rng(3)
+        weight = rng.standard_normal((32, 16, 3, 3)).astype("float32")
+        mod = _module((1, 16, 12, 12), lambda bb, x: bb.emit(relax.op.nn.relu(bb.emit(
+            relax.op.nn.conv2d(x, _const(weight), padding=1)))), dtype="float32")
+        x = rng.standard_normal((1, 16, 12, 12)).astype("float32")
+        out = _run(mod, x, pair_convs=pair_convs)
+        np.testing.assert_allclose(out, _run(mod, x, schedule=False), rtol=1e-5, atol=1e-5)
+        lowered = schedules.lower(mod, TARGET, pair_convs=pair_convs)
+        assert list(schedules.scheduled_functions(lowered).values()) == ["conv2d_nchw"]
+
+
+class TestStirConv:
+    def test_constant_weight_is_repacked_at_compile_time(self):
+        mod, _ = _conv_module("3x3", epilogue=True)
+        funcs = _primfuncs(schedules.lower(mod, TARGET, pair_convs=False))
+        (name,) = funcs
+        assert name.endswith("_prepacked")
+        # no in-function repack block is left; the weight parameter is (O/v, I, kh, kw, v)
+        assert "param_0_global" not in funcs[name].script()
+
+
+class TestInt16Pairs:
+    @pytest.mark.skipif(not PAIRS, reason="no AVX2 on this CPU")
+    @pytest.mark.parametrize("kind", ["3x3_stride2", "7x7_stem"])
+    def test_avx2_eight_lane_path_bit_exact(self, kind):
+        """An AVX2-only target (haswell) takes the 8-lane pmaddwd; it runs on any AVX2 host."""
+        avx2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+        assert schedules.pair_lanes(avx2) == 8
+        mod, _ = _conv_module(kind, epilogue=True)
+        x = _int8(np.random.default_rng(11), CONVS[kind][0])
+        assert np.array_equal(_run(mod, x, target=avx2), _run(mod, x, schedule=False))
+        rules = schedules.scheduled_functions(schedules.lower(mod, avx2))
+        assert "conv2d_int16_pairs" in rules.values()
+
+    def test_target_without_avx2_is_not_rewritten(self):
+        generic = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+        assert schedules.pair_lanes(generic) is None
+        mod, _ = _conv_module("3x3", epilogue=True)
+        assert schedules.rewrite_int8_convs(mod, generic) is mod
+
+    def test_pack_pair_weight_layout(self):
+        """Lane l of vector (f, c2, ky, kx) holds out channel f*v + l//2, in channel 2*c2 + l%2."""
+        rng = np.random.default_rng(12)
+        weight = _int8(rng, (16, 3, 2, 2))
+        packed = schedules.pack_pair_weight(weight, 8)
+        assert packed.shape == (2, 2, 2, 2, 16) and packed.dtype == np.int16
+        assert packed[1, 0, 1, 0, 2 * 3 + 1] == weight[8 + 3, 1, 1, 0]
+        assert packed[0, 1, 0, 1, 2 * 5] == weight[5, 2, 0, 1]
+        assert packed[0, 1, 0, 1, 2 * 5 + 1] == 0  # the zero channel that pads 3 channels to 4
+
+
+class TestDense:
+    @pytest.mark.parametrize("op", ["matmul", "linear"])
+    def test_bit_exact_and_applied(self, op):
+        rng = np.random.default_rng(4)
+        batch, k, n = 4, 64, 48
+        weight = _int8(rng, (k, n) if op == "matmul" else (n, k))
+        bias = rng.integers(-3000, 3000, (n,)).astype("int32")
+
+        def emit(bb, x):
+            if op == "matmul":
+                acc = bb.emit(relax.op.matmul(x, _const(weight), out_dtype="int32"))
+            else:
+                acc = bb.emit(relax.op.linear(x, _const(weight), out_dtype="int32"))
+            y = bb.emit(relax.op.add(acc, _const(bias)))
+            y = bb.emit(relax.op.right_shift(y, _const(np.array(5, "int32"))))
+            return bb.emit(relax.op.astype(relax.op.clip(y, -128, 127), "int8"))
+
+        mod = _module((batch, k), emit)
+        x = _int8(rng, (batch, k))
+        out = _run(mod, x)
+        assert np.array_equal(out, _run(mod, x, schedule=False))
+        ref = (x.astype(np.int64) @ (weight if op == "matmul" else weight.T) + bias) >> 5
+        assert np.array_equal(out, np.clip(ref, -128, 127).astype("int8"))
+        rules = schedules.scheduled_functions(schedules.lower(mod, TARGET))
+        assert list(rules.values()) == ["dense"]
+
+
+class TestPoolingAndElementwise:
+    @pytest.mark.parametrize("pool", ["max", "avg"])
+    def test_pool_bit_exact_and_parallel(self, pool):
+        op = relax.op.nn.max_pool2d if pool == "max" else relax.op.nn.avg_pool2d
+        mod = _module((2, 16, 20, 20), lambda bb, x: bb.emit(op(x, 3, 2, 1)))
+        x = _int8(np.random.default_rng(5), (2, 16, 20, 20))
+        assert np.array_equal(_run(mod, x), _run(mod, x, schedule=False))
+        lowered = schedules.lower(mod, TARGET)
+        rules = schedules.scheduled_functions(lowered)
+        assert list(rules.values()) == ["parallel_outer"]
+        assert "T.parallel" in _primfuncs(lowered)[next(iter(rules))].script()
+
+    def test_residual_add_requantize_bit_exact(self):
+        """The residual join: int8 + int8 in int32, shift, clip, cast (one fused PrimFunc)."""
+        shape = (1, 32, 14, 14)
+
+        def emit(bb, x, y):
+            s = bb.emit(relax.op.add(relax.op.astype(x, "int32"), relax.op.astype(y, "int32")))
+            s = bb.emit(relax.op.right_shift(s, _const(np.array(1, "int32"))))
+            return bb.emit(relax.op.astype(relax.op.clip(s, 0, 127), "int8"))
+
+        mod = _module(shape, emit, extra_params=[("y", shape, "int8")])
+        rng = np.random.default_rng(6)
+        x, y = _int8(rng, shape), _int8(rng, shape)
+        out = _run(mod, x, y)
+        assert np.array_equal(out, _run(mod, x, y, schedule=False))
+        ref = np.clip((x.astype(np.int32) + y) >> 1, 0, 127).astype("int8")
+        assert np.array_equal(out, ref)
+
+
+class TestDecline:
+    def test_unknown_primfunc_left_unchanged(self):
+        """A tiny elementwise op is not worth threads: every rule declines and the PrimFunc is
+        the one legalization produced."""
+        mod = _module((2, 8), lambda bb, x: bb.emit(relax.op.negative(x)))
+        unscheduled = _primfuncs(schedules.lower(mod, TARGET, schedule=False))
+        scheduled_mod = schedules.lower(mod, TARGET)
+        assert schedules.scheduled_functions(scheduled_mod) == {}
+        scheduled = _primfuncs(scheduled_mod)
+        assert scheduled.keys() == unscheduled.keys()
+        for name, func in scheduled.items():
+            tvm.ir.assert_structural_equal(func, unscheduled[name])
+
+    def test_schedule_primfunc_declines_a_conv_it_cannot_vectorize(self):
+        """Two output channels per group leave nothing to vectorize: the conv rule declines and
+        the function falls through to a later rule (or none) -- never a wrong schedule."""
+        rng = np.random.default_rng(8)
+        weight = _int8(rng, (4, 2, 3, 3))
+        mod = _module((1, 4, 6, 6), lambda bb, x: bb.emit(relax.op.nn.conv2d(
+            x, _const(weight), padding=1, groups=2, out_dtype="int32")))
+        x = _int8(rng, (1, 4, 6, 6))
+        rules = schedules.scheduled_functions(schedules.lower(mod, TARGET))
+        assert "conv2d_nchw" not in rules.values()
+        assert np.array_equal(_run(mod, x), _run(mod, x, schedule=False))
+
+    def test_non_cpu_target_is_refused(self):
+        mod = _module((2, 8), lambda bb, x: bb.emit(relax.op.negative(x)))
+        with pytest.raises(QcalError, match="LLVM CPU targets only"):
+            schedules.build(mod, tvm.target.Target("cuda"))
+
+
+class TestModulePass:
+    def test_apply_cpu_schedules_after_fusion_leaves_its_input_alone(self):
+        """The adapter's call sequence: legalize + fuse, then apply_cpu_schedules(mod, target)."""
+        from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+
+        mod, _ = _conv_module("1x1", epilogue=True)
+        with TARGET:
+            fused = tvm.transform.Sequential(cpu_pipeline.library_dispatch_passes(TARGET)
+                                             + cpu_pipeline.legalize_passes(TARGET))(mod)
+        before = fused.script()
+        scheduled = schedules.apply_cpu_schedules(fused, TARGET)  # (no pair rewrite here)
+        assert fused.script() == before
+        assert list(schedules.scheduled_functions(scheduled).values()) == ["conv2d_nchw"]
+        # applying twice changes nothing: scheduled PrimFuncs are marked and skipped
+        tvm.ir.assert_structural_equal(schedules.apply_cpu_schedules(scheduled, TARGET), scheduled)
+
+    def test_small_residual_network_bit_exact(self):
+        """Two same-shape convs (their fused PrimFuncs may be shared by two call sites, each with
+        its own weight constant), a residual join, max pool and a dense head, end to end.
+
+            x -> conv3x3+rq -> conv3x3+rq -> (+ x) >> 1 -> maxpool -> flatten -> dense+rq
+        """
+        rng = np.random.default_rng(9)
+        shape = (2, 16, 8, 8)
+        w1, w2 = _int8(rng, (16, 16, 3, 3)), _int8(rng, (16, 16, 3, 3))
+        wd = _int8(rng, (16 * 4 * 4, 10))
+
+        def emit(bb, x):
+            y = _requantize(bb, bb.emit(relax.op.nn.conv2d(x, _const(w1), padding=1,
+                                                           out_dtype="int32")), 16, rng)
+            y = _requantize(bb, bb.emit(relax.op.nn.conv2d(y, _const(w2), padding=1,
+                                                           out_dtype="int32")), 16, rng)
+            s = bb.emit(relax.op.add(relax.op.astype(y, "int32"), relax.op.astype(x, "int32")))
+            s = bb.emit(relax.op.astype(relax.op.clip(relax.op.right_shift(
+                s, _const(np.array(1, "int32"))), -128, 127), "int8"))
+            p = bb.emit(relax.op.nn.max_pool2d(s, 2, 2))
+            f = bb.emit(relax.op.reshape(p, (2, 16 * 4 * 4)))
+            d = bb.emit(relax.op.matmul(f, _const(wd), out_dtype="int32"))
+            return bb.emit(relax.op.right_shift(d, _const(np.array(4, "int32"))))
+
+        mod = _module(shape, emit)
+        x = _int8(rng, shape)
+        reference = _run(mod, x, schedule=False)
+        for pair_convs in (True, False):
+            assert np.array_equal(_run(mod, x, pair_convs=pair_convs), reference)
+            lowered = schedules.lower(mod, TARGET, pair_convs=pair_convs)
+            rules = list(schedules.scheduled_functions(lowered).values())
+            assert _expected_rule("3x3", pair_convs) in rules and "dense" in rules
+
+    def test_primfunc_shared_by_two_calls_gets_each_calls_weight_packed(self):
+        """FuseTIR deduplicates two same-shape conv+requantize groups into one PrimFunc called
+        twice; each call's own weight constant must be repacked."""
+        rng = np.random.default_rng(10)
+        w1, w2 = _int8(rng, (16, 16, 3, 3)), _int8(rng, (16, 16, 3, 3))
+        shift = _const(np.array(7, "int32"))
+
+        def conv_rq(bb, x, w):
+            y = bb.emit(relax.op.nn.conv2d(x, _const(w), padding=1, out_dtype="int32"))
+            return bb.emit(relax.op.astype(relax.op.clip(relax.op.right_shift(y, shift), -128, 127),
+                                           "int8"))
+
+        mod = _module((1, 16, 8, 8), lambda bb, x: conv_rq(bb, conv_rq(bb, x, w1), w2))
+        lowered = schedules.lower(mod, TARGET, pair_convs=False)
+        (name,) = schedules.scheduled_functions(lowered)
+        assert lowered["main"].script().count(name + "(") == 2
+        x = _int8(rng, (1, 16, 8, 8))
+        reference = _run(mod, x, schedule=False)
+        assert np.array_equal(_run(mod, x, pair_convs=False), reference)
+        assert np.array_equal(_run(mod, x), reference)
