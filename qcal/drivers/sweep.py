@@ -10,8 +10,8 @@ Layout of ``OUTPUT/``:
 - ``results.csv``, ``results.md``, ``results.json`` (config, seeds, versions, machine, command,
   timings), ``predictions.csv`` (per image), ``top1.png``, ``sweep.log``.
 
-Work is shared across variants through ``qcal.drivers.session.ModelSession``: float32 evaluated once per model,
-statistics collected once per model, each image decoded once (on-disk batch cache).
+Work is shared across variants through ``qcal.drivers.session.ModelSession``: float32 evaluated once
+per model, statistics collected once per model, each image decoded once (on-disk batch cache).
 """
 from __future__ import annotations
 
@@ -126,10 +126,10 @@ def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
              len(config.models), len(config.variants) + int(config.float32), command)
     for model in config.models:
         session = ModelSession(model, config.data, config.batch_size,
-                                        params=config.params, pretrained=config.pretrained,
-                                        seed=config.seed, quiet=quiet,
-                                        cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
-                                        calibration_file=config.calibration_file)
+                               params=config.params, pretrained=config.pretrained,
+                               seed=config.seed, quiet=quiet,
+                               cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
+                               calibration_file=config.calibration_file)
         session.check_calibration_file(config.variants)
         variants = ([None] if config.float32 else []) + list(config.variants)
         baseline_key = None
@@ -139,8 +139,7 @@ def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
                 "model": session.identity, "variant": None if options is None else options.to_dict(),
                 "data": session.plan_description(needs_calibration=options is not None),
                 "batch_size": config.batch_size, "qcal": __version__,
-                "calibration_file": (file_digest(config.calibration_file,
-                                                          "calibration file")
+                "calibration_file": (file_digest(config.calibration_file, "calibration file")
                                      if config.calibration_file else None),
             }
             key = store.key(description)
