@@ -289,7 +289,7 @@ def calibrate(model, params, pretrained, data, num_images, calib_data, calib_ran
     `qcal evaluate --calib FILE` reuses the file without touching the data again; it refuses a file
     made for another model.
     """
-    from qcal.calib.collect import CalibrationResult
+    from qcal.calib.result import CalibrationResult
     from qcal.drivers.session import ModelSession
 
     if output.suffix != ".npz":

@@ -24,7 +24,7 @@ ACTIVATION_METHODS = ("global", "max", "power2", "l2", "kl", "percentile")
 WEIGHT_SCALES = ("max", "power2")
 WEIGHT_GRANULARITIES = ("tensor", "channel")
 # "int32-acc": the usual int32 bias at the accumulator scale s_in * s_w (ONNX Runtime, TFLite,
-# PyTorch). Otherwise bias_bits B quantizes the bias with its own power-of-2 scale (the thread).
+# PyTorch). Otherwise bias_bits B quantizes the bias with its own power-of-2 scale (docs/background.md).
 BIAS_MODES = ("bits", "int32-acc")
 
 

@@ -115,7 +115,8 @@ def bench_model(args) -> dict:
 
     from qcal.backend.tvm.compile import compile_model
     from qcal.backend.tvm.emit import tvm
-    from qcal.calib.collect import CalibrationResult, collect_statistics
+    from qcal.calib.collect import collect_statistics
+    from qcal.calib.result import CalibrationResult
     from qcal.calib.sources import GraphInterpreter
     from qcal.config import QuantOptions
     from qcal.families.gluon import MXNetFloatRunner

@@ -66,7 +66,7 @@ class DenseCase:
 
 
 CASES = {
-    "notes_3x3": ConvCase((64, 56, 56), 64, 3, 1, 1),            # NOTES.md's conv
+    "notes_3x3": ConvCase((64, 56, 56), 64, 3, 1, 1),            # a ResNet stage-1 3x3 conv
     "r50_1x1_256to64": ConvCase((256, 56, 56), 64, 1, 1, 0),     # ResNet-50 stage 1 reduce
     "r50_3x3_s2": ConvCase((128, 56, 56), 128, 3, 2, 1),         # ResNet-50 stage 2 entry (v1b)
     "r50_stem_7x7": ConvCase((3, 224, 224), 64, 7, 2, 3),        # ResNet stem

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Issue 3's bias study: where, and why, short biases lose accuracy, measured layer by layer.
+"""The bias study (docs/bias-study.md): where, and why, short biases lose accuracy, measured layer by layer.
 
     python scripts/bias_study.py fmnist_vgg11_bn --images 1000 --calib-images 500 --ablate-images 500
     python scripts/bias_study.py weights/efficientnet-lite0/efficientnet_lite0.onnx \\
@@ -9,7 +9,7 @@
 Pipeline position: a diagnostic on top of the driver (``qcal.drivers.session.ModelSession``: import,
 one calibration pass, realize) and the two numpy interpreters (``qcal.reference.float_interpreter.run_float``,
 ``qcal.reference.int_interpreter.run_integer``). Nothing is compiled with TVM: the numpy integer interpreter
-is bit-exact with TVM (issue 3's tests), so its numbers are the integer model's.
+is bit-exact with TVM (tests/backend/test_compile.py), so its numbers are the integer model's.
 
 Variants (``VARIANTS``): activations and weights power-of-2 scaled ("power2"), weights per tensor,
 bias with its own power-of-2 scale at 8, 9 and 16 bits, and the int32 bias at the accumulator
@@ -54,6 +54,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from qcal.config import QuantOptions  # noqa: E402
+from qcal.eval.fidelity import sqnr_from_energies  # noqa: E402
 from qcal.ir.graph import Graph, Node  # noqa: E402
 from qcal.quant import quantize  # noqa: E402
 from qcal.quant.fixed_point import bias_scale, quantize_array  # noqa: E402
@@ -131,18 +132,10 @@ def bias_spread(bias) -> float:
     return float(mags.max() / np.median(mags)) if mags.size else float("nan")
 
 
-def sqnr_db(signal_energy: float, noise_energy: float) -> float:
-    if noise_energy == 0:
-        return float("inf")
-    if signal_energy == 0:
-        return float("-inf")
-    return float(10.0 * np.log10(signal_energy / noise_energy))
-
-
 def bias_only_sqnr_db(output_mean_square: float, bias_error) -> float:
     """SQNR of a layer output whose only error is the per-channel constant ``bias_error``
     (every channel has as many elements, so the noise power is the mean of the squares)."""
-    return sqnr_db(output_mean_square, float(np.mean(np.square(bias_error))))
+    return sqnr_from_energies(output_mean_square, float(np.mean(np.square(bias_error))))
 
 
 def bias_share(bias, output_mean_square: float) -> float:
@@ -156,7 +149,7 @@ def excess_sqnr_db(signal_energy: float, noise_energy: float, reference_noise: f
     """The SQNR the noise ADDED over a reference variant's would leave on its own (inf when the
     variant is no noisier than the reference)."""
     excess = noise_energy - reference_noise
-    return sqnr_db(signal_energy, excess) if excess > 0 else float("inf")
+    return sqnr_from_energies(signal_energy, excess) if excess > 0 else float("inf")
 
 
 def with_quantized_biases(graph: Graph, bits: int, layers=None) -> Graph:
@@ -256,7 +249,7 @@ class Energies:
         return float(np.sqrt(max(self.mean_square - mean * mean, 0.0)))
 
     def sqnr(self, label: str) -> float:
-        return sqnr_db(self.signal, self.noise[label])
+        return sqnr_from_energies(self.signal, self.noise[label])
 
 
 @dataclass
@@ -302,7 +295,7 @@ class Ablation:
     changed: dict = field(default_factory=dict)  # layer -> images whose top-1 moved off base's
 
     def sqnr(self, layer: str) -> float:
-        return sqnr_db(self.signal, self.noise[layer])
+        return sqnr_from_energies(self.signal, self.noise[layer])
 
     def noise_change_db(self, layer: str) -> float:
         """How much this one 8-bit bias raises (+) or lowers (-) the base model's logit noise."""
@@ -311,8 +304,8 @@ class Ablation:
 
 def measure(session, labels=tuple(VARIANTS), batch_size: int = 32, progress=print) -> Study:
     from qcal.data.cache import iter_batches
-    from qcal.reference.float_interpreter import run_float
-    from qcal.reference.int_interpreter import channel_view, run_integer
+    from qcal.reference.float_interpreter import channel_view, run_float
+    from qcal.reference.int_interpreter import run_integer
 
     start = time.perf_counter()
     graph = session.graph

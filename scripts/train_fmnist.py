@@ -48,7 +48,7 @@ def evaluate_float32(model_name, params_path):
 def recalibrate_input_batchnorm(net, x_train) -> dict | None:
     """Give a BatchNorm applied to the raw input the statistics of the training data.
 
-    MXNet updates BatchNorm running statistics in the backward pass (NOTES); the input of the
+    MXNet updates BatchNorm running statistics in the backward pass only; the input of the
     network needs no gradient, so ResNet v2's parameter-free input BatchNorm keeps mean 0 / var 1
     for ever while training normalises with batch statistics. On zero-padded, normalised
     Fashion-MNIST the data have mean -0.19 and variance 0.88, not 0 / 1: without this step

@@ -1,7 +1,7 @@
 """The real embedded models, quantized: TVM's integer model equals its numpy reference bit for bit,
 and the simulated (fake-quantized float) model agrees with it on top-1, on Fashion-MNIST test images.
 
-One power-of-2 variant (every rescale an exact shift: the thread's set-up, 8-bit bias) and one with
+One power-of-2 variant (every rescale an exact shift: docs/background.md's set-up, 8-bit bias) and one with
 fixed-point multipliers (KL ranges, per-channel max weights, int32 accumulator bias) per model.
 """
 import numpy as np

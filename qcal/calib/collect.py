@@ -1,13 +1,11 @@
-"""Calibrate stage: one statistics pass over the calibration images, then every method's ranges.
+"""Calibrate stage, collect: one statistics pass over the calibration images.
 
 Pipeline position: import -> annotate -> **calibrate** -> realize -> compile. ``collect_statistics``
-runs the float model once over the calibration batches (``qcal.calib.sources``: MXNet's own
-executor for Gluon models, the numpy interpreter of the graph otherwise) and accumulates, for
-every tensor of the graph (the input included), its signed min/max, abs-max, exact-zero count
-and a histogram of |x| (binned by the TIR kernel of ``qcal.backend.tvm.histogram``).
-``CalibrationResult`` turns those statistics into each activation method's amax
-(``qcal.calib.methods``), and is saved to / loaded from one ``.npz`` file so that compile and
-evaluate never touch the calibration data again.
+runs the float model once over the calibration batches (a tensor source of ``qcal.calib.sources``,
+or the model family's own: MXNet's executor for Gluon models) and accumulates, for every tensor
+of the graph (the input included), its signed min/max, abs-max, exact-zero count and a histogram
+of |x| (binned by the TIR kernel of ``qcal.backend.tvm.histogram``). ``qcal.calib.result`` turns
+those statistics into each method's ranges.
 
 The histogram is built in the same single pass although the final range is not known in
 advance: it has a fixed number of equal bins over [0, R), R being the smallest power of two above
@@ -19,22 +17,17 @@ at least half of its bins (4096 of the default 8192: fine enough for KL, which u
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
-from qcal.calib.methods import (CALIBRATION_METHODS, HISTOGRAM_METHODS, TensorStats, choose_amax,
-                                method_options)
+from qcal.calib.methods import TensorStats
 from qcal.calib.sources import GraphInterpreter
-from qcal.config import DEFAULT_HISTOGRAM_BINS, QuantOptions
+from qcal.config import DEFAULT_HISTOGRAM_BINS
 from qcal.errors import QcalError, UsageProblem
-from qcal.files import atomic_open
 
 HISTOGRAM_CHUNK = 1 << 18  # elements per histogram step: 1 MB float32 + 2 MB int64 buffers
-FILE_FORMAT = "qcal-calibration/1"
 
 
 class AbsHistogram:
@@ -209,139 +202,3 @@ def _progress(batches, enabled, name):
 
     total = len(batches) if hasattr(batches, "__len__") else None
     return tqdm(batches, total=total, desc=f"calibrating {name}", unit="batch", leave=False)
-
-
-@dataclass
-class CalibrationResult:
-    """Per-tensor statistics and every activation method's chosen amax, for one model.
-
-    ``chosen[method][tensor]`` holds the amax of each method at the options in
-    ``chosen_options[method]`` (the QuantOptions given when it was made); ``amax`` recomputes
-    from the stored histograms when asked for other options.
-    """
-
-    fingerprint: str
-    model: str
-    num_images: int
-    bins: int
-    tensors: dict  # name -> TensorStats
-    summaries: dict  # name -> {"amax", "min", "max", "count", "zeros"}
-    chosen: dict = field(default_factory=dict)  # method -> {tensor -> amax}
-    chosen_options: dict = field(default_factory=dict)  # method -> {option -> value}
-    source: str = "<memory>"
-    engine: str = "qcal numpy float interpreter"  # what computed the float values
-
-    @classmethod
-    def from_statistics(cls, statistics: TensorStatistics, options: QuantOptions | None = None,
-                        methods=None) -> "CalibrationResult":
-        options = options or QuantOptions()
-        result = cls(statistics.fingerprint, statistics.model, statistics.num_images,
-                     statistics.bins, statistics.tensors, statistics.summaries,
-                     engine=statistics.engine)
-        for method in methods or CALIBRATION_METHODS:
-            if method in HISTOGRAM_METHODS and not statistics.bins:
-                continue  # abs-max-only statistics cannot answer it; `require` says so
-            opts = method_options(method, options)
-            result.chosen[method] = {name: choose_amax(method, stats, **opts)
-                                     for name, stats in statistics.tensors.items()}
-            result.chosen_options[method] = opts
-        return result
-
-    @property
-    def methods(self) -> tuple:
-        """The methods this result can answer."""
-        if self.bins:
-            return tuple(CALIBRATION_METHODS)
-        return tuple(m for m in CALIBRATION_METHODS if m not in HISTOGRAM_METHODS)
-
-    def require(self, method: str):
-        if method not in CALIBRATION_METHODS:
-            raise QcalError(f"unknown calibration method '{method}' "
-                            f"(known: {', '.join(CALIBRATION_METHODS)})")
-        if method not in self.methods:
-            raise QcalError(f"calibration file {self.source} holds abs-max statistics only; "
-                            f"method '{method}' needs histograms: recalibrate with histograms")
-
-    def amax(self, tensor: str, method: str, **opts) -> float:
-        """The amax ``method`` (with its options, e.g. percentile=99.9) picks for ``tensor``."""
-        self.require(method)
-        if tensor not in self.tensors:
-            raise QcalError(f"calibration file {self.source} has no statistics for tensor "
-                            f"'{tensor}' of model '{self.model}'")
-        if self.chosen_options.get(method) == opts and tensor in self.chosen.get(method, {}):
-            return self.chosen[method][tensor]
-        return choose_amax(method, self.tensors[tensor], **opts)
-
-    def amax_for(self, tensor: str, options: QuantOptions) -> float:
-        """The amax ``options.activation_method`` picks, with that method's options."""
-        method = options.activation_method
-        return self.amax(tensor, method, **method_options(method, options))
-
-    def ranges(self, options: QuantOptions, tensors=None) -> dict:
-        """{tensor: amax} under ``options`` for ``tensors`` (default: every tensor), as the
-        realizer takes them."""
-        names = self.tensors if tensors is None else tensors
-        return {t: self.amax_for(t, options) for t in names}
-
-    def check_model(self, graph):
-        if graph.fingerprint() != self.fingerprint:
-            raise QcalError(f"calibration file {self.source} was made for model '{self.model}' "
-                            f"(fingerprint {self.fingerprint}), not for '{graph.name}' "
-                            f"(fingerprint {graph.fingerprint()})")
-
-    # --- file --------------------------------------------------------------------------------
-
-    def save(self, path):
-        """Write one .npz file atomically (a temporary file in the same folder, then rename)."""
-        path = Path(path)
-        names = list(self.tensors)
-        meta = {"format": FILE_FORMAT, "fingerprint": self.fingerprint, "model": self.model,
-                "num_images": self.num_images, "bins": self.bins, "tensors": names,
-                "summaries": self.summaries, "chosen": self.chosen,
-                "chosen_options": self.chosen_options, "engine": self.engine}
-        arrays = {"meta": np.array(json.dumps(meta))}
-        if self.bins:
-            arrays["counts"] = np.stack([self.tensors[n].counts for n in names])
-            arrays["ranges"] = np.array([self.tensors[n].edges[-1] for n in names])
-        with atomic_open(path) as f:
-            np.savez_compressed(f, **arrays)
-
-    @classmethod
-    def load(cls, path, graph=None, methods=()) -> "CalibrationResult":
-        """Read a file written by ``save``; refuse it for another model or a missing method."""
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                meta = json.loads(str(f["meta"]))
-                counts = f["counts"] if "counts" in f.files else None
-                ranges = f["ranges"] if "ranges" in f.files else None
-        except FileNotFoundError:
-            raise QcalError(f"calibration file {path} does not exist") from None
-        except (OSError, ValueError, KeyError) as exc:
-            raise QcalError(f"{path} is not a qcal calibration file ({exc})") from None
-        if meta.get("format") != FILE_FORMAT:
-            raise QcalError(f"{path} is a '{meta.get('format')}' file; qcal reads "
-                            f"'{FILE_FORMAT}'")
-        tensors = {}
-        for i, name in enumerate(meta["tensors"]):
-            summary = meta["summaries"][name]
-            if counts is None:
-                tensors[name] = TensorStats(summary["amax"], zeros=summary["zeros"])
-            else:
-                edges = np.linspace(0.0, float(ranges[i]), meta["bins"] + 1)
-                tensors[name] = TensorStats(summary["amax"], counts[i], edges, summary["zeros"])
-        result = cls(meta["fingerprint"], meta["model"], meta["num_images"], meta["bins"],
-                     tensors, meta["summaries"], meta["chosen"], meta["chosen_options"],
-                     source=str(path), engine=meta.get("engine", "unrecorded"))
-        if graph is not None:
-            result.check_model(graph)
-        for method in methods:
-            result.require(method)
-        return result
-
-
-def calibrate(graph, batches, options: QuantOptions | None = None, progress: bool = True,
-              bins: int = DEFAULT_HISTOGRAM_BINS, source=None) -> CalibrationResult:
-    """Collect statistics in one pass and choose every method's amax for every tensor."""
-    return CalibrationResult.from_statistics(
-        collect_statistics(graph, batches, progress, bins, source), options)

@@ -21,7 +21,8 @@ VENDORED_DIR = REPO_ROOT / "data" / "fashion-mnist"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 # Per-pixel statistics of the 60k training images, after scaling to [0, 1]. Normalising by them
-# makes the parameter-free input BatchNorm of ResNet v2 (mean 0, var 1 forever, see NOTES) exact.
+# makes the parameter-free input BatchNorm of ResNet v2 exact (MXNet updates BatchNorm statistics
+# in the backward pass only, and the input has no gradient: they stay mean 0, var 1 for ever).
 PIXEL_MEAN = 0.2860
 PIXEL_STD = 0.3530
 PAD = 2  # 28x28 -> 32x32: the CIFAR architectures and VGG's five 2x2 pools need 32

@@ -7,7 +7,7 @@ Sources (each a ``ImageSource``: ``len``, ``labels``, ``decode(indices)``, ``ide
 - ``ImageFolderSource``: ImageNet validation in the class-folder layout (``ROOT/<wnid>/<image>``), the
   layout gluoncv's ``ImageNet`` dataset reads. Images are ordered by FILE NAME across all classes, so
   with the original names (``ILSVRC2012_val_00000001.JPEG`` ...) "the first N images" are the first N
-  of the official validation order, as in the forum thread's "first 3k images"; ordering by class
+  of the official validation order, as in docs/background.md's "first 3,000 images"; ordering by class
   folder would make the first 3000 images cover only 60 classes.
 - ``RecordIOSource``: ``val.rec`` + ``val.idx`` (gluoncv's ``ImageNet`` RecordIO layout, made by
   ``im2rec``); images are in the order of the ``.idx`` file.

@@ -112,7 +112,7 @@ class ModelSession:
     def calibration(self):
         """Every method's ranges: from ``calibration_file``, or one statistics pass."""
         if self._calibration is None:
-            from qcal.calib.collect import CalibrationResult
+            from qcal.calib.result import CalibrationResult
 
             if self.calibration_file is not None:
                 self._calibration = CalibrationResult.load(self.calibration_file, graph=self.graph)
@@ -159,7 +159,7 @@ class ModelSession:
     def layer_sqnr(self, qgraph, images: int = SQNR_IMAGES) -> list:
         """Per quantized tensor: SQNR of the integer model's value against float (numpy
         references), on the first ``images`` fidelity (else evaluation) images."""
-        from qcal.reference.int_interpreter import layer_errors
+        from qcal.eval.layer_errors import layer_errors
 
         plan = self.plan(True)
         selection = plan.fidelity or plan.evaluation

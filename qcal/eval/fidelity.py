@@ -33,13 +33,18 @@ def top1_agreement(reference_logits: np.ndarray, logits: np.ndarray) -> float:
     return float(np.mean(a == b))
 
 
-def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    reference = reference.astype(np.float64)
-    noise = float(np.sum((reference - approx.astype(np.float64)) ** 2))
-    signal = float(np.sum(reference ** 2))
+def sqnr_from_energies(signal: float, noise: float) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(signal / noise), inf without noise."""
     if noise == 0:
         return float("inf")
-    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
+    return float(10.0 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """SQNR of ``approx`` against ``reference``: sum(ref^2) over sum((ref - approx)^2), in dB."""
+    reference = reference.astype(np.float64)
+    noise = float(np.sum((reference - approx.astype(np.float64)) ** 2))
+    return sqnr_from_energies(float(np.sum(reference ** 2)), noise)
 
 
 def compare(reference_logits: np.ndarray, logits: np.ndarray, suffix: str = "") -> dict:

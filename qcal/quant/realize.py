@@ -8,8 +8,8 @@ The integer graph's value model and op table are in ``qcal.ir.qgraph``; the scal
 ``qcal.quant.fixed_point``.
 
 Bias. ``bias_mode='bits'``: the bias gets its own power-of-2 scale ``2**ceil(log2 max|b|) / 2**(B-1)``
-and B-bit values (Relay annotated the folded BN bias as a weight; the forum thread widens it). It is
-added as Relay's AddRealize does: the finer of the two scales wins and the other operand is shifted
+and B-bit values (Relay annotated the folded BN bias as a weight; docs/background.md's experiments
+widen it). It is added as Relay's AddRealize does: the finer of the two scales wins and the other operand is shifted
 left -- the accumulator at run time (``requantize`` with a left shift), or the bias constant offline.
 When the accumulator scale is not a power of two the common scale is ``s_acc / 2**k`` with the
 smallest k that is at least as fine as the bias scale, so the run-time shift stays exact.
@@ -275,7 +275,7 @@ def _dense(ctx: _Realizer, node: Node) -> QNode:
 
 @realizer("channel_affine")
 def _channel_affine(ctx: _Realizer, node: Node) -> QNode:
-    """y = x * a[c] + b[c]: a is quantized like a weight, b like a bias (issue 3)."""
+    """y = x * a[c] + b[c]: a is quantized like a weight, b like a bias."""
     x = ctx.int8(node.inputs[0])
     o = ctx.options
     wq, s_a = quantize_weight(node.params["scale"], o.weight_scale, o.weight_granularity)

@@ -1,4 +1,4 @@
-"""Float reference: a plain-numpy interpreter of the float ``Graph``.
+"""Float reference: the float semantics of every op, and a plain-numpy interpreter of the float ``Graph``.
 
 It sits beside the pipeline rather than in it: import tests compare it with MXNet's own output
 (proving the importer and the BatchNorm fold), calibration runs it to observe every tensor, and
@@ -13,76 +13,86 @@ from qcal.errors import QcalError
 from qcal.reference import kernels as nk
 from qcal.registry import Registry
 
+# kernels ``f(node, dtype, *inputs)``, one per float op; the integer interpreter runs the float
+# parts of an integer graph through the same ones
 FLOAT_KERNELS = Registry("numpy float kernel for op")
 _kernel = FLOAT_KERNELS.register
 
 
-def _per_channel(v, ndim):
-    """A (C,) vector shaped to broadcast over axis 1 of an ndim-dimensional batch."""
-    return v.reshape((1, -1) + (1,) * (ndim - 2))
+def channel_view(a, rank: int) -> np.ndarray:
+    """A () or (C,) per-channel array shaped to broadcast along axis 1 of a rank-``rank`` tensor."""
+    a = np.asarray(a)
+    if a.ndim == 0:
+        return a
+    return a.reshape((1, -1) + (1,) * (rank - 2))
 
 
 @_kernel("conv2d")
-def _conv2d(node, x):
-    a = node.attrs
-    y = nk.conv2d(x, node.params["weight"], a["strides"], a["padding"], a["dilation"],
-                  a["groups"])
-    if "bias" in node.params:
-        y = y + _per_channel(node.params["bias"], 4)
-    return y
+def _conv2d(node, dtype, x):
+    a, p = node.attrs, node.params
+    y = nk.conv2d(x, p["weight"].astype(dtype, copy=False), a.get("strides", (1, 1)),
+                  a.get("padding", (0, 0, 0, 0)), a.get("dilation", (1, 1)), a.get("groups", 1))
+    return y + channel_view(p["bias"], 4).astype(dtype, copy=False) if "bias" in p else y
 
 
 @_kernel("dense")
-def _dense(node, x):
-    y = nk.dense(x, node.params["weight"])
-    if "bias" in node.params:
-        y = y + node.params["bias"]
-    return y
+def _dense(node, dtype, x):
+    p = node.params
+    y = nk.dense(x, p["weight"].astype(dtype, copy=False))
+    return y + p["bias"].astype(dtype, copy=False) if "bias" in p else y
 
 
 @_kernel("channel_affine")
-def _channel_affine(node, x):
-    return x * _per_channel(node.params["scale"], x.ndim) + _per_channel(node.params["shift"],
-                                                                         x.ndim)
+def _channel_affine(node, dtype, x):
+    p = node.params
+    return (x * channel_view(p["scale"], x.ndim).astype(dtype, copy=False)
+            + channel_view(p["shift"], x.ndim).astype(dtype, copy=False))
 
 
 @_kernel("relu")
-def _relu(node, x):
-    return np.maximum(x, 0)
+def _relu(node, dtype, x):
+    return np.maximum(x, dtype(0))
 
 
 @_kernel("clip")
-def _clip(node, x):
-    return np.clip(x, node.attrs["a_min"], node.attrs["a_max"])
+def _clip(node, dtype, x):
+    return np.clip(x, dtype(node.attrs["a_min"]), dtype(node.attrs["a_max"]))
 
 
 @_kernel("max_pool2d")
-def _max_pool2d(node, x):
+def _max_pool2d(node, dtype, x):
     a = node.attrs
-    return nk.max_pool2d(x, a["pool_size"], a["strides"], a["padding"])
+    return nk.max_pool2d(x, a["pool_size"], a["strides"], a.get("padding", (0, 0, 0, 0)))
 
 
 @_kernel("avg_pool2d")
-def _avg_pool2d(node, x):
+def _avg_pool2d(node, dtype, x):
     a = node.attrs
-    sums, counts = nk.pool_sum_and_count(x, a["pool_size"], a["strides"], a["padding"],
-                                         a["count_include_pad"])
-    return sums / counts
+    sums, counts = nk.pool_sum_and_count(x, a["pool_size"], a["strides"],
+                                         a.get("padding", (0, 0, 0, 0)),
+                                         a.get("count_include_pad", True))
+    return (sums / counts).astype(dtype)
 
 
 @_kernel("global_avg_pool2d")
-def _global_avg_pool2d(node, x):
-    return x.mean(axis=(2, 3), keepdims=True, dtype=np.float64)
+def _global_avg_pool2d(node, dtype, x):
+    return x.mean(axis=(2, 3), keepdims=True, dtype=np.float64).astype(dtype)
 
 
 @_kernel("flatten")
-def _flatten(node, x):
+def _flatten(node, dtype, x):
     return x.reshape(x.shape[0], -1)
 
 
 @_kernel("add")
-def _add(node, a, b):
+def _add(node, dtype, a, b):
     return a + b
+
+
+def float_op(node, args, dtype=np.float32) -> np.ndarray:
+    """The float semantics of ``node`` (an op of ``qcal.ir.graph``'s table) on ``args``, computed in
+    ``dtype`` (float32 for the float model; float64 for the fake-quantized simulation)."""
+    return FLOAT_KERNELS.lookup(node.op, layer=node.name)(node, dtype, *args)
 
 
 def run_float(graph, x, keep=None, observe=None):
@@ -109,8 +119,7 @@ def run_float(graph, x, keep=None, observe=None):
         if n.op == "input":
             y = x.astype(np.float32, copy=False)
         else:
-            y = FLOAT_KERNELS.lookup(n.op, layer=n.name)(n, *(values[i] for i in n.inputs))
-            y = y.astype(np.float32, copy=False)
+            y = float_op(n, [values[i] for i in n.inputs]).astype(np.float32, copy=False)
         values[n.name] = y
         if observe is not None:
             observe(n.name, y)

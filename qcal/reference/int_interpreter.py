@@ -19,56 +19,15 @@ import numpy as np
 from qcal.errors import QcalError
 from qcal.ir.qgraph import INT8_MAX, QGraph, QNode
 from qcal.reference import kernels as K
+from qcal.reference.float_interpreter import channel_view, float_op
 
 _DTYPE_RANGE = {"int8": (-128, 127), "int32": (-2 ** 31, 2 ** 31 - 1)}
-
-
-def channel_view(a, rank: int) -> np.ndarray:
-    """A () or (C,) per-channel array shaped to broadcast along axis 1 of a rank-``rank`` tensor."""
-    a = np.asarray(a)
-    if a.ndim == 0:
-        return a
-    return a.reshape((1, -1) + (1,) * (rank - 2))
 
 
 def rounding_right_shift(v, rshift):
     rshift = np.asarray(rshift, dtype=np.int64)
     rnd = np.where(rshift > 0, np.left_shift(np.int64(1), np.maximum(rshift - 1, 0)), 0)
     return np.right_shift(v + rnd, rshift)
-
-
-# -- float ops (graph.py semantics), shared by both interpreters ---------------------------------
-
-def _float_op(node: QNode, args, dtype):
-    a, p = node.attrs, node.params
-    x = args[0]
-    if node.op == "conv2d":
-        y = K.conv2d(x, p["weight"].astype(dtype), a.get("strides", (1, 1)),
-                     a.get("padding", (0, 0, 0, 0)), a.get("dilation", (1, 1)), a.get("groups", 1))
-        return y + channel_view(p["bias"], 4).astype(dtype) if "bias" in p else y
-    if node.op == "dense":
-        y = K.dense(x, p["weight"].astype(dtype))
-        return y + p["bias"].astype(dtype) if "bias" in p else y
-    if node.op == "channel_affine":
-        return x * channel_view(p["scale"], 4).astype(dtype) + channel_view(p["shift"], 4).astype(dtype)
-    if node.op == "relu":
-        return np.maximum(x, dtype(0))
-    if node.op == "clip":
-        return np.clip(x, dtype(a["a_min"]), dtype(a["a_max"]))
-    if node.op == "max_pool2d":
-        return K.max_pool2d(x, a["pool_size"], a["strides"], a.get("padding", (0, 0, 0, 0)))
-    if node.op == "avg_pool2d":
-        sums, counts = K.pool_sum_and_count(x, a["pool_size"], a["strides"],
-                                            a.get("padding", (0, 0, 0, 0)),
-                                            a.get("count_include_pad", True))
-        return (sums / counts).astype(dtype)
-    if node.op == "global_avg_pool2d":
-        return x.mean(axis=(2, 3), keepdims=True, dtype=np.float64).astype(dtype)
-    if node.op == "flatten":
-        return x.reshape(x.shape[0], -1)
-    if node.op == "add":
-        return x + args[1]
-    raise QcalError(f"no float semantics for op '{node.op}' at '{node.name}'")
 
 
 # -- integer semantics ------------------------------------------------------------------------
@@ -151,7 +110,7 @@ def run_integer(qgraph: QGraph, x: np.ndarray, keep=None):
             out = _int_op(node, args)
             _check_range(node, out)
         else:
-            out = _float_op(node, args, np.float32).astype(np.float32)
+            out = float_op(node, args, np.float32).astype(np.float32)
         values[node.name] = out
     return values if keep == "all" else values[qgraph.output.name]
 
@@ -219,7 +178,7 @@ def _simulated_op(node: QNode, args, qgraph: QGraph):
         return K.max_pool2d(x, a["pool_size"], a["strides"], a.get("padding", (0, 0, 0, 0)))
     if node.op == "flatten":
         return x.reshape(x.shape[0], -1)
-    return _float_op(node, args, np.float64)
+    return float_op(node, args, np.float64)
 
 
 def run_simulated(qgraph: QGraph, x: np.ndarray) -> np.ndarray:
@@ -228,54 +187,3 @@ def run_simulated(qgraph: QGraph, x: np.ndarray) -> np.ndarray:
     for node in qgraph.nodes[1:]:
         values[node.name] = _simulated_op(node, [values[i] for i in node.inputs], qgraph)
     return values[qgraph.output.name]
-
-
-# -- per-layer diagnostics ----------------------------------------------------------------------
-
-def _sqnr_db(reference, approx) -> float:
-    noise = float(np.sum((reference - approx) ** 2))
-    signal = float(np.sum(reference ** 2))
-    if noise == 0:
-        return float("inf")
-    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
-
-
-def layer_errors(qgraph: QGraph, graph, x: np.ndarray) -> list:
-    """Per float-graph tensor that the integer model computes: how far its dequantized integer
-    value is from the float model's, on images ``x``. Rows (graph order) with ``tensor``, ``op``,
-    ``sqnr_db`` (signal-to-quantization-noise ratio) and ``max_abs_error``; layers with a bias also
-    get ``bias_max_error`` (|bias as added - float bias|, static) and ``bias_error_vs_acc_lsb``
-    (that error in units of the accumulator's scale: above 0.5 the bias is coarser than the
-    accumulator it is added to, which is where short biases lose accuracy)."""
-    from qcal.quant.realize import qgraph_from_float
-
-    floats = run_integer(qgraph_from_float(graph), x, keep="all")
-    ints = run_integer(qgraph, x, keep="all")
-    names = {n.name for n in qgraph.nodes}
-    rows = []
-    for fnode in graph.nodes[1:]:
-        if fnode.name not in names or not qgraph.node(fnode.name).is_int:
-            continue
-        qnode = qgraph.node(fnode.name)
-        value = ints[fnode.name]
-        real = value.astype(np.float64) * channel_view(qnode.scale, value.ndim)
-        ref = floats[fnode.name].astype(np.float64)
-        row = {"tensor": fnode.name, "op": fnode.op, "sqnr_db": _sqnr_db(ref, real),
-               "max_abs_error": float(np.abs(ref - real).max())}
-        if qnode.op == "bias_add":
-            bias = fnode.params.get("bias", fnode.params.get("shift"))
-            added = qnode.params["bias"].astype(np.float64) * np.asarray(qnode.scale)
-            error = np.abs(added - np.asarray(bias, dtype=np.float64))
-            acc_scale = _accumulator_scale(qgraph, qnode)
-            row["bias_max_error"] = float(error.max())
-            row["bias_error_vs_acc_lsb"] = float((error / acc_scale).max())
-        rows.append(row)
-    return rows
-
-
-def _accumulator_scale(qgraph: QGraph, node: QNode):
-    """The scale of the product s_in * s_w feeding a bias_add (before any alignment shift)."""
-    src = qgraph.node(node.inputs[0])
-    while src.op == "requantize":
-        src = qgraph.node(src.inputs[0])
-    return np.asarray(src.scale)

@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from qcal.calib.collect import AbsHistogram, CalibrationResult, calibrate, collect_statistics
+from qcal.calib.collect import AbsHistogram, collect_statistics
+from qcal.calib.result import CalibrationResult, calibrate
 from qcal.calib.methods import choose_amax
 from qcal.config import QuantOptions
 from qcal.errors import QcalError, UsageProblem

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from qcal.backend.tvm.histogram import AbsHistogramKernel
-from qcal.calib.collect import AbsHistogram, CalibrationResult, collect_statistics
+from qcal.calib.collect import AbsHistogram, collect_statistics
+from qcal.calib.result import CalibrationResult
 from qcal.calib.sources import GraphInterpreter
 from qcal.data.sources import FashionMNISTSource
 from qcal.errors import QcalError

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from qcal.eval.fidelity import compare, mean_kl_divergence, softmax, sqnr_db, top1_agreement
+from qcal.eval.fidelity import (compare, mean_kl_divergence, softmax, sqnr_db, sqnr_from_energies,
+                                top1_agreement)
 
 
 def test_identical_outputs_agree_fully_with_zero_divergence():
@@ -40,3 +41,9 @@ def test_sqnr_of_a_known_noise_level():
 def test_shapes_must_match():
     with pytest.raises(ValueError, match="same images"):
         compare(np.zeros((3, 10)), np.zeros((4, 10)))
+
+
+def test_sqnr_from_energies_known_values():
+    assert sqnr_from_energies(100.0, 1.0) == pytest.approx(20.0)
+    assert sqnr_from_energies(1.0, 0.0) == float("inf")
+    assert sqnr_from_energies(0.0, 1.0) == float("-inf")

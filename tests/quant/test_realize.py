@@ -178,7 +178,7 @@ class TestBias:
         assert np.array_equal(add.params["bias"], b_q * (0.5 / acc.scale))
 
     def test_32_bit_bias_that_would_overflow_is_realigned_and_reported(self):
-        # The thread: "32 bits will make lhs overflow after left shift".
+        # docs/background.md: a 32-bit bias would overflow the accumulator after its left shift.
         g = _single_conv([0.3, -0.7], cin=16)
         q = realize(g, self.amax, QuantOptions(bias_bits=32))
         assert q.adjustments, "the overflowing alignment must be reported"

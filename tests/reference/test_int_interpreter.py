@@ -143,7 +143,7 @@ def test_simulated_equals_integer_when_every_rescale_is_an_exact_shift():
 
 
 def test_layer_errors_show_where_a_short_bias_costs_precision():
-    from qcal.reference.int_interpreter import layer_errors
+    from qcal.eval.layer_errors import layer_errors
 
     graph = MODELS["resnet_v1"]()
     calib, x = images(16, (3, 16, 16), seed=1), images(8, (3, 16, 16), seed=2)

@@ -5,7 +5,7 @@ Pipeline position: realize -> **emit Relax** -> compile (LLVM CPU) -> run in the
 its reference, so every integer op here is emitted exactly as documented in the op table of
 ``qcal.ir.qgraph``.
 
-TVM 0.27 traps handled here (see the shared NOTES): ``relax.const`` always gets an explicit dtype
+TVM 0.27 traps handled here: ``relax.const`` always gets an explicit dtype
 (an int64 array would silently become int32); targets are built from the dict form; runtime arrays
 are ``tvm.runtime.tensor``.
 
