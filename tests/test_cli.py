@@ -138,9 +138,11 @@ def test_calibrate_then_evaluate_reuses_the_file(tmp_path):
                     calib, "--method", "kl", "--results-dir", results, "--quiet",
                     "--cache-dir", tmp_path / "cache")
     assert result.exit_code == 0, result.output
-    assert "calibrating" not in (results / "sweep.log").read_text()
+    assert "statistics over" not in (results / "sweep.log").read_text()  # no calibration pass
     record = json.loads((results / "results.json").read_text())
     assert record["variants"][1]["description"]["calibration_file"] is not None
+    variant = json.loads((results / "variants" / f"{record['variants'][1]['key']}.json").read_text())
+    assert variant["calibration"] == {"source": str(calib), "images": 64}
 
 
 def test_calibration_file_of_another_model_is_refused(tmp_path):

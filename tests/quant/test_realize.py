@@ -211,11 +211,19 @@ class TestRefusals:
         with pytest.raises(QcalError, match="no calibrated range for tensor 'data'"):
             realize(g, {}, QuantOptions())
 
-    def test_required_amax_lists_exactly_what_realize_reads(self):
+    @pytest.mark.parametrize("options", [QuantOptions(), QuantOptions(skip_k_conv=2, skip_dense=True)])
+    def test_required_amax_lists_exactly_what_realize_reads(self, options):
+        class Recording(dict):
+            def __getitem__(self, key):
+                read.add(key)
+                return super().__getitem__(key)
+
         g = resnet_v2()
-        a = annotate(g, QuantOptions())
+        a = annotate(g, options)
         full = calibrate_amax(g, images(4, (3, 16, 16)))
-        realize(g, {k: full[k] for k in a.required_amax}, QuantOptions(), a)
+        read = set()
+        realize(g, Recording(full), options, a)
+        assert read == set(a.required_amax) and read  # no more, no less
 
 
 # --------------------------------------------------------------------------------------------
