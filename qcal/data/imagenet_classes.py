@@ -7,7 +7,8 @@ zoos train with.
 
 Source: gluoncv 0.10.5.post0 (Apache-2.0), ``gluoncv/data/imagenet/classification.py``,
 ``_ILSVRC2012_Attr``; copied here so that reading a folder needs neither gluoncv nor mxnet.
-``tests/test_efficientnet_assets.py`` checks this copy against the installed gluoncv.
+``tests/families/test_efficientnet_assets.py`` checks this copy against the installed gluoncv.
+Length: a data table (1000 wnids and class names), not logic.
 """
 
 # (wnid, short class name), in class-index order
