@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qcal.files import atomic_path
+
 DISPLAY_BINS = 256
 
 
@@ -47,7 +49,8 @@ def plot_thresholds(result, folder: Path) -> int:
         ax.set_ylabel("count (log; exact zeros left out)")
         ax.set_title(f"{name}  (abs-max {stats.amax:.4g}, {stats.zeros} zeros)", fontsize=8)
         fig.tight_layout()
-        fig.savefig(folder / f"{index:03d}_{_safe_name(name)}.png", dpi=90)
+        with atomic_path(folder / f"{index:03d}_{_safe_name(name)}.png", suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90)
         plt.close(fig)
         written += 1
     return written

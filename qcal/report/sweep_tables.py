@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from qcal.files import atomic_write_text
+from qcal.files import atomic_path, atomic_write_text
 from qcal.report.statistics import mcnemar_exact, wilson_interval
 from qcal.report.tables import format_markdown
 
@@ -76,10 +76,9 @@ def plot_top1(table: pd.DataFrame, path: Path):
     ax.set_ylabel("top-1 (%) with 95 % Wilson interval")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_results(store, keys, output: Path, summary: dict):
