@@ -63,6 +63,9 @@ would be the usual way to get ``pmaddwd``/VNNI, but it segfaults in the apache-t
 Whole models through ``qcal.backend.tvm.emit`` (random weights, 224x224, int8, one sitting): resnet50_v1
 batch 16 21.7 img/s with the pair rewrite, 9.1 img/s s_tir only, MXNet fp32 11.6 img/s; batch 1
 22.6 / 9.2 / 12.4 img/s; resnet18_v1 batch 1 50.9 / 21.1 / 28.8 img/s.
+
+Length: the rule dispatcher, every rule and the int16-pair conv kernel still share this module;
+the pair conv is the next to move out.
 """
 from __future__ import annotations
 
