@@ -71,8 +71,12 @@ CONVS = {
     "grouped": ((1, 32, 8, 8), 64, 3, 1, 1, 2),
     "depthwise": ((1, 24, 12, 12), 24, 3, 1, 1, 24),
     "depthwise_stride2": ((2, 16, 11, 11), 16, 3, 2, 1, 16),
+    # output rows and widths with no divisor from 2 to 16 (17 wide, 67 wide): a tile of one pixel,
+    # which once vectorized the tile loop and shared one accumulator between all lanes
+    "depthwise_stride2_17_wide": ((1, 16, 33, 33), 16, 3, 2, 1, 16),
+    "depthwise_67_wide": ((1, 8, 67, 67), 8, 3, 1, 1, 8),
 }
-DEPTHWISE = {"depthwise", "depthwise_stride2"}
+DEPTHWISE = {kind for kind in CONVS if kind.startswith("depthwise")}
 PAIRS = schedules.pair_lanes(TARGET) is not None
 
 
@@ -279,6 +283,26 @@ class TestDecline:
         rules = schedules.scheduled_functions(schedules.lower(mod, TARGET))
         assert "conv2d_nchw" not in rules.values()
         assert np.array_equal(_run(mod, x), _run(mod, x, schedule=False))
+
+    def test_a_failing_rule_is_an_error_not_a_decline(self, monkeypatch):
+        """Only ``Decline`` passes a PrimFunc on to the next rule; a rule that breaks stops the
+        compile and names itself and the PrimFunc."""
+        mod, _ = _conv_module("3x3", epilogue=True)
+
+        def broken(func, lanes, prepack):
+            raise ValueError("bug in a rule")
+
+        monkeypatch.setitem(schedules.SCHEDULE_RULES, "conv2d_nchw", broken)
+        with pytest.raises(RuntimeError, match="rule 'conv2d_nchw' failed on PrimFunc "
+                           "'fused_conv2d_.*': ValueError: bug in a rule"):
+            schedules.lower(mod, TARGET, pair_convs=False)
+
+        def declines(func, lanes, prepack):
+            raise schedules.Decline("not mine")
+
+        monkeypatch.setitem(schedules.SCHEDULE_RULES, "conv2d_nchw", declines)
+        rules = schedules.scheduled_functions(schedules.lower(mod, TARGET, pair_convs=False))
+        assert "conv2d_nchw" not in rules.values()
 
     def test_non_cpu_target_is_refused(self):
         mod = _module((2, 8), lambda bb, x: bb.emit(relax.op.negative(x)))

@@ -9,11 +9,10 @@ TVM 0.27 traps handled here: ``relax.const`` always gets an explicit dtype
 (an int64 array would silently become int32); targets are built from the dict form; runtime arrays
 are ``tvm.runtime.tensor``.
 
-Compilation pipeline (``relax_pipeline``): ``schedules.rewrite_int8_convs`` (int8 convs as int16
-channel pairs), the CPU backend's library dispatch and legalization passes (LegalizeOps ->
-AnnotateTIROpPattern -> FoldConstant -> FuseOps -> FuseTIR), ``schedules.apply_cpu_schedules``,
-then the backend's dataflow-lowering and finalization passes. ``tvm.compile``'s own "default"
-relax pipeline for CPU skips fusion; fusing lets the requantize epilogue live in the conv's loop.
+Compilation: ``qcal.backend.tvm.schedules.build`` (the target and the CPU Relax pipeline are defined there:
+int8 convs as int16 channel pairs, the CPU backend's legalization and fusion, qcal's s_tir
+schedules, then the backend's lowering). ``tvm.compile``'s own "default" relax pipeline for CPU
+skips fusion; fusing lets the requantize epilogue live in the conv's loop.
 """
 from __future__ import annotations
 
@@ -21,46 +20,22 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from qcal.backend.tvm import schedules
 from qcal.ir.qgraph import QGraph, QNode
 from qcal.registry import Registry
 
+
 # -- target and compile ------------------------------------------------------------------------
 
-
-def host_target() -> tvm.target.Target:
-    """LLVM for this machine's CPU (dict form: TVM 0.27 refuses "llvm -mcpu=...")."""
-    from tvm.target import codegen
-
-    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
-
-
-def relax_pipeline(target, use_schedules: bool = True):
-    """TVM's cpu_generic pipeline with qcal's CPU schedules (``qcal.backend.tvm.schedules``) inserted: int8
-    convs rewritten to int16 pairs before legalization, s_tir schedules after fusion."""
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-
-    from qcal.backend.tvm import schedules
-
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        with target:
-            if use_schedules:
-                mod = schedules.rewrite_int8_convs(mod, target)
-            mod = tvm.transform.Sequential(cpu_generic.library_dispatch_passes(target)
-                                           + cpu_generic.legalize_passes(target))(mod)
-            if use_schedules:
-                mod = schedules.apply_cpu_schedules(mod, target)
-            mod = tvm.transform.Sequential(cpu_generic.dataflow_lower_passes(target)
-                                           + cpu_generic.finalize_passes(target))(mod)
-        return mod
-
-    return _pipeline
+# The target and the compile pipeline are defined once, in ``qcal.backend.tvm.schedules``; these are the names
+# the adapter's callers use.
+host_target = schedules.cpu_target
 
 
 def compile_executable(mod: tvm.IRModule, target=None, use_schedules: bool = True):
     """Compile a Relax module to a VM executable (``export_library`` writes it as a .so)."""
     target = host_target() if target is None else tvm.target.Target(target)
-    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, use_schedules))
+    return schedules.build(mod, target, schedule=use_schedules)
 
 
 def vm_main(executable_or_library):

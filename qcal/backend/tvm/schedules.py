@@ -3,7 +3,7 @@
 Where this sits: after the TVM adapter has emitted a Relax module and before TVM's own lowering.
 TVM 0.27's ``tvm.compile(mod, "llvm")`` runs ``relax.pipeline.default_build_pipeline``, which
 legalizes but neither fuses nor schedules: every conv2d becomes a naive 7-deep loop nest (2.8 GOP/s
-on the NOTES conv with a generic target). ``build`` / ``lower`` below run the CPU pipeline of
+on a 1x64x56x56 3x3 int8 conv with a generic target). ``build`` / ``lower`` below run the CPU pipeline of
 ``tvm/relax/backend/cpu_generic/pipeline.py`` with two steps of ours inserted, in this order::
 
     rewrite_int8_convs  (ours: int8 conv2d with a constant weight -> int16-pair PrimFuncs)
@@ -15,19 +15,27 @@ on the NOTES conv with a generic target). ``build`` / ``lower`` below run the CP
         -> CallTIRRewrite                                     (dataflow_lower_passes)
     StaticPlanBlockMemory -> LowerAllocTensor -> KillAfterLastUse -> LowerRuntimeBuiltin
         -> ComputePrimValue -> VMShapeLower -> AttachGlobalSymbol   (finalize_passes)
-    tvm.compile(mod, target, relax_pipeline=None)   (VM codegen + the default TIR pipeline, LLVM)
+    then VM codegen + the default TIR pipeline, LLVM (``tvm.compile``)
 
-A caller running its own legalization calls ``rewrite_int8_convs(mod, target)`` before it and
-``apply_cpu_schedules(mod, target)`` after FuseTIR; ``build(mod, target)`` does all of it.
+``relax_pipeline(target)`` is that sequence as one pass, ``build(mod, target)`` compiles with it
+(``qcal.backend.tvm.emit`` compiles through ``build``, so the sequence is written once, here). A caller
+running its own legalization calls ``rewrite_int8_convs(mod, target)`` before it and
+``apply_cpu_schedules(mod, target)`` after FuseTIR.
 
 Each fused PrimFunc is offered to the rules in ``SCHEDULE_RULES`` in order. A rule recognises its
 anchor block structurally (the block names legalization gives -- ``conv2d_nchw``,
 ``group_conv2d_nchw``, ``matmul`` -- plus iterator kinds and buffer shapes) and schedules it with
-``tvm.s_tir`` primitives. s_tir primitives check their own preconditions and preserve semantics, so a
-rule that hits anything unexpected raises, and the PrimFunc is left exactly as it was (declined).
-The one place where correctness rests on this module rather than on TVM is the int16-pair conv
-(hand-written TIR calling ``pmaddwd``); the tests check it bit-exact against the unscheduled
-pipeline and the numpy reference.
+``tvm.s_tir`` primitives. A rule that does not recognise a PrimFunc raises ``Decline`` and the
+next rule is offered it; a PrimFunc every rule declines is left exactly as legalization made it.
+Any other exception out of a rule is a bug in the rule and stops the compile.
+
+s_tir primitives check their own preconditions, but not every contract the later lowering relies
+on: ``sch.vectorize`` accepts a loop that holds a whole tile with its local accumulator, and TVM
+0.27's VectorizeLoop then silently shares that accumulator between the lanes (see ``_vectorize``,
+which now refuses it). A schedule that TVM accepts is therefore not proven right by TVM; the
+property tests in ``tests/backend/test_schedules_fuzz.py`` run every rule, and the int16-pair conv
+(hand-written TIR calling ``pmaddwd``), on random shapes against the unscheduled pipeline and the
+numpy reference, bit for bit.
 
 int8 conv, int16-pair path (groups 1, dilation 1, out channels a multiple of 16 (AVX-512BW) or 8
 (AVX2), constant weight): see the section comment below; ~200 GOP/s, 2-3x the s_tir conv.
@@ -54,7 +62,7 @@ Dense vectorizes along output features with the same tiling. Anything else worth
 steps inlined, parallel outer loops and a vectorized last loop.
 
 Measured on this 2-core AMD EPYC (znver4, AVX-512) box; ``scripts/bench_ops.py`` prints the table.
-The NOTES conv (1x64x56x56, 64 filters 3x3, pad 1, int8, requantize epilogue): default pipeline
+The benchmark conv (1x64x56x56, 64 filters 3x3, pad 1, int8, requantize epilogue): default pipeline
 with a generic target 2.8 GOP/s, with ``mcpu=znver4`` 6-13 GOP/s, s_tir schedule 78-83 GOP/s
 (2.9 ms), int16 pairs 200-212 GOP/s (1.1 ms); MXNet fp32 oneDNN 2.5-3.7 ms. The s_tir conv is
 limited by ``vpmulld``, the instruction LLVM emits for int8 x int8 -> int32 lanes. ``sch.tensorize``
@@ -71,7 +79,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -98,14 +105,11 @@ _CONV_BLOCKS = ("conv2d_nchw", "group_conv2d_nchw")
 # target
 # --------------------------------------------------------------------------------------------
 
-def cpu_target(num_cores: int | None = None) -> tvm.target.Target:
-    """An LLVM target for this machine's CPU. Without ``mcpu`` LLVM emits baseline x86-64 (SSE2)
-    code; naming the host CPU alone makes the unscheduled conv 3x faster."""
-    return tvm.target.Target({
-        "kind": "llvm",
-        "mcpu": codegen.llvm_get_system_cpu(),
-        "num-cores": int(num_cores or os.cpu_count() or 1),
-    })
+def cpu_target() -> tvm.target.Target:
+    """An LLVM target for this machine's CPU (the one definition qcal compiles with). Without
+    ``mcpu`` LLVM emits baseline x86-64 (SSE2) code; naming the host CPU alone makes the unscheduled
+    conv 3x faster. Dict form: TVM 0.27 refuses ``"llvm -mcpu=..."``."""
+    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
 
 
 def vector_bits(target: tvm.target.Target) -> int:
@@ -116,6 +120,11 @@ def vector_bits(target: tvm.target.Target) -> int:
 # --------------------------------------------------------------------------------------------
 # small helpers over a schedule
 # --------------------------------------------------------------------------------------------
+
+class Decline(Exception):
+    """Raised by a schedule rule for a PrimFunc it does not handle: the next rule is offered the
+    function. Any other exception out of a rule is a bug in it and propagates."""
+
 
 def _root_blocks(sch: s_tir.Schedule) -> list:
     return list(sch.get_child_blocks(sch.get_sblock("root")))
@@ -147,18 +156,57 @@ def _lanes_for(n: int, lanes: int) -> int:
     return v
 
 
+def _writes_param(sch, block) -> bool:
+    """Whether the block writes one of the PrimFunc's parameters (an output of the function)."""
+    params = sch.mod["main"].params
+    return any(any(p.same_as(w.source) for p in params) for w in sch.get(block).writes)
+
+
 def _inline_epilogue(sch, anchor_index: int, blocks: list):
     """Inline every block after the anchor into the last one; return that last block (or None).
 
-    Only data-parallel blocks qualify as epilogue: a second reduction after the anchor means the
-    PrimFunc is something we do not know, so raise and decline."""
+    Only a chain of data-parallel blocks with one output at its end qualifies as epilogue: a
+    reduction after the anchor, or an anchor or intermediate block that is itself an output of
+    the function (FuseOps makes such multi-output functions), is a PrimFunc the rules do not know."""
     epilogue = blocks[anchor_index + 1:]
     for b in epilogue:
         if "R" in _iter_kinds(sch, b):
-            raise _Decline("reduction after the anchor block")
+            raise Decline("reduction after the anchor block")
+    if epilogue and any(_writes_param(sch, b) for b in blocks[anchor_index:-1]):
+        raise Decline("the anchor or an intermediate block is an output of the function")
     for b in epilogue[:-1]:
         sch.compute_inline(b)
     return epilogue[-1] if epilogue else None
+
+
+def _vectorize(sch, loop):
+    """Vectorize an innermost loop: one whose body is a single block.
+
+    This is a contract of TVM 0.27's lowering that ``sch.vectorize`` does not check. The primitive
+    only asks that the loop bind data-parallel block iterators; a loop that holds a whole tile (the
+    reduction loops and the local accumulator under them) passes. Buffer allocation is then placed
+    at the lowest loop covering all accesses -- inside the vectorized loop -- and VectorizeLoop
+    (src/tirx/transform/vectorize_loop.cc: "vectorization of AllocBuffer not yet implemented")
+    keeps the allocation scalar, so every lane adds into the same accumulator: wrong values, no
+    error. Vectorizing anything but an innermost loop is therefore a bug in the rule, raised here."""
+    body = sch.get(loop).body
+    if not isinstance(body, s_tir.SBlockRealize):
+        raise RuntimeError("qcal schedules: refusing to vectorize a loop that is not innermost "
+                           f"(its body is a {type(body).__name__})")
+    sch.vectorize(loop)
+
+
+def _vectorize_tile_epilogue(sch, out, tile_loop):
+    """Vectorize the innermost loop that ``reverse_compute_at(out, tile_loop)`` gave the epilogue.
+
+    A tile of one element gets no loop of its own (reverse_compute_at drops unit loops): the
+    block's innermost loop is then ``tile_loop`` itself, the one holding the reduction, and the
+    epilogue stays a scalar statement."""
+    loops = sch.get_loops(out)
+    tile = sch.get(tile_loop)
+    depth = next(i for i, loop in enumerate(loops) if sch.get(loop).same_as(tile))
+    if depth + 1 < len(loops):
+        _vectorize(sch, loops[-1])
 
 
 def _parallel_outer(sch, block):
@@ -174,10 +222,6 @@ def _parallel_outer(sch, block):
         return
     lead = loops[:max(1, min(2, n_spatial))]
     sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
-
-
-class _Decline(Exception):
-    """Raised inside a rule for a PrimFunc it does not handle."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,10 +242,10 @@ def _conv_geometry(sch, conv):
     """Shapes of a legalized NCHW conv block: (O, I/groups, kh, kw) from the weight it reads."""
     block = sch.get(conv)
     if len(block.reads) != 2 or len(block.writes) != 1:
-        raise _Decline("conv block with unexpected reads/writes")
+        raise Decline("conv block with unexpected reads/writes")
     data, weight = (r.source for r in block.reads)
     if len(weight.shape) != 4 or len(data.shape) != 4:
-        raise _Decline("conv operands are not 4-D")
+        raise Decline("conv operands are not 4-D")
     return data, weight
 
 
@@ -229,20 +273,20 @@ def schedule_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
     names = [_name(sch, b) for b in blocks]
     anchors = [i for i, n in enumerate(names) if n in _CONV_BLOCKS]
     if len(anchors) != 1 or _iter_kinds(sch, blocks[anchors[0]]) != "SSSSRRR":
-        raise _Decline("not a single NCHW conv")
+        raise Decline("not a single NCHW conv")
     conv = blocks[anchors[0]]
     for b in blocks[:anchors[0]]:
         if _name(sch, b) != "pad_temp":
-            raise _Decline("unexpected producer before conv")
+            raise Decline("unexpected producer before conv")
     data, weight = _conv_geometry(sch, conv)
     oc, icg = int(weight.shape[0]), int(weight.shape[1])
     groups = int(data.shape[1]) // icg if names[anchors[0]] == "group_conv2d_nchw" else 1
     ocg = oc // groups
     v = _lanes_for(ocg, lanes)
     if groups > 1 and ocg == 1:
-        raise _Decline("depthwise")
+        raise Decline("depthwise")
     if v < 4:
-        raise _Decline("too few output channels per group to vectorize")
+        raise Decline("too few output channels per group to vectorize")
     out = _inline_epilogue(sch, anchors[0], blocks)
     if out is None:
         out = sch.cache_write(conv, 0, "global")
@@ -269,9 +313,8 @@ def schedule_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
     sch.reverse_compute_at(out, xxo)
     sch.unroll(xxi)
     sch.unroll(ffm)
-    sch.vectorize(ffv)
-    out_loops = sch.get_loops(out)
-    sch.vectorize(out_loops[-1])
+    _vectorize(sch, ffv)
+    _vectorize_tile_epilogue(sch, out, xxo)
     sch.parallel(sch.fuse(nn, yy, ffo))
     # parallel/vectorize/unroll first: after decompose_reduction they refuse the update block
     sch.decompose_reduction(conv, rc)
@@ -294,18 +337,18 @@ def schedule_depthwise_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
     blocks = _root_blocks(sch)
     names = [_name(sch, b) for b in blocks]
     if names.count("group_conv2d_nchw") != 1:
-        raise _Decline("not a grouped conv")
+        raise Decline("not a grouped conv")
     index = names.index("group_conv2d_nchw")
     conv = blocks[index]
     data, weight = _conv_geometry(sch, conv)
     if int(weight.shape[1]) != 1 or int(weight.shape[0]) != int(data.shape[1]):
-        raise _Decline("not depthwise")
+        raise Decline("not depthwise")
     if _iter_kinds(sch, conv) != "SSSSRRR":
-        raise _Decline("unexpected iterators")
+        raise Decline("unexpected iterators")
     if not str(sch.get(conv).writes[0].source.dtype).startswith("int"):
         # float32 depthwise: LLVM's own vectorization of the unscheduled loops measured 2-4x
         # faster than this tiling (0.16 ms against 0.6 ms on mbv2_dw_3x3); keep the default
-        raise _Decline("float depthwise is faster unscheduled")
+        raise Decline("float depthwise is faster unscheduled")
     out = _inline_epilogue(sch, index, blocks)
     if out is None:
         out = sch.cache_write(conv, 0, "global")
@@ -321,8 +364,8 @@ def schedule_depthwise_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
     sch.reorder(nn, ff, yyo, xxo, rc, ry, rx, yyi, xxi)
     sch.reverse_compute_at(out, xxo)
     sch.unroll(yyi)
-    sch.vectorize(xxi)
-    sch.vectorize(sch.get_loops(out)[-1])
+    _vectorize(sch, xxi)
+    _vectorize_tile_epilogue(sch, out, xxo)
     sch.parallel(sch.fuse(nn, ff, yyo))
     sch.decompose_reduction(conv, rc)
     for b in _root_blocks(sch):
@@ -337,15 +380,15 @@ def schedule_dense(func, lanes: int, prepack: bool) -> Scheduled:
     blocks = _root_blocks(sch)
     names = [_name(sch, b) for b in blocks]
     if names.count("matmul") != 1:
-        raise _Decline("not a single matmul")
+        raise Decline("not a single matmul")
     index = names.index("matmul")
     mm = blocks[index]
     if _iter_kinds(sch, mm) != "SSR":
-        raise _Decline("batched or unexpected matmul")
+        raise Decline("batched or unexpected matmul")
     producers = blocks[:index]
     for b in producers:
         if "R" in _iter_kinds(sch, b):
-            raise _Decline("reduction before matmul")
+            raise Decline("reduction before matmul")
     out = _inline_epilogue(sch, index, blocks)
     if out is None:
         out = sch.cache_write(mm, 0, "global")
@@ -361,8 +404,8 @@ def schedule_dense(func, lanes: int, prepack: bool) -> Scheduled:
     sch.reverse_compute_at(out, jo)
     sch.unroll(ii)
     sch.unroll(jm)
-    sch.vectorize(jv)
-    sch.vectorize(sch.get_loops(out)[-1])
+    _vectorize(sch, jv)
+    _vectorize_tile_epilogue(sch, out, jo)
     sch.parallel(sch.fuse(io, jo))
     sch.decompose_reduction(mm, k)
     for b in producers:  # e.g. a transpose FuseTIR kept in front of the matmul
@@ -378,9 +421,9 @@ def _parallel_vectorize_spatial(sch, loops, extents, lanes):
     last = loops[-1]
     if extents[-1] % lanes == 0 and extents[-1] > lanes:
         _, inner = sch.split(last, [None, lanes])
-        sch.vectorize(inner)
+        _vectorize(sch, inner)
     elif extents[-1] <= 4 * lanes:
-        sch.vectorize(last)
+        _vectorize(sch, last)
     if len(loops) > 1:
         lead = loops[:max(1, len(loops) - 2)]
         sch.parallel(sch.fuse(*lead) if len(lead) > 1 else lead[0])
@@ -396,13 +439,15 @@ def schedule_parallel_outer(func, lanes: int, prepack: bool) -> Scheduled:
     sch = s_tir.Schedule(func)
     blocks = _root_blocks(sch)
     if not blocks:
-        raise _Decline("no blocks")
+        raise Decline("no blocks")
     for b in blocks[:-1]:
-        if "R" in _iter_kinds(sch, b):
+        if "R" in _iter_kinds(sch, b) or _writes_param(sch, b):
             continue
         try:
             sch.compute_inline(b)
-        except Exception:  # noqa: BLE001 -- an output, or read by a reduction: keep the block
+        except s_tir.ScheduleError:
+            # compute_inline's own precondition check (e.g. a producer whose consumer reads it
+            # through a non-affine index): it leaves the schedule unchanged, keep the block
             pass
     touched = False
     for b in _root_blocks(sch):
@@ -419,7 +464,7 @@ def schedule_parallel_outer(func, lanes: int, prepack: bool) -> Scheduled:
             _parallel_vectorize_spatial(sch, loops, extents, lanes)
         touched = True
     if not touched:
-        raise _Decline("too small to be worth threads")
+        raise Decline("too small to be worth threads")
     return Scheduled(sch.mod["main"])
 
 
@@ -432,19 +477,24 @@ SCHEDULE_RULES: dict[str, Callable] = {
 }
 
 
-def schedule_primfunc(func: tvm.tirx.PrimFunc, target: tvm.target.Target,
-                      prepack: bool = False) -> tuple[Scheduled | None, str | None]:
-    """Offer one PrimFunc to each rule; (result, rule name) or (None, None) when all decline."""
+def schedule_primfunc(func: tvm.tirx.PrimFunc, target: tvm.target.Target, prepack: bool = False,
+                      name: str = "?") -> tuple[Scheduled | None, str | None]:
+    """Offer one PrimFunc (called ``name`` in its module) to each rule; (result, rule name), or
+    (None, None) when every rule declines. An error other than ``Decline`` propagates."""
     lanes_int32 = max(4, vector_bits(target) // 32)
-    for name, rule in SCHEDULE_RULES.items():
+    for rule_name, rule in SCHEDULE_RULES.items():
         try:
             result = rule(func, lanes_int32, prepack)
-        except Exception as err:  # noqa: BLE001 -- any failure means: leave this PrimFunc alone
-            _log.debug("%s declined %s: %s", name, func.attrs.get("global_symbol", "?")
-                       if func.attrs else "?", str(err).splitlines()[-1] if str(err) else err)
+        except Decline as why:
+            _log.debug("%s declined %s: %s", rule_name, name, why)
             continue
-        return Scheduled(result.func.with_attr(SCHEDULE_ATTR, name), result.packed_param,
-                         result.pack), name
+        except Exception as err:
+            # a new exception, not a note on the old one: the message is what survives the trip
+            # through TVM's pass infrastructure (C++) back to the caller
+            raise RuntimeError(f"qcal schedule rule '{rule_name}' failed on PrimFunc '{name}': "
+                               f"{type(err).__name__}: {err}") from err
+        return Scheduled(result.func.with_attr(SCHEDULE_ATTR, rule_name), result.packed_param,
+                         result.pack), rule_name
     return None, None
 
 
@@ -513,12 +563,13 @@ def apply_cpu_schedules(mod: tvm.IRModule, target: tvm.target.Target | None = No
             continue
         calls = sites.get(gvar.name_hint, [])
         # Prepack the weight once, at compile time, when every caller passes it as a constant.
-        prepacked, _ = schedule_primfunc(func, target, prepack=True) if calls else (None, None)
+        prepacked, _ = (schedule_primfunc(func, target, True, gvar.name_hint) if calls
+                        else (None, None))
         if prepacked is not None and prepacked.packed_param is not None and all(
                 _is_constant(args[prepacked.packed_param]) for args in calls):
             packed[gvar.name_hint] = (prepacked.packed_param, prepacked.pack, prepacked.func)
             continue
-        result, _ = schedule_primfunc(func, target, prepack=False)
+        result, _ = schedule_primfunc(func, target, False, gvar.name_hint)
         if result is not None:
             updates[gvar] = result.func
     mod = mod.clone() if hasattr(mod, "clone") else mod
@@ -656,7 +707,7 @@ def _schedule_pair_conv(func):
     sch.reverse_compute_at(unpack, zo)
     sch.unroll(zi)
     sch.unroll(jm)
-    sch.vectorize(sch.get_loops(unpack)[-1])
+    _vectorize_tile_epilogue(sch, unpack, zo)
     sch.parallel(sch.fuse(i, y, jo))
     sch.decompose_reduction(conv, rc)
     return sch.mod["main"]
@@ -740,32 +791,52 @@ def rewrite_int8_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMo
     return rewriter.builder_.get()
 
 
+def RewriteInt8Convs(target: tvm.target.Target) -> tvm.transform.Pass:  # noqa: N802
+    """``rewrite_int8_convs`` as a module pass, for a ``tvm.transform.Sequential``."""
+
+    @tvm.transform.module_pass(opt_level=0, name="qcal.RewriteInt8Convs")
+    def _pass(mod, _ctx):
+        return rewrite_int8_convs(mod, target)
+
+    return _pass
+
+
 # --------------------------------------------------------------------------------------------
 # pipeline
 # --------------------------------------------------------------------------------------------
 
-def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: bool = True,
-          pair_convs: bool = True) -> tvm.IRModule:
-    """Run the CPU Relax pipeline (sequence in the module docstring). ``schedule=False`` leaves the
-    fused PrimFuncs unscheduled, the baseline tests and benchmarks compare against;
-    ``pair_convs=False`` skips the int16-pair conv rewrite (int8 convs then get the s_tir conv
-    schedule)."""
-    if schedule and pair_convs:
-        mod = rewrite_int8_convs(mod, target)
-    passes = (cpu_pipeline.library_dispatch_passes(target)
+def relax_pipeline(target: tvm.target.Target, schedule: bool = True,
+                   pair_convs: bool = True) -> tvm.transform.Pass:
+    """The CPU Relax pipeline (sequence in the module docstring) as one module pass, for
+    ``tvm.compile(mod, target, relax_pipeline=...)``. ``schedule=False`` leaves the fused PrimFuncs
+    unscheduled, the baseline tests and benchmarks compare against; ``pair_convs=False`` skips the
+    int16-pair conv rewrite (int8 convs then get the s_tir conv schedule)."""
+    if target.kind.name != "llvm":
+        raise QcalError(f"qcal's schedules build for LLVM CPU targets only, not {target.kind.name}")
+    passes = (([RewriteInt8Convs(target)] if schedule and pair_convs else [])
+              + cpu_pipeline.library_dispatch_passes(target)
               + cpu_pipeline.legalize_passes(target)
               + ([ApplyCpuSchedules(target)] if schedule else [])
               + cpu_pipeline.dataflow_lower_passes(target)
               + cpu_pipeline.finalize_passes(target))
-    with target:
-        return tvm.transform.Sequential(passes)(mod)
+
+    @tvm.transform.module_pass(opt_level=0, name="qcal.CpuPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def lower(mod: tvm.IRModule, target: tvm.target.Target, schedule: bool = True,
+          pair_convs: bool = True) -> tvm.IRModule:
+    """``relax_pipeline`` applied: the module as VM codegen receives it (tests inspect it)."""
+    return relax_pipeline(target, schedule, pair_convs)(mod)
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target | None = None, schedule: bool = True,
           pair_convs: bool = True):
     """Compile a Relax module for the CPU with qcal's schedules; returns a relax Executable
-    (run it with ``relax.VirtualMachine(ex, tvm.cpu())``)."""
+    (run it with ``relax.VirtualMachine(ex, tvm.cpu())``; ``export_library`` writes it as a .so)."""
     target = target or cpu_target()
-    if target.kind.name != "llvm":
-        raise QcalError(f"qcal's schedules build for LLVM CPU targets only, not {target.kind.name}")
-    return tvm.compile(lower(mod, target, schedule, pair_convs), target, relax_pipeline=None)
+    return tvm.compile(mod, target, relax_pipeline=relax_pipeline(target, schedule, pair_convs))
