@@ -17,6 +17,7 @@ test: $(STAMP)  ## the whole test suite (what .ci/run calls)
 
 lint: $(STAMP)
 	$(BIN)/python -m flake8 qcal scripts tests
+	$(BIN)/python -m isort --check-only --quiet qcal scripts tests
 
 install: $(STAMP)
 
@@ -24,7 +25,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c constraints.txt -e '.[test]' flake8
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]' flake8 isort==9.0.2
 	touch $(STAMP)
 
 # One-offs that produced the shipped files (see their PROVENANCE.md); tests and the demo never run them.

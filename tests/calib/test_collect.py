@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from qcal.calib.collect import AbsHistogram, collect_statistics
-from qcal.calib.result import CalibrationResult, calibrate
 from qcal.calib.methods import choose_amax
+from qcal.calib.result import CalibrationResult, calibrate
 from qcal.config import QuantOptions
 from qcal.errors import QcalError, UsageProblem
 from qcal.ir.graph import Graph, Node

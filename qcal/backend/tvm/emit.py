@@ -24,7 +24,6 @@ from qcal.backend.tvm import schedules
 from qcal.ir.qgraph import QGraph, QNode
 from qcal.registry import Registry
 
-
 # -- target and compile ------------------------------------------------------------------------
 
 # The target and the compile pipeline are defined once, in ``qcal.backend.tvm.schedules``; these are the names
