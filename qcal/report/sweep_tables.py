@@ -58,27 +58,52 @@ def build_table(store, keys) -> tuple:
     return table[ordered + extra], pd.concat(predictions_rows, ignore_index=True)
 
 
-def plot_top1(table: pd.DataFrame, path: Path):
+def _interval(ci: str) -> tuple:
+    lo, hi = ci.split("-")
+    return float(lo), float(hi)
+
+
+def plot_top1(table: pd.DataFrame, path: Path) -> list:
+    """Top-1 with its 95 % interval for every variant, one panel per model (each with its own
+    scale, so differences within a model stay visible), float32 and its interval drawn across.
+    Returns the models in panel order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{m}\n{v}" for m, v in zip(table["model"], table["variant"])]
-    lows = [float(ci.split("-")[0]) for ci in table["top1_ci95"]]
-    highs = [float(ci.split("-")[1]) for ci in table["top1_ci95"]]
-    top1 = table["top1"].to_numpy()
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(table)), 5))
-    ax.errorbar(range(len(table)), top1, yerr=[top1 - lows, np.array(highs) - top1], fmt="o",
-                capsize=3)
-    ax.set_xticks(range(len(table)))
-    ax.set_xticklabels(labels, rotation=75, fontsize=6)
-    ax.set_ylabel("top-1 (%) with 95 % Wilson interval")
-    ax.grid(axis="y", alpha=0.3)
+    models = list(dict.fromkeys(table["model"]))
+    widths = [max(2.5, 0.5 * int((table["model"] == m).sum())) for m in models]
+    fig, axes = plt.subplots(1, len(models), figsize=(max(6.0, sum(widths) + 1.0), 5),
+                             squeeze=False, gridspec_kw={"width_ratios": widths})
+    for ax, model in zip(axes[0], models):
+        rows = table[table["model"] == model]
+        floats = rows[rows["variant"] == "float32"]
+        rows = rows[rows["variant"] != "float32"]
+        if len(floats):
+            top1 = float(floats["top1"].iloc[0])
+            lo, hi = _interval(floats["top1_ci95"].iloc[0])
+            ax.axhspan(lo, hi, color="tab:green", alpha=0.15, lw=0)
+            ax.axhline(top1, color="tab:green", lw=1, label=f"float32 {top1:.2f} %")
+            ax.legend(loc="lower left", fontsize=7)
+        if len(rows):
+            top1 = rows["top1"].to_numpy(dtype=float)
+            bounds = np.array([_interval(ci) for ci in rows["top1_ci95"]])
+            x = np.arange(len(rows))
+            ax.errorbar(x, top1, yerr=[top1 - bounds[:, 0], bounds[:, 1] - top1], fmt="o",
+                        capsize=3)
+            ax.set_xticks(x)
+            ax.set_xticklabels(rows["variant"], rotation=75, fontsize=6)
+        else:
+            ax.set_xticks([])
+        ax.set_title(model, fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("top-1 (%) with 95 % Wilson interval")
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    return models
 
 
 def write_results(store, keys, output: Path, summary: dict):
