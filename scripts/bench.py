@@ -29,7 +29,7 @@ and TVM load. Its default is what both pick by themselves on x86: half the logic
 this machine, although lscpu shows 2 cores with 1 thread each). On a loaded machine 2 OpenMP
 threads can be far slower than 1 (a barrier waits for a descheduled thread): fmnist_resnet20_v1
 b16 in MXNet went from 21 ms to 700 ms a call at load average 8.
-Timing never includes making the inputs; the floors of issue 5 are checked at the end.
+Timing never includes making the inputs; the performance floors (docs/benchmarks.md) are checked at the end.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 IMAGENET_MODELS = ("resnet18_v1", "resnet50_v1")
 EMBEDDED_MODELS = ("fmnist_resnet20_v1", "fmnist_resnet56_v2", "fmnist_vgg11_bn")
 
-# issue 5's floors: (what, model, batch)
+# the performance floors (docs/benchmarks.md): (what, model, batch)
 FLOOR_INT8_RATIO = 1.0  # int8 images/s over MXNet fp32 images/s, resnet50_v1 at batch 16
 FLOOR_STATS_RATIO = 1.5  # statistics pass time over the float forward time
 FLOOR_COLD_S = 60.0  # resnet50_v1 compile, empty cache
@@ -301,7 +301,7 @@ def report(results: list, notes: list, meta: dict) -> list:
                          f"{r['rss_mb'][f'batch {batch}']:.0f}"])
     lines += table(["model", "batch", "cold compile", "warm (cache hit)", "library MB",
                     "peak RSS after stats", "peak RSS after this batch"], rows)
-    lines += ["", "Floors (issue 5)", ""]
+    lines += ["", "Floors (docs/benchmarks.md)", ""]
     lines += floors(ok)
     if notes or any("error" in r for r in results):
         lines += [""] + [f"note: {n}" for n in notes]

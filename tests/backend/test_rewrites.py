@@ -1,0 +1,169 @@
+"""Structural tests of qcal's two Relax rewrites, before and after, beside the numeric ones.
+
+``tests/backend/test_schedules.py`` shows that the rewritten modules compute the same integers; these
+tests show that the rewrites did what they claim to the module itself:
+
+- ``rewrite_int8_convs``: every eligible int8 conv2d (constant weight, groups 1, out channels a
+  multiple of the pmaddwd lanes) is gone, replaced by one ``pack_int16_pairs`` and one
+  ``conv2d_int16_pairs`` call whose constant is the weight in the pair layout; every other conv
+  is left as it was; a target without AVX2 gets its module back unchanged.
+- ``apply_cpu_schedules``' weight prepack: a conv whose every caller passes a constant weight is
+  replaced by a ``*_prepacked`` PrimFunc that receives the weight already repacked
+  (``pack_oihw``), and the OIHW version is gone; a weight passed as a parameter is not prepacked.
+
+The modules are the TVM adapter's own output (``emit_relax``) for the shared fixture graphs.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline  # noqa: E402
+from tvm_ffi import structural_equal  # noqa: E402
+
+from qcal.backend.tvm import schedules  # noqa: E402
+from qcal.backend.tvm.emit import emit_relax  # noqa: E402
+from tests.fixtures import OPTION_SETS, every_op, images, realized, resnet_v1  # noqa: E402
+
+TARGET = schedules.cpu_target()
+LANES = schedules.pair_lanes(TARGET)
+CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+CONSTANT = tvm.ir.expr.Constant
+
+
+def _calls(mod, op):
+    """Every call to ``op`` in the module's Relax functions, in visiting order."""
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.op.same_as(op):
+            found.append(expr)
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return found
+
+
+def _call_tir_to(mod, name):
+    return [c for c in _calls(mod, CALL_TIR) if c.args[0].name_hint == name]
+
+
+def _pair_eligible(call, lanes) -> bool:
+    """The rewrite's contract, restated from its docstring rather than from its code."""
+    data, weight = call.args
+    return (isinstance(weight, CONSTANT) and int(call.attrs.groups) == 1
+            and str(data.ty.dtype) == "int8" and str(weight.ty.dtype) == "int8"
+            and int(weight.ty.shape[0]) % lanes == 0)
+
+
+def _int8_module(graph, batch=2):
+    qgraph = realized(graph, OPTION_SETS["power2-b16"], images(8, graph.input.attrs["shape"], seed=1))
+    return emit_relax(qgraph, batch)
+
+
+GRAPHS = {"resnet_v1_w16": lambda: resnet_v1(width=16), "every_op": every_op}
+
+
+@pytest.mark.skipif(LANES is None, reason="this CPU has no pmaddwd (AVX2) for the pair rewrite")
+@pytest.mark.parametrize("graph_name", sorted(GRAPHS))
+def test_pair_rewrite_replaces_exactly_the_eligible_convs(graph_name):
+    before = _int8_module(GRAPHS[graph_name]())
+    convs = _calls(before, CONV2D)
+    eligible = [c for c in convs if _pair_eligible(c, LANES)]
+    kept = [c for c in convs if not _pair_eligible(c, LANES)]
+
+    after = schedules.rewrite_int8_convs(before, TARGET)
+
+    remaining = _calls(after, CONV2D)
+    assert len(remaining) == len(kept)
+    assert not [c for c in remaining if _pair_eligible(c, LANES)]
+    # the kept convs are untouched: same weights, same attributes, same order
+    for old, new in zip(kept, remaining):
+        assert structural_equal(old.attrs, new.attrs)
+        assert np.array_equal(old.args[1].value.numpy(), new.args[1].value.numpy())
+
+    packs = [c for c in _calls(after, CALL_TIR) if c.args[0].name_hint.startswith("pack_int16_pairs")]
+    pair_convs = [c for c in _calls(after, CALL_TIR)
+                  if c.args[0].name_hint.startswith("conv2d_int16_pairs")]
+    assert len(packs) == len(pair_convs) == len(eligible)
+    for old, new in zip(eligible, pair_convs):
+        weight = old.args[1].value.numpy()
+        packed = new.args[1].fields[1].value.numpy()
+        assert packed.dtype == np.int16
+        assert np.array_equal(packed, schedules.pack_pair_weight(weight, LANES))
+        o, c, kh, kw = weight.shape
+        assert packed.shape == (o // LANES, (c + 1) // 2, kh, kw, 2 * LANES)
+        # the pair conv reads an int32 input of the pack call's shape, and keeps the conv's output
+        pack = packs[pair_convs.index(new)]
+        assert tuple(int(d) for d in new.args[1].fields[0].ty.shape) == tuple(
+            int(d) for d in pack.ty.shape)
+        assert tuple(int(d) for d in new.ty.shape) == tuple(int(d) for d in old.ty.shape)
+    if graph_name == "resnet_v1_w16":
+        assert eligible, "the 16-wide fixture must exercise the rewrite"
+
+
+def test_pair_rewrite_leaves_a_target_without_avx2_alone():
+    before = _int8_module(resnet_v1(width=16))
+    plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+    assert schedules.pair_lanes(plain) is None
+    after = schedules.rewrite_int8_convs(before, plain)
+    assert structural_equal(before, after)
+
+
+def _legalized(mod):
+    """The module as ApplyCpuSchedules receives it (legalized and fused, not yet scheduled)."""
+    with TARGET:
+        passes = cpu_pipeline.library_dispatch_passes(TARGET) + cpu_pipeline.legalize_passes(TARGET)
+        return tvm.transform.Sequential(passes)(mod)
+
+
+def _prepacked_calls(mod):
+    return [c for c in _calls(mod, CALL_TIR) if c.args[0].name_hint.endswith("_prepacked")]
+
+
+def test_schedules_prepack_constant_conv_weights_once():
+    # no pair rewrite, so every int8 conv reaches the s_tir conv rules
+    before = _legalized(_int8_module(every_op()))
+    after = schedules.apply_cpu_schedules(before, TARGET)
+
+    prepacked = _prepacked_calls(after)
+    assert prepacked, "every_op's convs pass constant weights: some must be prepacked"
+    names_after = {gv.name_hint for gv in after.functions}
+    for call in prepacked:
+        name = call.args[0].name_hint
+        original = name[: -len("_prepacked")]
+        assert original not in names_after  # the OIHW version is gone
+        func = after[name]
+        assert schedules.SCHEDULE_ATTR in func.attrs
+        old_calls = _call_tir_to(before, original)
+        assert old_calls
+        # find the argument that changed: the weight, now in (O/v) I H W v
+        old_args, new_args = old_calls[0].args[1].fields, call.args[1].fields
+        changed = [i for i, (a, b) in enumerate(zip(old_args, new_args))
+                   if not (isinstance(a, CONSTANT) and isinstance(b, CONSTANT)
+                           and a.value.shape == b.value.shape
+                           and np.array_equal(a.value.numpy(), b.value.numpy()))
+                   and isinstance(a, CONSTANT)]
+        assert len(changed) == 1
+        weight = old_args[changed[0]].value.numpy()
+        packed = new_args[changed[0]].value.numpy()
+        lanes = packed.shape[-1]
+        assert packed.shape == (weight.shape[0] // lanes,) + weight.shape[1:] + (lanes,)
+        assert np.array_equal(packed, schedules.pack_oihw(weight, lanes))
+
+
+def test_weight_passed_as_parameter_is_not_prepacked():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 9, 9), "int8"))
+    w = relax.Var("w", relax.TensorType((32, 16, 3, 3), "int8"))
+    with bb.function("main", [x, w]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.conv2d(x, w, padding=1, out_dtype="int32"))
+        bb.emit_func_output(out)
+    after = schedules.apply_cpu_schedules(_legalized(bb.get()), TARGET)
+    assert not _prepacked_calls(after)
+    assert "conv" in " ".join(schedules.scheduled_functions(after).values())
