@@ -6,6 +6,9 @@
         --data data/imagenet-samples --images 10 --calib-range 10:20 --batch-size 5 \\
         --ablate-images 4 --ablate-base pc-b32acc
 
+Length: one self-contained study (measure, ablate, render its report); the pieces are only
+used together, by this script, so they stay in one file rather than becoming a qcal package.
+
 Pipeline position: a diagnostic on top of the driver (``qcal.drivers.session.ModelSession``: import,
 one calibration pass, realize) and the two numpy interpreters (``qcal.reference.float_interpreter.run_float``,
 ``qcal.reference.int_interpreter.run_integer``). Nothing is compiled with TVM: the numpy integer interpreter

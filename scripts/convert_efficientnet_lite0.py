@@ -7,6 +7,9 @@ Where it sits: before qcal's pipeline. Its outputs are inputs of qcal's ONNX imp
 (data/imagenet-samples/<wnid>/imagenet_NN_LABEL.jpg). Each output folder gets a PROVENANCE.md with
 the source packages, licences, sha256 of every shipped file and the figures measured here.
 
+Length: a one-off with its own environment (torch); it cannot import qcal, so what it needs it
+carries (the conversion, the image vendoring, the provenance writer).
+
 Runs in a separate environment that has torch (never qcal's own):
 
     python3 -m venv .venv-convert
