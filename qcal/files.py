@@ -357,7 +357,8 @@ def folder_lock(folder, wait: bool = False, what: str = "output folder"):
             if not wait:
                 raise FolderBusy(f"{what} {folder} is in use by another qcal process (pid "
                                  f"{holder}); wait for it to finish or pass --wait") from None
-            log.info("%s %s is in use by pid %s: waiting", what, folder, holder)
+            log.warning("%s %s is in use by another qcal process (pid %s): waiting for it", what,
+                        folder, holder)
             fcntl.flock(fd, fcntl.LOCK_EX)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
