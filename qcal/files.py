@@ -210,8 +210,6 @@ def _append_record(tmp: Path, kind: str, key):
             size += len(chunk)
     with open(tmp, "ab") as f:
         f.write(_record_line(kind, key, h.hexdigest(), size))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 @contextmanager

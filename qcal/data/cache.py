@@ -18,6 +18,9 @@ from qcal.data.sources import ImageSource
 from qcal.files import checked_open, load_checked
 
 CHECK_KIND = "decoded batch"
+# In the key: batches cached before they were checked files are never looked up (each would
+# otherwise be reported as damaged once); the cache folder can be deleted at any time.
+CACHE_FORMAT = "checked-npy"
 
 
 def _parse_npy(payload) -> np.ndarray:
@@ -29,6 +32,8 @@ def _parse_npy(payload) -> np.ndarray:
     if dtype.hasobject:
         raise ValueError("object arrays are never cached")
     count = int(np.prod(shape, dtype=np.int64))
+    if stream.tell() + count * dtype.itemsize != len(payload):
+        raise ValueError(f"{len(payload)} bytes for an array of {shape} {dtype}")
     array = np.frombuffer(payload, dtype=dtype, count=count, offset=stream.tell())
     return array.reshape(shape, order="F" if fortran_order else "C")
 
@@ -40,7 +45,7 @@ class BatchCache:
         self.directory = Path(directory) if directory else None
 
     def key(self, source: ImageSource, indices) -> str:
-        payload = json.dumps({"source": source.describe(),
+        payload = json.dumps({"format": CACHE_FORMAT, "source": source.describe(),
                               "indices": [int(indices[0]), int(indices[-1]), len(indices)]},
                              sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:24]
