@@ -231,12 +231,15 @@ def models():
               help="Also write the table here (.csv, .md or .json, by suffix).")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the run's full results (per-variant records, predictions, plot) here.")
+@click.option("--wait", is_flag=True,
+              help="If another run is writing into --results-dir, wait for it instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
 @_translate_errors
 def evaluate(models, params, pretrained, data, num_images, calib_data, calib_range,
              calib_images, batch_size, input_size, crop_ratio, mean, std, cache_dir,
              activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
-             skip_k_conv, skip_dense, calibration_file, float_only, output, results_dir, quiet):
+             skip_k_conv, skip_dense, calibration_file, float_only, output, results_dir, wait,
+             quiet):
     """Quantize through TVM, run the integer model, report top-1/top-5 against float32.
 
     Quantization options may repeat (e.g. --bias-bits 8 --bias-bits 16); every combination is one
@@ -265,7 +268,8 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
         calibration_file=str(calibration_file) if calibration_file else None)
     with tempfile.TemporaryDirectory(prefix="qcal-evaluate-") as scratch:
         table = run_sweep(config, results_dir or Path(scratch), quiet=quiet,
-                          command=" ".join(["qcal", *sys.argv[1:]]), cache_dir=cache_dir)
+                          command=" ".join(["qcal", *sys.argv[1:]]), cache_dir=cache_dir,
+                          wait=wait)
     click.echo(report.format_markdown(table), nl=False)
     if output is not None:
         atomic_write_text(output, report.TABLE_WRITERS[output.suffix](table))

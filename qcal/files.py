@@ -4,8 +4,8 @@ folder locks, each defined once.
 Every output (tables, calibration files, compiled libraries, cached batches, sweep records) is
 written to a temporary file in the destination's own folder and renamed into place, so a reader
 never sees half a file and a run killed mid-write leaves the previous version (or nothing) under
-the real name. Temporary names start with ``.``, carry the writer's process id and contain
-``.tmp``: the first write into a folder in a process removes the temporaries whose writer has died
+the real name. Temporary names start with ``.``, carry the writer's process id (``.qcal-PID-``)
+and contain ``.tmp``: the first write into a folder in a process removes the temporaries whose writer has died
 (a run killed mid-write leaves nothing behind that nothing cleans).
 
 **Checked files.** What qcal reads back and would otherwise trust (cached batches, compiled
@@ -70,14 +70,15 @@ def file_digest(path, what: str = "weights file") -> str:
 
 # --- temporaries -------------------------------------------------------------------------------
 
-# .NAME.PID.RANDOM.tmpSUFFIX; temporaries of a qcal that did not record the pid have no PID
-_TEMPORARY_NAME = re.compile(r"^\.(?:.*\.(\d+)\.[^.]+|.*)" + re.escape(TEMPORARY_MARK))
+# .NAME.qcal-PID-RANDOM.tmpSUFFIX: distinctive, so that another program's files never match
+_TEMPORARY_NAME = re.compile(r"^\..+\.qcal-(\d+)-[A-Za-z0-9_]+" + re.escape(TEMPORARY_MARK))
 _swept_folders: set = set()
 
 
 def temporary_name(path, suffix: str = "") -> str:
-    """The prefix and suffix of a temporary beside ``path`` (``.NAME.PID.`` ... ``.tmpSUFFIX``)."""
-    return f".{Path(path).name}.{os.getpid()}.", f"{TEMPORARY_MARK}{suffix}"
+    """The prefix and suffix of a temporary beside ``path`` (``.NAME.qcal-PID-`` ...
+    ``.tmpSUFFIX``)."""
+    return f".{Path(path).name}.qcal-{os.getpid()}-", f"{TEMPORARY_MARK}{suffix}"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -106,10 +107,9 @@ def remove_stale_temporaries(folder) -> list:
             age = time.time() - entry.stat(follow_symlinks=False).st_mtime
         except FileNotFoundError:
             continue
-        if age < TEMPORARY_MAX_AGE_S:
-            pid = int(match.group(1)) if match.group(1) else None
-            if pid is None or pid == os.getpid() or _pid_alive(pid):
-                continue
+        pid = int(match.group(1))
+        if age < TEMPORARY_MAX_AGE_S and (pid == os.getpid() or _pid_alive(pid)):
+            continue
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(entry.path, ignore_errors=True)
         else:

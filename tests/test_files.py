@@ -102,16 +102,19 @@ def test_temporaries_of_dead_writers_are_removed_and_live_ones_kept(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     dead_pid = int(dead.stdout)
-    names = {f".a.npy.{dead_pid}.x1y2.tmp": "dead", f".b.so.{dead_pid}.k3j4.tmp.so": "dead",
-             f".c.json.{os.getpid()}.abcd.tmp": "live", f".d.json.{os.getppid()}.abcd.tmp": "live",
-             "e.npy": "not a temporary"}
+    names = {f".a.npy.qcal-{dead_pid}-x1y2.tmp": "dead",
+             f".b.so.qcal-{dead_pid}-k3j4.tmp.so": "dead",
+             f".c.json.qcal-{os.getpid()}-abcd.tmp": "live",
+             f".d.json.qcal-{os.getppid()}-abcd.tmp": "live",
+             f".e.{dead_pid}.abcd.tmp": "another program's", "f.npy": "not a temporary"}
     for name in names:
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / f".f.so.{dead_pid}.zz11.tmp").mkdir()  # a linker's scratch folder
-    (tmp_path / f".f.so.{dead_pid}.zz11.tmp" / "lib0.o").write_bytes(b"x")
+    scratch = tmp_path / f".g.so.qcal-{dead_pid}-zz11.tmp"  # a linker's scratch folder
+    scratch.mkdir()
+    (scratch / "lib0.o").write_bytes(b"x")
     removed = remove_stale_temporaries(tmp_path)
     assert sorted(p.name for p in removed) == sorted(
-        [n for n, what in names.items() if what == "dead"] + [f".f.so.{dead_pid}.zz11.tmp"])
+        [n for n, what in names.items() if what == "dead"] + [scratch.name])
     assert sorted(os.listdir(tmp_path)) == sorted(n for n, what in names.items() if what != "dead")
 
 

@@ -205,7 +205,7 @@ def test_a_run_killed_mid_compile_leaves_nothing_a_later_run_does_not_remove(qgr
     os.killpg(proc.pid, signal.SIGKILL)  # the run and its linker, as a killed job dies
     proc.wait()
     left = _temporaries(folder)
-    assert left and all(f".{proc.pid}." in name for name in left), left
+    assert left and all(f".qcal-{proc.pid}-" in name for name in left), left
     for library in folder.glob("[!.]*.so"):  # what was renamed into place is whole
         verify_checked(library, qcompile.CHECK_KIND)
 
