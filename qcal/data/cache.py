@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def _parse_npy(payload) -> np.ndarray:
     shape, fortran_order, dtype = read_header(stream)
     if dtype.hasobject:
         raise ValueError("object arrays are never cached")
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if stream.tell() + count * dtype.itemsize != len(payload):
         raise ValueError(f"{len(payload)} bytes for an array of {shape} {dtype}")
     array = np.frombuffer(payload, dtype=dtype, count=count, offset=stream.tell())
