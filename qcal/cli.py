@@ -231,12 +231,15 @@ def models():
               help="Also write the table here (.csv, .md or .json, by suffix).")
 @click.option("--results-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the run's full results (per-variant records, predictions, plot) here.")
+@click.option("--wait", is_flag=True,
+              help="If another run is writing into --results-dir, wait for it instead of stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
 @_translate_errors
 def evaluate(models, params, pretrained, data, num_images, calib_data, calib_range,
              calib_images, batch_size, input_size, crop_ratio, mean, std, cache_dir,
              activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
-             skip_k_conv, skip_dense, calibration_file, float_only, output, results_dir, quiet):
+             skip_k_conv, skip_dense, calibration_file, float_only, output, results_dir, wait,
+             quiet):
     """Quantize through TVM, run the integer model, report top-1/top-5 against float32.
 
     Quantization options may repeat (e.g. --bias-bits 8 --bias-bits 16); every combination is one
@@ -265,7 +268,8 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
         calibration_file=str(calibration_file) if calibration_file else None)
     with tempfile.TemporaryDirectory(prefix="qcal-evaluate-") as scratch:
         table = run_sweep(config, results_dir or Path(scratch), quiet=quiet,
-                          command=" ".join(["qcal", *sys.argv[1:]]), cache_dir=cache_dir)
+                          command=" ".join(["qcal", *sys.argv[1:]]), cache_dir=cache_dir,
+                          wait=wait)
     click.echo(report.format_markdown(table), nl=False)
     if output is not None:
         atomic_write_text(output, report.TABLE_WRITERS[output.suffix](table))
@@ -321,11 +325,16 @@ def calibrate(model, params, pretrained, data, num_images, calib_data, calib_ran
               help="Calibration images, replacing the config's data.calib_data.")
 @click.option("--num-images", type=click.IntRange(min=1), help="Replace data.num_images.")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines on the terminal.")
+@click.option("--wait", is_flag=True,
+              help="If another sweep is writing into the output folder, wait for it to finish "
+                   "(then reuse what it finished) instead of stopping.")
 @_translate_errors
-def sweep(config, output, data, calib_data, num_images, quiet):
+def sweep(config, output, data, calib_data, num_images, quiet, wait):
     """Run every variant of a YAML sweep CONFIG into one table (resumable: run it again to finish).
 
-    The config is checked completely before any work starts; see configs/ for examples.
+    The config is checked completely before any work starts; see configs/ for examples. One sweep
+    writes into an output folder at a time: a second one stops with exit 1, naming the other
+    process, unless --wait is given.
     """
     from qcal.drivers.sweep import run_sweep
     from qcal.drivers.sweep_config import load_sweep_config
@@ -334,7 +343,7 @@ def sweep(config, output, data, calib_data, num_images, quiet):
                                      "calib_data": str(calib_data) if calib_data else None,
                                      "num_images": num_images})
     output = output or Path("results") / cfg.name
-    run_sweep(cfg, output, quiet=quiet, command=" ".join(["qcal", *sys.argv[1:]]))
+    run_sweep(cfg, output, quiet=quiet, command=" ".join(["qcal", *sys.argv[1:]]), wait=wait)
     click.echo((output / "results.md").read_text(), nl=False)
     click.echo(f"wrote {output}/results.md, results.csv, results.json, predictions.csv, top1.png")
 

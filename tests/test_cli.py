@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from qcal import __version__
 from qcal.cli import main
+from qcal.drivers.sweep import ResultStore
 
 
 def invoke(*args):
@@ -141,7 +142,7 @@ def test_calibrate_then_evaluate_reuses_the_file(tmp_path):
     assert "statistics over" not in (results / "sweep.log").read_text()  # no calibration pass
     record = json.loads((results / "results.json").read_text())
     assert record["variants"][1]["description"]["calibration_file"] is not None
-    variant = json.loads((results / "variants" / f"{record['variants'][1]['key']}.json").read_text())
+    variant = ResultStore(results).load(record["variants"][1]["key"])[0]
     assert variant["calibration"] == {"source": str(calib), "images": 64}
 
 

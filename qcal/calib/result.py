@@ -3,10 +3,21 @@
 ``CalibrationResult`` turns a pass's ``TensorStatistics`` into each activation method's amax
 (``qcal.calib.methods``), and is saved to / loaded from one ``.npz`` file so that compile and
 evaluate never touch the calibration data again (``qcal calibrate``, then ``--calib FILE``).
+
+The file is a checked file (``qcal.files``: an ``.npz`` followed by one check line that numpy and
+zip readers ignore). A calibration file is something the user hands qcal, with nothing to
+recompute it from, so one that fails its check is refused with one line naming it (exit 1), never
+removed. A file from before qcal checked its files (format ``qcal-calibration/1``, no check line)
+is read with a warning: its zip members still carry CRC-32s that numpy verifies, so damage there
+is still refused, and refusing it outright would strand every existing calibration; a
+``qcal-calibration/2`` file without its check line has lost its end and is refused.
 """
 from __future__ import annotations
 
+import io
 import json
+import logging
+import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -17,9 +28,13 @@ from qcal.calib.methods import (CALIBRATION_METHODS, HISTOGRAM_METHODS, TensorSt
                                 method_options)
 from qcal.config import DEFAULT_HISTOGRAM_BINS, QuantOptions
 from qcal.errors import QcalError
-from qcal.files import atomic_open
+from qcal.files import DamagedFile, checked_open, has_check_record, read_checked
 
-FILE_FORMAT = "qcal-calibration/1"
+log = logging.getLogger("qcal.calib.result")
+
+FILE_FORMAT = "qcal-calibration/2"  # /2: a checked file
+UNCHECKED_FORMAT = "qcal-calibration/1"  # written before qcal checked its files; still read
+CHECK_KIND = "calibration file"
 
 
 @dataclass
@@ -105,7 +120,7 @@ class CalibrationResult(TensorStatistics):
         if self.bins:
             arrays["counts"] = np.stack([self.tensors[n].counts for n in names])
             arrays["ranges"] = np.array([self.tensors[n].edges[-1] for n in names])
-        with atomic_open(path) as f:
+        with checked_open(path, CHECK_KIND, self.fingerprint) as f:
             np.savez_compressed(f, **arrays)
 
     @classmethod
@@ -113,17 +128,30 @@ class CalibrationResult(TensorStatistics):
         """Read a file written by ``save``; refuse it for another model or a missing method."""
         path = Path(path)
         try:
-            with np.load(path, allow_pickle=False) as f:
+            checked = has_check_record(path) or path.stat().st_size == 0  # empty: fails its check
+            contents = io.BytesIO(read_checked(path, CHECK_KIND)[0]) if checked else path
+            with np.load(contents, allow_pickle=False) as f:
                 meta = json.loads(str(f["meta"]))
                 counts = f["counts"] if "counts" in f.files else None
                 ranges = f["ranges"] if "ranges" in f.files else None
         except FileNotFoundError:
             raise QcalError(f"calibration file {path} does not exist") from None
-        except (OSError, ValueError, KeyError) as exc:
-            raise QcalError(f"{path} is not a qcal calibration file ({exc})") from None
-        if meta.get("format") != FILE_FORMAT:
-            raise QcalError(f"{path} is a '{meta.get('format')}' file; qcal reads "
-                            f"'{FILE_FORMAT}'")
+        except DamagedFile as exc:
+            raise QcalError(f"calibration file {exc}; write it again with qcal calibrate") from None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise QcalError(f"{path} is not a qcal calibration file, or is damaged "
+                            f"({reason})") from None
+        if not isinstance(meta, dict) or meta.get("format") not in (FILE_FORMAT, UNCHECKED_FORMAT):
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise QcalError(f"{path} is a '{found}' file; qcal reads '{FILE_FORMAT}' (and "
+                            f"'{UNCHECKED_FORMAT}')")
+        if not checked:
+            if meta["format"] == FILE_FORMAT:
+                raise QcalError(f"calibration file {path} has lost its check record (truncated?); "
+                                "write it again with qcal calibrate")
+            log.warning("calibration file %s was written by an older qcal without a checksum: "
+                        "read unchecked (qcal calibrate writes a checked one)", path)
         tensors = {}
         for i, name in enumerate(meta["tensors"]):
             summary = meta["summaries"][name]

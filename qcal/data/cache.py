@@ -1,18 +1,42 @@
 """Load stage, batch cache: preprocessed batches on disk, so that a sweep decodes each image once.
 
-Batches are ``.npy`` files keyed by the source's identity, the indices and the preprocessing.
+Batches are ``.npy`` files keyed by the source's identity, the indices and the preprocessing,
+each a checked file (``qcal.files``): a batch whose check fails is reported, removed and decoded
+again, never used.
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from qcal.data.plan import Selection
 from qcal.data.sources import ImageSource
-from qcal.files import atomic_open
+from qcal.files import checked_open, load_checked
+
+CHECK_KIND = "decoded batch"
+# In the key: batches cached before they were checked files are never looked up (each would
+# otherwise be reported as damaged once); the cache folder can be deleted at any time.
+CACHE_FORMAT = "checked-npy"
+
+
+def _parse_npy(payload) -> np.ndarray:
+    """The array of an ``.npy`` payload: a view of the bytes that were checked, not a copy."""
+    stream = io.BytesIO(bytes(payload[:1 << 16]))  # the header; the data are not copied
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                   (2, 0): np.lib.format.read_array_header_2_0}[np.lib.format.read_magic(stream)]
+    shape, fortran_order, dtype = read_header(stream)
+    if dtype.hasobject:
+        raise ValueError("object arrays are never cached")
+    count = math.prod(shape)
+    if stream.tell() + count * dtype.itemsize != len(payload):
+        raise ValueError(f"{len(payload)} bytes for an array of {shape} {dtype}")
+    array = np.frombuffer(payload, dtype=dtype, count=count, offset=stream.tell())
+    return array.reshape(shape, order="F" if fortran_order else "C")
 
 
 class BatchCache:
@@ -22,7 +46,7 @@ class BatchCache:
         self.directory = Path(directory) if directory else None
 
     def key(self, source: ImageSource, indices) -> str:
-        payload = json.dumps({"source": source.describe(),
+        payload = json.dumps({"format": CACHE_FORMAT, "source": source.describe(),
                               "indices": [int(indices[0]), int(indices[-1]), len(indices)]},
                              sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:24]
@@ -33,11 +57,13 @@ class BatchCache:
                                                                         indices[0] + len(indices)))
         if self.directory is None or not contiguous:
             return source.decode(indices)
-        path = self.directory / f"{self.key(source, indices)}.npy"
-        if path.is_file():
-            return np.load(path)
+        key = self.key(source, indices)
+        path = self.directory / f"{key}.npy"
+        batch = load_checked(path, CHECK_KIND, key, _parse_npy, "decoding the images again")
+        if batch is not None:
+            return batch
         batch = source.decode(indices)
-        with atomic_open(path) as f:
+        with checked_open(path, CHECK_KIND, key) as f:
             np.save(f, batch)
         return batch
 

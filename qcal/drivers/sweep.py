@@ -6,9 +6,13 @@ Layout of ``OUTPUT/``:
   top-5 predictions). KEY hashes everything the result depends on (model, weights, options, data
   selection, batch size, qcal version), so a changed config recomputes only what it changes. The
   ``.npz`` is renamed into place before the ``.json``: a variant counts as finished only when its
-  ``.json`` exists, and a sweep killed at any point loses at most the variant in flight.
+  ``.json`` exists, and a sweep killed at any point loses at most the variant in flight. Both are
+  checked files (``qcal.files``; the ``.json`` is JSON followed by one ``#qcal-check`` line): a
+  variant whose files fail their check is reported, removed and run again.
 - ``results.csv``, ``results.md``, ``results.json`` (config, seeds, versions, machine, command,
   timings), ``predictions.csv`` (per image), ``top1.png``, ``sweep.log``.
+- ``.qcal-lock``: one sweep writes into a folder at a time (``qcal.files.folder_lock``); a second
+  one stops naming the folder and the holder's pid, or waits for it (``wait``).
 
 Work is shared across variants through ``qcal.drivers.session.ModelSession``: float32 evaluated once
 per model, statistics collected once per model, each image decoded once (on-disk batch cache).
@@ -16,6 +20,7 @@ per model, statistics collected once per model, each image decoded once (on-disk
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -28,7 +33,8 @@ import numpy as np
 
 from qcal import __version__
 from qcal.config import DEFAULT_BATCH_CACHE_DIR
-from qcal.files import atomic_open, atomic_write_text, file_digest
+from qcal.errors import QcalError
+from qcal.files import checked_open, file_digest, folder_lock, load_checked, write_checked
 
 log = logging.getLogger("qcal.drivers.sweep")
 
@@ -54,7 +60,19 @@ def environment() -> dict:
                                               "platform": platform.platform()}}
 
 
+RECORD_KIND = "sweep variant record"
+ARRAYS_KIND = "sweep variant arrays"
+RERUN = "running the variant again"
+
+
+def _parse_npz(payload) -> dict:
+    with np.load(io.BytesIO(payload), allow_pickle=False) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
 class ResultStore:
+    """The finished variants of one output folder: ``variants/KEY.json`` + ``KEY.npz``."""
+
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.variants = self.directory / "variants"
@@ -64,23 +82,36 @@ class ResultStore:
         payload = json.dumps(description, sort_keys=True, default=str)
         return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
+    def _arrays(self, key: str):
+        return load_checked(self.variants / f"{key}.npz", ARRAYS_KIND, key, _parse_npz, RERUN)
+
     def load(self, key: str):
+        """(record, predictions, labels) of a finished variant; None when it is not finished or
+        its files fail their check (then reported and removed, so that it runs again)."""
         record_path = self.variants / f"{key}.json"
-        if not record_path.is_file():
+        record = load_checked(record_path, RECORD_KIND, key, lambda p: json.loads(bytes(p)), RERUN)
+        if record is None:
             return None
-        record = json.loads(record_path.read_text())
-        with np.load(self.variants / f"{key}.npz") as arrays:
-            return record, arrays["predictions"], arrays["labels"]
+        arrays = self._arrays(key)
+        if arrays is None or "predictions" not in arrays or "labels" not in arrays:
+            log.warning("%s has no intact arrays beside it; removed, %s", record_path, RERUN)
+            record_path.unlink(missing_ok=True)
+            return None
+        return record, arrays["predictions"], arrays["labels"]
 
     def arrays(self, key: str) -> dict:
-        with np.load(self.variants / f"{key}.npz") as arrays:
-            return {name: arrays[name] for name in arrays.files}
+        arrays = self._arrays(key)
+        if arrays is None:
+            raise QcalError(f"{self.variants / key}.npz is missing or damaged; run the sweep "
+                            "again to recompute it")
+        return arrays
 
     def save(self, key: str, record: dict, predictions: np.ndarray, labels: np.ndarray,
              **arrays):
-        with atomic_open(self.variants / f"{key}.npz") as f:
+        with checked_open(self.variants / f"{key}.npz", ARRAYS_KIND, key) as f:
             np.savez(f, predictions=predictions, labels=labels, **arrays)
-        atomic_write_text(self.variants / f"{key}.json", json.dumps(record, indent=2) + "\n")
+        write_checked(self.variants / f"{key}.json", (json.dumps(record, indent=2) + "\n").encode(),
+                      RECORD_KIND, key)
 
 
 def _fidelity_metrics(store, baseline_key, result, fidelity_result) -> dict:
@@ -110,13 +141,21 @@ def _setup_logging(output: Path, quiet: bool):
 
 
 def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
-              cache_dir: Path | None = None):
-    """Run (or finish) every variant of ``config``; returns the table written to results.md."""
+              cache_dir: Path | None = None, wait: bool = False):
+    """Run (or finish) every variant of ``config``; returns the table written to results.md.
+
+    One sweep writes into ``output`` at a time: while another holds it, this one raises
+    ``FolderBusy`` (naming the folder and the other's pid), or waits for it when ``wait``."""
+    output = Path(output)
+    with folder_lock(output, wait=wait):
+        return _run_sweep(config, output, quiet, command, cache_dir)
+
+
+def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path | None):
     from qcal.drivers.session import ModelSession
     from qcal.report import sweep_tables as sweep_report
     from qcal.report import tables as report
 
-    output = Path(output)
     _setup_logging(output, quiet)
     store = ResultStore(output)
     started = time.time()

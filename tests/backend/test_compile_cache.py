@@ -158,3 +158,57 @@ def test_least_recently_used_libraries_are_evicted(qgraph, compiles, tmp_path, m
     monkeypatch.setenv(qcompile.SIZE_ENV, "lots")
     with pytest.raises(UsageProblem, match=qcompile.SIZE_ENV):
         qcompile.cache_limit_bytes()
+
+
+KEEP_COMPILING = """\
+import sys
+from qcal.backend.tvm.compile import compile_model
+from tests.backend.test_compile_cache import small_net
+from tests.fixtures import OPTION_SETS, images, realized
+
+qgraph = realized(small_net(), OPTION_SETS["power2-b16"], images(8, (3, 8, 8), seed=1))
+for batch in range(1, 40):  # one compile after another: the kill lands in one of them
+    compile_model(qgraph, batch, cache_dir=sys.argv[1])
+"""
+
+
+def _temporaries(folder):
+    return sorted(p.name for p in folder.iterdir() if qcompile_temporary(p.name))
+
+
+def qcompile_temporary(name):
+    from qcal.files import TEMPORARY_MARK
+
+    return name.startswith(".") and TEMPORARY_MARK in name
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_compile_leaves_nothing_a_later_run_does_not_remove(qgraph, x, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from qcal.files import verify_checked
+
+    folder = tmp_path / "compiled"
+    folder.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", KEEP_COMPILING, str(folder)],
+                            env={**os.environ, "PYTHONPATH": os.getcwd()}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while not _temporaries(folder):  # a library being written (and its linker's scratch folder)
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)  # the run and its linker, as a killed job dies
+    proc.wait()
+    left = _temporaries(folder)
+    assert left and all(f".qcal-{proc.pid}-" in name for name in left), left
+    for library in folder.glob("[!.]*.so"):  # what was renamed into place is whole
+        verify_checked(library, qcompile.CHECK_KIND)
+
+    model = compile_model(qgraph, BATCH, cache_dir=folder)  # a later run in another process
+    assert _temporaries(folder) == []
+    assert np.array_equal(model.run(x), compile_model(qgraph, BATCH, cache_dir=None).run(x))

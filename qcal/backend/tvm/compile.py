@@ -13,9 +13,15 @@ and the versions of qcal and TVM with a digest of the code of this whole package
 ``qcal.backend.tvm``: a changed schedule must not be served from an old library).
 A hit loads the ``.so`` and skips ``tvm.compile`` altogether; files are written atomically
 (a temporary file in the same folder, then ``os.replace``), so a crash or a concurrent compile never
-leaves a half-written library under a real key. The folder is kept under ``$QCAL_CACHE_MAX_MB``
-(default 4096): after each store the least recently used libraries (a hit refreshes a file's
-modification time) are removed until it fits, the one just written excepted.
+leaves a half-written library under a real key. Each library is a checked file (``qcal.files``:
+its key and sha256 in a record after the ELF payload) and is checked before it is loaded: a
+damaged library is reported, removed and compiled again, never handed to the dynamic loader
+(which maps a truncated library and dies of SIGBUS on the first missing page). The linker's
+object files go to a scratch folder beside the library, named like qcal's temporaries, so a run
+killed mid-compile leaves nothing there that a later run does not remove. The folder is kept
+under ``$QCAL_CACHE_MAX_MB`` (default 4096): after each store the least recently used libraries
+(a hit refreshes a file's modification time) are removed until it fits, the one just written
+excepted.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ import numpy as np
 
 from qcal import __version__
 from qcal.errors import QcalError, UsageProblem
-from qcal.files import atomic_path
+from qcal.files import DamagedFile, checked_path, discard_damaged, temporary_folder, verify_checked
 from qcal.ir.graph import Graph
 from qcal.ir.qgraph import QGraph
 from qcal.quant.realize import qgraph_from_float
@@ -44,6 +50,7 @@ DEFAULT_CACHE_DIR = Path(".qcal-cache/compiled")
 FROM_ENVIRONMENT = "from-environment"  # cache_dir default: $QCAL_CACHE_DIR, else DEFAULT_CACHE_DIR
 SIZE_ENV = "QCAL_CACHE_MAX_MB"
 DEFAULT_MAX_MB = 4096.0  # a ResNet-50 int8 library is ~47 MB
+CHECK_KIND = "compiled library"
 
 
 def resolve_cache_dir(cache_dir=FROM_ENVIRONMENT) -> Path | None:
@@ -82,11 +89,28 @@ class BuildRecord:
     seconds: float
 
 
-def _store(executable, path: Path):
+def _store(executable, path: Path, key: str):
     from qcal.backend.tvm import emit as tvm_adapter
 
-    with atomic_path(path, suffix=".so") as tmp:
-        tvm_adapter.export_library(executable, str(tmp))
+    with temporary_folder(path) as workspace, checked_path(path, CHECK_KIND, key, ".so") as tmp:
+        tvm_adapter.export_library(executable, str(tmp), workspace_dir=workspace)
+
+
+def _load(path: Path, key: str):
+    """The VM ``main`` of a cached library, or None (a damaged one is reported and removed)."""
+    from qcal.backend.tvm import emit as tvm_adapter
+
+    try:
+        verify_checked(path, CHECK_KIND, key)  # before the dynamic loader ever maps it
+        return tvm_adapter.vm_main(tvm_adapter.load_library(path))
+    except FileNotFoundError:  # evicted by a concurrent process
+        return None
+    except DamagedFile as exc:
+        discard_damaged(exc, "recompiling")
+    except Exception as exc:  # checked, yet TVM refuses it: rebuilt, never trusted
+        discard_damaged(DamagedFile(path, "TVM cannot load it (" + (
+            str(exc).splitlines()[0] if str(exc) else type(exc).__name__) + ")"), "recompiling")
+    return None
 
 
 def cache_limit_bytes() -> float:
@@ -130,18 +154,14 @@ def build_cached(mod, name: str, target, batch_size: int, use_schedules: bool,
         key = cache_key(tvm_adapter.module_hash(mod), target, batch_size, use_schedules)
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:60]
         path = folder / f"{safe}-b{batch_size}-{key}.so"
-        if path.is_file():
-            try:
-                main = tvm_adapter.vm_main(tvm_adapter.load_library(path))
-                os.utime(path)  # recently used: evicted last
-                return main, BuildRecord(path, True, time.perf_counter() - start)
-            except Exception as exc:  # a damaged file is rebuilt, never trusted
-                log.warning("compile cache: cannot load %s (%s); recompiling", path,
-                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        main = _load(path, key) if path.is_file() else None
+        if main is not None:
+            os.utime(path)  # recently used: evicted last
+            return main, BuildRecord(path, True, time.perf_counter() - start)
     executable = tvm_adapter.compile_executable(mod, target, use_schedules)
     if path is not None:
         try:
-            _store(executable, path)
+            _store(executable, path, key)
             evict(folder, keep=path)
         except Exception as exc:  # the cache only saves time: compiling still succeeded
             log.warning("compile cache: cannot write %s (%s)", path, exc)

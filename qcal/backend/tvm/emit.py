@@ -47,9 +47,12 @@ def build(mod: tvm.IRModule, target=None, use_schedules: bool = True):
     return vm_main(compile_executable(mod, target, use_schedules))
 
 
-def export_library(executable, path: str):
-    """Write a compiled executable as a shared library (links with the system C++ compiler)."""
-    executable.export_library(str(path))
+def export_library(executable, path: str, workspace_dir=None):
+    """Write a compiled executable as a shared library (links with the system C++ compiler);
+    ``workspace_dir`` holds the intermediate object files (default: a folder TVM makes in the
+    system's temporary directory)."""
+    executable.export_library(str(path), workspace_dir=None if workspace_dir is None
+                              else str(workspace_dir))
 
 
 def load_library(path: str):
