@@ -1,0 +1,50 @@
+"""`qcal calibrate`: one statistics pass, every method's ranges in a reusable file."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from qcal.cli.options import data_options, data_options_dict, model_options
+from qcal.cli.params import translate_errors
+from qcal.config import DEFAULT_HISTOGRAM_BINS
+
+
+@click.command()
+@model_options(multiple=False)
+@data_options
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The calibration file to write (.npz).")
+@click.option("--bins", type=click.IntRange(min=0), default=DEFAULT_HISTOGRAM_BINS, show_default=True,
+              help="|x| histogram bins per tensor (0: abs-max only, enough for global/max/power2).")
+@click.option("--plots", type=click.Path(file_okay=False, path_type=Path),
+              help="Draw each tensor's histogram with every method's threshold into this folder.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@translate_errors
+def calibrate(model, params, pretrained, data, num_images, calib_data, calib_range, calib_images,
+              batch_size, input_size, crop_ratio, mean, std, cache_dir, output, bins, plots, quiet):
+    """Run the model once over the calibration images and save every method's ranges.
+
+    `qcal evaluate --calib FILE` reuses the file without touching the data again; it refuses a file
+    made for another model.
+    """
+    from qcal.calib.result import CalibrationResult
+    from qcal.drivers.session import ModelSession
+
+    if output.suffix != ".npz":
+        raise click.BadParameter("the calibration file must end in .npz", param_hint="--output")
+    data_dict = data_options_dict(data, num_images, calib_data, calib_range, calib_images,
+                                  input_size, crop_ratio, mean, std)
+    session = ModelSession(model, data_dict, batch_size, params=params, pretrained=pretrained,
+                           quiet=quiet, cache_dir=cache_dir)
+    stats, selection = session.collect_statistics(bins)
+    result = CalibrationResult.from_statistics(stats)
+    result.save(output)
+    click.echo(f"wrote {output}: {len(result.tensors)} tensors, {result.num_images} calibration "
+               f"images ({selection.describe()['kind']} {selection.start}:{selection.stop}) "
+               f"through the {result.engine}, methods {', '.join(result.methods)}")
+    if plots is not None:
+        from qcal.report.calibration_plots import plot_thresholds
+
+        count = plot_thresholds(result, plots)
+        click.echo(f"wrote {count} histogram plots to {plots}")

@@ -1,0 +1,108 @@
+"""Option groups shared by the commands, and their translation into a sweep's configuration."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from qcal.cli.params import BiasType, ChannelsType, ImageRangeType, ModelType
+from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_CALIB_IMAGES
+
+
+def model_options(multiple: bool):
+    def decorate(func):
+        func = click.option("--pretrained", is_flag=True,
+                            help="Load ImageNet weights from MXNet's model store ($MXNET_HOME).")(func)
+        func = click.option("--params", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                            help="Load weights from this Gluon .params file.")(func)
+        help_text = ("Model: a name from `qcal models` or an .onnx file"
+                     + ("; repeatable." if multiple else "."))
+        func = click.option("--model", "models" if multiple else "model", type=ModelType(),
+                            required=True, multiple=multiple, help=help_text)(func)
+        return func
+    return decorate
+
+
+def data_options(func):
+    options = [
+        click.option("--data", "data", type=click.Path(exists=True, path_type=Path),
+                     help="Evaluation images: an ImageNet class-folder directory or a .rec file "
+                          "(Fashion-MNIST models default to the vendored test split)."),
+        click.option("--num-images", type=click.IntRange(min=1),
+                     help="Evaluate the first N images of the fixed order (default: all)."),
+        click.option("--calib-data", type=click.Path(exists=True, path_type=Path),
+                     help="Calibration images from a separate source."),
+        click.option("--calib-range", type=ImageRangeType(),
+                     help="Calibration images at these positions of the source."),
+        click.option("--calib-images", type=click.IntRange(min=1),
+                     help=f"How many calibration images (default {DEFAULT_CALIB_IMAGES}, or all of a "
+                          f"smaller set)."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE,
+                     show_default=True),
+        click.option("--input-size", type=click.IntRange(min=8),
+                     help="Centre-crop size (default: 224, or what an ONNX model states)."),
+        click.option("--crop-ratio", type=click.FloatRange(0.1, 1.0),
+                     help="Resize the short side to size/ratio before the crop (default 0.875)."),
+        click.option("--mean", type=ChannelsType(),
+                     help="Per-channel mean on a 0..1 scale (default ImageNet's, or the ONNX "
+                          "model's)."),
+        click.option("--std", type=ChannelsType(), help="Per-channel std on a 0..1 scale."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                     default=DEFAULT_BATCH_CACHE_DIR, show_default=True,
+                     help="Where decoded, preprocessed batches are cached."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def quant_options(func):
+    """Each option may repeat; evaluate runs the cross product of the values given."""
+    from qcal.config import ACTIVATION_METHODS, WEIGHT_GRANULARITIES, WEIGHT_SCALES, QuantOptions
+
+    d = QuantOptions()
+    options = [
+        click.option("--method", "activation_method", multiple=True,
+                     type=click.Choice(ACTIVATION_METHODS),
+                     help=f"Activation calibration method (default {d.activation_method})."),
+        click.option("--percentile", type=click.FloatRange(0, 100, min_open=True), multiple=True,
+                     help=f"For --method percentile (default {d.percentile})."),
+        click.option("--global-scale", type=click.FloatRange(0, min_open=True), multiple=True,
+                     help=f"For --method global: every activation's range (default "
+                          f"{d.global_scale})."),
+        click.option("--weight-scale", multiple=True, type=click.Choice(WEIGHT_SCALES),
+                     help=f"Weight scale rounding (default {d.weight_scale})."),
+        click.option("--weight-granularity", multiple=True, type=click.Choice(WEIGHT_GRANULARITIES),
+                     help=f"Per-tensor or per-output-channel weight scales (default "
+                          f"{d.weight_granularity})."),
+        click.option("--bias-bits", "bias", multiple=True, type=BiasType(),
+                     help=f"Bias precision: 2..32 bits with its own power-of-2 scale, or int32-acc "
+                          f"(int32 at the accumulator scale) (default {d.bias_bits})."),
+        click.option("--skip-k-conv", multiple=True, type=click.IntRange(min=0),
+                     help="Keep the first K convs in float32 (default 0)."),
+        click.option("--skip-dense", is_flag=True, help="Keep dense (classifier) layers in float32."),
+        click.option("--calib", "calibration_file",
+                     type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Reuse the ranges of a `qcal calibrate` file (no calibration pass)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def variants_from_options(activation_method, percentile, global_scale, weight_scale,
+                          weight_granularity, bias, skip_k_conv, skip_dense):
+    from qcal.config import expand_variants
+
+    axes = {"activation_method": activation_method, "percentile": percentile,
+            "global_scale": global_scale, "weight_scale": weight_scale,
+            "weight_granularity": weight_granularity, "bias": bias, "skip_k_conv": skip_k_conv}
+    return expand_variants({k: v for k, v in axes.items() if v}, {"skip_dense": skip_dense})
+
+
+def data_options_dict(data, num_images, calib_data, calib_range, calib_images, input_size,
+                      crop_ratio, mean, std):
+    values = {"data": data, "num_images": num_images, "calib_data": calib_data,
+              "calib_range": calib_range, "calib_images": calib_images,
+              "input_size": input_size, "crop_ratio": crop_ratio, "mean": mean, "std": std}
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if v is not None}

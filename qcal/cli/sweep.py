@@ -1,0 +1,42 @@
+"""`qcal sweep`: a YAML grid of models and variants into one table."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from qcal.cli.params import translate_errors
+
+
+@click.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--output", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: results/<config name>).")
+@click.option("--data", type=click.Path(exists=True, path_type=Path),
+              help="Evaluation images, replacing the config's data.data (ImageNet folder or .rec).")
+@click.option("--calib-data", type=click.Path(exists=True, path_type=Path),
+              help="Calibration images, replacing the config's data.calib_data.")
+@click.option("--num-images", type=click.IntRange(min=1), help="Replace data.num_images.")
+@click.option("--quiet", is_flag=True, help="No progress bars or log lines on the terminal.")
+@click.option("--wait", is_flag=True,
+              help="If another sweep is writing into the output folder, wait for it to finish "
+                   "(then reuse what it finished) instead of stopping.")
+@translate_errors
+def sweep(config, output, data, calib_data, num_images, quiet, wait):
+    """Run every variant of a YAML sweep CONFIG into one table (resumable: run it again to finish).
+
+    The config is checked completely before any work starts; see configs/ for examples. One sweep
+    writes into an output folder at a time: a second one stops with exit 1, naming the other
+    process, unless --wait is given.
+    """
+    from qcal.drivers.sweep import run_sweep
+    from qcal.drivers.sweep_config import load_sweep_config
+
+    cfg = load_sweep_config(config, {"data": str(data) if data else None,
+                                     "calib_data": str(calib_data) if calib_data else None,
+                                     "num_images": num_images})
+    output = output or Path("results") / cfg.name
+    run_sweep(cfg, output, quiet=quiet, command=" ".join(["qcal", *sys.argv[1:]]), wait=wait)
+    click.echo((output / "results.md").read_text(), nl=False)
+    click.echo(f"wrote {output}/results.md, results.csv, results.json, predictions.csv, top1.png")
