@@ -11,10 +11,12 @@ Each method is a pure function ``choose_amax_<name>(stats, **opts) -> float`` ov
 no defaults here: their one default lives in ``qcal.config.QuantOptions``; ``method_options``
 picks them out of a ``QuantOptions``.
 
-All methods are symmetric int8 (levels -127..127); histograms are of |x|, equal bins from 0. l2
-and percentile read the statistics pass's fine histogram (a power-of-two range); the two KL
-methods read the reference histogram (2048 bins over [0, abs-max]), whose resolution relative to
-the tensor's range is fixed.
+All methods are symmetric (levels -L..L; L = 127 for 8 bits, 2**(b-1) - 1 for b bits); the
+methods that weigh rounding error against clipping (l2, kl, kl-mxnet) take L as ``levels``, the
+others only look at the range. Histograms are of |x|, equal bins from 0. l2 and percentile read
+the statistics pass's fine histogram (a power-of-two range); the two KL methods read the
+reference histogram (2048 bins over [0, abs-max]), whose resolution relative to the tensor's
+range is fixed.
 """
 from __future__ import annotations
 
@@ -135,11 +137,11 @@ def choose_amax_percentile(stats: TensorStats, *, percentile: float) -> float:
     return float(min(value, stats.amax))
 
 
-def choose_amax_l2(stats: TensorStats) -> float:
+def choose_amax_l2(stats: TensorStats, *, levels: int = INT8_LEVELS) -> float:
     """The threshold that minimises the expected squared int8 error, rounding plus clipping.
 
     Each histogram bin stands for its count of values at its centre; for a candidate threshold t
-    (scale t/127) a value's error is its distance to the nearest level, clipped at t. Exact zeros
+    (scale t/levels) a value's error is its distance to the nearest level, clipped at t. Exact zeros
     have no error at any scale and are left out.
     """
     counts, edges = _trimmed(stats)
@@ -149,18 +151,18 @@ def choose_amax_l2(stats: TensorStats) -> float:
     nbins = len(counts)
     picks = np.unique(np.linspace(1, nbins, min(nbins, L2_MAX_CANDIDATES)).round().astype(int))
     thresholds = edges[picks]
-    errors = np.concatenate([_squared_error(centres, weights, chunk)
+    errors = np.concatenate([_squared_error(centres, weights, chunk, levels)
                              for chunk in np.array_split(thresholds, max(1, len(picks) // 64))])
     return float(min(thresholds[int(np.argmin(errors))], stats.amax))
 
 
-def _squared_error(centres, weights, thresholds):
-    scale = thresholds[:, None] / INT8_LEVELS
-    levels = np.minimum(np.rint(centres[None, :] / scale), INT8_LEVELS)
-    return ((centres[None, :] - levels * scale) ** 2 * weights[None, :]).sum(axis=1)
+def _squared_error(centres, weights, thresholds, levels):
+    scale = thresholds[:, None] / levels
+    nearest = np.minimum(np.rint(centres[None, :] / scale), levels)
+    return ((centres[None, :] - nearest * scale) ** 2 * weights[None, :]).sum(axis=1)
 
 
-def choose_amax_kl(stats: TensorStats) -> float:
+def choose_amax_kl(stats: TensorStats, *, levels: int = INT8_LEVELS) -> float:
     """TensorRT's entropy calibration (GTC 2017, s7310), on the reference histogram of |x|.
 
     The reference histogram has ``KL_REFERENCE_BINS`` equal bins over [0, amax] (built by a second
@@ -191,32 +193,34 @@ def choose_amax_kl(stats: TensorStats) -> float:
       group, and both P and Q smoothed (zeros replaced by 1e-4). ``kl-mxnet`` is that grouping on
       qcal's |x| histogram.
 
-    A closed form over prefix sums gives every candidate at once (milliseconds a tensor).
+    A closed form over prefix sums gives every candidate at once (milliseconds a tensor). At b
+    bits the candidates are quantized into ``levels + 1`` = 2**(b-1) groups instead of 128 (from
+    12 bits on, more than the reference histogram's bins: nothing is clipped).
     """
-    return _entropy_threshold(stats, "even")
+    return _entropy_threshold(stats, "even", levels + 1)
 
 
-def choose_amax_kl_mxnet(stats: TensorStats) -> float:
+def choose_amax_kl_mxnet(stats: TensorStats, *, levels: int = INT8_LEVELS) -> float:
     """The entropy method with MXNet's grouping: k kept bins make 128 groups of k // 128 bins and
     the last group takes the remainder (MXNet's ``calibrate_entropy``, Relay's
     ``kl_divergence.py``). Everything else is ``kl``'s (same reference histogram, zeros left
     out, no smoothing). Because the last group grows by one bin per extra kept bin until k
     reaches the next multiple of 128, the divergence jumps there and the chosen k clusters just
     below multiples of 128 (``choose_amax_kl``'s docstring lists what MXNet itself does besides)."""
-    return _entropy_threshold(stats, "mxnet")
+    return _entropy_threshold(stats, "mxnet", levels + 1)
 
 
-def _entropy_threshold(stats: TensorStats, grouping: str) -> float:
+def _entropy_threshold(stats: TensorStats, grouping: str, quantized_bins: int) -> float:
     counts = np.asarray(stats.ref_counts).copy()
     counts[0] -= stats.zeros
     nonzero = np.flatnonzero(counts)
     if not len(nonzero):
         return float(stats.amax)
     counts = counts[:int(nonzero[-1]) + 1]
-    if len(counts) <= KL_QUANTIZED_BINS:
-        return float(stats.amax)  # too few bins to clip anything at 128-level resolution
-    kept = np.arange(KL_QUANTIZED_BINS, len(counts) + 1)
-    divergences = kl_divergences(counts.astype(np.float64), kept, grouping)
+    if len(counts) <= quantized_bins:
+        return float(stats.amax)  # too few bins to clip anything at this resolution
+    kept = np.arange(quantized_bins, len(counts) + 1)
+    divergences = kl_divergences(counts.astype(np.float64), kept, grouping, quantized_bins)
     best = int(kept[len(kept) - 1 - int(np.argmin(divergences[::-1]))])  # ties: the largest k
     return float(min(stats.ref_edges[best], stats.amax))
 
@@ -225,14 +229,15 @@ def _xlogx(x):
     return np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0)), 0.0)
 
 
-def quantized_groups(kept: np.ndarray, grouping: str):
-    """(starts, ends): bin ranges of the 128 groups for each candidate k, shape (len(kept), 128).
+def quantized_groups(kept: np.ndarray, grouping: str, quantized_bins: int = KL_QUANTIZED_BINS):
+    """(starts, ends): bin ranges of the n = ``quantized_bins`` groups for each candidate k, shape
+    (len(kept), n).
 
-    ``even``: the edges of ``linspace(0, k, 129)``; bin j is in group g when g*k/128 <= j <
-    (g+1)*k/128 (``np.digitize``'s rule), so group g starts at ceil(g*k/128), in integers.
-    ``mxnet``: k // 128 bins a group, the remainder in the last group.
+    ``even``: the edges of ``linspace(0, k, n + 1)``; bin j is in group g when g*k/n <= j <
+    (g+1)*k/n (``np.digitize``'s rule), so group g starts at ceil(g*k/n), in integers.
+    ``mxnet``: k // n bins a group, the remainder in the last group.
     """
-    nq = KL_QUANTIZED_BINS
+    nq = quantized_bins
     k = np.asarray(kept, dtype=np.int64)[:, None]
     g = np.arange(nq + 1, dtype=np.int64)[None, :]
     if grouping == "even":
@@ -244,7 +249,8 @@ def quantized_groups(kept: np.ndarray, grouping: str):
     return edges[:, :-1], edges[:, 1:]
 
 
-def kl_divergences(hist: np.ndarray, kept: np.ndarray, grouping: str = "even") -> np.ndarray:
+def kl_divergences(hist: np.ndarray, kept: np.ndarray, grouping: str = "even",
+                   quantized_bins: int = KL_QUANTIZED_BINS) -> np.ndarray:
     """KL(P || Q) of the entropy method for each candidate number of kept bins.
 
     Within a group Q is constant on the non-empty bins, so sum(P log Q) needs only each group's
@@ -258,7 +264,7 @@ def kl_divergences(hist: np.ndarray, kept: np.ndarray, grouping: str = "even") -
     last = hist[kept - 1] + tail  # bin k-1 with the clipped mass folded in
     p_log_p = ((cum_hlogh[kept - 1] - cum[kept - 1] * np.log(total)) / total
                + _xlogx(last / total))
-    starts, ends = quantized_groups(kept, grouping)
+    starts, ends = quantized_groups(kept, grouping, quantized_bins)
     mass = cum[ends] - cum[starts]
     nonzero = cum_nonzero[ends] - cum_nonzero[starts]
     kept_mass = cum[kept][:, None]
@@ -310,6 +316,8 @@ METHOD_OPTIONS = {"global": ("global_scale",), "percentile": ("percentile",)}
 # Methods that need histograms: the statistics pass's (l2, percentile) or the reference one (KL).
 REFERENCE_METHODS = frozenset({"kl", "kl-mxnet"})
 HISTOGRAM_METHODS = frozenset({"l2", "percentile"}) | REFERENCE_METHODS
+# Methods whose answer depends on the number of integer levels (the others pick a range only).
+LEVEL_METHODS = frozenset({"l2"}) | REFERENCE_METHODS
 
 
 def method_options(method: str, options) -> dict:
@@ -317,8 +325,9 @@ def method_options(method: str, options) -> dict:
     return {k: getattr(options, k) for k in METHOD_OPTIONS.get(method, ())}
 
 
-def choose_amax(method: str, stats: TensorStats, **opts) -> float:
-    """Dispatch to the method, check its options, and handle an all-zero tensor."""
+def choose_amax(method: str, stats: TensorStats, levels: int = INT8_LEVELS, **opts) -> float:
+    """Dispatch to the method, check its options, and handle an all-zero tensor. ``levels``: the
+    largest integer level of the tensor's width (127 for 8 bits)."""
     if method not in CALIBRATION_METHODS:
         raise UsageProblem(f"unknown calibration method '{method}' "
                            f"(known: {', '.join(CALIBRATION_METHODS)})")
@@ -334,4 +343,6 @@ def choose_amax(method: str, stats: TensorStats, **opts) -> float:
                         f"({KL_REFERENCE_BINS} bins over [0, abs-max]) and the statistics lack it")
     if method != "global" and stats.amax <= 0:
         return ZERO_TENSOR_AMAX
+    if method in LEVEL_METHODS:
+        opts = {**opts, "levels": levels}
     return CALIBRATION_METHODS[method](stats, **opts)
