@@ -2,14 +2,14 @@
 
 Each example builds a small random network (random channel counts, kernel, stride, image size,
 weights), realizes it under random widths, rounding, scale method and granularity, compiles it once
-and compares every node, bit for bit. One compile costs a few seconds here, so the budget is small
-and the examples are fixed (``derandomize``): the same shapes run in every CI run.
+and compares every node, bit for bit. One compile costs a few seconds here; the budget and the
+fixed (derandomized) examples of CI come from the hypothesis profile in tests/conftest.py.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from qcal.config import QuantOptions
@@ -32,7 +32,6 @@ def _network(seed, cin, size, width, k, stride, classes):
     return g.graph()
 
 
-@settings(max_examples=5, deadline=None, derandomize=True, database=None)
 @given(seed=st.integers(0, 2 ** 16), cin=st.integers(1, 5), size=st.integers(5, 11),
        width=st.sampled_from([3, 8, 16]), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
        classes=st.integers(2, 7), weight_bits=st.integers(2, 8), activation_bits=st.integers(2, 8),
