@@ -779,8 +779,15 @@ class _PairConvRewriter(relax.PyExprMutator):
 
 def rewrite_int8_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Replace each int8 NCHW conv2d with a constant weight (groups 1, dilation 1, out channels a
-    multiple of the pmaddwd lanes) by the int16-pair PrimFuncs; others stay for the schedules.
-    Runs before legalization; a target without AVX2 gets the module back unchanged."""
+    multiple of the vector lanes) by hand-written PrimFuncs: the u8 x s8 ``vpdpbusd`` ones of
+    ``qcal.backend.tvm.vnni`` when the target has AVX-512 VNNI or AVX-VNNI, else the int16-pair
+    ones; others stay for the schedules. Runs before legalization; a target without AVX2 gets the
+    module back unchanged."""
+    from qcal.backend.tvm import vnni  # it builds on this module's helpers
+
+    quad_lanes = vnni.vnni_lanes(target)
+    if quad_lanes is not None:
+        mod = vnni.rewrite_vnni_convs(mod, quad_lanes)
     lanes = pair_lanes(target)
     if lanes is None:
         return mod
