@@ -149,12 +149,11 @@ class TestConv:
         assert "T.parallel" in text
         if expected == "conv2d_int16_pairs":
             assert "pmadd" in text
-        elif expected == "conv2d_vnni":
-            assert "vpdpbusd" in text
-        else:
-            assert "T.vectorized" in text
-            # the requantize epilogue was inlined: one block writes the int8 output after the conv
-            assert text.count('T.sblock("compute') <= 1
+            return
+        assert "vpdpbusd" in text if expected == "conv2d_vnni" else "T.vectorized" in text
+        # the requantize epilogue was inlined: one block writes the int8 output after the conv
+        assert text.count('T.sblock("compute') <= 1
+        assert "int8" in str(_primfuncs(lowered)[convs[0]].params[-1].dtype)
 
     def test_weight_given_at_run_time_is_repacked_in_the_call(self, kernel):
         """Only constant weights take the conv rewrites; a run-time weight gets the s_tir conv."""

@@ -468,8 +468,17 @@ def schedule_parallel_outer(func, lanes: int, prepack: bool) -> Scheduled:
     return Scheduled(sch.mod["main"])
 
 
+def schedule_vnni_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
+    """``qcal.backend.tvm.vnni.schedule_vnni_conv2d``: the conv ``rewrite_int8_convs`` wrote for
+    VNNI, with the epilogue FuseOps gave it."""
+    from qcal.backend.tvm import vnni  # it builds on this module's helpers
+
+    return vnni.schedule_vnni_conv2d(func, lanes, prepack)
+
+
 # Tried in order; the first that does not decline wins.
 SCHEDULE_RULES: dict[str, Callable] = {
+    "conv2d_vnni": schedule_vnni_conv2d,
     "conv2d_nchw": schedule_conv2d,
     "depthwise_conv2d_nchw": schedule_depthwise_conv2d,
     "dense": schedule_dense,

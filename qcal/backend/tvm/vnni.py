@@ -26,7 +26,7 @@ w' is the constant weight repacked in numpy to (O/v, ceil(C/4), kh, kw, v) int32
 is the ``vpdpbusd`` weight operand. Channel counts that are not a multiple of 4 are padded with
 zero weights (zero products, zero correction).
 
-Schedule (``_schedule_vnni_conv``): the int16-pair conv's tiling at vector granularity -- up to
+Schedule (``schedule_vnni_conv2d``): the int16-pair conv's tiling at vector granularity -- up to
 ``_PIXEL_TILE`` output pixels of one row x ``_CHANNEL_VECTORS`` vectors of channels accumulate in
 registers with the reduction loops outside, NCHW written back per tile, (batch, row, channel tile)
 in parallel. Measured per conv shape by ``scripts/bench_ops.py``.
@@ -39,10 +39,14 @@ from tvm import relax, s_tir
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from qcal.backend.tvm.schedules import (_OPAQUE, SCHEDULE_ATTR, _i64, _largest_divisor,
+from qcal.backend.tvm.schedules import (Decline, Scheduled, _extents, _i64, _inline_epilogue,
+                                        _largest_divisor, _name, _parallel_outer, _root_blocks,
                                         _vectorize_tile_epilogue)
 
-VNNI_ATTR_VALUE = "conv2d_vnni"
+VNNI_BLOCK = "conv2d_vnni"
+# relax's OpPatternKind kOutEWiseFusable: FuseOps may fuse the elementwise ops after the conv
+# into its PrimFunc (as it does for a legalized conv2d); the rule then schedules them together
+_OUT_ELEMWISE_FUSABLE = 4
 _VPDPBUSD_INTRINSICS = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}
 # Output pixels x channel vectors of accumulators held in registers (of 32 with AVX-512).
 _PIXEL_TILE = 8
@@ -111,7 +115,7 @@ def _vnni_conv_func(n, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, v):
         T.func_attr({"tirx.noalias": True})
         acc = T.sblock_alloc_buffer((n, f, oh, ow, lanes), "int32")
         for i, j, y, z, rc, ry, rx in T.grid(n, f, oh, ow, c4, kh, kw):
-            with T.sblock("conv2d_vnni"):
+            with T.sblock("conv2d_vnni"):  # VNNI_BLOCK
                 vi, vj, vy, vz, vc, vry, vrx = T.axis.remap("SSSSRRR", [i, j, y, z, rc, ry, rx])
                 with T.init():
                     acc[vi, vj, vy, vz, T.ramp(zero, one, v)] = init[vj, T.ramp(zero, one, v)]
@@ -127,22 +131,44 @@ def _vnni_conv_func(n, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, v):
     return conv2d_vnni
 
 
-def _schedule_vnni_conv(func):
+def schedule_vnni_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
+    """The schedule rule for a PrimFunc holding ``conv2d_vnni`` (alone, or fused by FuseOps with
+    the elementwise epilogue after it: bias, requantize, ReLU, residual add).
+
+    The epilogue (``unpack`` included) is inlined into its last block, which is computed per tile
+    right after the tile's accumulators, while they are in registers: the int32 NCHW tensor of
+    the conv never exists. When the function has more than one output (FuseOps makes such), the
+    conv and ``unpack`` are scheduled alone and the other blocks get parallel outer loops."""
     sch = s_tir.Schedule(func)
-    conv, unpack = sch.get_sblock("conv2d_vnni"), sch.get_sblock("unpack")
+    blocks = _root_blocks(sch)
+    names = [_name(sch, b) for b in blocks]
+    if VNNI_BLOCK not in names:
+        raise Decline("no conv2d_vnni block")
+    index = names.index(VNNI_BLOCK)
+    conv = blocks[index]
+    if index != 0 or names[index + 1] != "unpack":
+        raise RuntimeError(f"conv2d_vnni PrimFunc with unexpected blocks {names}")
+    try:
+        out = _inline_epilogue(sch, index, blocks)
+        rest = []
+    except Decline:
+        out, rest = blocks[index + 1], blocks[index + 2:]
     i, j, y, z, rc, ry, rx = sch.get_loops(conv)
-    f, ow = (int(sch.get(loop).extent) for loop in (j, z))
+    f, ow = _extents(sch, [j, z])
     jo, jm = sch.split(j, [None, _largest_divisor(f, _CHANNEL_VECTORS)])
     zo, zi = sch.split(z, [None, _largest_divisor(ow, _PIXEL_TILE)])
     sch.reorder(i, y, jo, zo, rc, ry, rx, zi, jm)
     sch.set_scope(conv, 0, "local")
-    sch.reverse_compute_at(unpack, zo)
+    sch.reverse_compute_at(out, zo)
     sch.unroll(zi)
     sch.unroll(jm)
-    _vectorize_tile_epilogue(sch, unpack, zo)
+    _vectorize_tile_epilogue(sch, out, zo)
     sch.parallel(sch.fuse(i, y, jo))
+    # parallel/vectorize/unroll first: after decompose_reduction they refuse the update block
     sch.decompose_reduction(conv, rc)
-    return sch.mod["main"]
+    for b in rest:
+        _parallel_outer(sch, b)
+    return Scheduled(sch.mod["main"])
 
 
 def pack_vnni_weight(weight: np.ndarray, lanes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -200,9 +226,8 @@ class _VnniConvRewriter(relax.PyExprMutator):
         o, _, kh, kw = weight.shape
         c4, hp, wp = (c + 3) // 4, h + pads[0] + pads[2], w + pads[1] + pads[3]
         oh, ow = (hp - kh) // strides[0] + 1, (wp - kw) // strides[1] + 1
-        conv = _schedule_vnni_conv(_vnni_conv_func(n, c4, hp, wp, o, kh, kw, oh, ow, *strides,
-                                                   self.lanes))
-        conv = conv.with_attr("op_pattern", _OPAQUE).with_attr(SCHEDULE_ATTR, VNNI_ATTR_VALUE)
+        conv = _vnni_conv_func(n, c4, hp, wp, o, kh, kw, oh, ow, *strides, self.lanes)
+        conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
         pack_gv = self.builder_.add_func(_pack_quads_func(n, c, h, w, pads), "pack_u8_quads")
         conv_gv = self.builder_.add_func(conv, "conv2d_vnni")
         packed = self.builder_.emit(relax.call_tir(
