@@ -274,6 +274,33 @@ class TestVnni:
         rules = schedules.scheduled_functions(schedules.lower(mod, avx_vnni))
         assert "conv2d_vnni" in rules.values()
 
+    @pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI / AVX-VNNI")
+    def test_conv_output_read_twice_bit_exact(self):
+        """The conv's int32 output feeds its requantize and, beside it, a sum with the
+        requantized value: FuseOps then leaves the conv alone in its PrimFunc, and the rule
+        schedules it without an epilogue (the int32 tensor is written out)."""
+        rng = np.random.default_rng(15)
+        shape, lanes = (1, 8, 9, 9), vnni.vnni_lanes(TARGET)
+        weight = _int8(rng, (lanes, 8, 3, 3))
+
+        def emit(bb, x):
+            acc = bb.emit(relax.op.nn.conv2d(x, _const(weight), padding=1, out_dtype="int32"))
+            y = _requantize(bb, acc, lanes, rng)
+            return relax.Tuple([y, bb.emit(relax.op.add(relax.op.astype(y, "int32"), acc))])
+
+        mod = _module(shape, emit)
+        x = _int8(rng, shape)
+
+        def run(**kw):
+            ex = schedules.build(mod, TARGET, **kw)
+            return [o.numpy() for o in relax.VirtualMachine(ex, tvm.cpu())["main"](
+                tvm.runtime.tensor(x))]
+
+        for got, want in zip(run(), run(schedule=False)):
+            assert np.array_equal(got, want)
+        rules = schedules.scheduled_functions(schedules.lower(mod, TARGET))
+        assert rules.get("conv2d_vnni") == "conv2d_vnni"  # the PrimFunc of the conv alone
+
     def test_chosen_by_target_features(self):
         assert vnni.vnni_lanes(vnni.without_vnni(TARGET)) is None
         assert vnni.vnni_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) is None
