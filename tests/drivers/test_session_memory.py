@@ -41,7 +41,9 @@ def tiny_onnx(path, rng, classes=3):
         nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
                                                       ["N", 3, SIZE, SIZE])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])], initializers)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    helper.set_model_props(model, {"qcal.mean": "127,127,127", "qcal.std": "128,128,128"})
+    onnx.save(model, str(path))
     return path
 
 
@@ -58,9 +60,8 @@ def test_each_variant_releases_what_it_compiled(tmp_path, monkeypatch):
     model = tiny_onnx(tmp_path / "tiny.onnx", rng)
     for i in range(14):
         write_jpeg(tmp_path / "images" / str(i % 3) / f"{i:02d}.jpg", np.random.RandomState(i))
-    session = ModelSession(str(model), {"data": str(tmp_path / "images"), "input_size": SIZE,
-                                        "num_images": 9, "calib_range": "9:14"},
-                           batch_size=4, quiet=True, cache_dir=tmp_path / "batches")
+    data = {"data": str(tmp_path / "images"), "num_images": 9, "calib_range": "9:14"}
+    session = ModelSession(str(model), data, batch_size=4, quiet=True, cache_dir=tmp_path / "batches")
     before = compiled_models_alive()
     float_result, _, _ = session.evaluate(None)
     assert compiled_models_alive() == before
