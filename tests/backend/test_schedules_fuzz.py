@@ -37,6 +37,7 @@ from hypothesis import strategies as st  # noqa: E402
 from tvm import relax  # noqa: E402
 
 from qcal.backend.tvm import emit, schedules  # noqa: E402
+from qcal.config import ROUNDINGS  # noqa: E402
 from qcal.ir.graph import Graph, Node  # noqa: E402
 from qcal.ir.qgraph import QGraph, QNode  # noqa: E402
 from qcal.quant.fixed_point import rescale_plan  # noqa: E402
@@ -248,6 +249,7 @@ EPILOGUES = st.fixed_dictionaries({
     "per_channel": st.booleans(),
     "activation": st.sampled_from((None, "relu", "relu6")),
     "residual": st.booleans(),
+    "rounding": st.sampled_from(ROUNDINGS),  # of every rounding right shift (qcal.ir.qgraph)
 })
 
 
@@ -275,14 +277,15 @@ class _IntGraph:
         return self.add("qconv2d", x.name, (case.out_channels,) + case.out_hw, "int32", bound,
                         attrs, weight=weight)
 
-    def requantize(self, x: QNode, ratio, dtype):
+    def requantize(self, x: QNode, ratio, dtype, rounding=ROUNDINGS[0]):
         plan = rescale_plan(ratio, x.bound)
         params = {"lshift": plan.lshift, "rshift": plan.rshift}
         if plan.kind == "multiply":
             params["multiplier"] = plan.multiplier
         bound = np.minimum(plan.out_bound, 127) if dtype == "int8" else plan.out_bound
         return self.add("requantize", x.name, x.shape, dtype, bound,
-                        {"kind": plan.kind, "compute": plan.compute}, **params)
+                        {"kind": plan.kind, "compute": plan.compute, "rounding": rounding},
+                        **params)
 
     def ratio(self, x: QNode, kind, per_channel, target=40.0):
         """A rescale that maps a typical |x| (a 30th of its bound) to about ``target``: a power
@@ -303,11 +306,12 @@ class _IntGraph:
             y = self.add("bias_add", y.name, y.shape, "int32", y.bound + np.abs(bias), bias=bias)
         if shortcut is not None:
             # realize's align: the int8 or int32 shortcut brought to the accumulator's scale
-            s = self.requantize(shortcut, 2.0 ** self.rng.integers(0, 8), "int32")
+            s = self.requantize(shortcut, 2.0 ** self.rng.integers(0, 8), "int32",
+                                options["rounding"])
             y = self.add("qadd", (y.name, s.name), y.shape, "int32", y.bound + s.bound)
         if options["requantize"]:
             y = self.requantize(y, self.ratio(y, options["requantize"], options["per_channel"]),
-                                "int8")
+                                "int8", options["rounding"])
         if options["activation"] == "relu":
             y = self.add("relu", y.name, y.shape, y.dtype, y.bound)
         elif options["activation"] == "relu6":  # ReLU6's integer form: clip to [0, 6 / scale]
@@ -373,7 +377,7 @@ def budget(share):
 @example(  # a 1x1 conv on one pixel: a tile of one output
     case=ConvCase(1, 3, 1, 1, 16, (1, 1), (1, 1), (0, 0, 0, 0), 1),
     options={"bias": True, "requantize": "multiply", "per_channel": True, "activation": "relu",
-             "residual": False}, seed=0, target=TARGET)
+             "residual": False, "rounding": "upward"}, seed=0, target=TARGET)
 def test_int8_conv_pairs_and_stir(case, options, seed, target):
     """groups 1: the int16-pair conv and (pair rewrite off) the s_tir conv schedule."""
     graph, projection = int_conv_graph(case, options, seed)
@@ -389,7 +393,7 @@ def test_int8_conv_pairs_and_stir(case, options, seed, target):
 @example(  # the 33x33 -> 17x17 stride-2 depthwise conv whose output width has no divisor 2..16
     case=ConvCase(1, 16, 33, 33, 16, (3, 3), (2, 2), (1, 1, 1, 1), 16),
     options={"bias": True, "requantize": "shift", "per_channel": True, "activation": "relu6",
-             "residual": False}, seed=0, target=TARGET)
+             "residual": False, "rounding": "upward"}, seed=0, target=TARGET)
 def test_int8_depthwise_and_grouped_conv(case, options, seed, target):
     graph, projection = int_conv_graph(case, options, seed)
     builds = _check_int(graph, _inputs(case, seed), pair_path=False, target=target)
@@ -497,7 +501,9 @@ def _int_pool_graph(pool, shape, out_shape, attrs, counts, rng):
     elif pool == "qsum_pool2d":
         g.add("qsum_pool2d", q.name, out_shape, "int32", 127 * counts.max(), attrs)
     elif pool == "qavg_pool2d":
-        g.add("qavg_pool2d", q.name, out_shape, "int32", 127, attrs, counts=counts.astype(np.int32))
+        g.add("qavg_pool2d", q.name, out_shape, "int32", 127,
+              dict(attrs, rounding=ROUNDINGS[int(rng.integers(len(ROUNDINGS)))]),
+              counts=counts.astype(np.int32))
     elif pool == "qglobal_sum_pool2d":
         g.add("qglobal_sum_pool2d", q.name, (channels, 1, 1), "int32", 127 * shape[1] * shape[2])
     elif pool == "qchannel_mul":  # an unfolded BatchNorm's integer form, then requantize + ReLU
@@ -505,11 +511,11 @@ def _int_pool_graph(pool, shape, out_shape, attrs, counts, rng):
         y = g.add("qchannel_mul", q.name, shape, "int32", 127 * np.abs(multiplier.astype(np.int64)),
                   multiplier=multiplier)
         g.epilogue(y, {"bias": True, "requantize": "multiply", "per_channel": True,
-                       "activation": "relu", "residual": False}, None)
+                       "activation": "relu", "residual": False, "rounding": ROUNDINGS[-1]}, None)
     else:  # the residual join on its own: two operands aligned to int32, added, requantized
         a = g.requantize(q, 2.0 ** rng.integers(0, 6), "int32")
         g.epilogue(a, {"bias": False, "requantize": "shift", "per_channel": False,
-                       "activation": "relu6", "residual": True}, q)
+                       "activation": "relu6", "residual": True, "rounding": ROUNDINGS[0]}, q)
     return g.graph()
 
 
