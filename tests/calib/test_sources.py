@@ -109,10 +109,13 @@ def test_mxnet_statistics_agree_with_the_interpreter(embedded):
     # error that is flat near its minimum, so a few values across a bin edge can move it: on
     # these models 95 % of tensors agree to 1e-7 and the worst (one kl range of ResNet-56 v2)
     # moved 4.6 %, where calibrating on the next 96 images instead moves kl ranges by 1.6-3.5 %
-    # (median) and up to 25 %: the source is far inside the sampling noise.
+    # (median) and up to 25 %: the source is far inside the sampling noise. kl (even groups) has
+    # no lattice of preferred k to pin it: on ResNet-56 v2 two tensors have minima 16-20 % apart
+    # whose divergences differ by 2e-4 (relative), and 104 of 395469 values that moved across a
+    # bin edge swap them (moved 19.6 %).
     mine, theirs = (CalibrationResult.from_statistics(s) for s in (ours, reference))
     for method, worst in (("max", 1e-5), ("power2", 0), ("percentile", 1e-3), ("l2", 1e-2),
-                          ("kl", 5e-2)):
+                          ("kl", 0.25), ("kl-mxnet", 5e-2)):
         opts = {"percentile": 99.99} if method == "percentile" else {}
         moved = np.array([abs(mine.amax(t, method, **opts) / theirs.amax(t, method, **opts) - 1)
                           for t in reference.tensors])
@@ -221,3 +224,26 @@ def test_tvm_does_not_pin_the_main_thread():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_kl_equals_pytorch_quantization_on_real_tensors():
+    """On the clipped activation tensors of an embedded model (MXNet's values, 64 calibration
+    images), ``kl`` picks the same bin as the port of pytorch-quantization's entropy calibrator
+    fed the same reference histogram without its exact zeros."""
+    from qcal.calib.methods import choose_amax
+    from tests.calib.test_methods import pytorch_quantization_entropy
+
+    model = resolve_model("fmnist_resnet20_v1")
+    graph = model.import_graph((1, 32, 32))
+    images = _calibration_images(64)
+    stats = collect_statistics(graph, [images[:32], images[32:]], progress=False,
+                               source=MXNetInternals(graph, model.net))
+    clipped = sorted(((choose_amax("kl", t) / t.amax, name) for name, t in stats.tensors.items()
+                      if choose_amax("kl", t) < t.amax))
+    assert len(clipped) >= 4
+    for _, name in clipped[:2] + clipped[-2:]:  # the most and the least clipped
+        t = stats.tensors[name]
+        hist = t.ref_counts.copy()
+        hist[0] -= t.zeros
+        theirs = pytorch_quantization_entropy(hist, t.ref_edges, patch_bin0=False)
+        assert choose_amax("kl", t) == min(theirs, t.amax), name
