@@ -23,8 +23,11 @@ def test_version():
 def test_models_lists_zoo_and_embedded():
     result = invoke("models")
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    listed, families = result.output.split("\n\n")
+    lines = listed.splitlines()
     assert len(lines) == 10 + 8 + 3  # ResNet 5 depths x v1/v2, VGG 4 depths x bn, embedded
+    for family in ("imagenet-zoo", "fashion-mnist", "mxnet-export", "gluoncv-zoo", "onnx"):
+        assert f"  {family} " in families
     assert any(line.startswith("fmnist_resnet56_v2") and "embedded" in line for line in lines)
     assert any(line.startswith("resnet101_v2") for line in lines)
 
