@@ -37,7 +37,7 @@ def test_models_lists_zoo_and_embedded():
     (["--model", "fmnist_vgg11_bn", "--output", "table.xlsx"], 2, "--output"),
     (["--model", "fmnist_vgg11_bn", "--params", "missing.params"], 2, "missing.params"),
     (["--model", "fmnist_vgg11_bn", "--calib-range", "3-9"], 2, "START:STOP"),
-    (["--model", "resnet18_v1", "--data", "."], 1, "class folder"),
+    (["--model", "fmnist_resnet20_v1", "--calib-data", "."], 1, "class folder"),
 ])
 def test_bad_invocations_give_one_line_and_exit_code(args, exit_code, message, tmp_path,
                                                      monkeypatch):

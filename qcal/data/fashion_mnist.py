@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +34,14 @@ def read_idx(path: Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise QcalError(f"Fashion-MNIST file not found: {path}")
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    magic, = struct.unpack(">I", raw[:4])
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:
+        raise QcalError(f"{path} is not a gzip IDX file, or is truncated ({exc})") from None
+    magic, = struct.unpack(">I", raw[:4]) if len(raw) >= 4 else (0,)
     ndim = magic & 0xFF
-    if magic >> 8 != 0x08 or ndim not in (1, 3):
+    if magic >> 8 != 0x08 or ndim not in (1, 3) or len(raw) < 4 + 4 * ndim:
         raise QcalError(f"{path} is not an IDX uint8 file (magic {magic:#x})")
     dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
