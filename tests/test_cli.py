@@ -54,8 +54,8 @@ def test_pretrained_offline_is_one_line_exit_1(tmp_path, monkeypatch, imagenet_f
     monkeypatch.setenv("QCAL_OFFLINE", "1")
     root, _ = imagenet_folder
     result = invoke("evaluate", "--model", "resnet18_v1", "--pretrained", "--data", root,
-                    "--num-images", 4)
-    assert result.exit_code == 1
+                    "--num-images", 4, "--float-only")
+    assert result.exit_code == 1, result.output
     error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(error_lines) == 1 and "resnet18_v1-a0666292.params" in error_lines[0]
 
@@ -95,6 +95,7 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
                     "--calib-images", 64, "--batch-size", 32, "--method", "percentile",
                     "--percentile", 99.9, "--weight-scale", "max", "--weight-granularity",
                     "channel", "--bias-bits", 9, "--skip-k-conv", 1, "--skip-dense",
+                    "--weight-bits", 6, "--activation-bits", 7, "--last-layer-bits", 8,
                     "--results-dir", results, "--cache-dir", tmp_path / "cache", "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads((results / "results.json").read_text())
@@ -103,11 +104,13 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
     assert int8[0]["description"]["variant"] == {
         "activation_method": "percentile", "percentile": 99.9, "global_scale": 8.0,
         "weight_scale": "max", "weight_granularity": "channel", "bias_mode": "bits",
-        "bias_bits": 9, "skip_k_conv": 1, "skip_dense": True}
+        "bias_bits": 9, "skip_k_conv": 1, "skip_dense": True, "weight_bits": 6,
+        "activation_bits": 7, "first_layer_bits": None, "last_layer_bits": 8}
     assert int8[0]["description"]["data"]["calibration"]["range"] == [0, 64]
     rows = {r["variant"]: r for r in summary["rows"]}
-    assert set(rows) == {"float32", "a:p99.9 w:max/channel b9 skip1 fdense"}
-    assert "| fmnist_vgg11_bn | a:p99.9 w:max/channel b9 skip1 fdense | 64 |" in result.output
+    label = "a:p99.9 w:max/channel b9 skip1 fdense W6A7 last8"
+    assert set(rows) == {"float32", label}
+    assert f"| fmnist_vgg11_bn | {label} | 64 |" in result.output
 
 
 def test_repeated_options_make_the_cross_product(tmp_path):
@@ -131,7 +134,7 @@ def test_calibrate_then_evaluate_reuses_the_file(tmp_path):
                     "--output", calib, "--plots", tmp_path / "plots", "--quiet",
                     "--cache-dir", tmp_path / "cache")
     assert result.exit_code == 0, result.output
-    assert "methods global, max, power2, l2, kl, percentile" in result.output
+    assert "methods global, max, power2, l2, kl, kl-mxnet, percentile" in result.output
     assert len(list((tmp_path / "plots").glob("*.png"))) > 10
     # the data are never read again: an empty calibration split would fail a new pass
     results = tmp_path / "results"
@@ -167,6 +170,8 @@ def test_calibration_file_of_another_model_is_refused(tmp_path):
     (["--bias-bits", "int16"], "neither a bit count nor int32-acc"),
     (["--method", "entropy"], "'entropy' is not one of"),
     (["--skip-k-conv", -1], "--skip-k-conv"),
+    (["--weight-bits", 9], "--weight-bits"),
+    (["--activation-bits", 1], "--activation-bits"),
 ])
 def test_bad_quantization_options_exit_2(args, message):
     result = invoke("evaluate", "--model", "fmnist_vgg11_bn", *args)

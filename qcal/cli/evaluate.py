@@ -31,7 +31,8 @@ from qcal.files import atomic_write_text
 def evaluate(models, params, pretrained, data, num_images, calib_data, calib_range,
              calib_images, batch_size, input_size, crop_ratio, mean, std, cache_dir,
              activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
-             skip_k_conv, skip_dense, calibration_file, float_only, output, results_dir, wait,
+             skip_k_conv, skip_dense, weight_bits, activation_bits, first_layer_bits,
+             last_layer_bits, calibration_file, float_only, output, results_dir, wait,
              force, quiet):
     """Quantize through TVM, run the integer model, report top-1/top-5 against float32.
 
@@ -53,7 +54,8 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
         raise click.UsageError("--params and --calib apply to one --model only")
     variants = () if float_only else variants_from_options(
         activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
-        skip_k_conv, skip_dense)
+        skip_k_conv, skip_dense, weight_bits=weight_bits, activation_bits=activation_bits,
+        first_layer_bits=first_layer_bits, last_layer_bits=last_layer_bits)
     data_dict = data_options_dict(data, num_images, calib_data, calib_range, calib_images,
                                   input_size, crop_ratio, mean, std)
     config = SweepConfig(

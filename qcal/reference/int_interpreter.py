@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from qcal.errors import QcalError
-from qcal.ir.qgraph import INT8_MAX, QGraph, QNode
+from qcal.ir.qgraph import INT8_MAX, QGraph, QNode, int8_levels
 from qcal.reference import kernels as K
 from qcal.reference.float_interpreter import channel_view, float_op
 
@@ -39,7 +39,9 @@ def _requantize_int(node: QNode, v):
         v = rounding_right_shift(np.left_shift(v, channel_view(p["lshift"], rank)), rshift)
     else:
         v = rounding_right_shift(v * channel_view(p["multiplier"], rank), rshift)
-    return np.clip(v, -INT8_MAX, INT8_MAX) if node.dtype == "int8" else v
+    if node.dtype == "int8":
+        return np.clip(v, -int8_levels(node), int8_levels(node))
+    return v
 
 
 def _int_op(node: QNode, args):
@@ -48,7 +50,7 @@ def _int_op(node: QNode, args):
     rank = x.ndim
     if node.op == "quantize":
         q = np.rint(x.astype(np.float32) * np.float32(p["inv_scale"]))
-        return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int64)
+        return np.clip(q, -int8_levels(node), int8_levels(node)).astype(np.int64)
     if node.op == "requantize":
         return _requantize_int(node, x)
     if node.op == "qconv2d":
@@ -98,21 +100,49 @@ def _dequantize(node: QNode, v):
     return v.astype(np.float32) * channel_view(node.params["scale"], v.ndim).astype(np.float32)
 
 
+def iter_integer(qgraph: QGraph, x: np.ndarray):
+    """Run the integer graph on a float32 NCHW batch, yielding ``(node, value)`` for every node in
+    graph order, the input first (integers as int64). A value is dropped once no later node reads
+    it, so memory holds only the live tensors plus what the caller keeps; a yielded array stays
+    valid for as long as the caller holds it."""
+    last_use = {}
+    for step, node in enumerate(qgraph.nodes):
+        for name in node.inputs:
+            last_use[name] = step
+    output = qgraph.output.name
+    values = {}
+    for step, node in enumerate(qgraph.nodes):
+        if step == 0:
+            out = np.asarray(x, dtype=np.float32)
+        else:
+            args = [values[i] for i in node.inputs]
+            if node.op == "dequantize":
+                out = _dequantize(node, args[0])
+            elif node.is_int:
+                out = _int_op(node, args)
+                _check_range(node, out)
+            else:
+                out = float_op(node, args, np.float32).astype(np.float32)
+            del args
+            for name in set(node.inputs):
+                if last_use[name] == step and name != output:
+                    del values[name]
+        if node.name in last_use or node.name == output:
+            values[node.name] = out
+        yield node, out
+        del out
+
+
 def run_integer(qgraph: QGraph, x: np.ndarray, keep=None):
     """Run the integer graph on a float32 NCHW batch; returns the float32 output, or with
     ``keep='all'`` a dict of every node's value (integers as int64)."""
-    values = {qgraph.input.name: np.asarray(x, dtype=np.float32)}
-    for node in qgraph.nodes[1:]:
-        args = [values[i] for i in node.inputs]
-        if node.op == "dequantize":
-            out = _dequantize(node, args[0])
-        elif node.is_int:
-            out = _int_op(node, args)
-            _check_range(node, out)
-        else:
-            out = float_op(node, args, np.float32).astype(np.float32)
-        values[node.name] = out
-    return values if keep == "all" else values[qgraph.output.name]
+    if keep == "all":
+        return {node.name: value for node, value in iter_integer(qgraph, x)}
+    output = qgraph.output.name
+    for node, value in iter_integer(qgraph, x):
+        if node.name == output:
+            result = value
+    return result
 
 
 # -- simulated (fake-quantized float) semantics -------------------------------------------------
@@ -135,12 +165,12 @@ def _simulated_op(node: QNode, args, qgraph: QGraph):
     x = args[0]
     rank = x.ndim
     if node.op in ("quantize",):
-        return _fake_quant(x, _real_scale(node, rank))
+        return _fake_quant(x, _real_scale(node, rank), int8_levels(node))
     # Rescales round as the integer model does (half up), and int32 alignments that shift right
     # lose their low bits here too: with power-of-2 scales every simulated value is a dyadic
     # rational that float64 holds exactly, so the simulation then equals the integer model.
     if node.op == "requantize":
-        limit = INT8_MAX if node.dtype == "int8" else np.inf
+        limit = int8_levels(node) if node.dtype == "int8" else np.inf
         return _fake_quant(x, _real_scale(node, rank), limit, _round_half_up)
     if node.op == "dequantize":
         return x
