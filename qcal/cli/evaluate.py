@@ -29,10 +29,10 @@ from qcal.files import atomic_write_text
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
 @translate_errors
 def evaluate(models, params, pretrained, data, num_images, calib_data, calib_range,
-             calib_images, batch_size, input_size, crop_ratio, mean, std, cache_dir,
+             calib_images, batch_size, preprocessing, cache_dir,
              activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
              skip_k_conv, skip_dense, weight_bits, activation_bits, first_layer_bits,
-             last_layer_bits, calibration_file, float_only, output, results_dir, wait,
+             last_layer_bits, rounding, calibration_file, float_only, output, results_dir, wait,
              force, quiet):
     """Quantize through TVM, run the integer model, report top-1/top-5 against float32.
 
@@ -55,9 +55,9 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
     variants = () if float_only else variants_from_options(
         activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
         skip_k_conv, skip_dense, weight_bits=weight_bits, activation_bits=activation_bits,
-        first_layer_bits=first_layer_bits, last_layer_bits=last_layer_bits)
+        first_layer_bits=first_layer_bits, last_layer_bits=last_layer_bits, rounding=rounding)
     data_dict = data_options_dict(data, num_images, calib_data, calib_range, calib_images,
-                                  input_size, crop_ratio, mean, std)
+                                  preprocessing)
     config = SweepConfig(
         name="evaluate", models=tuple(models), data=data_dict,
         batch_size=batch_size, seed=0, float32=True, pretrained=pretrained, variants=variants,

@@ -1,11 +1,12 @@
 """Option groups shared by the commands, and their translation into a sweep's configuration."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
 
-from qcal.cli.params import BiasType, ChannelsType, ImageRangeType, ModelType
+from qcal.cli.params import BiasType, ImageRangeType, ModelType, PreprocessingValueType
 from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_CALIB_IMAGES
 
 
@@ -14,8 +15,10 @@ def model_options(multiple: bool):
         func = click.option("--pretrained", is_flag=True,
                             help="Load ImageNet weights from MXNet's model store ($MXNET_HOME).")(func)
         func = click.option("--params", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                            help="Load weights from this Gluon .params file.")(func)
-        help_text = ("Model: a name from `qcal models` or an .onnx file"
+                            help="Load weights from this Gluon .params file (save_parameters, or "
+                                 "the NAME-0000.params of an export).")(func)
+        help_text = ("Model: a name from `qcal models`, a gluoncv model-zoo name, an "
+                     "NAME-symbol.json export or an .onnx file"
                      + ("; repeatable." if multiple else "."))
         func = click.option("--model", "models" if multiple else "model", type=ModelType(),
                             required=True, multiple=multiple, help=help_text)(func)
@@ -24,9 +27,14 @@ def model_options(multiple: bool):
 
 
 def data_options(func):
+    """The data options; the preprocessing ones (``PREPROCESSING_FIELDS``, shared with sweep files
+    and preprocessing files) reach the command as one ``preprocessing`` dict of those given."""
+    from qcal.data.preprocessing import PREPROCESSING_FIELDS, PREPROCESSING_KEYS
+
     options = [
         click.option("--data", "data", type=click.Path(exists=True, path_type=Path),
-                     help="Evaluation images: an ImageNet class-folder directory or a .rec file "
+                     help="Evaluation images: class folders (ROOT/<class>/<image>; ImageNet synset "
+                          "ids, class numbers or any names, sorted) or a .rec file "
                           "(Fashion-MNIST models default to the vendored test split)."),
         click.option("--num-images", type=click.IntRange(min=1),
                      help="Evaluate the first N images of the fixed order (default: all)."),
@@ -39,27 +47,28 @@ def data_options(func):
                           f"smaller set)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE,
                      show_default=True),
-        click.option("--input-size", type=click.IntRange(min=8),
-                     help="Centre-crop size (default: 224, or what an ONNX model states)."),
-        click.option("--crop-ratio", type=click.FloatRange(0.1, 1.0),
-                     help="Resize the short side to size/ratio before the crop (default 0.875)."),
-        click.option("--mean", type=ChannelsType(),
-                     help="Per-channel mean on a 0..1 scale (default ImageNet's, or the ONNX "
-                          "model's)."),
-        click.option("--std", type=ChannelsType(), help="Per-channel std on a 0..1 scale."),
+        *[click.option(f.option, f.key, type=PreprocessingValueType(f.key), help=f.help)
+          for f in PREPROCESSING_FIELDS],
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
                      default=DEFAULT_BATCH_CACHE_DIR, show_default=True,
                      help="Where decoded, preprocessed batches are cached."),
     ]
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        given = {key: kwargs.pop(key) for key in PREPROCESSING_KEYS}
+        return func(*args, preprocessing={k: v for k, v in given.items() if v is not None},
+                    **kwargs)
+
     for option in reversed(options):
-        func = option(func)
-    return func
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def quant_options(func):
     """Each option may repeat; evaluate runs the cross product of the values given."""
-    from qcal.config import (ACTIVATION_METHODS, MAX_BITS, MIN_BITS, WEIGHT_GRANULARITIES, WEIGHT_SCALES,
-                             QuantOptions)
+    from qcal.config import (ACTIVATION_METHODS, MAX_BITS, MIN_BITS, ROUNDINGS, WEIGHT_GRANULARITIES,
+                             WEIGHT_SCALES, QuantOptions)
 
     d = QuantOptions()
     options = [
@@ -93,6 +102,9 @@ def quant_options(func):
         click.option("--last-layer-bits", multiple=True, type=click.IntRange(MIN_BITS, MAX_BITS),
                      help="Weight and input width of the last conv/dense layer (default: as the "
                           "others)."),
+        click.option("--rounding", multiple=True, type=click.Choice(ROUNDINGS),
+                     help=f"Ties of every rounding right shift and integer rescale: upward (half "
+                          f"up) or nearest (half to even) (default {d.rounding})."),
         click.option("--calib", "calibration_file",
                      type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="Reuse the ranges of a `qcal calibrate` file (no calibration pass)."),
@@ -104,20 +116,20 @@ def quant_options(func):
 
 def variants_from_options(activation_method, percentile, global_scale, weight_scale,
                           weight_granularity, bias, skip_k_conv, skip_dense, weight_bits=(),
-                          activation_bits=(), first_layer_bits=(), last_layer_bits=()):
+                          activation_bits=(), first_layer_bits=(), last_layer_bits=(),
+                          rounding=()):
     from qcal.config import expand_variants
 
     axes = {"activation_method": activation_method, "percentile": percentile,
             "global_scale": global_scale, "weight_scale": weight_scale,
             "weight_granularity": weight_granularity, "bias": bias, "skip_k_conv": skip_k_conv,
             "weight_bits": weight_bits, "activation_bits": activation_bits,
-            "first_layer_bits": first_layer_bits, "last_layer_bits": last_layer_bits}
+            "first_layer_bits": first_layer_bits, "last_layer_bits": last_layer_bits,
+            "rounding": rounding}
     return expand_variants({k: v for k, v in axes.items() if v}, {"skip_dense": skip_dense})
 
 
-def data_options_dict(data, num_images, calib_data, calib_range, calib_images, input_size,
-                      crop_ratio, mean, std):
+def data_options_dict(data, num_images, calib_data, calib_range, calib_images, preprocessing):
     values = {"data": data, "num_images": num_images, "calib_data": calib_data,
-              "calib_range": calib_range, "calib_images": calib_images,
-              "input_size": input_size, "crop_ratio": crop_ratio, "mean": mean, "std": std}
+              "calib_range": calib_range, "calib_images": calib_images, **preprocessing}
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if v is not None}

@@ -240,10 +240,10 @@ def _setup_logging(output: Path, quiet: bool):
     file_handler = logging.FileHandler(output / "sweep.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(file_handler)
-    if not quiet:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(stream)
+    stream = logging.StreamHandler(sys.stderr)  # quiet: warnings only (a preprocessing that
+    stream.setLevel(logging.WARNING if quiet else logging.INFO)  # contradicts the model's own)
+    stream.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if quiet else "%(message)s"))
+    logger.addHandler(stream)
 
 
 def run_sweep(config, output: Path, quiet: bool = False, command: str = "",

@@ -4,7 +4,7 @@ image is decoded, each naming where it was given.
 ``check_run`` takes a ``SweepConfig`` (from a sweep file or built from the command line) and the
 paths the run will write, and checks, for every model: that its name resolves, that its weights
 load and fit the architecture, that its preprocessing is sane (std > 0, one value or one per
-channel), that its data sources open and hold the images asked for, that the calibration images
+channel, finite), that its data sources open and hold the images asked for, that the calibration images
 are valid and disjoint from the evaluated ones, and that a calibration file fits it. Then every
 output location is created and probed with a real write (root ignores permission bits, so asking
 ``os.access`` proves nothing), and the results folder must belong to this config
@@ -27,11 +27,10 @@ from qcal.data.plan import DataProblem
 from qcal.errors import QcalError, UsageProblem, raise_problems
 from qcal.files import temporary_name
 
-# the command-line option of each data key (what evaluate/calibrate record as its location)
+# the command-line option of each data key (what evaluate/calibrate record as its location);
+# every other key's option is its name with dashes (--input-size, --mean, ...)
 DATA_FLAGS = {"data": "--data", "num_images": "--num-images", "calib_data": "--calib-data",
-              "calib_range": "--calib-range", "calib_images": "--calib-images",
-              "input_size": "--input-size", "crop_ratio": "--crop-ratio", "mean": "--mean",
-              "std": "--std"}
+              "calib_range": "--calib-range", "calib_images": "--calib-images"}
 
 
 @dataclass(frozen=True)
@@ -74,17 +73,23 @@ def _data_problem(config, exc: DataProblem) -> UsageProblem:
 
 
 def _preprocessing_problems(config, session, model_where: str) -> list:
-    found = []
-    for field, text, reason in session.preprocessing.problems():
-        where = config.where(f"data.{field}")
+    """The preprocessing the model would get (its own over the options given), refused when it
+    makes no sense (std 0, a mean of the wrong length, nan ...), named where it was given."""
+    from qcal.data.preprocessing import PREPROCESSING_KEYS
+
+    try:
+        session.preprocessing
+    except UsageProblem as exc:
+        message = str(exc)
+        key = next((k for k in PREPROCESSING_KEYS if message.startswith(k + " ")), None)
+        where = config.where(f"data.{key}") if key else ""
         if where.startswith("--"):
-            found.append(UsageProblem(f"{where} {text}: {reason}"))
-        elif where:
-            found.append(UsageProblem(f"{where}: data.{field} {text}: {reason}"))
-        else:  # the model's own preprocessing (an ONNX file's metadata)
-            found.append(_located(model_where, UsageProblem(
-                f"{session.display_name}'s preprocessing {field} {text}: {reason}")))
-    return found
+            return [UsageProblem(f"{where}: {message}")]
+        if where:
+            return [UsageProblem(f"{where}: data.{message}")]
+        return [_located(model_where, UsageProblem(
+            f"the preprocessing of {session.model.display_name}: {message}"))]
+    return []
 
 
 def _check_model(config, index: int, model: str, cache_dir, calibrate: bool, quiet: bool,
@@ -107,7 +112,10 @@ def _check_model(config, index: int, model: str, cache_dir, calibrate: bool, qui
     if not check_data:
         session.close()
         return None, problems
-    problems.extend(_preprocessing_problems(config, session, where))
+    found = _preprocessing_problems(config, session, where)
+    if found:  # no image can be prepared: the data plan would only say so again
+        session.close()
+        return None, problems + found
     needs_calibration = calibrate or bool(config.variants)
     try:
         session.plan(False)
