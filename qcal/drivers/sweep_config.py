@@ -266,9 +266,12 @@ def _load_sweep_config(path: Path, loc: _Located) -> SweepConfig:
             with loc.each():
                 name = str(_scalar(loc, node))
                 try:
-                    models.append(canonical_model_name(name, base_dir=path.parent))
+                    canonical = canonical_model_name(name, base_dir=path.parent)
                 except UsageProblem as exc:
                     loc.fail(str(exc), node)
+                if canonical in models:  # its results would be one model's, twice
+                    loc.fail(f"model {name} is listed twice", node)
+                models.append(canonical)
                 locations[f"models[{len(models) - 1}]"] = loc.at(node)
 
     data = {}
