@@ -103,16 +103,20 @@ def run_integer(qgraph: QGraph, x: np.ndarray, keep=None):
     ``keep='all'`` a dict of every node's value (integers as int64)."""
     values = {qgraph.input.name: np.asarray(x, dtype=np.float32)}
     for node in qgraph.nodes[1:]:
-        args = [values[i] for i in node.inputs]
-        if node.op == "dequantize":
-            out = _dequantize(node, args[0])
-        elif node.is_int:
-            out = _int_op(node, args)
-            _check_range(node, out)
-        else:
-            out = float_op(node, args, np.float32).astype(np.float32)
-        values[node.name] = out
+        values[node.name] = run_node(node, [values[i] for i in node.inputs])
     return values if keep == "all" else values[qgraph.output.name]
+
+
+def run_node(node: QNode, args: list):
+    """One node's value from its inputs' values (integers as int64, floats as float32); an
+    integer result is checked against its dtype and proven bound."""
+    if node.op == "dequantize":
+        return _dequantize(node, args[0])
+    if node.is_int:
+        out = _int_op(node, args)
+        _check_range(node, out)
+        return out
+    return float_op(node, args, np.float32).astype(np.float32)
 
 
 # -- simulated (fake-quantized float) semantics -------------------------------------------------
