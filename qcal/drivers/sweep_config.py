@@ -241,4 +241,5 @@ def _load_sweep_config(path: Path) -> SweepConfig:
     name = str(_scalar(loc, top["name"][1])) if "name" in top else path.stem
     return SweepConfig(name=name, models=tuple(models), data=data, batch_size=batch_size,
                        seed=seed, float32=float32, pretrained=pretrained, variants=unique,
-                       verify_images=verify_images, source_path=str(path), raw=yaml.safe_load(path.read_text()))
+                       verify_images=verify_images, source_path=str(path),
+                       raw=yaml.safe_load(path.read_text()))
