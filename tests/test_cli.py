@@ -110,8 +110,7 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
     assert set(rows) == {"float32", "a:p99.9 w:max/channel b9 skip1 fdense"}
     assert "| fmnist_vgg11_bn | a:p99.9 w:max/channel b9 skip1 fdense | 64 | 2 |" in result.output
     # float layers (skip1, fdense) sum in another order: checked layer by layer
-    record = json.loads(b"\n".join((results / "variants" / f"{int8[0]['key']}.json")
-                                    .read_bytes().splitlines()[:-1]))
+    record = ResultStore(results).load(int8[0]["key"])[0]
     assert (record["verified_images"], record["verify_check"]) == (2, "layers")
     assert "verified: calibration images on which the compiled int8 model" in result.output
 
