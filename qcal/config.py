@@ -29,6 +29,9 @@ WEIGHT_GRANULARITIES = ("tensor", "channel")
 # "int32-acc": the usual int32 bias at the accumulator scale s_in * s_w (ONNX Runtime, TFLite,
 # PyTorch). Otherwise bias_bits B quantizes the bias with its own power-of-2 scale (docs/background.md).
 BIAS_MODES = ("bits", "int32-acc")
+# Integer widths of weights and activations: symmetric levels -(2**(b-1)-1)..2**(b-1)-1, always
+# stored in int8 (the kernels stay int8; only the clipping bounds and scales change).
+MIN_BITS, MAX_BITS = 2, 8
 
 
 @dataclass(frozen=True)
@@ -42,11 +45,22 @@ class QuantOptions:
     bias_bits: int = 16
     skip_k_conv: int = 0
     skip_dense: bool = False
+    weight_bits: int = 8
+    activation_bits: int = 8
+    # The first and the last quantized conv/dense layer (weights and their int8 input): None
+    # gives them the widths above; common practice keeps them at 8.
+    first_layer_bits: int | None = None
+    last_layer_bits: int | None = None
 
     def __post_init__(self):
         def need(cond, message):
             if not cond:
                 raise UsageProblem(message)
+
+        def width(value, optional=False):
+            return ((optional and value is None)
+                    or (isinstance(value, int) and not isinstance(value, bool)
+                        and MIN_BITS <= value <= MAX_BITS))
 
         need(self.activation_method in ACTIVATION_METHODS,
              f"activation_method must be one of {', '.join(ACTIVATION_METHODS)}, "
@@ -65,6 +79,10 @@ class QuantOptions:
              f"bias_bits must be an integer from 2 to 32, not {self.bias_bits!r}")
         need(isinstance(self.skip_k_conv, int) and self.skip_k_conv >= 0,
              f"skip_k_conv must be a non-negative integer, not {self.skip_k_conv!r}")
+        for name in ("weight_bits", "activation_bits", "first_layer_bits", "last_layer_bits"):
+            value = getattr(self, name)
+            need(width(value, optional=name.endswith("layer_bits")),
+                 f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, not {value!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "QuantOptions":
@@ -92,7 +110,25 @@ class QuantOptions:
             parts.append(f"skip{self.skip_k_conv}")
         if self.skip_dense:
             parts.append("fdense")
+        if (self.weight_bits, self.activation_bits) != (8, 8):
+            parts.append(f"W{self.weight_bits}A{self.activation_bits}")
+        ends = [f"{which}{bits}" for which, bits in (("first", self.first_layer_bits),
+                                                     ("last", self.last_layer_bits))
+                if bits is not None]
+        parts.extend(ends)
         return " ".join(parts)
+
+    def layer_bits(self, position: str | None) -> tuple:
+        """(weight bits, activation bits) of a layer; ``position`` 'first', 'last' or None."""
+        override = {"first": self.first_layer_bits, "last": self.last_layer_bits}.get(position)
+        if override is not None:
+            return override, override
+        return self.weight_bits, self.activation_bits
+
+
+def levels_for_bits(bits: int) -> int:
+    """The largest level of a symmetric b-bit integer: 2**(b-1) - 1 (127 for 8 bits)."""
+    return 2 ** (bits - 1) - 1
 
 
 # Option names a variant may set: the QuantOptions fields, plus "bias", the one-key shorthand for

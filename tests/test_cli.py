@@ -96,6 +96,7 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
                     "--calib-images", 64, "--batch-size", 32, "--method", "percentile",
                     "--percentile", 99.9, "--weight-scale", "max", "--weight-granularity",
                     "channel", "--bias-bits", 9, "--skip-k-conv", 1, "--skip-dense",
+                    "--weight-bits", 6, "--activation-bits", 7, "--last-layer-bits", 8,
                     "--results-dir", results, "--cache-dir", tmp_path / "cache", "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads((results / "results.json").read_text())
@@ -104,11 +105,13 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
     assert int8[0]["description"]["variant"] == {
         "activation_method": "percentile", "percentile": 99.9, "global_scale": 8.0,
         "weight_scale": "max", "weight_granularity": "channel", "bias_mode": "bits",
-        "bias_bits": 9, "skip_k_conv": 1, "skip_dense": True}
+        "bias_bits": 9, "skip_k_conv": 1, "skip_dense": True, "weight_bits": 6,
+        "activation_bits": 7, "first_layer_bits": None, "last_layer_bits": 8}
     assert int8[0]["description"]["data"]["calibration"]["range"] == [0, 64]
     rows = {r["variant"]: r for r in summary["rows"]}
-    assert set(rows) == {"float32", "a:p99.9 w:max/channel b9 skip1 fdense"}
-    assert "| fmnist_vgg11_bn | a:p99.9 w:max/channel b9 skip1 fdense | 64 | 2 |" in result.output
+    label = "a:p99.9 w:max/channel b9 skip1 fdense W6A7 last8"
+    assert set(rows) == {"float32", label}
+    assert f"| fmnist_vgg11_bn | {label} | 64 | 2 |" in result.output
     # float layers (skip1, fdense) sum in another order: checked layer by layer
     record = ResultStore(results).load(int8[0]["key"])[0]
     assert (record["verified_images"], record["verify_check"]) == (2, "layers")
@@ -214,6 +217,8 @@ def test_calibration_file_of_another_model_is_refused(tmp_path):
     (["--bias-bits", "int16"], "neither a bit count nor int32-acc"),
     (["--method", "entropy"], "'entropy' is not one of"),
     (["--skip-k-conv", -1], "--skip-k-conv"),
+    (["--weight-bits", 9], "--weight-bits"),
+    (["--activation-bits", 1], "--activation-bits"),
 ])
 def test_bad_quantization_options_exit_2(args, message):
     result = invoke("evaluate", "--model", "fmnist_vgg11_bn", *args)

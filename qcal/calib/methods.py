@@ -11,7 +11,9 @@ Each method is a pure function ``choose_amax_<name>(stats, **opts) -> float`` ov
 no defaults here: their one default lives in ``qcal.config.QuantOptions``; ``method_options``
 picks them out of a ``QuantOptions``.
 
-All methods are symmetric int8 (levels -127..127); histograms are of |x|, equal bins from 0.
+All methods are symmetric (levels -L..L; L = 127 for 8 bits, 2**(b-1) - 1 for b bits); the
+methods that weigh rounding error against clipping (l2, kl) take L as ``levels``, the others only
+look at the range. Histograms are of |x|, equal bins from 0.
 """
 from __future__ import annotations
 
@@ -88,11 +90,11 @@ def choose_amax_percentile(stats: TensorStats, *, percentile: float) -> float:
     return float(min(value, stats.amax))
 
 
-def choose_amax_l2(stats: TensorStats) -> float:
+def choose_amax_l2(stats: TensorStats, *, levels: int = INT8_LEVELS) -> float:
     """The threshold that minimises the expected squared int8 error, rounding plus clipping.
 
     Each histogram bin stands for its count of values at its centre; for a candidate threshold t
-    (scale t/127) a value's error is its distance to the nearest level, clipped at t. Exact zeros
+    (scale t/levels) a value's error is its distance to the nearest level, clipped at t. Exact zeros
     have no error at any scale and are left out.
     """
     counts, edges = _trimmed(stats)
@@ -102,18 +104,18 @@ def choose_amax_l2(stats: TensorStats) -> float:
     nbins = len(counts)
     picks = np.unique(np.linspace(1, nbins, min(nbins, L2_MAX_CANDIDATES)).round().astype(int))
     thresholds = edges[picks]
-    errors = np.concatenate([_squared_error(centres, weights, chunk)
+    errors = np.concatenate([_squared_error(centres, weights, chunk, levels)
                              for chunk in np.array_split(thresholds, max(1, len(picks) // 64))])
     return float(min(thresholds[int(np.argmin(errors))], stats.amax))
 
 
-def _squared_error(centres, weights, thresholds):
-    scale = thresholds[:, None] / INT8_LEVELS
-    levels = np.minimum(np.rint(centres[None, :] / scale), INT8_LEVELS)
-    return ((centres[None, :] - levels * scale) ** 2 * weights[None, :]).sum(axis=1)
+def _squared_error(centres, weights, thresholds, levels):
+    scale = thresholds[:, None] / levels
+    nearest = np.minimum(np.rint(centres[None, :] / scale), levels)
+    return ((centres[None, :] - nearest * scale) ** 2 * weights[None, :]).sum(axis=1)
 
 
-def choose_amax_kl(stats: TensorStats) -> float:
+def choose_amax_kl(stats: TensorStats, *, levels: int = INT8_LEVELS) -> float:
     """TensorRT's entropy calibration (GTC 2017, s7310), on the |x| histogram.
 
     For each candidate k (keep the first k bins and fold the mass beyond them into bin k-1: P),
@@ -128,6 +130,8 @@ def choose_amax_kl(stats: TensorStats) -> float:
     a ReLU output's zeros, smeared over the first quantized group, dominates the divergence and
     drags the threshold down (about 1.8 sigma instead of 4 on a rectified normal; measured).
     pytorch-quantization patches the same spike with ``bins[0] = bins[1]``.
+
+    At b bits the candidates are quantized into ``levels + 1`` = 2**(b-1) groups instead of 128.
     """
     counts, edges = _trimmed(stats)
     counts = counts.copy()
@@ -137,10 +141,11 @@ def choose_amax_kl(stats: TensorStats) -> float:
     factor = max(1, len(counts) // KL_MIN_BINS)  # coarsen very fine histograms, exactly
     if factor > 1:
         counts, edges = _merge_bins(counts, edges, factor)
-    if len(counts) <= KL_QUANTIZED_BINS:
-        return float(stats.amax)  # too few bins to clip anything at 128-level resolution
-    kept = np.arange(KL_QUANTIZED_BINS, len(counts) + 1)
-    divergences = kl_divergences(counts.astype(np.float64), kept)
+    quantized_bins = levels + 1
+    if len(counts) <= quantized_bins:
+        return float(stats.amax)  # too few bins to clip anything at this resolution
+    kept = np.arange(quantized_bins, len(counts) + 1)
+    divergences = kl_divergences(counts.astype(np.float64), kept, quantized_bins)
     best = int(kept[int(np.argmin(divergences))])
     return float(min(edges[best], stats.amax))
 
@@ -149,13 +154,14 @@ def _xlogx(x):
     return np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0)), 0.0)
 
 
-def kl_divergences(hist: np.ndarray, kept: np.ndarray) -> np.ndarray:
+def kl_divergences(hist: np.ndarray, kept: np.ndarray,
+                   quantized_bins: int = KL_QUANTIZED_BINS) -> np.ndarray:
     """KL(P || Q) of the entropy method for each candidate number of kept bins.
 
     Within a group Q is constant on the non-empty bins, so sum(P log Q) needs only each group's
     mass; sum(P log P) is a prefix sum of h log h. All candidates at once, O(candidates x 128).
     """
-    nq = KL_QUANTIZED_BINS
+    nq = quantized_bins
     total = hist.sum()
     cum = np.concatenate([[0.0], np.cumsum(hist)])
     cum_nonzero = np.concatenate([[0.0], np.cumsum(hist > 0)])
@@ -216,6 +222,8 @@ assert tuple(CALIBRATION_METHODS) == ACTIVATION_METHODS, "registry out of step w
 # Which QuantOptions fields each method reads, and which methods need the |x| histogram.
 METHOD_OPTIONS = {"global": ("global_scale",), "percentile": ("percentile",)}
 HISTOGRAM_METHODS = frozenset({"l2", "kl", "percentile"})
+# Methods whose answer depends on the number of integer levels (the others pick a range only).
+LEVEL_METHODS = frozenset({"l2", "kl"})
 
 
 def method_options(method: str, options) -> dict:
@@ -223,8 +231,9 @@ def method_options(method: str, options) -> dict:
     return {k: getattr(options, k) for k in METHOD_OPTIONS.get(method, ())}
 
 
-def choose_amax(method: str, stats: TensorStats, **opts) -> float:
-    """Dispatch to the method, check its options, and handle an all-zero tensor."""
+def choose_amax(method: str, stats: TensorStats, levels: int = INT8_LEVELS, **opts) -> float:
+    """Dispatch to the method, check its options, and handle an all-zero tensor. ``levels``: the
+    largest integer level of the tensor's width (127 for 8 bits)."""
     if method not in CALIBRATION_METHODS:
         raise UsageProblem(f"unknown calibration method '{method}' "
                            f"(known: {', '.join(CALIBRATION_METHODS)})")
@@ -237,4 +246,6 @@ def choose_amax(method: str, stats: TensorStats, **opts) -> float:
                         f"statistics hold only the abs-max")
     if method != "global" and stats.amax <= 0:
         return ZERO_TENSOR_AMAX
+    if method in LEVEL_METHODS:
+        opts = {**opts, "levels": levels}
     return CALIBRATION_METHODS[method](stats, **opts)

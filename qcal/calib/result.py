@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from qcal.calib.collect import TensorStatistics, collect_statistics
-from qcal.calib.methods import (CALIBRATION_METHODS, HISTOGRAM_METHODS, TensorStats, choose_amax,
-                                method_options)
+from qcal.calib.methods import (CALIBRATION_METHODS, HISTOGRAM_METHODS, INT8_LEVELS, LEVEL_METHODS,
+                                TensorStats, choose_amax, method_options)
 from qcal.config import DEFAULT_HISTOGRAM_BINS, QuantOptions
 from qcal.errors import QcalError
 from qcal.files import DamagedFile, checked_open, has_check_record, read_checked
@@ -79,26 +79,30 @@ class CalibrationResult(TensorStatistics):
             raise QcalError(f"calibration file {self.source} holds abs-max statistics only; "
                             f"method '{method}' needs histograms: recalibrate with histograms")
 
-    def amax(self, tensor: str, method: str, **opts) -> float:
-        """The amax ``method`` (with its options, e.g. percentile=99.9) picks for ``tensor``."""
+    def amax(self, tensor: str, method: str, levels: int = INT8_LEVELS, **opts) -> float:
+        """The amax ``method`` (with its options, e.g. percentile=99.9) picks for ``tensor`` at
+        ``levels`` integer levels (the stored choices are for int8's 127)."""
         self.require(method)
         if tensor not in self.tensors:
             raise QcalError(f"calibration file {self.source} has no statistics for tensor "
                             f"'{tensor}' of model '{self.model}'")
-        if self.chosen_options.get(method) == opts and tensor in self.chosen.get(method, {}):
+        stored = levels == INT8_LEVELS or method not in LEVEL_METHODS
+        if stored and self.chosen_options.get(method) == opts and tensor in self.chosen.get(method, {}):
             return self.chosen[method][tensor]
-        return choose_amax(method, self.tensors[tensor], **opts)
+        return choose_amax(method, self.tensors[tensor], levels, **opts)
 
-    def amax_for(self, tensor: str, options: QuantOptions) -> float:
+    def amax_for(self, tensor: str, options: QuantOptions, levels: int = INT8_LEVELS) -> float:
         """The amax ``options.activation_method`` picks, with that method's options."""
         method = options.activation_method
-        return self.amax(tensor, method, **method_options(method, options))
+        return self.amax(tensor, method, levels, **method_options(method, options))
 
-    def ranges(self, options: QuantOptions, tensors=None) -> dict:
+    def ranges(self, options: QuantOptions, tensors=None, levels=None) -> dict:
         """{tensor: amax} under ``options`` for ``tensors`` (default: every tensor), as the
-        realizer takes them."""
+        realizer takes them; ``levels`` ({tensor: largest level}) for tensors narrower than
+        int8."""
         names = self.tensors if tensors is None else tensors
-        return {t: self.amax_for(t, options) for t in names}
+        levels = levels or {}
+        return {t: self.amax_for(t, options, levels.get(t, INT8_LEVELS)) for t in names}
 
     def check_model(self, graph):
         if graph.fingerprint() != self.fingerprint:

@@ -73,7 +73,8 @@ def data_options(func):
 
 def quant_options(func):
     """Each option may repeat; evaluate runs the cross product of the values given."""
-    from qcal.config import ACTIVATION_METHODS, WEIGHT_GRANULARITIES, WEIGHT_SCALES, QuantOptions
+    from qcal.config import (ACTIVATION_METHODS, MAX_BITS, MIN_BITS, WEIGHT_GRANULARITIES, WEIGHT_SCALES,
+                             QuantOptions)
 
     d = QuantOptions()
     options = [
@@ -96,6 +97,17 @@ def quant_options(func):
         click.option("--skip-k-conv", multiple=True, type=click.IntRange(min=0),
                      help="Keep the first K convs in float32 (default 0)."),
         click.option("--skip-dense", is_flag=True, help="Keep dense (classifier) layers in float32."),
+        click.option("--weight-bits", multiple=True, type=click.IntRange(MIN_BITS, MAX_BITS),
+                     help=f"Weight width: symmetric levels +-(2^(b-1)-1), stored in int8 "
+                          f"(default {d.weight_bits})."),
+        click.option("--activation-bits", multiple=True, type=click.IntRange(MIN_BITS, MAX_BITS),
+                     help=f"Activation width, as --weight-bits (default {d.activation_bits})."),
+        click.option("--first-layer-bits", multiple=True, type=click.IntRange(MIN_BITS, MAX_BITS),
+                     help="Weight and input width of the first conv/dense layer (default: as the "
+                          "others)."),
+        click.option("--last-layer-bits", multiple=True, type=click.IntRange(MIN_BITS, MAX_BITS),
+                     help="Weight and input width of the last conv/dense layer (default: as the "
+                          "others)."),
         click.option("--calib", "calibration_file",
                      type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="Reuse the ranges of a `qcal calibrate` file (no calibration pass)."),
@@ -106,12 +118,15 @@ def quant_options(func):
 
 
 def variants_from_options(activation_method, percentile, global_scale, weight_scale,
-                          weight_granularity, bias, skip_k_conv, skip_dense):
+                          weight_granularity, bias, skip_k_conv, skip_dense, weight_bits=(),
+                          activation_bits=(), first_layer_bits=(), last_layer_bits=()):
     from qcal.config import expand_variants
 
     axes = {"activation_method": activation_method, "percentile": percentile,
             "global_scale": global_scale, "weight_scale": weight_scale,
-            "weight_granularity": weight_granularity, "bias": bias, "skip_k_conv": skip_k_conv}
+            "weight_granularity": weight_granularity, "bias": bias, "skip_k_conv": skip_k_conv,
+            "weight_bits": weight_bits, "activation_bits": activation_bits,
+            "first_layer_bits": first_layer_bits, "last_layer_bits": last_layer_bits}
     return expand_variants({k: v for k, v in axes.items() if v}, {"skip_dense": skip_dense})
 
 

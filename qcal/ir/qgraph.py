@@ -1,6 +1,10 @@
 """qcal's integer graph (``QGraph``): what realize produces, and what the numpy integer
 interpreter (``qcal.reference``) and the TVM backend (``qcal.backend.tvm``) both run, bit for bit.
 
+Widths. An int8 tensor of b bits (2..8) holds the levels -L..L, L = 2**(b-1) - 1 (``levels``
+attribute of its ``quantize`` / ``requantize``; 127 when absent); weights narrower than 8 bits are
+int8 constants within +-L. The kernels do not change with the width, only the clips and bounds.
+
 Value model. Every integer tensor ``v`` means the real number ``v * scale``; ``scale`` is a float64
 array of shape ``()`` (per tensor) or ``(C,)`` (per channel, axis 1 of the NCHW / NC tensor).
 Each integer node also carries ``bound``: a proven upper bound of ``|v|`` (same shape), derived from
@@ -15,12 +19,12 @@ QGraph op set (``QNode.op``). Ops marked "any" work on float32 or integer tensor
 op                     semantics                              attrs / params
 =====================  =====================================  ========================================
 input                  float32 image batch                    shape
-quantize               f32 -> int8: clip(rint(x * inv), 127)  inv_scale (float32 scalar)
+quantize               f32 -> int8: clip(rint(x * inv), L)    inv_scale (float32 scalar); levels L
 dequantize             int -> f32: float32(v) * scale         scale (float32, () or (C,))
 requantize             int -> int8/int32, rounding rescale:   kind "shift": lshift, rshift (C,) ints:
                        shift: ((v << L) + (1<<R>>1)) >> R     kind "multiply": multiplier, rshift:
                        multiply: (v*m + (1<<(R-1))) >> R      (int64 math); compute (int32|int64);
-                       then clip +-127 when out is int8       out dtype in QNode.dtype
+                       then clip +-L when out is int8         out dtype in QNode.dtype; levels L
 qconv2d                int8 x int8 -> int32, zero padding     conv attrs of graph.py; weight int8
 qdense                 int8 (N, I) x int8 (O, I)^T -> int32   weight int8
 qchannel_mul           int8 * int8[c] -> int32                multiplier int8 (C,)
@@ -138,6 +142,11 @@ class QGraph:
         """Human-readable lines: the op counts, then every overflow adjustment."""
         counts = ", ".join(f"{k} {v}" for k, v in self.counts().items())
         return [f"{self.name}: {counts}"] + [f"  {a}" for a in self.adjustments]
+
+
+def int8_levels(node: QNode) -> int:
+    """The largest level L of a ``quantize`` or int8 ``requantize`` node's output (clip to +-L)."""
+    return int(node.attrs.get("levels", INT8_MAX))
 
 
 def channels_of(shape) -> int:

@@ -12,6 +12,7 @@ module              what it decides
 """
 from __future__ import annotations
 
+from qcal.config import levels_for_bits
 from qcal.quant.annotate import annotate
 from qcal.quant.realize import realize
 
@@ -19,7 +20,8 @@ from qcal.quant.realize import realize
 def quantize(graph, ranges, options):
     """The integer graph of ``graph`` under ``options``: annotate -> calibrated ranges -> realize.
 
-    ``ranges(options, tensors) -> {tensor: amax}`` supplies the activation ranges annotate asks for
-    (``CalibrationResult.ranges``)."""
+    ``ranges(options, tensors, levels) -> {tensor: amax}`` supplies the activation ranges annotate
+    asks for, each at its tensor's largest level (``CalibrationResult.ranges``)."""
     annotation = annotate(graph, options)
-    return realize(graph, ranges(options, annotation.required_amax), options, annotation)
+    levels = {t: levels_for_bits(annotation.activation_bits[t]) for t in annotation.required_amax}
+    return realize(graph, ranges(options, annotation.required_amax, levels), options, annotation)

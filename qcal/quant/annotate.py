@@ -25,6 +25,14 @@ stays float):
 
 A tensor that several consumers need as int8 (the two branches of a residual block) is quantized
 ONCE and shared; likewise one dequantize serves every float consumer.
+
+Widths. Every integer conv/dense/channel multiply gets its weight width, and every tensor
+materialised as int8 its activation width (``weight_bits`` / ``activation_bits``), except the
+network's first and last conv/dense (graph order) when ``first_layer_bits`` / ``last_layer_bits``
+are set: those apply to the layer's weights and to its int8 input. A tensor read as int8 by
+several layers gets the widest width any of them asks for (one quantized value per tensor);
+a tensor that is int8 by derivation (ReLU or max-pool of an int8 tensor) passes the request on to
+the tensor it derives from.
 """
 from __future__ import annotations
 
@@ -112,6 +120,8 @@ class Annotation:
     decisions: dict  # node name -> OpDecision (integer nodes only)
     int8_needed: list = field(default_factory=list)  # tensors some consumer needs as int8, ordered
     float_needed: list = field(default_factory=list)  # integer tensors some float op (or the output) reads
+    activation_bits: dict = field(default_factory=dict)  # int8_needed tensor -> width
+    weight_bits: dict = field(default_factory=dict)  # integer weighted node -> width
 
     def is_integer(self, name: str) -> bool:
         return name in self.decisions
@@ -172,4 +182,35 @@ def annotate(graph: Graph, options: QuantOptions) -> Annotation:
                 need(int8_needed, i)
     if ctx.is_int(graph.output.name):
         need(float_needed, graph.output.name)
-    return Annotation(graph, options, ctx.domain, decisions, int8_needed, float_needed)
+    activation_bits, weight_bits = _widths(graph, options, ctx.domain, decisions, int8_needed)
+    return Annotation(graph, options, ctx.domain, decisions, int8_needed, float_needed,
+                      activation_bits, weight_bits)
+
+
+WEIGHTED_OPS = ("conv2d", "dense", "channel_affine")
+
+
+def _widths(graph: Graph, options: QuantOptions, domain: dict, decisions: dict, int8_needed: list):
+    """(activation width per int8_needed tensor, weight width per integer weighted node)."""
+    layers = [n.name for n in graph.nodes if n.op in ("conv2d", "dense")]
+    position = {}
+    if layers:
+        position[layers[-1]] = "last"
+        position[layers[0]] = "first"  # a one-layer network: its first layer's width wins
+    nodes = {n.name: n for n in graph.nodes}
+
+    def root(tensor):
+        while domain[tensor] == INT8:
+            tensor = nodes[tensor].inputs[0]
+        return tensor
+
+    activation_bits, weight_bits = {}, {}
+    for node in graph.nodes:
+        if node.name not in decisions:
+            continue
+        w_bits, a_bits = options.layer_bits(position.get(node.name))
+        if node.op in WEIGHTED_OPS:
+            weight_bits[node.name] = w_bits
+        for tensor in map(root, decisions[node.name].int8_inputs):
+            activation_bits[tensor] = max(activation_bits.get(tensor, 0), a_bits)
+    return {t: activation_bits[t] for t in int8_needed}, weight_bits

@@ -3,7 +3,8 @@
 Scales. ``scale_for_amax``: an amax that is a power of two gives ``amax / 128`` (Relay's
 ``dom_scale = scale / 2**(nbit-1)``: the scale is then a power of two too, and rescaling between such
 scales is an exact shift); any other amax gives ``amax / 127`` (the full symmetric range). int8
-values are clipped to [-127, 127].
+values are clipped to [-127, 127]. At b bits the same rules hold with L = 2**(b-1) - 1 levels:
+``amax / (L + 1)`` or ``amax / L``, values clipped to [-L, L].
 """
 from __future__ import annotations
 
@@ -34,14 +35,14 @@ def power2_ceil(x) -> np.ndarray:
     return np.ldexp(1.0, ceil_log2(x))
 
 
-def scale_for_amax(amax) -> np.ndarray:
-    """Symmetric int8 scale for a range: amax/128 when amax is a power of two (then the scale is a
-    power of two), else amax/127. A zero range (a dead channel or tensor) gets amax 1."""
+def scale_for_amax(amax, levels: int = INT8_MAX) -> np.ndarray:
+    """Symmetric scale for a range at ``levels`` (L): amax/(L+1) when amax is a power of two (then
+    the scale is a power of two), else amax/L. A zero range (a dead channel or tensor) gets amax 1."""
     amax = np.asarray(amax, dtype=np.float64)
     if not np.all(np.isfinite(amax)) or np.any(amax < 0):
         raise QcalError(f"activation/weight range must be finite and non-negative, got {amax}")
     amax = np.where(amax == 0, 1.0, amax)
-    return np.where(is_power_of_two(amax), amax / 128.0, amax / 127.0)
+    return np.where(is_power_of_two(amax), amax / (levels + 1.0), amax / float(levels))
 
 
 def quantize_array(x, scale, limit=INT8_MAX) -> np.ndarray:
@@ -56,14 +57,15 @@ def weight_amax(w: np.ndarray, granularity: str) -> np.ndarray:
     return w.reshape(w.shape[0], -1).max(axis=1, initial=0.0)
 
 
-def quantize_weight(w: np.ndarray, method: str, granularity: str):
-    """int8 weights and their scale (shape () per tensor, (O,) per output channel)."""
+def quantize_weight(w: np.ndarray, method: str, granularity: str, levels: int = INT8_MAX):
+    """int8 weights within +-``levels`` and their scale (shape () per tensor, (O,) per output
+    channel)."""
     amax = weight_amax(w, granularity)
     if method == "power2":
         amax = np.where(amax == 0, 0.0, power2_ceil(np.where(amax == 0, 1.0, amax)))
-    scale = scale_for_amax(amax)
+    scale = scale_for_amax(amax, levels)
     shaped = scale.reshape((-1,) + (1,) * (w.ndim - 1)) if scale.ndim else scale
-    return quantize_array(w, shaped).astype(np.int8), scale
+    return quantize_array(w, shaped, levels).astype(np.int8), scale
 
 
 def bias_scale(bias: np.ndarray, bits: int) -> float:

@@ -24,7 +24,7 @@ from typing import Mapping
 
 import numpy as np
 
-from qcal.config import QuantOptions
+from qcal.config import QuantOptions, levels_for_bits
 from qcal.errors import QcalError
 from qcal.ir.graph import Graph, Node
 from qcal.ir.qgraph import INT8_MAX, INT32_MAX, Adjustment, QGraph, QNode, channels_of, collapse, per_channel
@@ -84,14 +84,17 @@ class _Realizer:
         if src.dtype == "int8":
             node = src
         else:
-            scale = scale_for_amax(self.amax_of(tensor))
+            levels = levels_for_bits(self.annotation.activation_bits.get(
+                tensor, self.options.activation_bits))
+            scale = scale_for_amax(self.amax_of(tensor), levels)
             if src.is_int:
-                node = self.requantize(src, f"{tensor}:q", scale, "int8")
+                node = self.requantize(src, f"{tensor}:q", scale, "int8", levels)
             else:
                 node = self.emit(QNode(f"{tensor}:q", "quantize", (src.name,),
+                                       attrs={"levels": levels},
                                        params={"inv_scale": np.float32(1.0 / scale)},
                                        dtype="int8", shape=src.shape, scale=scale,
-                                       bound=np.int64(INT8_MAX)))
+                                       bound=np.int64(levels)))
         self.int8_of[tensor] = node
         return node
 
@@ -107,16 +110,18 @@ class _Realizer:
         self.float_of[tensor] = node
         return node
 
-    def requantize(self, src: QNode, name, out_scale, out_dtype) -> QNode:
+    def requantize(self, src: QNode, name, out_scale, out_dtype, levels=INT8_MAX) -> QNode:
         channels = channels_of(src.shape)
         ratio = per_channel(src.scale, channels) / per_channel(out_scale, channels)
         plan = rescale_plan(collapse(ratio), src.bound)
-        bound = np.minimum(plan.out_bound, INT8_MAX) if out_dtype == "int8" else plan.out_bound
+        bound = np.minimum(plan.out_bound, levels) if out_dtype == "int8" else plan.out_bound
         params = {"lshift": collapse(plan.lshift), "rshift": collapse(plan.rshift)}
         if plan.kind == "multiply":
             params["multiplier"] = collapse(plan.multiplier)
-        return self.emit(QNode(name, "requantize", (src.name,),
-                               attrs={"kind": plan.kind, "compute": plan.compute},
+        attrs = {"kind": plan.kind, "compute": plan.compute}
+        if out_dtype == "int8":
+            attrs["levels"] = levels
+        return self.emit(QNode(name, "requantize", (src.name,), attrs=attrs,
                                params=params, dtype=out_dtype, shape=src.shape,
                                scale=out_scale, bound=bound))
 
@@ -253,11 +258,16 @@ def _weighted(ctx: _Realizer, node: Node, op: str, attrs: dict, x: QNode, wq, s_
     return acc if bias is None else ctx.add_bias(acc, bias, node.name)
 
 
+def _quantized_weight(ctx: _Realizer, node: Node, weight):
+    o = ctx.options
+    levels = levels_for_bits(ctx.annotation.weight_bits.get(node.name, o.weight_bits))
+    return quantize_weight(weight, o.weight_scale, o.weight_granularity, levels)
+
+
 @realizer("conv2d")
 def _conv2d(ctx: _Realizer, node: Node) -> QNode:
     x = ctx.int8(node.inputs[0])
-    o = ctx.options
-    wq, s_w = quantize_weight(node.params["weight"], o.weight_scale, o.weight_granularity)
+    wq, s_w = _quantized_weight(ctx, node, node.params["weight"])
     l1 = np.abs(wq.astype(np.int64)).reshape(wq.shape[0], -1).sum(axis=1)
     attrs = {k: tuple(node.attrs.get(k, d)) for k, d in
              (("strides", (1, 1)), ("padding", (0, 0, 0, 0)), ("dilation", (1, 1)))}
@@ -268,8 +278,7 @@ def _conv2d(ctx: _Realizer, node: Node) -> QNode:
 @realizer("dense")
 def _dense(ctx: _Realizer, node: Node) -> QNode:
     x = ctx.int8(node.inputs[0])
-    o = ctx.options
-    wq, s_w = quantize_weight(node.params["weight"], o.weight_scale, o.weight_granularity)
+    wq, s_w = _quantized_weight(ctx, node, node.params["weight"])
     l1 = np.abs(wq.astype(np.int64)).sum(axis=1)
     return _weighted(ctx, node, "qdense", {}, x, wq, s_w, l1)
 
@@ -278,8 +287,7 @@ def _dense(ctx: _Realizer, node: Node) -> QNode:
 def _channel_affine(ctx: _Realizer, node: Node) -> QNode:
     """y = x * a[c] + b[c]: a is quantized like a weight, b like a bias."""
     x = ctx.int8(node.inputs[0])
-    o = ctx.options
-    wq, s_a = quantize_weight(node.params["scale"], o.weight_scale, o.weight_granularity)
+    wq, s_a = _quantized_weight(ctx, node, node.params["scale"])
     fake = Node(node.name, node.op, node.inputs, node.attrs, {"bias": node.params["shift"]})
     return _weighted(ctx, fake, "qchannel_mul", {}, x, wq, s_a, np.abs(wq.astype(np.int64)))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from qcal.errors import QcalError
-from qcal.ir.qgraph import INT8_MAX, QGraph, QNode
+from qcal.ir.qgraph import INT8_MAX, QGraph, QNode, int8_levels
 from qcal.reference import kernels as K
 from qcal.reference.float_interpreter import channel_view, float_op
 
@@ -39,7 +39,9 @@ def _requantize_int(node: QNode, v):
         v = rounding_right_shift(np.left_shift(v, channel_view(p["lshift"], rank)), rshift)
     else:
         v = rounding_right_shift(v * channel_view(p["multiplier"], rank), rshift)
-    return np.clip(v, -INT8_MAX, INT8_MAX) if node.dtype == "int8" else v
+    if node.dtype == "int8":
+        return np.clip(v, -int8_levels(node), int8_levels(node))
+    return v
 
 
 def _int_op(node: QNode, args):
@@ -48,7 +50,7 @@ def _int_op(node: QNode, args):
     rank = x.ndim
     if node.op == "quantize":
         q = np.rint(x.astype(np.float32) * np.float32(p["inv_scale"]))
-        return np.clip(q, -INT8_MAX, INT8_MAX).astype(np.int64)
+        return np.clip(q, -int8_levels(node), int8_levels(node)).astype(np.int64)
     if node.op == "requantize":
         return _requantize_int(node, x)
     if node.op == "qconv2d":
@@ -139,12 +141,12 @@ def _simulated_op(node: QNode, args, qgraph: QGraph):
     x = args[0]
     rank = x.ndim
     if node.op in ("quantize",):
-        return _fake_quant(x, _real_scale(node, rank))
+        return _fake_quant(x, _real_scale(node, rank), int8_levels(node))
     # Rescales round as the integer model does (half up), and int32 alignments that shift right
     # lose their low bits here too: with power-of-2 scales every simulated value is a dyadic
     # rational that float64 holds exactly, so the simulation then equals the integer model.
     if node.op == "requantize":
-        limit = INT8_MAX if node.dtype == "int8" else np.inf
+        limit = int8_levels(node) if node.dtype == "int8" else np.inf
         return _fake_quant(x, _real_scale(node, rank), limit, _round_half_up)
     if node.op == "dequantize":
         return x

@@ -62,6 +62,22 @@ def test_every_op_bit_exact(options):
     assert not _mismatches(qgraph, tvm_values, ref_values)
 
 
+@pytest.mark.parametrize("options", [
+    QuantOptions(weight_bits=4, activation_bits=4, bias_bits=8),
+    QuantOptions(activation_method="max", weight_scale="max", weight_granularity="channel",
+                 weight_bits=3, activation_bits=6, first_layer_bits=8, bias_mode="int32-acc"),
+], ids=["W4A4-power2", "W3A6-max-channel-first8"])
+def test_every_op_bit_exact_below_8_bits(options):
+    graph = every_op()
+    qgraph = realized(graph, options, images(8, (4, 8, 8), seed=1))
+    x = images(BATCH, (4, 8, 8), seed=2, std=1.5)
+    tvm_values, ref_values = _every_node(qgraph, x)
+    assert not _mismatches(qgraph, tvm_values, ref_values)
+    narrow = [n for n in qgraph.nodes if n.dtype == "int8" and n.attrs.get("levels", 127) < 127]
+    # the inputs saturate: TVM reaches the narrow tensors' top level and never passes it
+    assert narrow and any(np.abs(tvm_values[n.name]).max() == n.attrs["levels"] for n in narrow)
+
+
 def test_every_op_bit_exact_without_cpu_schedules():
     graph = every_op()
     qgraph = realized(graph, OPTION_SETS["max-b16"], images(8, (4, 8, 8), seed=1))

@@ -57,6 +57,8 @@ def test_verify_images_defaults_once_and_the_command_line_overrides_it(tmp_path)
     ("models: [fmnist_vgg11_bn]\ndata:\n  num_images: many\n", 3, "wrong type"),
     ("models: [fmnist_vgg11_bn]\ngrid:\n  bias: [8, 33]\n", 3, "bias_bits must be an integer from 2 to 32"),
     ("models: [fmnist_vgg11_bn]\ngrid:\n  bias: [8, int16]\n", 3, "bias must be a bit count"),
+    ("models: [fmnist_vgg11_bn]\ngrid:\n  weight_bits: [8, 4, 1]\n", 3,
+     "weight_bits must be an integer from 2 to 8"),
     ("models: [fmnist_vgg11_bn]\ngrid:\n  activation_method:\n    - power2\n    - entropy\n", 5,
      "activation_method must be one of"),
     ("models: [fmnist_vgg11_bn]\nvariants:\n  - {weight_scale: max, granularity: channel}\n", 3,
@@ -91,3 +93,14 @@ def test_cli_refuses_bad_config_with_exit_2_and_writes_nothing(tmp_path, monkeyp
     assert result.exit_code == 2
     assert f"{path}:3:" in result.output and "skip_k_conv" in result.output
     assert not (tmp_path / "results").exists()
+
+
+def test_widths_are_grid_axes(tmp_path):
+    cfg = load_sweep_config(write(tmp_path, "models: [fmnist_vgg11_bn]\ngrid:\n"
+                                            "  weight_bits: [8, 4]\n  activation_bits: [8, 6]\n"
+                                            "variants:\n  - {weight_bits: 4, first_layer_bits: 8,"
+                                            " last_layer_bits: 8}\n"))
+    assert [(v.weight_bits, v.activation_bits) for v in cfg.variants] == [
+        (8, 8), (8, 6), (4, 8), (4, 6), (4, 8)]
+    assert cfg.variants[-1].first_layer_bits == cfg.variants[-1].last_layer_bits == 8
+    assert cfg.variants[2].first_layer_bits is None

@@ -21,7 +21,7 @@ import tvm
 from tvm import relax
 
 from qcal.backend.tvm import schedules
-from qcal.ir.qgraph import QGraph, QNode
+from qcal.ir.qgraph import QGraph, QNode, int8_levels
 from qcal.registry import Registry
 
 # -- target and compile ------------------------------------------------------------------------
@@ -100,7 +100,8 @@ def _rank(node: QNode) -> int:
 @emitter("quantize")
 def _quantize(node, x, batch):
     v = relax.op.round(relax.op.multiply(x, const(node.params["inv_scale"], "float32")))
-    return relax.op.astype(relax.op.clip(v, -127.0, 127.0), "int8")
+    levels = float(int8_levels(node))
+    return relax.op.astype(relax.op.clip(v, -levels, levels), "int8")
 
 
 @emitter("dequantize")
@@ -126,7 +127,8 @@ def _requantize(node, x, batch):
         v = relax.op.add(v, channel_const(rnd, rank, compute))
         v = relax.op.right_shift(v, channel_const(rshift, rank, compute))
     if node.dtype == "int8":
-        v = relax.op.minimum(relax.op.maximum(v, const(-127, compute)), const(127, compute))
+        levels = int8_levels(node)
+        v = relax.op.minimum(relax.op.maximum(v, const(-levels, compute)), const(levels, compute))
     return relax.op.astype(v, node.dtype)
 
 
