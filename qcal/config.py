@@ -23,7 +23,7 @@ DEFAULT_BATCH_CACHE_DIR = Path(".qcal-cache/batches")
 DEFAULT_VERIFY_IMAGES = 2
 
 # Activation calibration methods (qcal.calib.collect's registry holds their implementations).
-ACTIVATION_METHODS = ("global", "max", "power2", "l2", "kl", "percentile")
+ACTIVATION_METHODS = ("global", "max", "power2", "l2", "kl", "kl-mxnet", "percentile")
 WEIGHT_SCALES = ("max", "power2")
 WEIGHT_GRANULARITIES = ("tensor", "channel")
 # "int32-acc": the usual int32 bias at the accumulator scale s_in * s_w (ONNX Runtime, TFLite,

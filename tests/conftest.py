@@ -6,12 +6,28 @@ import tempfile
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, Phase, settings
 
 from tests.fixtures import write_jpeg
 
 # Compiled libraries go to a cache private to this test run: no test is served a library built by
 # an earlier run or by a sweep in the working tree.
 os.environ["QCAL_CACHE_DIR"] = tempfile.mkdtemp(prefix="qcal-test-compiled-")
+
+# Property tests (hypothesis). An example compiles two or three TVM modules (1-4 s), so CI runs
+# a fixed, derandomized budget: the same examples on every run, no database, no shrinking (a
+# failure prints its unshrunk example; shrinking one took minutes). "long" is for a developer
+# (QCAL_HYPOTHESIS_PROFILE=long): ten times the examples, fresh ones on each run, shrunk, and
+# failures kept in .hypothesis/ and replayed first next time. Tests scale max_examples by their
+# cost (tests/backend/test_schedules_fuzz.py: budget).
+_SLOW_EXAMPLES = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("ci", max_examples=6, derandomize=True, database=None, deadline=None,
+                          phases=[Phase.explicit, Phase.generate],
+                          suppress_health_check=_SLOW_EXAMPLES, print_blob=True)
+settings.register_profile("long", max_examples=60, deadline=None,
+                          phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
+                          suppress_health_check=_SLOW_EXAMPLES, print_blob=True)
+settings.load_profile(os.environ.get("QCAL_HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

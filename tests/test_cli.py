@@ -181,7 +181,7 @@ def test_calibrate_then_evaluate_reuses_the_file(tmp_path):
                     "--output", calib, "--plots", tmp_path / "plots", "--quiet",
                     "--cache-dir", tmp_path / "cache")
     assert result.exit_code == 0, result.output
-    assert "methods global, max, power2, l2, kl, percentile" in result.output
+    assert "methods global, max, power2, l2, kl, kl-mxnet, percentile" in result.output
     assert len(list((tmp_path / "plots").glob("*.png"))) > 10
     # the data are never read again: an empty calibration split would fail a new pass
     results = tmp_path / "results"

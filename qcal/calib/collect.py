@@ -13,19 +13,31 @@ the first batch's abs-max; when a later batch reaches R, R is doubled as often a
 run of 2**k old bins is summed into one new bin. Bin edges of the doubled range are a subset of
 the old ones and every value lies strictly below R, so this re-binning is exact (the same counts
 as binning all the data at the final R at once), and the final histogram covers the abs-max with
-at least half of its bins (4096 of the default 8192: fine enough for KL, which uses 2048).
+at least half of its bins (4096 of the default 8192).
+
+That histogram's resolution relative to the abs-max depends on where the abs-max falls in its
+octave (4096 to 8192 bins below it), and the KL methods' threshold moves with the bin count. So a
+second pass over the same batches bins every tensor again into ``KL_REFERENCE_BINS`` (2048) equal
+bins over [0, abs-max], the range the first pass found (TensorRT's reference histogram): a tensor
+scaled by any factor gets the same counts and a threshold scaled by that factor. The second pass
+costs a second run of the model over the calibration batches (``bins=0`` skips both histograms).
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
-from qcal.calib.methods import TensorStats
+from qcal.calib.methods import (KL_REFERENCE_BINS, TensorStats, reference_bin_index, reference_edges,
+                                reference_factor)
 from qcal.calib.sources import GraphInterpreter
 from qcal.config import DEFAULT_HISTOGRAM_BINS
 from qcal.errors import QcalError, UsageProblem
+
+log = logging.getLogger("qcal.calib.collect")
 
 HISTOGRAM_CHUNK = 1 << 18  # elements per histogram step: 1 MB float32 + 2 MB int64 buffers
 
@@ -139,6 +151,56 @@ class AbsHistogram:
                 "zeros": self.zeros}
 
 
+class ReferenceHistogram:
+    """The second pass over one tensor: ``KL_REFERENCE_BINS`` equal bins of |x| over [0, amax],
+    amax being the first pass's abs-max (``qcal.calib.methods.reference_factor``)."""
+
+    def __init__(self, amax: float, bins: int = KL_REFERENCE_BINS):
+        self.bins = bins
+        self.amax = amax
+        self.factor = reference_factor(amax, bins) if amax > 0 else None
+        self.counts = np.zeros(bins, dtype=np.int64)
+        self.count = 0
+        self.beyond = 0  # values above amax (a source that does not repeat itself): last bin
+
+    def collect(self, x: np.ndarray, kernel=None):
+        flat = np.asarray(x).ravel(order="K")
+        self.count += flat.size
+        if self.factor is None:
+            self.counts[0] += flat.size
+            return
+        if kernel is not None and flat.dtype != np.float32:
+            kernel = None
+        top = np.float32(self.amax)
+        try:
+            for start in range(0, flat.size, HISTOGRAM_CHUNK):
+                part = flat[start:start + HISTOGRAM_CHUNK]
+                lo, hi = part.min(), part.max()
+                if not (np.isfinite(lo) and np.isfinite(hi)):
+                    raise ValueError("non-finite values")
+                if max(-lo, hi) > top:  # the kernel's index would pass the last bin
+                    a = np.abs(part)
+                    self.beyond += int(np.count_nonzero(a > top))
+                    self.counts += np.bincount(reference_bin_index(a, self.factor, self.bins),
+                                               minlength=self.bins)
+                elif kernel is not None:
+                    if kernel.unflushed + part.size > kernel.MAX_UNFLUSHED:
+                        self.counts += kernel.flush()[0]
+                    kernel.add(part, self.factor)
+                else:
+                    self.counts += np.bincount(
+                        reference_bin_index(np.abs(part), self.factor, self.bins),
+                        minlength=self.bins)
+        finally:
+            if kernel is not None and kernel.unflushed:
+                self.counts += kernel.flush()[0]
+
+    def edges(self) -> np.ndarray:
+        if self.factor is None:
+            return np.linspace(0.0, 1.0, self.bins + 1)
+        return reference_edges(self.factor, self.bins)
+
+
 @dataclass
 class TensorStatistics:
     """What one pass over the calibration images saw, per tensor."""
@@ -158,11 +220,14 @@ def collect_statistics(graph, batches, progress: bool = True,
     statistics. ``source``: where the float values come from (``qcal.calib.sources``; default
     the numpy interpreter of ``graph``).
 
-    ``bins=0`` collects abs-max/min/max only (enough for global, max, power2).
+    ``bins=0`` collects abs-max/min/max only (enough for global, max, power2); otherwise a
+    second pass over the same batches builds the reference histograms (module docstring).
     """
     source = source or GraphInterpreter(graph)
     accumulators = {n.name: AbsHistogram(bins) for n in graph.nodes}
     kernel = _histogram_kernel(bins)
+    if bins:
+        batches = list(batches)  # read twice
     num_images = 0
     for index, batch in enumerate(_progress(batches, progress, graph.name)):
         source.run(batch, partial(_observe, accumulators, kernel, graph.name, index))
@@ -173,8 +238,21 @@ def collect_statistics(graph, batches, progress: bool = True,
     if missing:
         raise QcalError(f"calibration of '{graph.name}': {source.description} produced no "
                         f"values for tensor '{missing[0]}'")
-    return TensorStatistics(graph.fingerprint(), graph.name, num_images, bins,
-                            {k: a.stats() for k, a in accumulators.items()},
+    tensors = {k: a.stats() for k, a in accumulators.items()}
+    if bins:
+        references = {k: ReferenceHistogram(a.amax) for k, a in accumulators.items()}
+        kernel = _histogram_kernel(KL_REFERENCE_BINS)
+        for index, batch in enumerate(_progress(batches, progress, f"{graph.name} (reference)")):
+            source.run(batch, partial(_observe, references, kernel, graph.name, index))
+        beyond = {k: r.beyond for k, r in references.items() if r.beyond}
+        if beyond:
+            log.warning("calibration of '%s': the second pass saw values above the first pass's "
+                        "abs-max in %d tensor(s) (e.g. '%s'); counted in their last bin",
+                        graph.name, len(beyond), next(iter(beyond)))
+        tensors = {k: dataclasses.replace(t, ref_counts=references[k].counts,
+                                          ref_edges=references[k].edges())
+                   for k, t in tensors.items()}
+    return TensorStatistics(graph.fingerprint(), graph.name, num_images, bins, tensors,
                             {k: a.summary() for k, a in accumulators.items()},
                             source.description)
 

@@ -10,7 +10,13 @@ recompute it from, so one that fails its check is refused with one line naming i
 removed. A file from before qcal checked its files (format ``qcal-calibration/1``, no check line)
 is read with a warning: its zip members still carry CRC-32s that numpy verifies, so damage there
 is still refused, and refusing it outright would strand every existing calibration; a
-``qcal-calibration/2`` file without its check line has lost its end and is refused.
+checked-format file without its check line has lost its end and is refused.
+
+``qcal-calibration/3`` adds each tensor's reference histogram (``KL_REFERENCE_BINS`` bins over
+[0, abs-max], stored as its counts and float32 bin factor), which ``kl`` and ``kl-mxnet`` read.
+Files of formats /1 and /2 are still read for every other method; their stored ``kl`` ranges
+came from the old grouping and resolution and are dropped, and asking them for a KL method is
+refused with one line saying to write the file again.
 """
 from __future__ import annotations
 
@@ -24,16 +30,19 @@ from pathlib import Path
 import numpy as np
 
 from qcal.calib.collect import TensorStatistics, collect_statistics
-from qcal.calib.methods import (CALIBRATION_METHODS, HISTOGRAM_METHODS, INT8_LEVELS, LEVEL_METHODS,
-                                TensorStats, choose_amax, method_options)
+from qcal.calib.methods import (CALIBRATION_METHODS, HISTOGRAM_METHODS, INT8_LEVELS, KL_REFERENCE_BINS,
+                                LEVEL_METHODS, REFERENCE_METHODS, TensorStats, choose_amax, method_options,
+                                reference_edges)
 from qcal.config import DEFAULT_HISTOGRAM_BINS, QuantOptions
 from qcal.errors import QcalError
 from qcal.files import DamagedFile, checked_open, has_check_record, read_checked
 
 log = logging.getLogger("qcal.calib.result")
 
-FILE_FORMAT = "qcal-calibration/2"  # /2: a checked file
+FILE_FORMAT = "qcal-calibration/3"  # /2: a checked file; /3: with reference histograms
+NO_REFERENCE_FORMAT = "qcal-calibration/2"  # checked, without reference histograms; still read
 UNCHECKED_FORMAT = "qcal-calibration/1"  # written before qcal checked its files; still read
+READ_FORMATS = (FILE_FORMAT, NO_REFERENCE_FORMAT, UNCHECKED_FORMAT)
 CHECK_KIND = "calibration file"
 
 
@@ -49,15 +58,14 @@ class CalibrationResult(TensorStatistics):
     chosen: dict = field(default_factory=dict)  # method -> {tensor -> amax}
     chosen_options: dict = field(default_factory=dict)  # method -> {option -> value}
     source: str = "<memory>"  # the file it was read from
+    file_format: str = FILE_FORMAT  # the format of the file it was read from
 
     @classmethod
     def from_statistics(cls, statistics: TensorStatistics, options: QuantOptions | None = None,
                         methods=None) -> "CalibrationResult":
         options = options or QuantOptions()
         result = cls(**{f.name: getattr(statistics, f.name) for f in fields(TensorStatistics)})
-        for method in methods or CALIBRATION_METHODS:
-            if method in HISTOGRAM_METHODS and not statistics.bins:
-                continue  # abs-max-only statistics cannot answer it; `require` says so
+        for method in methods or result.methods:
             opts = method_options(method, options)
             result.chosen[method] = {name: choose_amax(method, stats, **opts)
                                      for name, stats in statistics.tensors.items()}
@@ -65,19 +73,30 @@ class CalibrationResult(TensorStatistics):
         return result
 
     @property
+    def has_reference(self) -> bool:
+        return bool(self.bins) and all(t.has_reference for t in self.tensors.values())
+
+    @property
     def methods(self) -> tuple:
         """The methods this result can answer."""
-        if self.bins:
-            return tuple(CALIBRATION_METHODS)
-        return tuple(m for m in CALIBRATION_METHODS if m not in HISTOGRAM_METHODS)
+        if not self.bins:
+            return tuple(m for m in CALIBRATION_METHODS if m not in HISTOGRAM_METHODS)
+        if not self.has_reference:
+            return tuple(m for m in CALIBRATION_METHODS if m not in REFERENCE_METHODS)
+        return tuple(CALIBRATION_METHODS)
 
     def require(self, method: str):
         if method not in CALIBRATION_METHODS:
             raise QcalError(f"unknown calibration method '{method}' "
                             f"(known: {', '.join(CALIBRATION_METHODS)})")
-        if method not in self.methods:
+        if method in self.methods:
+            return
+        if not self.bins:
             raise QcalError(f"calibration file {self.source} holds abs-max statistics only; "
                             f"method '{method}' needs histograms: recalibrate with histograms")
+        raise QcalError(f"calibration file {self.source} ({self.file_format}) has no reference "
+                        f"histograms, which method '{method}' reads since "
+                        f"{FILE_FORMAT}: write it again with qcal calibrate")
 
     def amax(self, tensor: str, method: str, levels: int = INT8_LEVELS, **opts) -> float:
         """The amax ``method`` (with its options, e.g. percentile=99.9) picks for ``tensor`` at
@@ -124,6 +143,12 @@ class CalibrationResult(TensorStatistics):
         if self.bins:
             arrays["counts"] = np.stack([self.tensors[n].counts for n in names])
             arrays["ranges"] = np.array([self.tensors[n].edges[-1] for n in names])
+        if self.has_reference:
+            arrays["ref_counts"] = np.stack([self.tensors[n].ref_counts for n in names])
+            # bin factor (qcal.calib.methods.reference_factor); 0 for an all-zero tensor
+            arrays["ref_factors"] = np.array(
+                [KL_REFERENCE_BINS / self.tensors[n].ref_edges[-1]
+                 if self.tensors[n].amax > 0 else 0.0 for n in names], dtype=np.float32)
         with checked_open(path, CHECK_KIND, self.fingerprint) as f:
             np.savez_compressed(f, **arrays)
 
@@ -138,6 +163,8 @@ class CalibrationResult(TensorStatistics):
                 meta = json.loads(str(f["meta"]))
                 counts = f["counts"] if "counts" in f.files else None
                 ranges = f["ranges"] if "ranges" in f.files else None
+                ref_counts = f["ref_counts"] if "ref_counts" in f.files else None
+                ref_factors = f["ref_factors"] if "ref_factors" in f.files else None
         except FileNotFoundError:
             raise QcalError(f"calibration file {path} does not exist") from None
         except DamagedFile as exc:
@@ -146,27 +173,38 @@ class CalibrationResult(TensorStatistics):
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise QcalError(f"{path} is not a qcal calibration file, or is damaged "
                             f"({reason})") from None
-        if not isinstance(meta, dict) or meta.get("format") not in (FILE_FORMAT, UNCHECKED_FORMAT):
+        if not isinstance(meta, dict) or meta.get("format") not in READ_FORMATS:
             found = meta.get("format") if isinstance(meta, dict) else None
             raise QcalError(f"{path} is a '{found}' file; qcal reads '{FILE_FORMAT}' (and "
-                            f"'{UNCHECKED_FORMAT}')")
+                            f"'{NO_REFERENCE_FORMAT}', '{UNCHECKED_FORMAT}')")
         if not checked:
-            if meta["format"] == FILE_FORMAT:
+            if meta["format"] != UNCHECKED_FORMAT:
                 raise QcalError(f"calibration file {path} has lost its check record (truncated?); "
                                 "write it again with qcal calibrate")
             log.warning("calibration file %s was written by an older qcal without a checksum: "
                         "read unchecked (qcal calibrate writes a checked one)", path)
+        chosen, chosen_options = meta["chosen"], meta["chosen_options"]
+        if meta["format"] != FILE_FORMAT:  # KL ranges of the old grouping and resolution
+            chosen = {m: v for m, v in chosen.items() if m not in REFERENCE_METHODS}
+            chosen_options = {m: v for m, v in chosen_options.items() if m not in REFERENCE_METHODS}
         tensors = {}
         for i, name in enumerate(meta["tensors"]):
             summary = meta["summaries"][name]
             if counts is None:
                 tensors[name] = TensorStats(summary["amax"], zeros=summary["zeros"])
-            else:
-                edges = np.linspace(0.0, float(ranges[i]), meta["bins"] + 1)
-                tensors[name] = TensorStats(summary["amax"], counts[i], edges, summary["zeros"])
+                continue
+            edges = np.linspace(0.0, float(ranges[i]), meta["bins"] + 1)
+            reference = {}
+            if ref_counts is not None:
+                factor = ref_factors[i]
+                reference = {"ref_counts": ref_counts[i],
+                             "ref_edges": reference_edges(factor) if factor > 0
+                             else np.linspace(0.0, 1.0, KL_REFERENCE_BINS + 1)}
+            tensors[name] = TensorStats(summary["amax"], counts[i], edges, summary["zeros"],
+                                        **reference)
         result = cls(meta["fingerprint"], meta["model"], meta["num_images"], meta["bins"],
-                     tensors, meta["summaries"], meta.get("engine", "unrecorded"), meta["chosen"],
-                     meta["chosen_options"], source=str(path))
+                     tensors, meta["summaries"], meta.get("engine", "unrecorded"), chosen,
+                     chosen_options, source=str(path), file_format=meta["format"])
         if graph is not None:
             result.check_model(graph)
         for method in methods:

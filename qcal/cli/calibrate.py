@@ -16,14 +16,17 @@ from qcal.config import DEFAULT_HISTOGRAM_BINS
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="The calibration file to write (.npz).")
 @click.option("--bins", type=click.IntRange(min=0), default=DEFAULT_HISTOGRAM_BINS, show_default=True,
-              help="|x| histogram bins per tensor (0: abs-max only, enough for global/max/power2).")
+              help="|x| histogram bins per tensor (0: abs-max only, enough for global/max/power2). "
+                   "The KL methods read a second, fixed 2048-bin histogram over [0, abs-max], "
+                   "from a second pass over the calibration images.")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path),
               help="Draw each tensor's histogram with every method's threshold into this folder.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @translate_errors
 def calibrate(model, params, pretrained, data, num_images, calib_data, calib_range, calib_images,
               batch_size, input_size, crop_ratio, mean, std, cache_dir, output, bins, plots, quiet):
-    """Run the model once over the calibration images and save every method's ranges.
+    """Run the model over the calibration images and save every method's ranges (two passes with
+    histograms: the second bins every tensor at the range the first found).
 
     `qcal evaluate --calib FILE` reuses the file without touching the data again; it refuses a file
     made for another model.

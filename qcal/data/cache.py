@@ -75,3 +75,19 @@ def iter_batches(selection: Selection, batch_size: int, cache: BatchCache | None
     for lo in range(selection.start, selection.stop, batch_size):
         idx = np.arange(lo, min(lo + batch_size, selection.stop))
         yield cache.load(selection.source, idx), labels[idx]
+
+
+class ImageBatches:
+    """The images of ``iter_batches``, read lazily each time it is iterated: a pass over many
+    batches holds one at a time, whatever the size of the selection. ``len`` is the number of
+    batches (for progress bars)."""
+
+    def __init__(self, selection: Selection, batch_size: int, cache: BatchCache | None = None):
+        self.selection, self.batch_size, self.cache = selection, batch_size, cache
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.selection) / self.batch_size)
+
+    def __iter__(self):
+        for images, _ in iter_batches(self.selection, self.batch_size, self.cache):
+            yield images

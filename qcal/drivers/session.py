@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_VERIFY_IMAGES
-from qcal.data.cache import BatchCache, iter_batches
+from qcal.data.cache import BatchCache, ImageBatches, iter_batches
 from qcal.data.plan import plan_data
 from qcal.eval.evaluate import evaluate
 from qcal.families import resolve_model
@@ -100,13 +100,14 @@ class ModelSession:
         from qcal.config import DEFAULT_HISTOGRAM_BINS
 
         selection = self.plan(True).calibration
-        batches = [x for x, _ in iter_batches(selection, self.batch_size, self.cache)]
+        batches = ImageBatches(selection, self.batch_size, self.cache)  # one batch in memory
         start = time.perf_counter()
         source = self.model.tensor_source(self.graph)
         statistics = collect_statistics(self.graph, batches, progress=not self.quiet,
                                         bins=DEFAULT_HISTOGRAM_BINS if bins is None else bins,
                                         source=source)
-        log.info("%s: statistics over %d calibration images in %.1f s (%s)", self.model.name,
+        log.info("%s: statistics over %d calibration images in %.1f s, reading the batches "
+                 "included (%s)", self.model.name,
                  len(selection), time.perf_counter() - start, source.description)
         return statistics, selection
 

@@ -100,13 +100,43 @@ def _dequantize(node: QNode, v):
     return v.astype(np.float32) * channel_view(node.params["scale"], v.ndim).astype(np.float32)
 
 
+def iter_integer(qgraph: QGraph, x: np.ndarray):
+    """Run the integer graph on a float32 NCHW batch, yielding ``(node, value)`` for every node in
+    graph order, the input first (integers as int64). A value is dropped once no later node reads
+    it, so memory holds only the live tensors plus what the caller keeps; a yielded array stays
+    valid for as long as the caller holds it."""
+    last_use = {}
+    for step, node in enumerate(qgraph.nodes):
+        for name in node.inputs:
+            last_use[name] = step
+    output = qgraph.output.name
+    values = {}
+    for step, node in enumerate(qgraph.nodes):
+        if step == 0:
+            out = np.asarray(x, dtype=np.float32)
+        else:
+            args = [values[i] for i in node.inputs]
+            out = run_node(node, args)
+            del args
+            for name in set(node.inputs):
+                if last_use[name] == step and name != output:
+                    del values[name]
+        if node.name in last_use or node.name == output:
+            values[node.name] = out
+        yield node, out
+        del out
+
+
 def run_integer(qgraph: QGraph, x: np.ndarray, keep=None):
     """Run the integer graph on a float32 NCHW batch; returns the float32 output, or with
     ``keep='all'`` a dict of every node's value (integers as int64)."""
-    values = {qgraph.input.name: np.asarray(x, dtype=np.float32)}
-    for node in qgraph.nodes[1:]:
-        values[node.name] = run_node(node, [values[i] for i in node.inputs])
-    return values if keep == "all" else values[qgraph.output.name]
+    if keep == "all":
+        return {node.name: value for node, value in iter_integer(qgraph, x)}
+    output = qgraph.output.name
+    for node, value in iter_integer(qgraph, x):
+        if node.name == output:
+            result = value
+    return result
 
 
 def run_node(node: QNode, args: list):

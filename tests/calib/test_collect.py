@@ -3,10 +3,12 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from qcal.calib.collect import AbsHistogram, collect_statistics
-from qcal.calib.methods import choose_amax
-from qcal.calib.result import CalibrationResult, calibrate
+from qcal.calib.collect import AbsHistogram, ReferenceHistogram, collect_statistics
+from qcal.calib.methods import KL_REFERENCE_BINS, REFERENCE_METHODS, choose_amax, reference_factor
+from qcal.calib.result import NO_REFERENCE_FORMAT, CalibrationResult, calibrate
 from qcal.config import QuantOptions
 from qcal.errors import QcalError, UsageProblem
 from qcal.ir.graph import Graph, Node
@@ -33,6 +35,11 @@ def _tiny_graph(weight_scale=1.0, name="tiny"):
         Node("fc", "dense", ("flat",), {}, {"weight": np.arange(6, dtype=np.float32).reshape(3, 2)}),
     ]
     return Graph(nodes, name)
+
+
+def _batches_8x8():
+    rng = np.random.default_rng(3)
+    return [rng.standard_normal((n, 1, 8, 8)).astype(np.float32) for n in (3, 2)]
 
 
 def _batches(seed=0, sizes=(3, 5, 2), spread=(1.0, 4.0, 0.5)):
@@ -78,14 +85,108 @@ class TestAbsHistogram:
         h = AbsHistogram(bins=64)
         h.collect(np.zeros(10))
         assert h.stats().counts[0] == 10
-        assert choose_amax("kl", h.stats()) == 1.0
+        assert choose_amax("l2", h.stats()) == 1.0
 
     def test_bins_must_be_a_power_of_two(self):
         with pytest.raises(UsageProblem, match="bins must be a power of two"):
             AbsHistogram(bins=1000)
 
 
+class TestReferenceHistogram:
+    @pytest.mark.parametrize("amax", [1.0, 3.0, 0.1 + 1e-9, 7.7e-5, 6.0e4])
+    def test_the_abs_max_lands_in_the_last_bin(self, amax):
+        factor = reference_factor(amax)
+        assert np.float32(amax) * factor < KL_REFERENCE_BINS
+        assert int(np.float32(amax) * factor) == KL_REFERENCE_BINS - 1
+        h = ReferenceHistogram(amax)
+        assert h.edges()[-1] == pytest.approx(amax, rel=1e-6) and h.edges()[-1] >= np.float32(amax)
+
+    def test_kernel_equals_numpy(self):
+        from qcal.backend.tvm.histogram import AbsHistogramKernel
+
+        x = (np.random.default_rng(0).standard_normal(300_001) * 2.7).astype(np.float32)
+        x[::5] = 0
+        amax = float(np.abs(x).max())
+        with_kernel, numpy_only = ReferenceHistogram(amax), ReferenceHistogram(amax)
+        with_kernel.collect(x, AbsHistogramKernel(KL_REFERENCE_BINS))
+        numpy_only.collect(x)
+        want = np.bincount((np.abs(x) * reference_factor(amax)).astype(np.int64),
+                           minlength=KL_REFERENCE_BINS)
+        assert np.array_equal(with_kernel.counts, want) and np.array_equal(numpy_only.counts, want)
+        assert want[-1] >= 1 and with_kernel.beyond == 0
+
+    def test_values_beyond_the_first_pass_go_to_the_last_bin(self):
+        h = ReferenceHistogram(2.0)
+        h.collect(np.array([0.0, 1.0, -2.0, 2.5, -9.0], np.float32))
+        assert h.beyond == 2 and h.counts[-1] == 3 and h.counts.sum() == 5
+
+    def test_all_zero_tensor(self):
+        h = ReferenceHistogram(0.0)
+        h.collect(np.zeros(7, np.float32))
+        assert h.counts[0] == 7 and h.counts.sum() == 7
+
+
+def _relu_graph():
+    """x(1x8x8) - relu"""
+    return Graph([Node("x", "input", attrs={"shape": (1, 8, 8)}), Node("relu", "relu", ("x",))],
+                 "relu")
+
+
+class NonRepeatingSource:
+    """A source that does not give the same values twice (a non-deterministic engine)."""
+
+    description = "a drifting source"
+
+    def __init__(self):
+        self.runs = 0
+
+    def run(self, batch, observe):
+        self.runs += 1
+        observe("x", batch * (1.0 + 0.5 * (self.runs > 1)))
+        observe("relu", np.maximum(batch, 0))
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(factor=st.sampled_from([1.4, 2.0, 0.75]) | st.floats(1e-3, 1e3))
+def test_scaling_the_data_scales_the_kl_threshold(factor):
+    """Through the production path (both passes, the histogram kernel): float32 data scaled by
+    any factor gets KL thresholds scaled by the same factor, to float32 rounding of the data
+    and of the bin factor (worst seen 1.2e-7; 1e-6 asserted). The fine histogram's octave moves
+    with the factor; the reference histogram does not."""
+    rng = np.random.default_rng(7)
+    data = [np.concatenate([rng.laplace(size=(20, 1, 8, 8)), rng.normal(0, 2, (4, 1, 8, 8))])
+            .astype(np.float32) for _ in range(3)]
+    scaled = [(b.astype(np.float64) * factor).astype(np.float32) for b in data]
+    a, b = (collect_statistics(_relu_graph(), d, progress=False).tensors for d in (data, scaled))
+    for method in REFERENCE_METHODS:
+        for tensor in ("x", "relu"):
+            ratio = choose_amax(method, b[tensor]) / (choose_amax(method, a[tensor]) * factor)
+            assert ratio == pytest.approx(1.0, abs=1e-6), (method, tensor, factor)
+
+
 class TestCollect:
+    def test_reference_histograms(self, statistics):
+        for name, t in statistics.tensors.items():
+            s = statistics.summaries[name]
+            assert t.ref_counts.sum() == s["count"] and len(t.ref_counts) == KL_REFERENCE_BINS
+            assert t.ref_edges[-1] == pytest.approx(s["amax"], rel=1e-6)
+            assert t.ref_counts[-1] >= 1  # the abs-max
+            assert t.ref_counts[0] >= s["zeros"]
+
+    def test_a_second_pass_that_sees_more_is_counted_and_logged(self, caplog):
+        source = NonRepeatingSource()
+        stats = collect_statistics(_relu_graph(), _batches_8x8(), progress=False, source=source)
+        assert source.runs == 4  # two batches, two passes
+        x = stats.tensors["x"]
+        assert x.ref_counts.sum() == stats.summaries["x"]["count"]
+        assert "values above the first pass's abs-max in 1 tensor(s) (e.g. 'x')" in caplog.text
+
+    def test_no_reference_pass_without_histograms(self):
+        source = NonRepeatingSource()
+        stats = collect_statistics(_relu_graph(), _batches_8x8(), progress=False, bins=0,
+                                   source=source)
+        assert source.runs == 2 and not stats.tensors["x"].has_reference
+
     def test_every_tensor_matches_a_direct_run(self, statistics):
         everything = run_float(_tiny_graph(), np.concatenate(_batches()), keep="all")
         assert set(statistics.tensors) == set(everything)  # the input included
@@ -121,7 +222,8 @@ class TestCollect:
 
 
 class TestResult:
-    @pytest.mark.parametrize("method", ["global", "max", "power2", "l2", "kl", "percentile"])
+    @pytest.mark.parametrize("method", ["global", "max", "power2", "l2", "kl", "kl-mxnet",
+                                        "percentile"])
     def test_every_method_every_tensor(self, result, statistics, method):
         for name, stats in statistics.tensors.items():
             expected = choose_amax(method, stats, **METHOD_OPTS.get(method, {}))
@@ -164,9 +266,12 @@ class TestFile:
         loaded = CalibrationResult.load(path, _tiny_graph())
         assert loaded.chosen == result.chosen and loaded.chosen_options == result.chosen_options
         assert loaded.summaries == result.summaries and loaded.num_images == 10
+        assert loaded.methods == result.methods and "kl" in loaded.methods
         for name, stats in result.tensors.items():
             assert np.array_equal(loaded.tensors[name].counts, stats.counts)
             assert np.array_equal(loaded.tensors[name].edges, stats.edges)
+            assert np.array_equal(loaded.tensors[name].ref_counts, stats.ref_counts)
+            assert np.array_equal(loaded.tensors[name].ref_edges, stats.ref_edges)
             for method in loaded.methods:
                 opts = METHOD_OPTS.get(method, {})
                 assert loaded.amax(name, method, **opts) == result.amax(name, method, **opts)
@@ -201,6 +306,35 @@ class TestFile:
             CalibrationResult.load(path, _tiny_graph(), methods=("kl",))
         with pytest.raises(QcalError, match="method 'l2' needs histograms"):
             loaded.amax("conv", "l2")
+
+    def test_a_file_without_reference_histograms(self, result, tmp_path):
+        """A file written before the KL methods read the reference histogram (format /2): read
+        for every other method; its old kl ranges dropped; kl and kl-mxnet refused in one line."""
+        import io
+        import json
+
+        from qcal.files import read_checked, write_checked
+
+        path = tmp_path / "new.npz"
+        result.save(path)
+        payload, _ = read_checked(path, "calibration file", result.fingerprint)
+        with np.load(io.BytesIO(payload)) as f:
+            arrays = {n: f[n] for n in f.files if not n.startswith("ref_")}
+        meta = json.loads(str(arrays["meta"]))
+        arrays["meta"] = np.array(json.dumps({**meta, "format": NO_REFERENCE_FORMAT}))
+        old = tmp_path / "old.npz"
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        write_checked(old, buffer.getvalue(), "calibration file", result.fingerprint)
+        loaded = CalibrationResult.load(old, _tiny_graph(), methods=("l2", "percentile"))
+        assert "kl" not in loaded.chosen and "kl" not in loaded.methods
+        assert loaded.amax("conv", "l2") == result.amax("conv", "l2")
+        for method in ("kl", "kl-mxnet"):
+            with pytest.raises(QcalError, match=f"calibration file {old} "
+                                                f"\\(qcal-calibration/2\\) has no reference "
+                                                f"histograms, which method '{method}' reads") as e:
+                CalibrationResult.load(old, _tiny_graph(), methods=(method,))
+            assert "\n" not in str(e.value)
 
     def test_missing_and_foreign_files(self, tmp_path):
         with pytest.raises(QcalError, match="does not exist"):

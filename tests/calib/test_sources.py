@@ -109,10 +109,13 @@ def test_mxnet_statistics_agree_with_the_interpreter(embedded):
     # error that is flat near its minimum, so a few values across a bin edge can move it: on
     # these models 95 % of tensors agree to 1e-7 and the worst (one kl range of ResNet-56 v2)
     # moved 4.6 %, where calibrating on the next 96 images instead moves kl ranges by 1.6-3.5 %
-    # (median) and up to 25 %: the source is far inside the sampling noise.
+    # (median) and up to 25 %: the source is far inside the sampling noise. kl (even groups) has
+    # no lattice of preferred k to pin it: on ResNet-56 v2 two tensors have minima 16-20 % apart
+    # whose divergences differ by 2e-4 (relative), and 104 of 395469 values that moved across a
+    # bin edge swap them (moved 19.6 %).
     mine, theirs = (CalibrationResult.from_statistics(s) for s in (ours, reference))
     for method, worst in (("max", 1e-5), ("power2", 0), ("percentile", 1e-3), ("l2", 1e-2),
-                          ("kl", 5e-2)):
+                          ("kl", 0.25), ("kl-mxnet", 5e-2)):
         opts = {"percentile": 99.99} if method == "percentile" else {}
         moved = np.array([abs(mine.amax(t, method, **opts) / theirs.amax(t, method, **opts) - 1)
                           for t in reference.tensors])
