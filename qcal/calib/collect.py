@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -226,8 +227,8 @@ def collect_statistics(graph, batches, progress: bool = True,
     source = source or GraphInterpreter(graph)
     accumulators = {n.name: AbsHistogram(bins) for n in graph.nodes}
     kernel = _histogram_kernel(bins)
-    if bins:
-        batches = list(batches)  # read twice
+    if bins and isinstance(batches, Iterator):
+        batches = list(batches)  # an iterator is read once; a re-iterable (ImageBatches) is not kept
     num_images = 0
     for index, batch in enumerate(_progress(batches, progress, graph.name)):
         source.run(batch, partial(_observe, accumulators, kernel, graph.name, index))

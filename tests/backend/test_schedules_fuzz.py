@@ -45,7 +45,10 @@ from qcal.reference.int_interpreter import run_integer  # noqa: E402
 from qcal.reference.kernels import pool_sum_and_count  # noqa: E402
 
 TARGET = schedules.cpu_target()
-PAIR_LANES = schedules.pair_lanes(TARGET)
+# An AVX2-only CPU (8 int32 lanes: the 8-lane pmaddwd, 8-lane conv tiles) runs on any AVX-512 host
+# too: int8 convs are fuzzed for both vector widths where the host has AVX-512.
+AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+INT_TARGETS = ((TARGET, AVX2) if schedules.pair_lanes(TARGET) == 16 else (TARGET,))
 PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67)
 # Multiply-accumulates of one example at most: keeps the unscheduled conv and numpy fast.
 MAX_MACS = 3_000_000
@@ -54,13 +57,16 @@ INPUT_SCALE = 40.0  # quantize's 1/scale: N(0, 1) inputs use most of the int8 ra
 
 # -- compile and run -----------------------------------------------------------------------------
 
-def _lower_and_run(mod, x, **options):
+def _lower_and_run(mod, x, target=TARGET, **options):
     """(output, {PrimFunc name: rule or None}) of ``mod`` lowered by qcal's CPU pipeline."""
-    lowered = schedules.lower(mod, TARGET, **options)
+    lowered = schedules.lower(mod, target, **options)
     # the pipeline already ran: compile the lowered module as is (what ``schedules.build`` does)
-    executable = tvm.compile(lowered, TARGET, relax_pipeline=tvm.transform.Sequential([]))
+    executable = tvm.compile(lowered, target, relax_pipeline=tvm.transform.Sequential([]))
     out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     rules = schedules.scheduled_functions(lowered)
+    if options.get("schedule", True):
+        for rule in set(rules.values()):  # --hypothesis-show-statistics: examples per rule
+            event(f"rule applied: {rule}")
     return out, {gv.name_hint: rules.get(gv.name_hint) for gv, f in lowered.functions.items()
                  if isinstance(f, tvm.tirx.PrimFunc)}
 
@@ -69,18 +75,18 @@ def _rules_of(functions: dict, word: str) -> Counter:
     return Counter(rule for name, rule in functions.items() if word in name)
 
 
-def _check_int(graph: QGraph, x, pair_path: bool):
+def _check_int(graph: QGraph, x, pair_path: bool, target=TARGET):
     """Scheduled (with and, where it applies, without the pair rewrite) == unscheduled == numpy;
     returns the PrimFunc -> rule map of each scheduled build."""
     out_node = graph.output
     mod = emit.emit_relax(graph, x.shape[0], outputs=[out_node.name])
     reference = run_integer(graph, x, keep="all")[out_node.name]
-    unscheduled, _ = _lower_and_run(mod, x, schedule=False)
+    unscheduled, _ = _lower_and_run(mod, x, target, schedule=False)
     assert unscheduled.dtype == np.dtype(out_node.dtype)
     assert np.array_equal(unscheduled.astype(np.int64), reference), "stock lowering != numpy"
-    builds = {"pairs": _lower_and_run(mod, x)}
+    builds = {"pairs": _lower_and_run(mod, x, target)}
     if pair_path:
-        builds["s_tir"] = _lower_and_run(mod, x, pair_convs=False)
+        builds["s_tir"] = _lower_and_run(mod, x, target, pair_convs=False)
     for path, (out, _) in builds.items():
         diff = np.abs(out.astype(np.int64) - reference)
         assert diff.max(initial=0) == 0, (f"{path} schedule differs from numpy at "
@@ -218,11 +224,11 @@ def conv_cases(draw, kind, same_size=None):
     return case
 
 
-def expected_conv_rule(case: ConvCase, dtype: str, pairs: bool):
+def expected_conv_rule(case: ConvCase, dtype: str, pairs: bool, target=TARGET):
     """The rule that must schedule this conv's PrimFunc; None: the rules may decline it."""
     ocg, icg = case.out_channels // case.groups, case.channels // case.groups
-    if dtype == "int8" and pairs and PAIR_LANES and case.groups == 1 \
-            and case.out_channels % PAIR_LANES == 0:
+    lanes = schedules.pair_lanes(target)
+    if dtype == "int8" and pairs and lanes and case.groups == 1 and case.out_channels % lanes == 0:
         return "conv2d_int16_pairs"
     if case.groups > 1 and ocg == 1:
         return "depthwise_conv2d_nchw" if icg == 1 and dtype != "float32" else None
@@ -330,15 +336,16 @@ def _inputs(case, seed):
     return np.random.default_rng(seed + 1).standard_normal(shape).astype(np.float32)
 
 
-def _assert_conv_rules(functions, case, dtype, pairs, projection):
-    expected = [expected_conv_rule(case, dtype, pairs)]
+def _assert_conv_rules(functions, case, dtype, pairs, projection, target=TARGET):
+    expected = [expected_conv_rule(case, dtype, pairs, target)]
     if projection:
         expected.append(expected_conv_rule(
             ConvCase(case.batch, case.channels, case.height, case.width, case.out_channels,
-                     (1, 1), case.strides, (0, 0, 0, 0), 1), dtype, pairs))
+                     (1, 1), case.strides, (0, 0, 0, 0), 1), dtype, pairs, target))
     applied = _rules_of(functions, "conv2d")
     for rule in expected:
-        event(f"conv rule: {rule or 'declined'}")
+        path = " (pair rewrite off)" if dtype == "int8" and not pairs else ""
+        event(f"{dtype} conv{path}: {rule or 'may decline'}")
         if rule is not None:
             assert applied[rule], (rule, functions)
     # one PrimFunc per conv, or one for both when FuseTIR found them identical (same shapes)
@@ -356,30 +363,31 @@ def budget(share):
 
 
 @budget(1.0)
-@given(case=conv_cases("dense"), options=EPILOGUES, seed=SEEDS)
+@given(case=conv_cases("dense"), options=EPILOGUES, seed=SEEDS,
+       target=st.sampled_from(INT_TARGETS))
 @example(  # a 1x1 conv on one pixel: a tile of one output
     case=ConvCase(1, 3, 1, 1, 16, (1, 1), (1, 1), (0, 0, 0, 0), 1),
     options={"bias": True, "requantize": "multiply", "per_channel": True, "activation": "relu",
-             "residual": False}, seed=0)
-def test_int8_conv_pairs_and_stir(case, options, seed):
+             "residual": False}, seed=0, target=TARGET)
+def test_int8_conv_pairs_and_stir(case, options, seed, target):
     """groups 1: the int16-pair conv and (pair rewrite off) the s_tir conv schedule."""
     graph, projection = int_conv_graph(case, options, seed)
-    builds = _check_int(graph, _inputs(case, seed), pair_path=True)
-    _assert_conv_rules(builds["pairs"], case, "int8", True, projection)
-    _assert_conv_rules(builds["s_tir"], case, "int8", False, projection)
+    builds = _check_int(graph, _inputs(case, seed), pair_path=True, target=target)
+    _assert_conv_rules(builds["pairs"], case, "int8", True, projection, target)
+    _assert_conv_rules(builds["s_tir"], case, "int8", False, projection, target)
 
 
 @budget(1.0)
 @given(case=st.one_of(conv_cases("depthwise"), conv_cases("grouped")), options=EPILOGUES,
-       seed=SEEDS)
+       seed=SEEDS, target=st.sampled_from(INT_TARGETS))
 @example(  # the 33x33 -> 17x17 stride-2 depthwise conv whose output width has no divisor 2..16
     case=ConvCase(1, 16, 33, 33, 16, (3, 3), (2, 2), (1, 1, 1, 1), 16),
     options={"bias": True, "requantize": "shift", "per_channel": True, "activation": "relu6",
-             "residual": False}, seed=0)
-def test_int8_depthwise_and_grouped_conv(case, options, seed):
+             "residual": False}, seed=0, target=TARGET)
+def test_int8_depthwise_and_grouped_conv(case, options, seed, target):
     graph, projection = int_conv_graph(case, options, seed)
-    builds = _check_int(graph, _inputs(case, seed), pair_path=False)
-    _assert_conv_rules(builds["pairs"], case, "int8", True, projection)
+    builds = _check_int(graph, _inputs(case, seed), pair_path=False, target=target)
+    _assert_conv_rules(builds["pairs"], case, "int8", True, projection, target)
 
 
 FLOAT_EPILOGUES = st.fixed_dictionaries({
@@ -459,25 +467,56 @@ def test_dense(batch, features, outputs, dtype, options, seed):
             params["bias"] = rng.standard_normal(outputs).astype(np.float32)
         nodes = [Node("data", "input", attrs={"shape": (features, 1, 1)}),
                  Node("flat", "flatten", ("data",)), Node("fc", "dense", ("flat",), {}, params)]
-        if options["activation"]:
+        if options["activation"] == "relu":
             nodes.append(Node("act", "relu", ("fc",)))
+        elif options["activation"] == "relu6":
+            nodes.append(Node("act", "clip", ("fc",), {"a_min": 0.0, "a_max": 6.0}))
         functions = _check_float(Graph(nodes, "fuzz"), x)
-    event("dense rule: " + str(_rules_of(functions, "matmul").most_common(1)))
     assert _rules_of(functions, "matmul") == Counter({"dense": 1}), functions
 
 
-POOLS = ("max_pool2d", "qavg_pool2d", "qsum_pool2d", "avg_pool2d", "float_max_pool2d",
-         "global_avg_pool2d")
+# op -> the word in the name of the PrimFunc that holds it ("" for the elementwise chains: all of
+# the graph fuses into one or two PrimFuncs)
+POOLS = {"max_pool2d": "pool", "qavg_pool2d": "conv2d", "qsum_pool2d": "conv2d",
+         "qglobal_sum_pool2d": "sum", "avg_pool2d": "pool", "float_max_pool2d": "pool",
+         "global_avg_pool2d": "mean", "qchannel_mul": "", "qadd": ""}
+
+
+def _int_pool_graph(pool, shape, out_shape, attrs, counts, rng):
+    g = _IntGraph(shape, rng)
+    q = g.nodes[-1]
+    channels = shape[0]
+    if pool == "max_pool2d":
+        g.add("max_pool2d", q.name, out_shape, "int8", 127, attrs)
+    elif pool == "qsum_pool2d":
+        g.add("qsum_pool2d", q.name, out_shape, "int32", 127 * counts.max(), attrs)
+    elif pool == "qavg_pool2d":
+        g.add("qavg_pool2d", q.name, out_shape, "int32", 127, attrs, counts=counts.astype(np.int32))
+    elif pool == "qglobal_sum_pool2d":
+        g.add("qglobal_sum_pool2d", q.name, (channels, 1, 1), "int32", 127 * shape[1] * shape[2])
+    elif pool == "qchannel_mul":  # an unfolded BatchNorm's integer form, then requantize + ReLU
+        multiplier = rng.integers(-127, 128, channels).astype(np.int8)
+        y = g.add("qchannel_mul", q.name, shape, "int32", 127 * np.abs(multiplier.astype(np.int64)),
+                  multiplier=multiplier)
+        g.epilogue(y, {"bias": True, "requantize": "multiply", "per_channel": True,
+                       "activation": "relu", "residual": False}, None)
+    else:  # the residual join on its own: two operands aligned to int32, added, requantized
+        a = g.requantize(q, 2.0 ** rng.integers(0, 6), "int32")
+        g.epilogue(a, {"bias": False, "requantize": "shift", "per_channel": False,
+                       "activation": "relu6", "residual": True}, q)
+    return g.graph()
 
 
 @budget(0.6)
-@given(pool=st.sampled_from(POOLS), batch=st.sampled_from((1, 2, 3)),
+@given(pool=st.sampled_from(sorted(POOLS)), batch=st.sampled_from((1, 2, 3)),
        channels=st.sampled_from(CHANNELS + (48, 64)), size=_size(7),
        kernel=st.integers(1, 7), stride=st.integers(1, 3), pad=st.integers(0, 3),
        count_include_pad=st.booleans(), seed=SEEDS)
-def test_pooling(pool, batch, channels, size, kernel, stride, pad, count_include_pad, seed):
-    """Pools (int8 max, integer sum and rounded mean, float max/avg/global): the parallel_outer
-    rule, and the depthwise rule for the integer window sums (an int32 depthwise conv)."""
+def test_pooling_and_elementwise(pool, batch, channels, size, kernel, stride, pad,
+                                 count_include_pad, seed):
+    """Pools (int8 max, integer sums and rounded mean, float max/avg/global) and the elementwise
+    integer chains (channel multiply, residual join): the parallel_outer rule, and the depthwise
+    rule for the integer window sums (an int32 depthwise conv with a ones kernel)."""
     pad = min(pad, kernel - 1)  # every window holds a pixel: no empty mean, no all-pad max
     pads = (pad, pad // 2, (pad + 1) // 2, 0)
     attrs = {"pool_size": (kernel, kernel), "strides": (stride, stride), "padding": pads}
@@ -487,17 +526,9 @@ def test_pooling(pool, batch, channels, size, kernel, stride, pad, count_include
     sums, counts = pool_sum_and_count(np.zeros((1, 1, size, size), np.int64), attrs["pool_size"],
                                       attrs["strides"], pads, count_include_pad)
     out_shape = (channels,) + sums.shape[2:]
-    if pool in ("max_pool2d", "qavg_pool2d", "qsum_pool2d"):
-        g = _IntGraph(shape, rng)
-        q = g.nodes[-1]
-        if pool == "max_pool2d":
-            g.add("max_pool2d", q.name, out_shape, "int8", 127, attrs)
-        elif pool == "qsum_pool2d":
-            g.add("qsum_pool2d", q.name, out_shape, "int32", 127 * kernel * kernel, attrs)
-        else:
-            g.add("qavg_pool2d", q.name, out_shape, "int32", 127, attrs,
-                  counts=counts.astype(np.int32))
-        functions = _check_int(g.graph(), x, pair_path=False)["pairs"]
+    if pool.startswith("q") or pool == "max_pool2d":
+        graph = _int_pool_graph(pool, shape, out_shape, attrs, counts, rng)
+        functions = _check_int(graph, x, pair_path=False)["pairs"]
     else:
         op = "max_pool2d" if pool == "float_max_pool2d" else pool
         node_attrs = {} if op == "global_avg_pool2d" else dict(
@@ -505,13 +536,10 @@ def test_pooling(pool, batch, channels, size, kernel, stride, pad, count_include
         graph = Graph([Node("data", "input", attrs={"shape": shape}),
                        Node("pool", op, ("data",), node_attrs)], "fuzz")
         functions = _check_float(graph, x)
-    window_sums = pool in ("qsum_pool2d", "qavg_pool2d")
-    word = "conv2d" if window_sums else "pool" if pool != "global_avg_pool2d" else "mean"
-    applied = _rules_of(functions, word)
-    event(f"{pool} rule: {sorted(applied)}")
-    assert sum(applied.values()) == 1, functions
-    if window_sums:
+    applied = _rules_of(functions, POOLS[pool])
+    if POOLS[pool]:
+        assert sum(applied.values()) == 1, functions
+    if POOLS[pool] == "conv2d":
         assert applied["depthwise_conv2d_nchw"] == 1, functions
-    elif batch * channels * (size * size if pool == "global_avg_pool2d"
-                             else int(np.prod(out_shape[1:]))) >= 4096:
-        assert applied["parallel_outer"] == 1, functions
+    elif batch * channels * size * size >= 4096 * kernel * kernel:  # output >= 4096 elements
+        assert applied["parallel_outer"] >= 1, functions

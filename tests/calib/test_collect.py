@@ -382,3 +382,22 @@ def test_chunked_collect_matches_whole_tensor_binning():
     want = np.bincount((np.abs(x).ravel() * (8192 / top)).astype(np.int64), minlength=8192)
     assert h.range == top and np.array_equal(h.counts, want)
     assert h.zeros == x.size - np.count_nonzero(x) and h.amax == amax
+
+
+def test_a_reiterable_batch_source_is_read_twice_and_not_kept():
+    """With histograms the pass reads the batches twice: a re-iterable (qcal's ImageBatches,
+    one batch in memory) is iterated again, an iterator is kept as a list."""
+    class Reiterable:
+        def __init__(self):
+            self.iterations = 0
+
+        def __iter__(self):
+            self.iterations += 1
+            return iter(_batches())
+
+    batches = Reiterable()
+    stats = collect_statistics(_tiny_graph(), batches, progress=False)
+    assert batches.iterations == 2 and stats.num_images == 10
+    from_iterator = collect_statistics(_tiny_graph(), iter(_batches()), progress=False)
+    for name, t in stats.tensors.items():
+        assert np.array_equal(from_iterator.tensors[name].ref_counts, t.ref_counts)
