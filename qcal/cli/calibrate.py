@@ -24,7 +24,7 @@ from qcal.config import DEFAULT_HISTOGRAM_BINS
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @translate_errors
 def calibrate(model, params, pretrained, data, num_images, calib_data, calib_range, calib_images,
-              batch_size, input_size, crop_ratio, mean, std, cache_dir, output, bins, plots, quiet):
+              batch_size, preprocessing, cache_dir, output, bins, plots, quiet):
     """Run the model over the calibration images and save every method's ranges (two passes with
     histograms: the second bins every tensor at the range the first found).
 
@@ -37,7 +37,7 @@ def calibrate(model, params, pretrained, data, num_images, calib_data, calib_ran
     if output.suffix != ".npz":
         raise click.BadParameter("the calibration file must end in .npz", param_hint="--output")
     data_dict = data_options_dict(data, num_images, calib_data, calib_range, calib_images,
-                                  input_size, crop_ratio, mean, std)
+                                  preprocessing)
     session = ModelSession(model, data_dict, batch_size, params=params, pretrained=pretrained,
                            quiet=quiet, cache_dir=cache_dir)
     stats, selection = session.collect_statistics(bins)

@@ -27,7 +27,7 @@ from qcal.files import atomic_write_text
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
 @translate_errors
 def evaluate(models, params, pretrained, data, num_images, calib_data, calib_range,
-             calib_images, batch_size, input_size, crop_ratio, mean, std, cache_dir,
+             calib_images, batch_size, preprocessing, cache_dir,
              activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
              skip_k_conv, skip_dense, weight_bits, activation_bits, first_layer_bits,
              last_layer_bits, calibration_file, verify_images, float_only, output, results_dir,
@@ -56,7 +56,7 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
     config = SweepConfig(
         name="evaluate", models=tuple(models),
         data=data_options_dict(data, num_images, calib_data, calib_range, calib_images,
-                               input_size, crop_ratio, mean, std),
+                               preprocessing),
         batch_size=batch_size, seed=0, float32=True, pretrained=pretrained, variants=variants,
         params=str(params) if params else None,
         calibration_file=str(calibration_file) if calibration_file else None,

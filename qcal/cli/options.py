@@ -1,11 +1,12 @@
 """Option groups shared by the commands, and their translation into a sweep's configuration."""
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import click
 
-from qcal.cli.params import BiasType, ChannelsType, ImageRangeType, ModelType
+from qcal.cli.params import BiasType, ImageRangeType, ModelType, PreprocessingValueType
 from qcal.config import (DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_CALIB_IMAGES,
                          DEFAULT_VERIFY_IMAGES)
 
@@ -15,8 +16,10 @@ def model_options(multiple: bool):
         func = click.option("--pretrained", is_flag=True,
                             help="Load ImageNet weights from MXNet's model store ($MXNET_HOME).")(func)
         func = click.option("--params", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                            help="Load weights from this Gluon .params file.")(func)
-        help_text = ("Model: a name from `qcal models` or an .onnx file"
+                            help="Load weights from this Gluon .params file (save_parameters, or "
+                                 "the NAME-0000.params of an export).")(func)
+        help_text = ("Model: a name from `qcal models`, a gluoncv model-zoo name, an "
+                     "NAME-symbol.json export or an .onnx file"
                      + ("; repeatable." if multiple else "."))
         func = click.option("--model", "models" if multiple else "model", type=ModelType(),
                             required=True, multiple=multiple, help=help_text)(func)
@@ -39,9 +42,14 @@ def verify_images_option(from_config: bool = False):
 
 
 def data_options(func):
+    """The data options; the preprocessing ones (``PREPROCESSING_FIELDS``, shared with sweep files
+    and preprocessing files) reach the command as one ``preprocessing`` dict of those given."""
+    from qcal.data.preprocessing import PREPROCESSING_FIELDS, PREPROCESSING_KEYS
+
     options = [
         click.option("--data", "data", type=click.Path(exists=True, path_type=Path),
-                     help="Evaluation images: an ImageNet class-folder directory or a .rec file "
+                     help="Evaluation images: class folders (ROOT/<class>/<image>; ImageNet synset "
+                          "ids, class numbers or any names, sorted) or a .rec file "
                           "(Fashion-MNIST models default to the vendored test split)."),
         click.option("--num-images", type=click.IntRange(min=1),
                      help="Evaluate the first N images of the fixed order (default: all)."),
@@ -54,21 +62,22 @@ def data_options(func):
                           f"smaller set)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=DEFAULT_BATCH_SIZE,
                      show_default=True),
-        click.option("--input-size", type=click.IntRange(min=8),
-                     help="Centre-crop size (default: 224, or what an ONNX model states)."),
-        click.option("--crop-ratio", type=click.FloatRange(0.1, 1.0),
-                     help="Resize the short side to size/ratio before the crop (default 0.875)."),
-        click.option("--mean", type=ChannelsType(),
-                     help="Per-channel mean on a 0..1 scale (default ImageNet's, or the ONNX "
-                          "model's)."),
-        click.option("--std", type=ChannelsType(), help="Per-channel std on a 0..1 scale."),
+        *[click.option(f.option, f.key, type=PreprocessingValueType(f.key), help=f.help)
+          for f in PREPROCESSING_FIELDS],
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
                      default=DEFAULT_BATCH_CACHE_DIR, show_default=True,
                      help="Where decoded, preprocessed batches are cached."),
     ]
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        given = {key: kwargs.pop(key) for key in PREPROCESSING_KEYS}
+        return func(*args, preprocessing={k: v for k, v in given.items() if v is not None},
+                    **kwargs)
+
     for option in reversed(options):
-        func = option(func)
-    return func
+        wrapper = option(wrapper)
+    return wrapper
 
 
 def quant_options(func):
@@ -130,9 +139,7 @@ def variants_from_options(activation_method, percentile, global_scale, weight_sc
     return expand_variants({k: v for k, v in axes.items() if v}, {"skip_dense": skip_dense})
 
 
-def data_options_dict(data, num_images, calib_data, calib_range, calib_images, input_size,
-                      crop_ratio, mean, std):
+def data_options_dict(data, num_images, calib_data, calib_range, calib_images, preprocessing):
     values = {"data": data, "num_images": num_images, "calib_data": calib_data,
-              "calib_range": calib_range, "calib_images": calib_images,
-              "input_size": input_size, "crop_ratio": crop_ratio, "mean": mean, "std": std}
+              "calib_range": calib_range, "calib_images": calib_images, **preprocessing}
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items() if v is not None}

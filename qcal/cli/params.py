@@ -75,14 +75,22 @@ class BiasType(click.ParamType):
         return bits
 
 
-class ChannelsType(click.ParamType):
-    name = "R,G,B"
+class PreprocessingValueType(click.ParamType):
+    """One preprocessing key's value, checked by the rule sweep files and preprocessing files
+    share (``qcal.data.preprocessing.coerce``)."""
+
+    def __init__(self, key: str):
+        from qcal.data.preprocessing import PREPROCESSING_FIELDS
+
+        spec = next(f for f in PREPROCESSING_FIELDS if f.key == key)
+        self.key = key
+        self.name = {"int": "INTEGER", "float": "NUMBER", "channels": "R,G,B"}.get(
+            spec.kind, "|".join(map(str, spec.choices)))
 
     def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
+        from qcal.data.preprocessing import coerce
+
         try:
-            numbers = tuple(float(v) for v in value.split(","))
-        except ValueError:
-            self.fail(f"expected comma-separated numbers, not '{value}'", param, ctx)
-        return numbers
+            return coerce(self.key, value)
+        except UsageProblem as exc:
+            self.fail(str(exc), param, ctx)

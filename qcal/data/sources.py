@@ -4,8 +4,9 @@ Sources (each a ``ImageSource``: ``len``, ``labels``, ``decode(indices)``, ``ide
 
 - ``FashionMNISTSource``: the IDX files vendored under ``data/fashion-mnist/`` (test split ``t10k``,
   calibration split ``calib`` drawn from the training split).
-- ``ImageFolderSource``: ImageNet validation in the class-folder layout (``ROOT/<wnid>/<image>``), the
-  layout gluoncv's ``ImageNet`` dataset reads. Images are ordered by FILE NAME across all classes, so
+- ``ImageFolderSource``: labelled class folders (``ROOT/<class>/<image>``): ImageNet validation
+  by synset id (the layout gluoncv's ``ImageNet`` dataset reads) or any class names
+  (``class_indices``). Images are ordered by FILE NAME across all classes, so
   with the original names (``ILSVRC2012_val_00000001.JPEG`` ...) "the first N images" are the first N
   of the official validation order, as in docs/background.md's "first 3,000 images"; ordering by class
   folder would make the first 3000 images cover only 60 classes.
@@ -90,53 +91,50 @@ class DecodedImageSource(ImageSource):
 
     def __init__(self, preprocessing: Preprocessing):
         self._pre = preprocessing
-        self._transform = None
 
     @property
     def preprocessing(self):
         return self._pre.to_dict()
 
-    def _preprocess(self, image_nd):
-        if self._transform is None:
-            from mxnet.gluon.data.vision import transforms
-
-            self._transform = transforms.Compose([
-                transforms.Resize(self._pre.resize, keep_ratio=True),
-                transforms.CenterCrop(self._pre.input_size),
-                transforms.ToTensor(),
-                transforms.Normalize(self._pre.mean, self._pre.std),
-            ])
-        return self._transform(image_nd).asnumpy()
+    def _preprocess(self, image_nd, what: str = "image"):
+        return self._pre.apply(image_nd, what)
 
     def _decode_bytes(self, raw: bytes, what: str):
         import mxnet as mx
 
-        try:
-            return mx.image.imdecode(raw, flag=1)  # RGB, HWC uint8
+        try:  # flag 1: RGB (a grey image repeated to three channels); 0: grey; HWC uint8
+            return mx.image.imdecode(raw, flag=1 if self._pre.channels == 3 else 0)
         except Exception:
             raise QcalError(f"cannot decode image {what}") from None
 
+    def _decode_one(self, raw: bytes, what: str):
+        return self._preprocess(self._decode_bytes(raw, what), what)
 
-def imagenet_label_of(wnid: str, known: list) -> int:
-    """The standard ImageNet-1k index of a synset folder name.
 
-    With the full list of 1000 synsets the index is the position in that sorted list (what gluoncv
-    and torchvision use); folders named by the index itself ("000".."999") are accepted too, and a
-    folder named "unlabelled" holds images without a class (label -1: calibration, fidelity).
+UNLABELLED_FOLDER = "unlabelled"  # images without a class: label -1 (calibration, fidelity)
+
+
+def class_indices(names) -> dict:
+    """Class folder name -> label index, for the class folders of one root.
+
+    - every name an ImageNet synset id (``n01440764``): the standard ImageNet-1k index, the
+      position in the sorted list of all 1000 (what gluoncv and torchvision use), so a subset of
+      the classes keeps the model's indices;
+    - every name a decimal number (``0`` .. ``9``, ``065``): that number;
+    - otherwise (``cat``, ``dog``, ...): the position in the sorted names, as torchvision's
+      ``ImageFolder`` and gluon's ``ImageFolderDataset`` number their classes.
+    A folder named ``unlabelled`` holds images without a class (label -1) in every case.
     """
-    if wnid == "unlabelled":
-        return -1
-    if wnid.isdigit():
-        return int(wnid)
-    try:
-        from qcal.data.imagenet_classes import IMAGENET_WNIDS
-    except ImportError:
-        IMAGENET_WNIDS = None
-    if IMAGENET_WNIDS is not None and wnid in IMAGENET_WNIDS:
-        return IMAGENET_WNIDS.index(wnid)
-    if len(known) == 1000:
-        return known.index(wnid)
-    raise QcalError(f"class folder '{wnid}' is neither an ImageNet synset id nor a class index")
+    from qcal.data.imagenet_classes import WNID_TO_INDEX
+
+    names = sorted(n for n in names if n != UNLABELLED_FOLDER)
+    if names and all(n in WNID_TO_INDEX for n in names):
+        labels = {n: WNID_TO_INDEX[n] for n in names}
+    elif all(n.isdigit() for n in names):
+        labels = {n: int(n) for n in names}
+    else:
+        labels = {n: i for i, n in enumerate(names)}
+    return {**labels, UNLABELLED_FOLDER: -1}
 
 
 class ImageFolderSource(DecodedImageSource):
@@ -147,17 +145,24 @@ class ImageFolderSource(DecodedImageSource):
         self.root = Path(root)
         if not self.root.is_dir():
             raise QcalError(f"image folder not found: {self.root}")
-        classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+        labels = class_indices(folders)
         entries = []
-        for wnid in classes:
-            label = imagenet_label_of(wnid, classes)
-            for f in (self.root / wnid).iterdir():
+        for folder in folders:
+            for f in (self.root / folder).iterdir():
                 if f.suffix.lower() in IMAGE_SUFFIXES:
-                    entries.append((f.name, wnid, label))
+                    entries.append((f.name, folder, labels[folder]))
         if not entries:
-            raise QcalError(f"{self.root} has no images in class folders (ROOT/<class>/<image>)")
+            loose = [f for f in self.root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES]
+            if loose:
+                raise QcalError(f"{self.root} holds images but no class folders: put each "
+                                f"class's images in {self.root}/<class>/ (or in "
+                                f"{self.root}/{UNLABELLED_FOLDER}/ for images without labels)")
+            raise QcalError(f"{self.root} has no images in class folders (ROOT/<class>/<image>, "
+                            f"{', '.join(IMAGE_SUFFIXES)})")
         entries.sort()
-        self._files = [self.root / wnid / name for name, wnid, _ in entries]
+        self.class_names = {folder: labels[folder] for folder in folders}
+        self._files = [self.root / folder / name for name, folder, _ in entries]
         self._labels = np.array([label for _, _, label in entries], dtype=np.int64)
 
     @property
@@ -174,8 +179,7 @@ class ImageFolderSource(DecodedImageSource):
         return path.read_bytes(), str(path)
 
     def decode(self, indices):
-        return np.stack([self._preprocess(self._decode_bytes(*self.raw(i)))
-                         for i in indices]).astype(np.float32)
+        return np.stack([self._decode_one(*self.raw(i)) for i in indices]).astype(np.float32)
 
     @functools.cached_property  # read once: cache keys ask for it every batch
     def identity(self):
@@ -219,8 +223,7 @@ class RecordIOSource(DecodedImageSource):
         return raw, f"{self.rec_path}#{index}"
 
     def decode(self, indices):
-        return np.stack([self._preprocess(self._decode_bytes(*self.raw(i)))
-                         for i in indices]).astype(np.float32)
+        return np.stack([self._decode_one(*self.raw(i)) for i in indices]).astype(np.float32)
 
     @functools.cached_property  # read once: cache keys ask for it every batch
     def identity(self):

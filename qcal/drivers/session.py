@@ -6,7 +6,7 @@ statistics (one pass over the calibration images) and the float32 result.
 """
 from __future__ import annotations
 
-import dataclasses
+import functools
 import logging
 import time
 from pathlib import Path
@@ -16,6 +16,7 @@ import numpy as np
 from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_VERIFY_IMAGES
 from qcal.data.cache import BatchCache, ImageBatches, iter_batches
 from qcal.data.plan import plan_data
+from qcal.data.preprocessing import PREPROCESSING_KEYS
 from qcal.eval.evaluate import evaluate
 from qcal.families import resolve_model
 
@@ -56,11 +57,11 @@ class ModelSession:
         """(C, H, W) the imported graph takes."""
         return self.model.input_shape(self.preprocessing)
 
-    @property
+    @functools.cached_property
     def preprocessing(self):
-        overrides = {k: self.data[k] for k in ("input_size", "crop_ratio", "mean", "std")
-                     if self.data.get(k) is not None}
-        return dataclasses.replace(self.model.default_preprocessing(), **overrides)
+        """The data options' preprocessing keys over what the model declares (warned once when
+        they contradict it)."""
+        return self.model.preprocessing({k: self.data.get(k) for k in PREPROCESSING_KEYS})
 
     def plan(self, needs_calibration: bool):
         if needs_calibration not in self._plans:

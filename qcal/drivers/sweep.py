@@ -138,10 +138,10 @@ def _setup_logging(output: Path, quiet: bool):
     file_handler = logging.FileHandler(output / "sweep.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(file_handler)
-    if not quiet:
-        stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(stream)
+    stream = logging.StreamHandler(sys.stderr)  # quiet: warnings only (a preprocessing that
+    stream.setLevel(logging.WARNING if quiet else logging.INFO)  # contradicts the model's own)
+    stream.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if quiet else "%(message)s"))
+    logger.addHandler(stream)
 
 
 def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
@@ -201,8 +201,8 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
                 t0 = time.time()
                 try:
                     result, fidelity_result, extra = session.evaluate(options)
-                except VerificationFailed as exc:
-                    log.error("%s", exc)
+                except VerificationFailed as exc:  # the CLI prints it; the log keeps it too
+                    log.info("stopped, not evaluated: %s", exc)
                     raise
                 if options is not None and baseline_key is not None:
                     extra["metrics"] = {**_fidelity_metrics(store, baseline_key, result,

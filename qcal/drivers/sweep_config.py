@@ -12,8 +12,8 @@ errors (a misspelt key silently ignored would make a table that is not what its 
       calib_data: null
       calib_range: null              #   "START:STOP"
       calib_crops: null              #   calibrate on this many random crops of those images
-      input_size: 224
-      crop_ratio: 0.875
+      input_size: 224                #   every CLI preprocessing option is a key here too:
+      crop_ratio: 0.875              #   resize, pad, pad_value, channels, scale, mean, std
       fidelity_data: null            #   photos whose random crops feed label-free metrics
       fidelity_crops: null           #   how many crops (null: none; metrics use data only)
     pretrained: false                # zoo models: weights from MXNet's model store
@@ -39,15 +39,15 @@ import yaml
 
 from qcal.config import (DEFAULT_BATCH_SIZE, DEFAULT_VERIFY_IMAGES, OPTION_KEYS, QuantOptions,
                          expand_variants, options_from_values)
+from qcal.data.preprocessing import PREPROCESSING_KEYS, coerce
 from qcal.errors import UsageProblem
 
 DATA_KEYS = {
     "data": (str, type(None)), "num_images": (int, type(None)), "calib_images": (int, type(None)),
     "calib_data": (str, type(None)), "calib_range": (str, type(None)),
-    "input_size": (int,), "crop_ratio": (float, int),
     "fidelity_data": (str, type(None)), "fidelity_crops": (int, type(None)),
     "calib_crops": (int, type(None)),
-}
+}  # and every preprocessing key (PREPROCESSING_KEYS), checked by the CLI's own rule
 TOP_KEYS = {"name", "models", "pretrained", "data", "batch_size", "seed", "float32", "grid",
             "variants", "verify_images"}
 
@@ -169,9 +169,17 @@ def _load_sweep_config(path: Path) -> SweepConfig:
     data = {}
     if "data" in top:
         for key, (key_node, value_node) in _mapping(loc, top["data"][1], "data").items():
+            if key in PREPROCESSING_KEYS:
+                value = yaml.safe_load(yaml.serialize(value_node))
+                if value is not None:
+                    try:
+                        data[key] = coerce(key, value)
+                    except UsageProblem as exc:
+                        loc.fail(f"data.{exc}", value_node)
+                continue
             if key not in DATA_KEYS:
-                loc.fail(f"unknown data key '{key}' (known: {', '.join(sorted(DATA_KEYS))})",
-                         key_node)
+                known = sorted([*DATA_KEYS, *PREPROCESSING_KEYS])
+                loc.fail(f"unknown data key '{key}' (known: {', '.join(known)})", key_node)
             value = _scalar(loc, value_node)
             if not isinstance(value, DATA_KEYS[key]) or isinstance(value, bool):
                 loc.fail(f"data.{key} has the wrong type ({type(value).__name__})", value_node)

@@ -14,16 +14,19 @@ names.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from qcal.data.preprocessing import Preprocessing
+from qcal.data.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
 from qcal.errors import UsageProblem
 from qcal.files import file_digest
 from qcal.registry import Registry
 
 FAMILIES = Registry("model family")
+log = logging.getLogger("qcal.families")
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class ModelFamily:
     """
 
     family = "abstract"
+    naming = ""  # how ``qcal models`` says this family's models are named
+    # preprocessing keys a model must have from its own files or from the caller (no default fits)
+    required_preprocessing: tuple = ()
 
     def __init__(self, spec: ModelSpec, params=None, pretrained: bool = False):
         self.spec = spec
@@ -58,7 +64,8 @@ class ModelFamily:
         raise NotImplementedError
 
     @classmethod
-    def spec_of(cls, name: str) -> ModelSpec:
+    def spec_of(cls, name: str, params=None) -> ModelSpec:
+        """The spec of ``name`` (with its weights file ``params`` where that tells the shapes)."""
         raise NotImplementedError
 
     @classmethod
@@ -101,7 +108,44 @@ class ModelFamily:
 
     # --- data -------------------------------------------------------------------------------------
     def default_preprocessing(self) -> Preprocessing:
-        raise NotImplementedError
+        """What applies where neither the model's files nor the caller say otherwise: ImageNet's,
+        at the model's channel count (one channel: the mean of ImageNet's three)."""
+        pre, channels = IMAGENET_PREPROCESSING, self.spec.input_shape[0]
+        if channels == pre.channels:
+            return pre
+        return dataclasses.replace(pre, channels=channels,
+                                   mean=(sum(pre.mean) / len(pre.mean),) * channels,
+                                   std=(sum(pre.std) / len(pre.std),) * channels)
+
+    def declared_preprocessing(self) -> dict:
+        """The preprocessing keys the model's own files state (a preprocessing file beside it,
+        ONNX metadata, a fixed input size); {} when they state nothing."""
+        return {}
+
+    def declaration_source(self) -> str:
+        """Where ``declared_preprocessing`` comes from, for messages."""
+        return "the model"
+
+    def preprocessing(self, given: dict | None = None) -> Preprocessing:
+        """The preprocessing to use: the caller's keys ``given`` over what the model declares over
+        the defaults. A given key that contradicts the declaration is used, with a warning; a
+        required key that neither states is a ``UsageProblem`` naming the option."""
+        from qcal.data.preprocessing import PREPROCESSING_FIELDS, coerce_all
+
+        given = coerce_all({k: v for k, v in (given or {}).items() if v is not None})
+        declared = self.declared_preprocessing()
+        for key, value in given.items():
+            if key in declared and declared[key] != value:
+                log.warning("%s: %s %s differs from %s, which %s declares; using %s",
+                            self.display_name, key, _show(value), _show(declared[key]),
+                            self.declaration_source(), _show(value))
+        missing = [f.option for f in PREPROCESSING_FIELDS
+                   if f.key in self.required_preprocessing and f.key not in {**declared, **given}]
+        if missing:
+            raise UsageProblem(f"{self.display_name} does not state its preprocessing: pass "
+                               f"{', '.join(missing)} (or save the keys in "
+                               f"{self.declaration_source()})")
+        return dataclasses.replace(self.default_preprocessing(), **{**declared, **given})
 
     def input_shape(self, preprocessing: Preprocessing) -> tuple:
         """(C, H, W) the imported graph takes under ``preprocessing``."""
@@ -139,10 +183,25 @@ class ModelFamily:
         """Drop what the model holds in memory (networks, executors)."""
 
 
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return str(value)
+
+
+def existing_file(name: str, base_dir: Path | None, what: str) -> str:
+    """``name`` as an existing file, tried as given and then relative to ``base_dir`` (resolved
+    when ``base_dir`` is given); a ``UsageProblem`` naming it otherwise."""
+    for candidate in (Path(name), *([Path(base_dir) / name] if base_dir else [])):
+        if candidate.is_file():
+            return str(candidate.resolve()) if base_dir else name
+    raise UsageProblem(f"{what} not found: {name}")
+
+
 def resolve_model(name: str, params=None, pretrained: bool = False) -> ModelFamily:
     """The ``ModelFamily`` for ``name``: the first family that claims it."""
     cls = family_of(name)
-    return cls(cls.spec_of(str(name)), params=params, pretrained=pretrained)
+    return cls(cls.spec_of(str(name), params=params), params=params, pretrained=pretrained)
 
 
 def family_of(name: str):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qcal.data.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
+from qcal.data import fashion_mnist
+from qcal.data.preprocessing import Preprocessing
 from qcal.families.base import FAMILIES, ModelSpec
 from qcal.families.gluon import GluonModel
 from qcal.files import REPO_ROOT
@@ -45,7 +46,7 @@ class EmbeddedModel(GluonModel):
         return name in EMBEDDED_SPECS
 
     @classmethod
-    def spec_of(cls, name: str) -> ModelSpec:
+    def spec_of(cls, name: str, params=None) -> ModelSpec:
         return EMBEDDED_SPECS[name]
 
     @classmethod
@@ -63,9 +64,10 @@ class EmbeddedModel(GluonModel):
         return self.weights_file()
 
     def default_preprocessing(self) -> Preprocessing:
-        # Fashion-MNIST batches are preprocessed by their own source (pad 28 -> 32, the training
-        # mean/std); this is what other image sources (calibration photos) would get.
-        return IMAGENET_PREPROCESSING
+        """How they were trained (``qcal.data.fashion_mnist``), for images other than the IDX
+        splits (a folder of 28x28 PNGs, calibration photos)."""
+        return Preprocessing(input_size=32, resize="none", pad=fashion_mnist.PAD, channels=1,
+                             mean=(fashion_mnist.PIXEL_MEAN,), std=(fashion_mnist.PIXEL_STD,))
 
     def evaluation_source(self, data, preprocessing: Preprocessing):
         """The vendored test split, or the Fashion-MNIST IDX files in the folder ``data``."""

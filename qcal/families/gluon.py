@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qcal.data.preprocessing import IMAGENET_PREPROCESSING, Preprocessing
+from qcal.data.preprocessing import Preprocessing
 from qcal.errors import QcalError
 from qcal.families.base import FAMILIES, ModelFamily, ModelSpec
 
@@ -156,7 +156,7 @@ class GluonZooModel(GluonModel):
         return name in ZOO_SPECS
 
     @classmethod
-    def spec_of(cls, name: str) -> ModelSpec:
+    def spec_of(cls, name: str, params=None) -> ModelSpec:
         return ZOO_SPECS[name]
 
     @classmethod
@@ -167,9 +167,6 @@ class GluonZooModel(GluonModel):
     def weights_note(cls, spec: ModelSpec) -> str:
         found = pretrained_params_path(spec.name).is_file()
         return "model store: found" if found else "--pretrained or --params"
-
-    def default_preprocessing(self) -> Preprocessing:
-        return IMAGENET_PREPROCESSING
 
     def input_shape(self, preprocessing: Preprocessing) -> tuple:
         """ImageNet models follow ``--input-size``."""

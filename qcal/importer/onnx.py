@@ -225,8 +225,12 @@ def _onnx_constant(node):
     return numpy_helper.to_array(value) if isinstance(value, onnx.TensorProto) else np.array(value)
 
 
-def import_onnx(path, name: str | None = None) -> Graph:
-    """Import an ONNX image classifier (one NCHW float input, one output)."""
+def import_onnx(path, name: str | None = None, input_shape: tuple | None = None) -> Graph:
+    """Import an ONNX image classifier (one NCHW float input, one output).
+
+    The batch dimension is never read (the graph is per image); ``input_shape`` (C, H, W) gives
+    the dimensions the file leaves symbolic and must agree with those it fixes.
+    """
     import onnx
     from onnx import numpy_helper
 
@@ -242,12 +246,21 @@ def import_onnx(path, name: str | None = None) -> Graph:
     if len(images) != 1:
         raise QcalError(f"ONNX model '{path}': expected one image input, found "
                         f"{', '.join(i.name for i in images) or 'none'}")
-    dims = [d.dim_value for d in images[0].type.tensor_type.shape.dim]
-    if len(dims) != 4 or not all(dims[1:]):
-        raise QcalError(f"ONNX model '{path}': input '{images[0].name}' must be N x C x H x W "
-                        f"with known C, H, W, not {dims}")
+    dims = [d.dim_value or None for d in images[0].type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        raise QcalError(f"ONNX model '{path}': input '{images[0].name}' must be N x C x H x W, "
+                        f"not {dims}")
+    shape = tuple(dims[1:])
+    if input_shape is not None:
+        if any(d is not None and d != given for d, given in zip(shape, input_shape)):
+            raise QcalError(f"ONNX model '{path}': input '{images[0].name}' is fixed at "
+                            f"{shape}, not {tuple(input_shape)}")
+        shape = tuple(input_shape)
+    if None in shape:
+        raise QcalError(f"ONNX model '{path}': input '{images[0].name}' has symbolic "
+                        f"dimensions {dims}; give the image size (--input-size)")
     builder.tensor[images[0].name] = builder.add(
-        Node(images[0].name, "input", (), {"shape": tuple(dims[1:])}))
+        Node(images[0].name, "input", (), {"shape": shape}))
     for index, node in enumerate(g.node):
         layer_name = node.name or node.output[0] or f"{node.op_type}_{index}"
         if node.op_type == "Constant":

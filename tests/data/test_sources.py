@@ -17,7 +17,7 @@ def reference_preprocess(path_or_bytes, pre):
 
     raw = path_or_bytes if isinstance(path_or_bytes, bytes) else path_or_bytes.read_bytes()
     img = mx.image.imdecode(raw)
-    img = mx.image.resize_short(img, pre.resize, interp=1)  # bilinear, as gluoncv
+    img = mx.image.resize_short(img, pre.resize_to, interp=1)  # bilinear, as gluoncv
     img, _ = mx.image.center_crop(img, (pre.input_size, pre.input_size))
     x = img.astype("float32").asnumpy() / 255.0
     x = (x - np.array(pre.mean)) / np.array(pre.std)
@@ -39,13 +39,38 @@ class TestImageFolder:
         assert batch.shape == (2, 3, 32, 32) and batch.dtype == np.float32
         expected = reference_preprocess(source.files[5], SMALL)
         np.testing.assert_allclose(batch[1], expected, atol=1e-5)
-        assert SMALL.resize == 37  # ceil(32 / 0.875)
+        assert SMALL.resize_to == 37  # ceil(32 / 0.875)
 
-    def test_unknown_class_folder_is_refused(self, tmp_path):
+    def test_any_class_names_are_numbered_as_gluon_and_torchvision_do(self, tmp_path):
+        from mxnet.gluon.data.vision import ImageFolderDataset
+
         from tests.fixtures import write_jpeg
 
-        write_jpeg(tmp_path / "cats" / "a.jpg", np.random.RandomState(0))
-        with pytest.raises(QcalError, match="class folder 'cats'"):
+        layout = {"a1.jpg": "dog", "a2.jpg": "cat", "a3.jpg": "Zebra", "a4.jpg": "cat",
+                  "a5.jpg": "bird_2", "a6.jpg": "10"}
+        for i, (name, folder) in enumerate(layout.items()):
+            write_jpeg(tmp_path / folder / name, np.random.RandomState(i))
+        source = ImageFolderSource(tmp_path, SMALL)
+        gluon = ImageFolderDataset(str(tmp_path))  # MXNet's own numbering of the same folders
+        expected = [gluon.synsets.index(layout[f.name]) for f in source.files]
+        assert source.labels.tolist() == expected
+        assert source.class_names == {"10": 0, "Zebra": 1, "bird_2": 2, "cat": 3, "dog": 4}
+
+    def test_numbered_and_synset_folders_keep_their_indices(self, tmp_path):
+        from tests.fixtures import write_jpeg
+
+        for i, folder in enumerate(["3", "12", "unlabelled"]):
+            write_jpeg(tmp_path / "numbers" / folder / f"p{i}.jpg", np.random.RandomState(i))
+        for i, folder in enumerate(["n01440764", "n15075141"]):  # first and last ImageNet class
+            write_jpeg(tmp_path / "synsets" / folder / f"p{i}.jpg", np.random.RandomState(i))
+        assert ImageFolderSource(tmp_path / "numbers", SMALL).labels.tolist() == [3, 12, -1]
+        assert ImageFolderSource(tmp_path / "synsets", SMALL).labels.tolist() == [0, 999]
+
+    def test_images_without_class_folders_are_refused_with_the_layout(self, tmp_path):
+        from tests.fixtures import write_jpeg
+
+        write_jpeg(tmp_path / "a.jpg", np.random.RandomState(0))
+        with pytest.raises(QcalError, match="holds images but no class folders: put each class's"):
             ImageFolderSource(tmp_path)
 
     def test_empty_folder_is_refused(self, tmp_path):
