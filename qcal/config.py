@@ -32,6 +32,9 @@ BIAS_MODES = ("bits", "int32-acc")
 # Integer widths of weights and activations: symmetric levels -(2**(b-1)-1)..2**(b-1)-1, always
 # stored in int8 (the kernels stay int8; only the clipping bounds and scales change).
 MIN_BITS, MAX_BITS = 2, 8
+# How every rounding right shift and integer rescale rounds a tie: "upward" adds half and floors
+# (Relay's UPWARD, ties towards +inf), "nearest" rounds ties to even (Relay's TONEAREST).
+ROUNDINGS = ("upward", "nearest")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class QuantOptions:
     # gives them the widths above; common practice keeps them at 8.
     first_layer_bits: int | None = None
     last_layer_bits: int | None = None
+    rounding: str = ROUNDINGS[0]
 
     def __post_init__(self):
         def need(cond, message):
@@ -83,6 +87,8 @@ class QuantOptions:
             value = getattr(self, name)
             need(width(value, optional=name.endswith("layer_bits")),
                  f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, not {value!r}")
+        need(self.rounding in ROUNDINGS,
+             f"rounding must be one of {', '.join(ROUNDINGS)}, not '{self.rounding}'")
 
     @classmethod
     def from_dict(cls, values: dict) -> "QuantOptions":
@@ -116,6 +122,8 @@ class QuantOptions:
                                                      ("last", self.last_layer_bits))
                 if bits is not None]
         parts.extend(ends)
+        if self.rounding != ROUNDINGS[0]:
+            parts.append(f"round-{self.rounding}")
         return " ".join(parts)
 
     def layer_bits(self, position: str | None) -> tuple:

@@ -126,9 +126,15 @@ def export(net, prefix: Path, preprocessing: dict):
     import mxnet as mx
     from mxnet import onnx as mx_onnx
 
-    net.save_parameters(str(prefix) + ".params")
+    # a hybridized (static_alloc) network applies the last backward's BatchNorm statistics at its
+    # next forward: run one and wait, or save_parameters and export would write different weights
     net(mx.nd.zeros((1, 3, 32, 32)))
+    mx.nd.waitall()
+    net.save_parameters(str(prefix) + ".params")
     net.export(str(prefix))  # PREFIX-symbol.json + PREFIX-0000.params
+    saved = list(mx.nd.load(str(prefix) + ".params").values())
+    exported = list(mx.nd.load(f"{prefix}-0000.params").values())
+    assert all(np.array_equal(a.asnumpy(), b.asnumpy()) for a, b in zip(saved, exported))
     mx_onnx.export_model(f"{prefix}-symbol.json", f"{prefix}-0000.params",
                          in_shapes=[(1, 3, 32, 32)], in_types=[np.float32],
                          onnx_file_path=f"{prefix}.onnx", dynamic=True,
@@ -191,10 +197,10 @@ def evaluate(args):
             int8_row = next(r for v, r in rows.items() if v != "float32")
             with open(run["predictions"]) as f:
                 preds = [r for r in csv.DictReader(f) if r["variant"] == "float32"]
-            qcal_pred = np.array([int(r["prediction"]) for r in preds])
+            qcal_pred = np.array([int(r["pred1"]) for r in preds])
             disagree = int((qcal_pred != mx_pred).sum()) if len(qcal_pred) == len(mx_pred) else -1
-            lines.append(f"| {name} | {route} | {100 * float_row['top1']:.2f} | "
-                         f"{100 * mx_top1:.2f} | {disagree} | {100 * int8_row['top1']:.2f} |")
+            lines.append(f"| {name} | {route} | {float_row['top1']:.2f} | "
+                         f"{100 * mx_top1:.2f} | {disagree} | {int8_row['top1']:.2f} |")
             print(run["command"], f"({run['seconds']} s)", flush=True)
     table = "\n".join(lines)
     print(table)

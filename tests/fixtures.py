@@ -205,3 +205,27 @@ def write_jpeg(path, rng, size=(40, 56)):
     path.parent.mkdir(parents=True, exist_ok=True)
     assert cv2.imwrite(str(path), image)
     return path
+
+
+def tvm_and_numpy_values(qgraph, x, use_schedules=True):
+    """TVM's value of every node of ``qgraph`` on ``x`` (one compile), and numpy's."""
+    from qcal.backend.tvm import emit
+
+    names = [n.name for n in qgraph.nodes[1:]]
+    main = emit.build(emit.emit_relax(qgraph, len(x), outputs=names), use_schedules=use_schedules)
+    return dict(zip(names, emit.run(main, x))), run_integer(qgraph, x, keep="all")
+
+
+def tvm_mismatches(qgraph, tvm_values, ref_values) -> list:
+    """Nodes whose TVM value differs from numpy's in any bit (or in dtype)."""
+    bad = []
+    for name, got in tvm_values.items():
+        node = qgraph.node(name)
+        want = ref_values[name]
+        if node.is_int:
+            ok = got.dtype == np.dtype(node.dtype) and np.array_equal(got.astype(np.int64), want)
+        else:
+            ok = got.dtype == np.float32 and np.array_equal(got, want)
+        if not ok:
+            bad.append(f"{name} ({node.op})")
+    return bad

@@ -24,8 +24,11 @@ def test_version():
 def test_models_lists_zoo_and_embedded():
     result = invoke("models")
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    listed, families = result.output.split("\n\n")
+    lines = listed.splitlines()
     assert len(lines) == 10 + 8 + 3  # ResNet 5 depths x v1/v2, VGG 4 depths x bn, embedded
+    for family in ("imagenet-zoo", "fashion-mnist", "mxnet-export", "gluoncv-zoo", "onnx"):
+        assert f"  {family} " in families
     assert any(line.startswith("fmnist_resnet56_v2") and "embedded" in line for line in lines)
     assert any(line.startswith("resnet101_v2") for line in lines)
 
@@ -97,6 +100,7 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
                     "--percentile", 99.9, "--weight-scale", "max", "--weight-granularity",
                     "channel", "--bias-bits", 9, "--skip-k-conv", 1, "--skip-dense",
                     "--weight-bits", 6, "--activation-bits", 7, "--last-layer-bits", 8,
+                    "--rounding", "nearest",
                     "--results-dir", results, "--cache-dir", tmp_path / "cache", "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads((results / "results.json").read_text())
@@ -106,10 +110,11 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
         "activation_method": "percentile", "percentile": 99.9, "global_scale": 8.0,
         "weight_scale": "max", "weight_granularity": "channel", "bias_mode": "bits",
         "bias_bits": 9, "skip_k_conv": 1, "skip_dense": True, "weight_bits": 6,
-        "activation_bits": 7, "first_layer_bits": None, "last_layer_bits": 8}
+        "activation_bits": 7, "first_layer_bits": None, "last_layer_bits": 8,
+        "rounding": "nearest"}
     assert int8[0]["description"]["data"]["calibration"]["range"] == [0, 64]
     rows = {r["variant"]: r for r in summary["rows"]}
-    label = "a:p99.9 w:max/channel b9 skip1 fdense W6A7 last8"
+    label = "a:p99.9 w:max/channel b9 skip1 fdense W6A7 last8 round-nearest"
     assert set(rows) == {"float32", label}
     assert f"| fmnist_vgg11_bn | {label} | 64 | 2 |" in result.output
     # float layers (skip1, fdense) sum in another order: checked layer by layer
@@ -219,6 +224,7 @@ def test_calibration_file_of_another_model_is_refused(tmp_path):
     (["--skip-k-conv", -1], "--skip-k-conv"),
     (["--weight-bits", 9], "--weight-bits"),
     (["--activation-bits", 1], "--activation-bits"),
+    (["--rounding", "even"], "'even' is not one of"),
 ])
 def test_bad_quantization_options_exit_2(args, message):
     result = invoke("evaluate", "--model", "fmnist_vgg11_bn", *args)

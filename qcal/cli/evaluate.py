@@ -30,8 +30,8 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
              calib_images, batch_size, preprocessing, cache_dir,
              activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
              skip_k_conv, skip_dense, weight_bits, activation_bits, first_layer_bits,
-             last_layer_bits, calibration_file, verify_images, float_only, output, results_dir,
-             wait, quiet):
+             last_layer_bits, rounding, calibration_file, verify_images, float_only, output,
+             results_dir, wait, quiet):
     """Quantize through TVM, run the integer model, report top-1/top-5 against float32.
 
     Quantization options may repeat (e.g. --bias-bits 8 --bias-bits 16); every combination is one
@@ -52,7 +52,7 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
     variants = () if float_only else variants_from_options(
         activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
         skip_k_conv, skip_dense, weight_bits=weight_bits, activation_bits=activation_bits,
-        first_layer_bits=first_layer_bits, last_layer_bits=last_layer_bits)
+        first_layer_bits=first_layer_bits, last_layer_bits=last_layer_bits, rounding=rounding)
     config = SweepConfig(
         name="evaluate", models=tuple(models),
         data=data_options_dict(data, num_images, calib_data, calib_range, calib_images,

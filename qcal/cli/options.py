@@ -82,8 +82,8 @@ def data_options(func):
 
 def quant_options(func):
     """Each option may repeat; evaluate runs the cross product of the values given."""
-    from qcal.config import (ACTIVATION_METHODS, MAX_BITS, MIN_BITS, WEIGHT_GRANULARITIES, WEIGHT_SCALES,
-                             QuantOptions)
+    from qcal.config import (ACTIVATION_METHODS, MAX_BITS, MIN_BITS, ROUNDINGS, WEIGHT_GRANULARITIES,
+                             WEIGHT_SCALES, QuantOptions)
 
     d = QuantOptions()
     options = [
@@ -117,6 +117,9 @@ def quant_options(func):
         click.option("--last-layer-bits", multiple=True, type=click.IntRange(MIN_BITS, MAX_BITS),
                      help="Weight and input width of the last conv/dense layer (default: as the "
                           "others)."),
+        click.option("--rounding", multiple=True, type=click.Choice(ROUNDINGS),
+                     help=f"Ties of every rounding right shift and integer rescale: upward (half "
+                          f"up) or nearest (half to even) (default {d.rounding})."),
         click.option("--calib", "calibration_file",
                      type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="Reuse the ranges of a `qcal calibrate` file (no calibration pass)."),
@@ -128,14 +131,16 @@ def quant_options(func):
 
 def variants_from_options(activation_method, percentile, global_scale, weight_scale,
                           weight_granularity, bias, skip_k_conv, skip_dense, weight_bits=(),
-                          activation_bits=(), first_layer_bits=(), last_layer_bits=()):
+                          activation_bits=(), first_layer_bits=(), last_layer_bits=(),
+                          rounding=()):
     from qcal.config import expand_variants
 
     axes = {"activation_method": activation_method, "percentile": percentile,
             "global_scale": global_scale, "weight_scale": weight_scale,
             "weight_granularity": weight_granularity, "bias": bias, "skip_k_conv": skip_k_conv,
             "weight_bits": weight_bits, "activation_bits": activation_bits,
-            "first_layer_bits": first_layer_bits, "last_layer_bits": last_layer_bits}
+            "first_layer_bits": first_layer_bits, "last_layer_bits": last_layer_bits,
+            "rounding": rounding}
     return expand_variants({k: v for k, v in axes.items() if v}, {"skip_dense": skip_dense})
 
 

@@ -5,6 +5,11 @@ Widths. An int8 tensor of b bits (2..8) holds the levels -L..L, L = 2**(b-1) - 1
 attribute of its ``quantize`` / ``requantize``; 127 when absent); weights narrower than 8 bits are
 int8 constants within +-L. The kernels do not change with the width, only the clips and bounds.
 
+Rounding (``rounding`` attribute, "upward" when absent). ``rshr(v, R)``, the rounding right shift,
+is ``(v + (1 << R >> 1)) >> R`` under "upward" (ties towards +inf, Relay's UPWARD) and
+``(v + (1 << R >> 1) - 1 + ((v >> R) & 1)) >> R`` for R > 0 under "nearest" (ties to even, Relay's
+TONEAREST); both add at most half, so one bound serves both. R = 0 leaves v as it is.
+
 Value model. Every integer tensor ``v`` means the real number ``v * scale``; ``scale`` is a float64
 array of shape ``()`` (per tensor) or ``(C,)`` (per channel, axis 1 of the NCHW / NC tensor).
 Each integer node also carries ``bound``: a proven upper bound of ``|v|`` (same shape), derived from
@@ -22,9 +27,10 @@ input                  float32 image batch                    shape
 quantize               f32 -> int8: clip(rint(x * inv), L)    inv_scale (float32 scalar); levels L
 dequantize             int -> f32: float32(v) * scale         scale (float32, () or (C,))
 requantize             int -> int8/int32, rounding rescale:   kind "shift": lshift, rshift (C,) ints:
-                       shift: ((v << L) + (1<<R>>1)) >> R     kind "multiply": multiplier, rshift:
-                       multiply: (v*m + (1<<(R-1))) >> R      (int64 math); compute (int32|int64);
-                       then clip +-L when out is int8         out dtype in QNode.dtype; levels L
+                       shift: rshr(v << L, R)                 kind "multiply": multiplier, rshift:
+                       multiply: rshr(v * m, R)               (int64 math); compute (int32|int64);
+                       then clip +-L when out is int8         out dtype in QNode.dtype; levels L;
+                                                              rounding
 qconv2d                int8 x int8 -> int32, zero padding     conv attrs of graph.py; weight int8
 qdense                 int8 (N, I) x int8 (O, I)^T -> int32   weight int8
 qchannel_mul           int8 * int8[c] -> int32                multiplier int8 (C,)
@@ -32,8 +38,9 @@ bias_add               int32 + int32[c]                       bias int32 (C,)
 qclip                  int: min(max(v, lo[c]), hi[c])         lo, hi int64 (() or (C,))
 qsum_pool2d            window sums -> int32 (divisor is in    pool_size, strides, padding
                        the output scale)
-qavg_pool2d            rounded mean: (2*sum + n) // (2n)      pool_size, strides, padding; counts
-                       (count_include_pad=False with pads)    int32 (OH, OW)
+qavg_pool2d            rounded mean: (2*sum + n) // (2n),     pool_size, strides, padding; counts
+                       a tie made even under "nearest"        int32 (OH, OW); rounding
+                       (count_include_pad=False with pads)
 qglobal_sum_pool2d     sum over H, W -> int32 (N, C, 1, 1)    -
 qadd                   int32 + int32 (operands aligned)       -
 relu, max_pool2d,      any: as in graph.py (max-pool pads     as in graph.py
@@ -50,7 +57,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qcal.config import QuantOptions
+from qcal.config import ROUNDINGS, QuantOptions
 from qcal.errors import QcalError
 
 INT8_MAX = 127
@@ -147,6 +154,11 @@ class QGraph:
 def int8_levels(node: QNode) -> int:
     """The largest level L of a ``quantize`` or int8 ``requantize`` node's output (clip to +-L)."""
     return int(node.attrs.get("levels", INT8_MAX))
+
+
+def rounding_of(node: QNode) -> str:
+    """How a ``requantize`` or ``qavg_pool2d`` node rounds its ties."""
+    return str(node.attrs.get("rounding", ROUNDINGS[0]))
 
 
 def channels_of(shape) -> int:

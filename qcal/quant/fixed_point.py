@@ -89,6 +89,8 @@ class RescalePlan:
 
 
 def rounding_shift_bound(bound, rshift):
+    """A bound of ``rshr(v, rshift)`` for |v| <= bound, and the half it adds (``rnd``); it holds for
+    both roundings (qcal.ir.qgraph): each adds at most ``rnd`` before the shift."""
     rnd = np.where(rshift > 0, np.left_shift(np.int64(1), np.maximum(rshift - 1, 0)), 0)
     return np.right_shift(bound + rnd, rshift), rnd
 

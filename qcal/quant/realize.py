@@ -118,7 +118,7 @@ class _Realizer:
         params = {"lshift": collapse(plan.lshift), "rshift": collapse(plan.rshift)}
         if plan.kind == "multiply":
             params["multiplier"] = collapse(plan.multiplier)
-        attrs = {"kind": plan.kind, "compute": plan.compute}
+        attrs = {"kind": plan.kind, "compute": plan.compute, "rounding": self.options.rounding}
         if out_dtype == "int8":
             attrs["levels"] = levels
         return self.emit(QNode(name, "requantize", (src.name,), attrs=attrs,
@@ -333,6 +333,7 @@ def _avg_pool2d(ctx: _Realizer, node: Node) -> QNode:
                               shape=shape, scale=x.scale / count, bound=x.bound * count))
     _, counts = pool_sum_and_count(np.zeros((1, 1) + tuple(x.shape[1:]), np.int64),
                                    attrs["pool_size"], attrs["strides"], attrs["padding"], False)
+    attrs["rounding"] = ctx.options.rounding
     return ctx.emit(QNode(node.name, "qavg_pool2d", (x.name,), attrs,
                           {"counts": counts.astype(np.int32)}, dtype="int32", shape=shape,
                           scale=x.scale, bound=x.bound))

@@ -17,28 +17,44 @@ from __future__ import annotations
 import numpy as np
 
 from qcal.errors import QcalError
-from qcal.ir.qgraph import INT8_MAX, QGraph, QNode, int8_levels
+from qcal.ir.qgraph import INT8_MAX, QGraph, QNode, int8_levels, rounding_of
 from qcal.reference import kernels as K
 from qcal.reference.float_interpreter import channel_view, float_op
 
 _DTYPE_RANGE = {"int8": (-128, 127), "int32": (-2 ** 31, 2 ** 31 - 1)}
 
 
-def rounding_right_shift(v, rshift):
+def rounding_right_shift(v, rshift, rounding="upward"):
+    """``rshr`` of qcal.ir.qgraph: add half (ties up), or for "nearest" half minus one plus the
+    low bit of the result (ties to even)."""
     rshift = np.asarray(rshift, dtype=np.int64)
     rnd = np.where(rshift > 0, np.left_shift(np.int64(1), np.maximum(rshift - 1, 0)), 0)
+    if rounding == "nearest":
+        shifts = rshift > 0
+        odd = np.bitwise_and(np.right_shift(v, rshift), shifts.astype(np.int64))
+        return np.right_shift(v + (rnd - shifts) + odd, rshift)
     return np.right_shift(v + rnd, rshift)
+
+
+def rounded_mean(sums, counts, rounding="upward"):
+    """sums / counts rounded to the nearest integer, ties up or (for "nearest") to even."""
+    num = 2 * sums + counts
+    mean = num // (2 * counts)
+    if rounding == "nearest":
+        tie = (num % (2 * counts)) == 0
+        mean = mean - (tie & (np.bitwise_and(mean, 1) == 1))
+    return mean
 
 
 # -- integer semantics ------------------------------------------------------------------------
 
 def _requantize_int(node: QNode, v):
     p, rank = node.params, v.ndim
-    rshift = channel_view(p["rshift"], rank)
+    rshift, rounding = channel_view(p["rshift"], rank), rounding_of(node)
     if node.attrs["kind"] == "shift":
-        v = rounding_right_shift(np.left_shift(v, channel_view(p["lshift"], rank)), rshift)
+        v = rounding_right_shift(np.left_shift(v, channel_view(p["lshift"], rank)), rshift, rounding)
     else:
-        v = rounding_right_shift(v * channel_view(p["multiplier"], rank), rshift)
+        v = rounding_right_shift(v * channel_view(p["multiplier"], rank), rshift, rounding)
     if node.dtype == "int8":
         return np.clip(v, -int8_levels(node), int8_levels(node))
     return v
@@ -74,8 +90,7 @@ def _int_op(node: QNode, args):
         return K.pool_sum_and_count(x, a["pool_size"], a["strides"], a["padding"], True)[0]
     if node.op == "qavg_pool2d":
         sums, _ = K.pool_sum_and_count(x, a["pool_size"], a["strides"], a["padding"], True)
-        counts = p["counts"].astype(np.int64)
-        return (2 * sums + counts) // (2 * counts)
+        return rounded_mean(sums, p["counts"].astype(np.int64), rounding_of(node))
     if node.op == "qglobal_sum_pool2d":
         return x.sum(axis=(2, 3), keepdims=True)
     if node.op == "flatten":
@@ -162,8 +177,14 @@ def _fake_quant(v, scale, limit=INT8_MAX, rounding=np.rint):
 
 
 def _round_half_up(v):
-    """What a rounding right shift does: add half, then floor (ties go towards +inf)."""
+    """What an "upward" rounding right shift does: add half, then floor (ties towards +inf)."""
     return np.floor(v + 0.5)
+
+
+def _rounding(node: QNode):
+    """The float rounding function that matches the node's integer rounding ("nearest": rint,
+    ties to even)."""
+    return np.rint if rounding_of(node) == "nearest" else _round_half_up
 
 
 def _simulated_op(node: QNode, args, qgraph: QGraph):
@@ -172,12 +193,12 @@ def _simulated_op(node: QNode, args, qgraph: QGraph):
     rank = x.ndim
     if node.op in ("quantize",):
         return _fake_quant(x, _real_scale(node, rank), int8_levels(node))
-    # Rescales round as the integer model does (half up), and int32 alignments that shift right
+    # Rescales round as the integer model does (its ties), and int32 alignments that shift right
     # lose their low bits here too: with power-of-2 scales every simulated value is a dyadic
     # rational that float64 holds exactly, so the simulation then equals the integer model.
     if node.op == "requantize":
         limit = int8_levels(node) if node.dtype == "int8" else np.inf
-        return _fake_quant(x, _real_scale(node, rank), limit, _round_half_up)
+        return _fake_quant(x, _real_scale(node, rank), limit, _rounding(node))
     if node.op == "dequantize":
         return x
     src = qgraph.node(node.inputs[0]) if node.inputs else None
@@ -200,9 +221,9 @@ def _simulated_op(node: QNode, args, qgraph: QGraph):
     if node.op in ("qsum_pool2d", "qavg_pool2d"):
         sums, counts = K.pool_sum_and_count(x, a["pool_size"], a["strides"], a["padding"],
                                             node.op == "qsum_pool2d")
-        if node.op == "qavg_pool2d":  # the integer mean rounds half up in the input's units
+        if node.op == "qavg_pool2d":  # the integer mean rounds in the input's units
             step = _real_scale(src, rank)
-            return _round_half_up(sums / counts / step) * step
+            return _rounding(node)(sums / counts / step) * step
         return sums / counts
     if node.op == "qglobal_sum_pool2d":
         return x.mean(axis=(2, 3), keepdims=True)

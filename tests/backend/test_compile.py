@@ -14,32 +14,12 @@ from qcal.errors import QcalError, UsageProblem
 from qcal.quant.realize import qgraph_from_float
 from qcal.reference.int_interpreter import run_integer, run_simulated
 from tests.fixtures import MODELS, OPTION_SETS, every_op, images, realized
+from tests.fixtures import tvm_and_numpy_values as _every_node
+from tests.fixtures import tvm_mismatches as _mismatches
 
 tvm_adapter = pytest.importorskip("qcal.backend.tvm.emit")
 
 BATCH = 4
-
-
-def _every_node(qgraph, x, use_schedules=True):
-    """TVM's value of every node of ``qgraph`` on ``x`` (one compile), and numpy's."""
-    names = [n.name for n in qgraph.nodes[1:]]
-    main = tvm_adapter.build(tvm_adapter.emit_relax(qgraph, len(x), outputs=names),
-                             use_schedules=use_schedules)
-    return dict(zip(names, tvm_adapter.run(main, x))), run_integer(qgraph, x, keep="all")
-
-
-def _mismatches(qgraph, tvm_values, ref_values):
-    bad = []
-    for name, got in tvm_values.items():
-        node = qgraph.node(name)
-        want = ref_values[name]
-        if node.is_int:
-            ok = got.dtype == np.dtype(node.dtype) and np.array_equal(got.astype(np.int64), want)
-        else:
-            ok = got.dtype == np.float32 and np.array_equal(got, want)
-        if not ok:
-            bad.append(f"{name} ({node.op})")
-    return bad
 
 
 # Per op: conv 1x1 / 3x3 / strided / grouped / depthwise, dense, relu, relu6, residual add,

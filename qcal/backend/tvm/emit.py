@@ -21,7 +21,7 @@ import tvm
 from tvm import relax
 
 from qcal.backend.tvm import schedules
-from qcal.ir.qgraph import QGraph, QNode, int8_levels
+from qcal.ir.qgraph import QGraph, QNode, int8_levels, rounding_of
 from qcal.registry import Registry
 
 # -- target and compile ------------------------------------------------------------------------
@@ -124,8 +124,15 @@ def _requantize(node, x, batch):
         v = relax.op.multiply(v, channel_const(p["multiplier"], rank, compute))
         rnd = np.left_shift(np.int64(1), rshift - 1)
     if np.any(rshift):
-        v = relax.op.add(v, channel_const(rnd, rank, compute))
-        v = relax.op.right_shift(v, channel_const(rshift, rank, compute))
+        shift = channel_const(rshift, rank, compute)
+        if rounding_of(node) == "nearest":  # ties to even: half - 1, plus the result's low bit
+            shifts = (rshift > 0).astype(np.int64)
+            odd = relax.op.bitwise_and(relax.op.right_shift(v, shift),
+                                       channel_const(shifts, rank, compute))
+            v = relax.op.add(relax.op.add(v, channel_const(rnd - shifts, rank, compute)), odd)
+        else:
+            v = relax.op.add(v, channel_const(rnd, rank, compute))
+        v = relax.op.right_shift(v, shift)
     if node.dtype == "int8":
         levels = int8_levels(node)
         v = relax.op.minimum(relax.op.maximum(v, const(-levels, compute)), const(levels, compute))
@@ -194,7 +201,13 @@ def _qavg_pool2d(node, x, batch):
     counts = node.params["counts"].astype(np.int64)[None, None]
     sums = relax.op.astype(_window_sums(node, x), "int64")
     num = relax.op.add(relax.op.multiply(sums, const(2, "int64")), const(counts, "int64"))
-    return relax.op.astype(relax.op.floor_divide(num, const(2 * counts, "int64")), "int32")
+    mean = relax.op.floor_divide(num, const(2 * counts, "int64"))
+    if rounding_of(node) == "nearest":  # a tie (num divisible by 2n) made even
+        tie = relax.op.astype(relax.op.equal(relax.op.floor_mod(num, const(2 * counts, "int64")),
+                                             const(0, "int64")), "int64")
+        mean = relax.op.subtract(mean, relax.op.multiply(
+            tie, relax.op.bitwise_and(mean, const(1, "int64"))))
+    return relax.op.astype(mean, "int32")
 
 
 @emitter("qglobal_sum_pool2d")
