@@ -7,6 +7,7 @@ statistics (one pass over the calibration images) and the float32 result.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import time
 from pathlib import Path
@@ -153,9 +154,17 @@ class ModelSession:
 
     def evaluate(self, options=None):
         """(EvalResult, fidelity EvalResult or None, extra record fields) for float32 (options
-        None) or one int8 variant."""
-        if options is not None:
-            return self.evaluate_int8(options)
+        None) or one int8 variant. Nothing the run compiled outlives it."""
+        outcome = self._evaluate_float() if options is None else self._evaluate_int8(options)
+        # TVMScript's ``T.prim_func`` keeps the ``inspect.stack()`` of its caller in a reference
+        # cycle (tvm/tirx/script/parser/entry.py), and a frame keeps its locals after it returns:
+        # a compile leaves every frame above it (the compiled model, the variant's results, the
+        # statistics pass's batches) to the cyclic collector, whose full collections may come
+        # many variants later. Collected here, once the variant's frames have all returned.
+        gc.collect()
+        return outcome
+
+    def _evaluate_float(self):
         runner = self.model.float_runner(self.graph, self.batch_size)
         result, fidelity = self._run_selections(runner, "float32", self.plan(False))
         return result, fidelity, {}
@@ -205,7 +214,7 @@ class ModelSession:
                  else "not verified (verify_images 0)")
         return verification
 
-    def evaluate_int8(self, options):
+    def _evaluate_int8(self, options):
         from qcal.backend.tvm.compile import compile_model
 
         qgraph = self.quantize(options)
