@@ -138,7 +138,25 @@ def class_indices(names) -> dict:
     return {**labels, UNLABELLED_FOLDER: -1}
 
 
+LABELS_FILE = "labels.txt"  # ROOT/labels.txt: the class folder names in index order, one a line
+
+
+def labels_from_file(path: Path, folders) -> dict:
+    """Folder name -> index from a labels file (line i names the folder of class i)."""
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise QcalError(f"{path} names class '{twice}' twice")
+    unlisted = [f for f in folders if f not in names and f != UNLABELLED_FOLDER]
+    if unlisted:
+        raise QcalError(f"{path} does not list the class folder '{unlisted[0]}' "
+                        f"({len(unlisted)} unlisted in all)")
+    return {**{n: i for i, n in enumerate(names)}, UNLABELLED_FOLDER: -1}
+
+
 class ImageFolderSource(DecodedImageSource):
+    """Class folders; ``ROOT/labels.txt``, when present, numbers them instead of ``class_indices``."""
+
     kind = "image-folder"
 
     def __init__(self, root: Path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING):
@@ -148,6 +166,8 @@ class ImageFolderSource(DecodedImageSource):
             raise QcalError(f"image folder not found: {self.root}")
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         labels = class_indices(folders)
+        if (self.root / LABELS_FILE).is_file():
+            labels = labels_from_file(self.root / LABELS_FILE, folders)
         entries = []
         for folder in folders:
             for f in (self.root / folder).iterdir():
