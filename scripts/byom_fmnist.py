@@ -126,9 +126,15 @@ def export(net, prefix: Path, preprocessing: dict):
     import mxnet as mx
     from mxnet import onnx as mx_onnx
 
-    net.save_parameters(str(prefix) + ".params")
+    # a hybridized (static_alloc) network applies the last backward's BatchNorm statistics at its
+    # next forward: run one and wait, or save_parameters and export would write different weights
     net(mx.nd.zeros((1, 3, 32, 32)))
+    mx.nd.waitall()
+    net.save_parameters(str(prefix) + ".params")
     net.export(str(prefix))  # PREFIX-symbol.json + PREFIX-0000.params
+    saved = list(mx.nd.load(str(prefix) + ".params").values())
+    exported = list(mx.nd.load(f"{prefix}-0000.params").values())
+    assert all(np.array_equal(a.asnumpy(), b.asnumpy()) for a, b in zip(saved, exported))
     mx_onnx.export_model(f"{prefix}-symbol.json", f"{prefix}-0000.params",
                          in_shapes=[(1, 3, 32, 32)], in_types=[np.float32],
                          onnx_file_path=f"{prefix}.onnx", dynamic=True,
@@ -136,12 +142,12 @@ def export(net, prefix: Path, preprocessing: dict):
     Path(f"{prefix}.preprocess.json").write_text(json.dumps(preprocessing, indent=2) + "\n")
 
 
-def mxnet_predictions(out: Path, name: str, mean, std):
+def mxnet_predictions(out: Path, name: str, mean, std, num_images=None):
     """MXNet's own top-1 on the PNG folder: decoded with OpenCV, preprocessed with numpy."""
     import cv2
     import mxnet as mx
 
-    files = sorted((out / "test-png").glob("*/*.png"), key=lambda p: p.name)
+    files = sorted((out / "test-png").glob("*/*.png"), key=lambda p: p.name)[:num_images]
     labels = np.array([int(p.parent.name) for p in files])
     images = np.stack([cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in files])
     x = user_preprocess(images, mean[0], std[0])
@@ -152,8 +158,9 @@ def mxnet_predictions(out: Path, name: str, mean, std):
     return [p.name for p in files], logits.argmax(1), labels
 
 
-def qcal_run(out: Path, results: Path, model_args: list) -> dict:
-    command = [sys.executable, "-m", "qcal.cli", "evaluate", *model_args,
+def qcal_run(out: Path, results: Path, model_args: list, num_images=None) -> dict:
+    limit = ["--num-images", str(num_images)] if num_images else []
+    command = [sys.executable, "-m", "qcal.cli", "evaluate", *model_args, *limit,
                "--data", str(out / "test-png"), "--calib-data", str(out / "calib-png"),
                "--calib-images", "500", "--bias-bits", "16", "--results-dir", str(results),
                "--cache-dir", str(out / "cache"), "--quiet"]
@@ -176,7 +183,8 @@ def evaluate(args):
              "qcal's float32 class != MXNet's | int8 top-1 (qcal) |", "| --- | --- | --- | --- | "
              "--- | --- |"]
     for name in record["models"]:
-        files, mx_pred, labels = mxnet_predictions(args.out, name, pre["mean"], pre["std"])
+        files, mx_pred, labels = mxnet_predictions(args.out, name, pre["mean"], pre["std"],
+                                                   args.num_images)
         mx_top1 = float((mx_pred == labels).mean())
         prefix = args.out / name
         routes = {"NAME-symbol.json + NAME-0000.params": ["--model", f"{prefix}-symbol.json",
@@ -185,16 +193,17 @@ def evaluate(args):
                   "gluoncv name + NAME.params": ["--model", name, "--params", f"{prefix}.params"]}
         for route, model_args in routes.items():
             tag = route.split()[0].replace(".", "_")
-            run = qcal_run(args.out, args.out / "results" / f"{name}-{tag}", model_args)
+            run = qcal_run(args.out, args.out / "results" / f"{name}-{tag}", model_args,
+                           args.num_images)
             rows = {r["variant"]: r for r in run["rows"]}
             float_row = rows["float32"]
             int8_row = next(r for v, r in rows.items() if v != "float32")
             with open(run["predictions"]) as f:
                 preds = [r for r in csv.DictReader(f) if r["variant"] == "float32"]
-            qcal_pred = np.array([int(r["prediction"]) for r in preds])
+            qcal_pred = np.array([int(r["pred1"]) for r in preds])
             disagree = int((qcal_pred != mx_pred).sum()) if len(qcal_pred) == len(mx_pred) else -1
-            lines.append(f"| {name} | {route} | {100 * float_row['top1']:.2f} | "
-                         f"{100 * mx_top1:.2f} | {disagree} | {100 * int8_row['top1']:.2f} |")
+            lines.append(f"| {name} | {route} | {float_row['top1']:.2f} | "
+                         f"{100 * mx_top1:.2f} | {disagree} | {int8_row['top1']:.2f} |")
             print(run["command"], f"({run['seconds']} s)", flush=True)
     table = "\n".join(lines)
     print(table)
@@ -216,6 +225,7 @@ def main():
     t.add_argument("--data-dir", type=Path, default=fashion_mnist.DEBIAN_DIR)
     e = sub.add_parser("evaluate")
     e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--num-images", type=int, help="the first N test PNGs (default: all)")
     args = parser.parse_args()
     train(args) if args.step == "train" else evaluate(args)
 

@@ -7,6 +7,7 @@ traceback is printed, and that nothing at all was left in that folder.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -54,6 +55,9 @@ def ws(tmp_path_factory):
     (root / "fmnist-garbage").mkdir()
     for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
         (root / "fmnist-garbage" / name).write_bytes(b"not gzip at all")
+    (root / "fmnist-cut").mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (root / "fmnist-cut" / name).write_bytes(gzip.compress(bytes(range(256)) * 8)[:40])
     (root / "fmnist-missing").mkdir()
     (root / "a-file.txt").write_text("I am not a folder\n")
     (root / "garbage.params").write_bytes(b"not params" * 10)
@@ -320,7 +324,9 @@ CASES = [
     ("file-rec-damaged", EVAL + ["--calib-data", "{ws}/damaged.rec"], 1,
      "{ws}/damaged.rec: record 0 (key 0) cannot be read"),
     ("file-fmnist-garbage", EVAL + ["--data", "{ws}/fmnist-garbage"], 1,
-     "{ws}/fmnist-garbage/t10k-images-idx3-ubyte.gz is not a gzip IDX file"),
+     "{ws}/fmnist-garbage/t10k-images-idx3-ubyte.gz is not an IDX uint8 file"),
+    ("file-fmnist-cut-gzip", EVAL + ["--data", "{ws}/fmnist-cut"], 1,
+     "{ws}/fmnist-cut/t10k-images-idx3-ubyte.gz is not a gzip IDX file, or is truncated"),
     ("file-fmnist-missing", EVAL + ["--data", "{ws}/fmnist-missing"], 1,
      "Fashion-MNIST file not found: {ws}/fmnist-missing/t10k-images-idx3-ubyte.gz"),
     ("file-jpeg-truncated", R18 + ["--data", "{ws}/truncated", "--float-only", "--output",

@@ -5,6 +5,8 @@ once; unknown keys are errors (a misspelt key silently ignored would make a tabl
 its config says), and so are values of the wrong type (``skip_dense: "no"`` is a string, not
 false) and YAML tags beyond the plain scalars, lists and mappings (``!!python/...``).
 
+Length: the whole file format in one place: every key's schema, each check located at its line.
+
     name: fmnist-embedded            # output folder name under results/ (default: file stem)
     models: [fmnist_resnet20_v1]     # registry names or .onnx paths
     data:                            # the same vocabulary as the CLI's data options
@@ -22,6 +24,8 @@ false) and YAML tags beyond the plain scalars, lists and mappings (``!!python/..
     batch_size: 64
     seed: 0
     float32: true                    # evaluate the float32 model too (the baseline of every delta)
+    verify_images: 2                 # check each compiled variant on this many calibration images
+                                     #   against its numpy integer reference first (0: off)
     grid:                            # the cross product of these lists ...
       activation_method: [power2, kl]
       weight_granularity: [tensor, channel]
@@ -38,7 +42,8 @@ from pathlib import Path
 
 import yaml
 
-from qcal.config import DEFAULT_BATCH_SIZE, OPTION_KEYS, QuantOptions, expand_variants, options_from_values
+from qcal.config import (DEFAULT_BATCH_SIZE, DEFAULT_VERIFY_IMAGES, OPTION_KEYS, QuantOptions,
+                         expand_variants, options_from_values)
 from qcal.data.plan import parse_range
 from qcal.data.preprocessing import PREPROCESSING_KEYS, coerce
 from qcal.errors import UsageProblem, raise_problems
@@ -50,7 +55,7 @@ DATA_KEYS = {
     "calib_crops": (int, type(None)),
 }  # and every preprocessing key (PREPROCESSING_KEYS), checked by the CLI's own rule
 TOP_KEYS = {"name", "models", "pretrained", "data", "batch_size", "seed", "float32", "grid",
-            "variants"}
+            "variants", "verify_images"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class SweepConfig:
     variants: tuple  # of QuantOptions, in grid order, duplicates removed
     params: str | None = None  # a local weights file (one model only; the CLI's --params)
     calibration_file: str | None = None  # reuse a `qcal calibrate` file instead of a pass
+    verify_images: int = DEFAULT_VERIFY_IMAGES  # qcal.eval.verify before each variant (0: off)
     source_path: str = ""
     raw: dict = field(default_factory=dict, compare=False)
     # where each value was given, for messages: "models[0]", "data.num_images", ... ->
@@ -183,15 +189,18 @@ def _existing_path(config_path: Path, value: str):
 DATA_OPTIONS = {"data": "--data", "calib_data": "--calib-data", "num_images": "--num-images"}
 
 
-def load_sweep_config(path, data_overrides: dict | None = None) -> SweepConfig:
-    """Parse and check ``path``; ``data_overrides`` (from the command line) replace data keys.
-    Every problem found is raised at once (``qcal.errors.Problems`` when there are several)."""
-    config, problems = parse_sweep_config(path, data_overrides)
+def load_sweep_config(path, data_overrides: dict | None = None,
+                      verify_images: int | None = None) -> SweepConfig:
+    """Parse and check ``path``; ``data_overrides`` (from the command line) replace data keys,
+    ``verify_images`` (when not None) the config's. Every problem found is raised at once
+    (``qcal.errors.Problems`` when there are several)."""
+    config, problems = parse_sweep_config(path, data_overrides, verify_images)
     raise_problems(problems)
     return config
 
 
-def parse_sweep_config(path, data_overrides: dict | None = None) -> tuple:
+def parse_sweep_config(path, data_overrides: dict | None = None,
+                       verify_images: int | None = None) -> tuple:
     """(config, problems): the config as far as it could be read (items at fault left out), and
     every problem found, each naming its file and line."""
     path = Path(path)
@@ -200,6 +209,8 @@ def parse_sweep_config(path, data_overrides: dict | None = None) -> tuple:
         config = _load_sweep_config(path, loc)
     except _Skip:
         return None, loc.problems
+    if verify_images is not None:
+        config = dataclasses.replace(config, verify_images=verify_images)
     if data_overrides:
         given = {k: v for k, v in data_overrides.items() if v is not None}
         config = dataclasses.replace(
@@ -339,6 +350,9 @@ def _load_sweep_config(path: Path, loc: _Located) -> SweepConfig:
         float32 = boolean("float32", True)
     with loc.each():
         pretrained = boolean("pretrained", False)
+    verify_images = DEFAULT_VERIFY_IMAGES
+    with loc.each():
+        verify_images = integer("verify_images", DEFAULT_VERIFY_IMAGES, 0)
 
     variants = []
     if "grid" in top:
@@ -391,4 +405,5 @@ def _load_sweep_config(path: Path, loc: _Located) -> SweepConfig:
         raw = yaml.safe_load(text)  # every node was read above: this cannot fail
     return SweepConfig(name=name, models=tuple(models), data=data, batch_size=batch_size,
                        seed=seed, float32=float32, pretrained=pretrained, variants=unique,
-                       source_path=str(path), raw=raw, locations=locations)
+                       verify_images=verify_images, source_path=str(path), raw=raw,
+                       locations=locations)

@@ -101,7 +101,8 @@ def _check_model(config, index: int, model: str, cache_dir, calibrate: bool, qui
     try:
         session = ModelSession(model, config.data, config.batch_size, params=config.params,
                                pretrained=config.pretrained, seed=config.seed, quiet=quiet,
-                               cache_dir=cache_dir, calibration_file=config.calibration_file)
+                               cache_dir=cache_dir, calibration_file=config.calibration_file,
+                               verify_images=config.verify_images)
     except QcalError as exc:
         return None, [_located(where, exc)]
     problems = []

@@ -157,7 +157,7 @@ class ModelFamily:
 
         if data is None:
             raise UsageProblem(f"'{self.display_name}' needs --data (data.data in a sweep config): "
-                               f"a class-folder directory or a .rec file")
+                               f"class folders, a .rec file, an .npz or IDX file")
         return open_source(data, preprocessing)
 
     def default_calibration_source(self):

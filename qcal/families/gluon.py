@@ -160,6 +160,7 @@ ZOO_SPECS = _imagenet_zoo_specs()
 @FAMILIES.register("imagenet-zoo")
 class GluonZooModel(GluonModel):
     family = "imagenet-zoo"
+    naming = "a resnet*/vgg* name listed above, with --pretrained (MXNet's model store) or --params"
 
     @classmethod
     def claims(cls, name: str) -> bool:
