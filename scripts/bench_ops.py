@@ -6,10 +6,13 @@
 
 Each op is a small Relax module of the shape the TVM adapter emits (int8 x int8 -> int32 conv or
 dense, then the requantize epilogue: + bias, rounding right shift in int64, clip, cast int8),
-compiled three times with the same host-CPU LLVM target: through the CPU pipeline without
-``ApplyCpuSchedules`` ("default"), with it ("s_tir"), and with the int16-pair conv rewrite in
-front of it ("pairs", what ``qcal.backend.tvm.schedules.build`` does by default). Rates count 2 ops per
-multiply-accumulate of the conv/dense only. Both scheduled outputs are checked bit-exact against
+compiled four times: with the host-CPU LLVM target through the CPU pipeline without
+``ApplyCpuSchedules`` ("default"), with it ("s_tir"), with the int8 conv rewrite in front of it
+(what ``qcal.backend.tvm.schedules.build`` does by default: "vnni", the u8 x s8 ``vpdpbusd``
+kernel, when the CPU has AVX-512 VNNI or AVX-VNNI), and with the same target with VNNI switched
+off ("pairs", the int16-pair ``vpmaddwd`` kernel). Rates count 2 ops per multiply-accumulate of
+the conv/dense only; "GOP/s" is the fastest column's, "vnni GOP/s" the vnni column's. Every
+scheduled output is checked bit-exact against
 the default one on every row (with ``--dtype float32``: allclose, and the epilogue is + bias, ReLU).
 MXNet 1.9.1 float32 (oneDNN) on the same shape is the reference column (GFLOP/s), when MXNet
 imports.
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from qcal.backend.tvm import schedules  # noqa: E402
+from qcal.backend.tvm import schedules, vnni  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class DenseCase:
 CASES = {
     "notes_3x3": ConvCase((64, 56, 56), 64, 3, 1, 1),            # a ResNet stage-1 3x3 conv
     "r50_1x1_256to64": ConvCase((256, 56, 56), 64, 1, 1, 0),     # ResNet-50 stage 1 reduce
+    "r50_1x1_64to256": ConvCase((64, 56, 56), 256, 1, 1, 0),     # ResNet-50 stage 1 expand
+    "r50_3x3_14": ConvCase((256, 14, 14), 256, 3, 1, 1),         # ResNet-50 stage 3 3x3
+    "r50_1x1_7_512to2048": ConvCase((512, 7, 7), 2048, 1, 1, 0),  # ResNet-50 stage 4 expand
     "r50_3x3_s2": ConvCase((128, 56, 56), 128, 3, 2, 1),         # ResNet-50 stage 2 entry (v1b)
     "r50_stem_7x7": ConvCase((3, 224, 224), 64, 7, 2, 3),        # ResNet stem
     "mbv2_dw_3x3": ConvCase((96, 56, 56), 96, 3, 1, 1, 96),      # MobileNet-style depthwise
@@ -187,12 +193,13 @@ def main(argv=None):
 
     target = schedules.cpu_target()
     print(f"target: {target}  (vector width {schedules.vector_bits(target)} bits, "
-          f"pmaddwd lanes {schedules.pair_lanes(target)})")
+          f"pmaddwd lanes {schedules.pair_lanes(target)}, "
+          f"vpdpbusd lanes {vnni.vnni_lanes(target)})")
     print("default = unscheduled; s_tir = ApplyCpuSchedules only; pairs = the int16-pair conv "
-          "rewrite + schedules (qcal's build default); GOP/s of the faster of s_tir and pairs")
-    header = (f"{'op':<15} {'batch':>5} {'default ms':>10} {'s_tir ms':>9} {'pairs ms':>9} "
-              f"{'GOP/s':>6} {'speedup':>7} {'exact':>5} {'mxnet fp32 ms':>13} {'GFLOP/s':>7} "
-              f"{'vs mxnet':>8} {'compile s':>9}")
+          "rewrite + schedules (target without VNNI); vnni = qcal's build default for this target")
+    header = (f"{'op':<19} {'batch':>5} {'default ms':>10} {'s_tir ms':>9} {'pairs ms':>9} "
+              f"{'vnni ms':>8} {'GOP/s':>6} {'vnni GOP/s':>10} {'speedup':>7} {'exact':>5} "
+              f"{'mxnet fp32 ms':>13} {'GFLOP/s':>7} {'vs mxnet':>8} {'compile s':>9}")
     print(header)
     print("-" * len(header))
     for name in names:
@@ -203,24 +210,27 @@ def main(argv=None):
             x = rng.integers(-128, 128, shape).astype(args.dtype)
             gop = 2 * case.macs(batch) / 1e9
             out_s, t_stir, _ = time_module(mod, target, x, args.repeat, True, pair_convs=False)
-            out_p, t_pairs, compile_s = time_module(mod, target, x, args.repeat, True)
-            best = min(t_stir, t_pairs)
+            no_vnni = vnni.without_vnni(target)
+            out_p, t_pairs, _ = time_module(mod, no_vnni, x, args.repeat, True)
+            out_v, t_vnni, compile_s = time_module(mod, target, x, args.repeat, True)
+            best = min(t_stir, t_pairs, t_vnni)
             t_def, exact = None, "-"
             if not args.no_default:
                 ref, t_def, _ = time_module(mod, target, x, 1, schedule=False)
                 if args.dtype == "int8":
-                    same = np.array_equal(out_s, ref) and np.array_equal(out_p, ref)
+                    same = all(np.array_equal(o, ref) for o in (out_s, out_p, out_v))
                 else:
-                    same = all(np.allclose(o, ref, rtol=1e-4, atol=1e-2) for o in (out_s, out_p))
+                    same = all(np.allclose(o, ref, rtol=1e-4, atol=1e-2)
+                               for o in (out_s, out_p, out_v))
                 exact = "yes" if same else "NO"
             t_mx = None if args.no_mxnet else time_mxnet(case, batch, weight, args.repeat)
             mx_cols = (f"{t_mx * 1e3:>13.2f} {gop / t_mx:>7.1f} {t_mx / best:>7.2f}x"
                        if t_mx else f"{'-':>13} {'-':>7} {'-':>8}")
             def_col = f"{'-':>10}" if t_def is None else f"{t_def * 1e3:>10.2f}"
             speedup = f"{'-':>7}" if t_def is None else f"{t_def / best:>6.1f}x"
-            print(f"{name:<15} {batch:>5} {def_col} {t_stir * 1e3:>9.2f} {t_pairs * 1e3:>9.2f} "
-                  f"{gop / best:>6.1f} {speedup} {exact:>5} {mx_cols} {compile_s:>9.2f}",
-                  flush=True)
+            print(f"{name:<19} {batch:>5} {def_col} {t_stir * 1e3:>9.2f} {t_pairs * 1e3:>9.2f} "
+                  f"{t_vnni * 1e3:>8.2f} {gop / best:>6.1f} {gop / t_vnni:>10.1f} {speedup} "
+                  f"{exact:>5} {mx_cols} {compile_s:>9.2f}", flush=True)
 
 
 if __name__ == "__main__":
