@@ -8,6 +8,7 @@ CLI's repeated options, a sweep file's grid) into the variants they describe.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -18,6 +19,9 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_CALIB_IMAGES = 500  # calibration images when none are given (all of a smaller split)
 DEFAULT_HISTOGRAM_BINS = 8192  # |x| histogram bins per tensor in the statistics pass
 DEFAULT_BATCH_CACHE_DIR = Path(".qcal-cache/batches")
+# Calibration images on which each compiled variant must equal its numpy integer reference bit for
+# bit before it is evaluated (qcal.eval.verify); 0 turns the check off.
+DEFAULT_VERIFY_IMAGES = 2
 
 # Activation calibration methods (qcal.calib.collect's registry holds their implementations).
 ACTIVATION_METHODS = ("global", "max", "power2", "l2", "kl", "kl-mxnet", "percentile")
@@ -36,6 +40,14 @@ ROUNDINGS = ("upward", "nearest")
 # subset (Relay's debug_enabled_ops), the rest stay float32.
 QUANTIZABLE_OPS = ("conv2d", "dense", "channel_affine", "add", "relu", "clip", "max_pool2d",
                    "avg_pool2d", "global_avg_pool2d", "flatten")
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -69,18 +81,26 @@ class QuantOptions:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _name_list(name, value))
+        # YAML hands over whatever it parsed: "no" is a string, "99.9" too; only real numbers
+        # and booleans pass, and numbers are kept as floats so that 99 and 99.0 are one variant
+        for name in ("percentile", "global_scale"):
+            value = getattr(self, name)
+            need(_is_number(value), f"{name} must be a number, not {value!r}")
+            object.__setattr__(self, name, float(value))
+        need(isinstance(self.skip_dense, bool),
+             f"skip_dense must be true or false, not {self.skip_dense!r}")
 
         def width(value, optional=False):
-            return ((optional and value is None)
-                    or (isinstance(value, int) and not isinstance(value, bool)
-                        and MIN_BITS <= value <= MAX_BITS))
+            return (optional and value is None) or (_is_integer(value)
+                                                    and MIN_BITS <= value <= MAX_BITS)
 
         need(self.activation_method in ACTIVATION_METHODS,
              f"activation_method must be one of {', '.join(ACTIVATION_METHODS)}, "
              f"not '{self.activation_method}'")
         need(0.0 < self.percentile <= 100.0,
              f"percentile must be in (0, 100], not {self.percentile}")
-        need(self.global_scale > 0, f"global_scale must be positive, not {self.global_scale}")
+        need(math.isfinite(self.global_scale) and self.global_scale > 0,
+             f"global_scale must be a positive finite number, not {self.global_scale}")
         need(self.weight_scale in WEIGHT_SCALES,
              f"weight_scale must be one of {', '.join(WEIGHT_SCALES)}, not '{self.weight_scale}'")
         need(self.weight_granularity in WEIGHT_GRANULARITIES,
@@ -88,9 +108,9 @@ class QuantOptions:
              f"not '{self.weight_granularity}'")
         need(self.bias_mode in BIAS_MODES,
              f"bias_mode must be one of {', '.join(BIAS_MODES)}, not '{self.bias_mode}'")
-        need(isinstance(self.bias_bits, int) and 2 <= self.bias_bits <= 32,
+        need(_is_integer(self.bias_bits) and 2 <= self.bias_bits <= 32,
              f"bias_bits must be an integer from 2 to 32, not {self.bias_bits!r}")
-        need(isinstance(self.skip_k_conv, int) and self.skip_k_conv >= 0,
+        need(_is_integer(self.skip_k_conv) and self.skip_k_conv >= 0,
              f"skip_k_conv must be a non-negative integer, not {self.skip_k_conv!r}")
         for name in ("weight_bits", "activation_bits", "first_layer_bits", "last_layer_bits"):
             value = getattr(self, name)
@@ -182,7 +202,7 @@ def options_from_values(values: dict) -> QuantOptions:
     if bias is not None:
         if bias == "int32-acc":
             values["bias_mode"] = "int32-acc"
-        elif isinstance(bias, int) and not isinstance(bias, bool):
+        elif _is_integer(bias):
             values.update(bias_mode="bits", bias_bits=bias)
         else:
             raise UsageProblem(f"bias must be a bit count (2..32) or 'int32-acc', not {bias!r}")
