@@ -18,6 +18,9 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_CALIB_IMAGES = 500  # calibration images when none are given (all of a smaller split)
 DEFAULT_HISTOGRAM_BINS = 8192  # |x| histogram bins per tensor in the statistics pass
 DEFAULT_BATCH_CACHE_DIR = Path(".qcal-cache/batches")
+# Calibration images on which each compiled variant must equal its numpy integer reference bit for
+# bit before it is evaluated (qcal.eval.verify); 0 turns the check off.
+DEFAULT_VERIFY_IMAGES = 2
 
 # Activation calibration methods (qcal.calib.collect's registry holds their implementations).
 ACTIVATION_METHODS = ("global", "max", "power2", "l2", "kl", "kl-mxnet", "percentile")

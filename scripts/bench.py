@@ -21,7 +21,9 @@ Per model, in this order, on one set of random inputs (seeded):
     same target with VNNI switched off (``qcal.backend.tvm.vnni.without_vnni``: the int16-pair
     conv kernel, qcal's int8 before VNNI) and timed in the same rounds (``--no-kernel-compare``
     skips it);
-  * peak resident memory of the process after each phase (``ru_maxrss``).
+  * peak resident memory of the process after each phase (``ru_maxrss``);
+  * last, the peak resident memory of a real EfficientNet-Lite0 sweep (``scripts/sweep_memory.py``:
+    260x260, float32 + ``--sweep-variants`` int8 variants, per variant; floor 4 GB).
 ImageNet models (resnet18_v1, resnet50_v1 at 224x224) have random weights (qcal refuses to
 evaluate random weights, but speed does not depend on them); the embedded Fashion-MNIST models use
 their shipped weights and are skipped, with a note, when those are not there yet.
@@ -60,6 +62,7 @@ FLOOR_STATS_RATIO = 1.5  # statistics pass time over the float forward time
 FLOOR_COLD_S = 60.0  # resnet50_v1 compile, empty cache
 FLOOR_WARM_S = 2.0  # resnet50_v1 compile, cache hit
 FLOOR_MODEL = "resnet50_v1"
+FLOOR_SWEEP_PEAK_MB = 4096.0  # the Lite0 sweep's peak resident memory (scripts/sweep_memory.py)
 
 
 # --- the child: one model ----------------------------------------------------------------------
@@ -354,6 +357,33 @@ def floors(results: list) -> list:
     return lines
 
 
+def run_sweep_memory(args):
+    """``scripts/sweep_memory.py``'s figures (a real Lite sweep in a process of its own)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        cmd = [sys.executable, str(REPO / "scripts" / "sweep_memory.py"), "--json", result.name,
+               "--size", str(args.sweep_size), "--variants", str(args.sweep_variants)]
+        done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+        if done.returncode != 0:
+            return {"error": f"scripts/sweep_memory.py exited with {done.returncode}"}
+        return json.loads(Path(result.name).read_text())
+
+
+def sweep_memory_lines(sweep: dict) -> list:
+    if "error" in sweep:
+        return ["", f"note: Lite sweep memory: {sweep['error']}"]
+    lines = ["", f"Peak resident memory of an EfficientNet-Lite0 sweep at {sweep['size']}x"
+             f"{sweep['size']} (scripts/sweep_memory.py: float32 + {sweep['variants']} int8 "
+             f"variants, {sweep['images']} images + {sweep['fidelity_crops']} label-free crops, "
+             f"{sweep['calib_crops']} calibration crops), MB", ""]
+    lines += table(["variant", "peak while it ran", "RSS after it"],
+                   [[r["variant"], f"{r['peak_mb']:.0f}", f"{r['rss_end_mb']:.0f}"]
+                    for r in sweep["per_variant"]])
+    good = sweep["peak_mb"] <= FLOOR_SWEEP_PEAK_MB
+    lines += ["", f"- Lite0 sweep peak resident memory: {sweep['peak_mb']:.0f} MB (floor <= "
+              f"{FLOOR_SWEEP_PEAK_MB:.0f} MB): {'met' if good else 'NOT met'}"]
+    return lines
+
+
 def versions() -> str:
     import importlib.metadata as md
 
@@ -390,6 +420,9 @@ def parse_args(argv=None):
     p.add_argument("--no-kernel-compare", action="store_true",
                    help="on a VNNI CPU, skip timing qcal int8 compiled without VNNI")
     p.add_argument("--json", type=Path, help="also write every measurement here")
+    p.add_argument("--sweep-variants", type=int, default=12,
+                   help="int8 variants of the Lite0 sweep whose peak memory is measured (0: none)")
+    p.add_argument("--sweep-size", type=int, default=260, help="input size of that sweep")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -397,6 +430,7 @@ def parse_args(argv=None):
         args.models = args.models or ["resnet18_v1", *EMBEDDED_MODELS]
         args.rounds, args.round_seconds, args.stat_images = 3, 1.0, 16
         args.stat_images_embedded = 128
+        args.sweep_variants = min(args.sweep_variants, 2)
     args.models = args.models or [*IMAGENET_MODELS, *EMBEDDED_MODELS]
     return args
 
@@ -418,13 +452,19 @@ def main(argv=None):
             continue
         log(f"{model} (load average {load_average()})")
         results.append(run_child(model, args))
+    sweep = None
+    if args.sweep_variants:
+        log(f"Lite0 sweep memory (load average {load_average()})")
+        sweep = run_sweep_memory(args)
     meta["load_end"] = load_average()
     lines = report(results, notes, meta)
+    if sweep is not None:
+        lines += sweep_memory_lines(sweep)
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "results": results, "notes": notes},
-                                        indent=1))
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "notes": notes,
+                                         "sweep_memory": sweep}, indent=1))
     return 0
 
 

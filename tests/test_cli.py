@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -115,7 +116,53 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
     rows = {r["variant"]: r for r in summary["rows"]}
     label = "a:p99.9 w:max/channel b9 skip1 fdense W6A7 last8 round-nearest"
     assert set(rows) == {"float32", label}
-    assert f"| fmnist_vgg11_bn | {label} | 64 |" in result.output
+    assert f"| fmnist_vgg11_bn | {label} | 64 | 2 |" in result.output
+    # float layers (skip1, fdense) sum in another order: checked layer by layer
+    record = ResultStore(results).load(int8[0]["key"])[0]
+    assert (record["verified_images"], record["verify_check"]) == (2, "layers")
+    assert "verified: calibration images on which the compiled int8 model" in result.output
+
+
+def test_verify_images_zero_records_unverified_rows(tmp_path):
+    results = tmp_path / "results"
+    result = invoke("evaluate", "--model", "fmnist_vgg11_bn", "--num-images", 16,
+                    "--calib-images", 16, "--verify-images", 0, "--results-dir", results,
+                    "--cache-dir", tmp_path / "cache", "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = {r["variant"]: r for r in json.loads((results / "results.json").read_text())["rows"]}
+    assert rows["a:power2 w:power2/tensor b16"]["verified"] == 0
+    assert rows["float32"]["verified"] is None
+    assert "| fmnist_vgg11_bn | a:power2 w:power2/tensor b16 | 16 | 0 |" in result.output
+
+
+def test_a_miscompiled_variant_stops_with_one_line_naming_the_layer(tmp_path, monkeypatch):
+    """A qconv2d emitter that negates one filter of the third conv (a wrong kernel put in through
+    the backend's emitter table): no table, exit 1, the layer named, nothing of it saved."""
+    from qcal.backend.tvm import emit as tvm_adapter
+
+    right = tvm_adapter.EMITTERS.lookup("qconv2d")
+
+    def wrong(node, x, batch):
+        if node.name.startswith("vgg0_conv2_fwd"):
+            weight = node.params["weight"].copy()
+            weight[0] = -weight[0]
+            node = dataclasses.replace(node, params={**node.params, "weight": weight})
+        return right(node, x, batch)
+
+    monkeypatch.setitem(tvm_adapter.EMITTERS._handlers, "qconv2d", wrong)
+    results = tmp_path / "results"
+    result = invoke("evaluate", "--model", "fmnist_vgg11_bn", "--num-images", 16,
+                    "--calib-images", 16, "--results-dir", results,
+                    "--cache-dir", tmp_path / "cache", "--quiet")
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "Error: fmnist_vgg11_bn a:power2 w:power2/tensor b16: the compiled model differs from its "
+        "numpy integer reference on 2 calibration images; first differing layer "
+        "'vgg0_conv2_fwd' (qconv2d > "), result.output
+    assert not (results / "results.md").exists()
+    assert len(list((results / "variants").glob("*.json"))) == 1  # float32 only
+    assert "first differing layer 'vgg0_conv2_fwd'" in (results / "sweep.log").read_text()
 
 
 def test_repeated_options_make_the_cross_product(tmp_path):

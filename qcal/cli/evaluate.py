@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from qcal.cli.options import (data_options, data_options_dict, model_options, quant_options,
-                              variants_from_options)
+                              variants_from_options, verify_images_option)
 from qcal.cli.params import translate_errors
 from qcal.files import atomic_write_text
 
@@ -16,6 +16,7 @@ from qcal.files import atomic_write_text
 @model_options(multiple=True)
 @data_options
 @quant_options
+@verify_images_option()
 @click.option("--float-only", is_flag=True, help="Evaluate float32 only (no int8 variant).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the table here (.csv, .md or .json, by suffix).")
@@ -29,8 +30,8 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
              calib_images, batch_size, preprocessing, cache_dir,
              activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
              skip_k_conv, skip_dense, weight_bits, activation_bits, first_layer_bits,
-             last_layer_bits, rounding, calibration_file, float_only, output, results_dir, wait,
-             quiet):
+             last_layer_bits, rounding, calibration_file, verify_images, float_only, output,
+             results_dir, wait, quiet):
     """Quantize through TVM, run the integer model, report top-1/top-5 against float32.
 
     Quantization options may repeat (e.g. --bias-bits 8 --bias-bits 16); every combination is one
@@ -41,6 +42,7 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
     from qcal.drivers.sweep import run_sweep
     from qcal.drivers.sweep_config import SweepConfig
     from qcal.report import tables as report
+    from qcal.report.sweep_tables import results_markdown
 
     if output is not None and output.suffix not in report.TABLE_WRITERS:
         raise click.BadParameter(f"suffix must be one of {', '.join(report.TABLE_WRITERS)}",
@@ -57,11 +59,12 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
                                preprocessing),
         batch_size=batch_size, seed=0, float32=True, pretrained=pretrained, variants=variants,
         params=str(params) if params else None,
-        calibration_file=str(calibration_file) if calibration_file else None)
+        calibration_file=str(calibration_file) if calibration_file else None,
+        verify_images=verify_images)
     with tempfile.TemporaryDirectory(prefix="qcal-evaluate-") as scratch:
         table = run_sweep(config, results_dir or Path(scratch), quiet=quiet,
                           command=" ".join(["qcal", *sys.argv[1:]]), cache_dir=cache_dir,
                           wait=wait)
-    click.echo(report.format_markdown(table), nl=False)
+    click.echo(results_markdown(table), nl=False)
     if output is not None:
         atomic_write_text(output, report.TABLE_WRITERS[output.suffix](table))

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from qcal.cli.params import BiasType, ImageRangeType, ModelType, PreprocessingValueType
-from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_CALIB_IMAGES
+from qcal.config import (DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_CALIB_IMAGES,
+                         DEFAULT_VERIFY_IMAGES)
 
 
 def model_options(multiple: bool):
@@ -26,6 +27,20 @@ def model_options(multiple: bool):
     return decorate
 
 
+def verify_images_option(from_config: bool = False):
+    """``--verify-images K``: before each int8 variant is evaluated, its compiled model must equal
+    the numpy integer reference bit for bit on K calibration images (0: no check). With
+    ``from_config`` the option only overrides a sweep file's ``verify_images``."""
+    default = (f"the config's verify_images, else {DEFAULT_VERIFY_IMAGES}" if from_config
+               else str(DEFAULT_VERIFY_IMAGES))
+    return click.option(
+        "--verify-images", type=click.IntRange(min=0),
+        default=None if from_config else DEFAULT_VERIFY_IMAGES,
+        help="Before evaluating each int8 variant, check its compiled model against the numpy "
+             "integer reference, bit for bit, on this many calibration images (0: off; default "
+             f"{default}). A mismatch names the first differing layer and stops with exit 1.")
+
+
 def data_options(func):
     """The data options; the preprocessing ones (``PREPROCESSING_FIELDS``, shared with sweep files
     and preprocessing files) reach the command as one ``preprocessing`` dict of those given."""
@@ -34,7 +49,8 @@ def data_options(func):
     options = [
         click.option("--data", "data", type=click.Path(exists=True, path_type=Path),
                      help="Evaluation images: class folders (ROOT/<class>/<image>; ImageNet synset "
-                          "ids, class numbers or any names, sorted) or a .rec file "
+                          "ids, class numbers or any names, sorted), a .rec file, an .npz of "
+                          "'images' and 'labels' or an MNIST-style NAME-images-idx3-ubyte[.gz] "
                           "(Fashion-MNIST models default to the vendored test split)."),
         click.option("--num-images", type=click.IntRange(min=1),
                      help="Evaluate the first N images of the fixed order (default: all)."),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from qcal.cli.options import verify_images_option
 from qcal.cli.params import translate_errors
 
 
@@ -18,12 +19,13 @@ from qcal.cli.params import translate_errors
 @click.option("--calib-data", type=click.Path(exists=True, path_type=Path),
               help="Calibration images, replacing the config's data.calib_data.")
 @click.option("--num-images", type=click.IntRange(min=1), help="Replace data.num_images.")
+@verify_images_option(from_config=True)
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines on the terminal.")
 @click.option("--wait", is_flag=True,
               help="If another sweep is writing into the output folder, wait for it to finish "
                    "(then reuse what it finished) instead of stopping.")
 @translate_errors
-def sweep(config, output, data, calib_data, num_images, quiet, wait):
+def sweep(config, output, data, calib_data, num_images, verify_images, quiet, wait):
     """Run every variant of a YAML sweep CONFIG into one table (resumable: run it again to finish).
 
     The config is checked completely before any work starts; see configs/ for examples. One sweep
@@ -35,7 +37,7 @@ def sweep(config, output, data, calib_data, num_images, quiet, wait):
 
     cfg = load_sweep_config(config, {"data": str(data) if data else None,
                                      "calib_data": str(calib_data) if calib_data else None,
-                                     "num_images": num_images})
+                                     "num_images": num_images}, verify_images=verify_images)
     output = output or Path("results") / cfg.name
     run_sweep(cfg, output, quiet=quiet, command=" ".join(["qcal", *sys.argv[1:]]), wait=wait)
     click.echo((output / "results.md").read_text(), nl=False)

@@ -28,13 +28,14 @@ PIXEL_STD = 0.3530
 PAD = 2  # 28x28 -> 32x32: the CIFAR architectures and VGG's five 2x2 pools need 32
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read one gzip IDX file (images uint8 N x 28 x 28 or labels uint8 N)."""
+def read_idx(path: Path, what: str = "Fashion-MNIST file") -> np.ndarray:
+    """Read one IDX file, gzip or plain (images uint8 N x H x W or labels uint8 N)."""
     path = Path(path)
     if not path.is_file():
-        raise QcalError(f"Fashion-MNIST file not found: {path}")
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+        raise QcalError(f"{what} not found: {path}")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip's magic
+        raw = gzip.decompress(raw)
     magic, = struct.unpack(">I", raw[:4])
     ndim = magic & 0xFF
     if magic >> 8 != 0x08 or ndim not in (1, 3):

@@ -10,6 +10,7 @@ Sources (each a ``ImageSource``: ``len``, ``labels``, ``decode(indices)``, ``ide
   with the original names (``ILSVRC2012_val_00000001.JPEG`` ...) "the first N images" are the first N
   of the official validation order, as in docs/background.md's "first 3,000 images"; ordering by class
   folder would make the first 3000 images cover only 60 classes.
+- ``ArraySource``: images and labels as arrays (``.npz``, MNIST-style IDX files).
 - ``RecordIOSource``: ``val.rec`` + ``val.idx`` (gluoncv's ``ImageNet`` RecordIO layout, made by
   ``im2rec``); images are in the order of the ``.idx`` file.
 """
@@ -137,7 +138,25 @@ def class_indices(names) -> dict:
     return {**labels, UNLABELLED_FOLDER: -1}
 
 
+LABELS_FILE = "labels.txt"  # ROOT/labels.txt: the class folder names in index order, one a line
+
+
+def labels_from_file(path: Path, folders) -> dict:
+    """Folder name -> index from a labels file (line i names the folder of class i)."""
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise QcalError(f"{path} names class '{twice}' twice")
+    unlisted = [f for f in folders if f not in names and f != UNLABELLED_FOLDER]
+    if unlisted:
+        raise QcalError(f"{path} does not list the class folder '{unlisted[0]}' "
+                        f"({len(unlisted)} unlisted in all)")
+    return {**{n: i for i, n in enumerate(names)}, UNLABELLED_FOLDER: -1}
+
+
 class ImageFolderSource(DecodedImageSource):
+    """Class folders; ``ROOT/labels.txt``, when present, numbers them instead of ``class_indices``."""
+
     kind = "image-folder"
 
     def __init__(self, root: Path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING):
@@ -147,6 +166,8 @@ class ImageFolderSource(DecodedImageSource):
             raise QcalError(f"image folder not found: {self.root}")
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         labels = class_indices(folders)
+        if (self.root / LABELS_FILE).is_file():
+            labels = labels_from_file(self.root / LABELS_FILE, folders)
         entries = []
         for folder in folders:
             for f in (self.root / folder).iterdir():
@@ -307,12 +328,79 @@ class AugmentedSource(DecodedImageSource):
                 "augment": "crop25-100%/aspect3:4-4:3/hflip"}
 
 
+IDX_IMAGES = "-images-idx3-ubyte"  # MNIST-style names: NAME-images-idx3-ubyte[.gz]
+
+
+class ArraySource(DecodedImageSource):
+    """Images held as arrays: an ``.npz`` with ``images`` (N x H x W or N x H x W x 3, uint8, RGB)
+    and ``labels`` (N integers), or MNIST-style IDX files (``NAME-images-idx3-ubyte[.gz]`` with
+    ``NAME-labels-idx1-ubyte[.gz]`` beside it). Each image goes through the same decode and
+    preprocessing as a file in a class folder: ``raw`` gives it as a PNG (lossless)."""
+
+    kind = "arrays"
+
+    def __init__(self, path: Path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING):
+        super().__init__(preprocessing)
+        self.path = Path(path)
+        if self.path.suffix == ".npz":
+            images, labels = self._read_npz(self.path)
+        else:
+            images = fashion_mnist.read_idx(self.path, "IDX file")
+            labels_path = Path(str(self.path).replace(IDX_IMAGES, "-labels-idx1-ubyte"))
+            labels = fashion_mnist.read_idx(labels_path, "IDX labels file (beside the images)")
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (
+                images.ndim == 4 and images.shape[3] not in (1, 3)):
+            raise QcalError(f"{self.path}: images must be uint8 N x H x W or N x H x W x 3, not "
+                            f"{images.dtype} {images.shape}")
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+            raise QcalError(f"{self.path}: {len(images)} images but {len(labels)} "
+                            f"{labels.dtype} labels (need one integer label per image)")
+        self._images = images
+        self._labels = labels.astype(np.int64)
+
+    @staticmethod
+    def _read_npz(path: Path):
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                missing = {"images", "labels"} - set(arrays.files)
+                if missing:
+                    raise QcalError(f"{path} has no '{sorted(missing)[0]}' array (it holds "
+                                    f"{', '.join(arrays.files) or 'none'})")
+                return arrays["images"], arrays["labels"]
+        except (OSError, ValueError) as exc:
+            raise QcalError(f"cannot read {path}: {exc}") from None
+
+    @property
+    def labels(self):
+        return self._labels
+
+    def raw(self, index: int) -> tuple:
+        import cv2
+
+        image = self._images[int(index)]
+        if image.ndim == 3 and image.shape[2] == 3:
+            image = image[:, :, ::-1]  # OpenCV writes BGR
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image))
+        return encoded.tobytes(), f"{self.path}#{index}"
+
+    def decode(self, indices):
+        return np.stack([self._decode_one(*self.raw(i)) for i in indices]).astype(np.float32)
+
+    @functools.cached_property  # read once: cache keys ask for it every batch
+    def identity(self):
+        return {"path": str(self.path.resolve()), "sha256": file_digest(self.path, "array file"),
+                "images": len(self._labels)}
+
+
 def open_source(path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING) -> ImageSource:
-    """An ImageNet-style source from a path: a ``.rec`` file or a class-folder directory."""
+    """A source from a path: a ``.rec`` file, an ``.npz`` or IDX image file, or class folders."""
     path = Path(path)
     if path.suffix == ".rec":
         return RecordIOSource(path, preprocessing)
+    if path.suffix == ".npz" or IDX_IMAGES in path.name:
+        return ArraySource(path, preprocessing)
     if path.is_dir():
         return ImageFolderSource(path, preprocessing)
-    raise QcalError(f"data source not found or not understood: {path} "
-                    f"(expected a class-folder directory or a .rec file)")
+    raise QcalError(f"data source not found or not understood: {path} (expected class folders, "
+                    f"a .rec file, an .npz of images and labels or an NAME{IDX_IMAGES}[.gz] file)")

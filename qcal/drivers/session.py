@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE
+from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_VERIFY_IMAGES
 from qcal.data.cache import BatchCache, ImageBatches, iter_batches
 from qcal.data.plan import plan_data
 from qcal.data.preprocessing import PREPROCESSING_KEYS
@@ -29,7 +29,8 @@ SQNR_IMAGES = 16  # per-layer SQNR runs the numpy references: a few images say e
 class ModelSession:
     def __init__(self, model: str, data: dict | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  params=None, pretrained: bool = False, seed: int = 0, quiet: bool = False,
-                 cache_dir: Path = DEFAULT_BATCH_CACHE_DIR, calibration_file=None):
+                 cache_dir: Path = DEFAULT_BATCH_CACHE_DIR, calibration_file=None,
+                 verify_images: int = DEFAULT_VERIFY_IMAGES):
         self.model = resolve_model(model, params=params, pretrained=pretrained)
         self.spec = self.model.spec
         self.data = dict(data or {})
@@ -38,6 +39,7 @@ class ModelSession:
         self.quiet = quiet
         self.cache = BatchCache(cache_dir)
         self.calibration_file = calibration_file
+        self.verify_images = verify_images
         self._plans = {}
         self._graph = None
         self._calibration = None
@@ -183,6 +185,35 @@ class ModelSession:
         x = np.concatenate(batches)[:images]
         return layer_errors(qgraph, self.graph, x)
 
+    def verification_images(self, count: int) -> np.ndarray:
+        """The first ``count`` calibration images (evaluation images when there are none), as
+        many as there are."""
+        plan = self.plan(True)
+        selection = plan.calibration or plan.evaluation
+        batches, have = [], 0
+        for x, _ in iter_batches(selection, self.batch_size, self.cache):
+            if have >= count:
+                break
+            batches.append(x)
+            have += len(x)
+        if not batches:
+            return np.zeros((0,) + tuple(self.input_shape), np.float32)
+        return np.concatenate(batches)[:count]
+
+    def verify(self, qgraph, compiled, label: str):
+        """Raise ``VerificationFailed`` unless ``compiled`` equals ``qgraph``'s numpy integer
+        reference on ``verify_images`` calibration images (``qcal.eval.verify``)."""
+        from qcal.eval.verify import verify_compiled
+
+        verification = verify_compiled(qgraph, self.verification_images(self.verify_images),
+                                       compiled.run, compiled.run_probe,
+                                       f"{self.model.name} {label}")
+        log.info("%s %s: %s", self.model.name, label,
+                 f"equals its integer reference on {verification.images} calibration image(s) "
+                 f"({verification.check}, {verification.seconds:.2f} s)" if verification.images
+                 else "not verified (verify_images 0)")
+        return verification
+
     def _evaluate_int8(self, options):
         from qcal.backend.tvm.compile import compile_model
 
@@ -192,10 +223,12 @@ class ModelSession:
         start = time.perf_counter()
         compiled = compile_model(qgraph, self.batch_size)
         compile_seconds = time.perf_counter() - start
+        verification = self.verify(qgraph, compiled, options.label)
         result, fidelity = self._run_selections(compiled.run, options.label, self.plan(True))
         layers = self.layer_sqnr(qgraph)
         worst = min(layers, key=lambda r: r["sqnr_db"]) if layers else None
-        extra = {"compile_seconds": round(compile_seconds, 2),
+        extra = {"compile_seconds": round(compile_seconds, 2), **verification.record(),
+                 "verify_images_asked": self.verify_images,
                  "compile_cache_hit": compiled.build.cache_hit, "counts": qgraph.counts(),
                  "overflow_adjustments": [str(a) for a in qgraph.adjustments],
                  "calibration": {"source": self.calibration.source,

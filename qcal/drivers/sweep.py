@@ -10,7 +10,10 @@ Layout of ``OUTPUT/``:
   checked files (``qcal.files``; the ``.json`` is JSON followed by one ``#qcal-check`` line): a
   variant whose files fail their check is reported, removed and run again.
 - ``results.csv``, ``results.md``, ``results.json`` (config, seeds, versions, machine, command,
-  timings), ``predictions.csv`` (per image), ``top1.png``, ``sweep.log``.
+  timings), ``predictions.csv`` (per image), ``top1.png``, ``sweep.log``. Each int8 row says on
+  how many calibration images its compiled model was verified against its numpy integer reference
+  (``qcal.eval.verify``; a variant that fails stops the sweep with that error, and nothing of it
+  is saved). A finished variant verified on fewer images than asked runs again.
 - ``.qcal-lock``: one sweep writes into a folder at a time (``qcal.files.folder_lock``); a second
   one stops naming the folder and the holder's pid, or waits for it (``wait``).
 
@@ -34,6 +37,7 @@ import numpy as np
 from qcal import __version__
 from qcal.config import DEFAULT_BATCH_CACHE_DIR
 from qcal.errors import QcalError
+from qcal.eval.verify import VerificationFailed
 from qcal.files import checked_open, file_digest, folder_lock, load_checked, write_checked
 
 log = logging.getLogger("qcal.drivers.sweep")
@@ -168,7 +172,8 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
                                params=config.params, pretrained=config.pretrained,
                                seed=config.seed, quiet=quiet,
                                cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
-                               calibration_file=config.calibration_file)
+                               calibration_file=config.calibration_file,
+                               verify_images=config.verify_images)
         session.check_calibration_file(config.variants)
         variants = ([None] if config.float32 else []) + list(config.variants)
         baseline_key = None
@@ -182,12 +187,23 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
                                      if config.calibration_file else None),
             }
             key = store.key(description)
-            if store.load(key) is not None:
+            finished = store.load(key)
+            if finished is not None and options is not None \
+                    and finished[0].get("verify_images_asked", 0) < config.verify_images:
+                log.info("%s %s: finished earlier but verified on %d image(s), fewer than %d; "
+                         "running again", model, label, finished[0].get("verified_images", 0),
+                         config.verify_images)
+                finished = None
+            if finished is not None:
                 log.info("%s %s: finished earlier, reusing %s", model, label, key)
             else:
                 log.info("%s %s: running", model, label)
                 t0 = time.time()
-                result, fidelity_result, extra = session.evaluate(options)
+                try:
+                    result, fidelity_result, extra = session.evaluate(options)
+                except VerificationFailed as exc:  # the CLI prints it; the log keeps it too
+                    log.info("stopped, not evaluated: %s", exc)
+                    raise
                 if options is not None and baseline_key is not None:
                     extra["metrics"] = {**_fidelity_metrics(store, baseline_key, result,
                                                             fidelity_result),

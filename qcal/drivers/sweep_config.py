@@ -20,6 +20,8 @@ errors (a misspelt key silently ignored would make a table that is not what its 
     batch_size: 64
     seed: 0
     float32: true                    # evaluate the float32 model too (the baseline of every delta)
+    verify_images: 2                 # check each compiled variant on this many calibration images
+                                     #   against its numpy integer reference first (0: off)
     grid:                            # the cross product of these lists ...
       activation_method: [power2, kl]
       weight_granularity: [tensor, channel]
@@ -35,7 +37,8 @@ from pathlib import Path
 
 import yaml
 
-from qcal.config import DEFAULT_BATCH_SIZE, OPTION_KEYS, QuantOptions, expand_variants, options_from_values
+from qcal.config import (DEFAULT_BATCH_SIZE, DEFAULT_VERIFY_IMAGES, OPTION_KEYS, QuantOptions,
+                         expand_variants, options_from_values)
 from qcal.data.preprocessing import PREPROCESSING_KEYS, coerce
 from qcal.errors import UsageProblem
 
@@ -46,7 +49,7 @@ DATA_KEYS = {
     "calib_crops": (int, type(None)),
 }  # and every preprocessing key (PREPROCESSING_KEYS), checked by the CLI's own rule
 TOP_KEYS = {"name", "models", "pretrained", "data", "batch_size", "seed", "float32", "grid",
-            "variants"}
+            "variants", "verify_images"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class SweepConfig:
     variants: tuple  # of QuantOptions, in grid order, duplicates removed
     params: str | None = None  # a local weights file (one model only; the CLI's --params)
     calibration_file: str | None = None  # reuse a `qcal calibrate` file instead of a pass
+    verify_images: int = DEFAULT_VERIFY_IMAGES  # qcal.eval.verify before each variant (0: off)
     source_path: str = ""
     raw: dict = field(default_factory=dict, compare=False)
 
@@ -119,9 +123,13 @@ def _existing_path(config_path: Path, value: str):
     return None
 
 
-def load_sweep_config(path, data_overrides: dict | None = None) -> SweepConfig:
-    """Parse and check ``path``; ``data_overrides`` (from the command line) replace data keys."""
+def load_sweep_config(path, data_overrides: dict | None = None,
+                      verify_images: int | None = None) -> SweepConfig:
+    """Parse and check ``path``; ``data_overrides`` (from the command line) replace data keys,
+    ``verify_images`` (when not None) the config's."""
     config = _load_sweep_config(Path(path))
+    if verify_images is not None:
+        config = dataclasses.replace(config, verify_images=verify_images)
     if data_overrides:
         data = {**config.data, **{k: v for k, v in data_overrides.items() if v is not None}}
         config = dataclasses.replace(config, data=data)
@@ -195,6 +203,7 @@ def _load_sweep_config(path: Path) -> SweepConfig:
 
     batch_size = integer("batch_size", DEFAULT_BATCH_SIZE, 1)
     seed = integer("seed", 0, 0)
+    verify_images = integer("verify_images", DEFAULT_VERIFY_IMAGES, 0)
 
     def boolean(key, default):
         if key not in top:
@@ -240,4 +249,5 @@ def _load_sweep_config(path: Path) -> SweepConfig:
     name = str(_scalar(loc, top["name"][1])) if "name" in top else path.stem
     return SweepConfig(name=name, models=tuple(models), data=data, batch_size=batch_size,
                        seed=seed, float32=float32, pretrained=pretrained, variants=unique,
-                       source_path=str(path), raw=yaml.safe_load(path.read_text()))
+                       verify_images=verify_images, source_path=str(path),
+                       raw=yaml.safe_load(path.read_text()))

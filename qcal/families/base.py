@@ -156,8 +156,8 @@ class ModelFamily:
         from qcal.data.sources import open_source
 
         if data is None:
-            raise UsageProblem(f"'{self.display_name}' needs --data (a class-folder directory or a "
-                               f".rec file)")
+            raise UsageProblem(f"'{self.display_name}' needs --data (class folders, a .rec file, "
+                               f"an .npz or IDX file)")
         return open_source(data, preprocessing)
 
     def default_calibration_source(self):
