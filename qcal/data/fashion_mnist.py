@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,13 @@ def read_idx(path: Path, what: str = "Fashion-MNIST file") -> np.ndarray:
         raise QcalError(f"{what} not found: {path}")
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":  # gzip's magic
-        raw = gzip.decompress(raw)
-    magic, = struct.unpack(">I", raw[:4])
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise QcalError(f"{path} is not a gzip IDX file, or is truncated ({exc})") from None
+    magic, = struct.unpack(">I", raw[:4]) if len(raw) >= 4 else (0,)
     ndim = magic & 0xFF
-    if magic >> 8 != 0x08 or ndim not in (1, 3):
+    if magic >> 8 != 0x08 or ndim not in (1, 3) or len(raw) < 4 + 4 * ndim:
         raise QcalError(f"{path} is not an IDX uint8 file (magic {magic:#x})")
     dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)

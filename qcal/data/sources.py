@@ -13,11 +13,15 @@ Sources (each a ``ImageSource``: ``len``, ``labels``, ``decode(indices)``, ``ide
 - ``ArraySource``: images and labels as arrays (``.npz``, MNIST-style IDX files).
 - ``RecordIOSource``: ``val.rec`` + ``val.idx`` (gluoncv's ``ImageNet`` RecordIO layout, made by
   ``im2rec``); images are in the order of the ``.idx`` file.
+
+Length: every kind of image source qcal reads lives here, each with the checks that name a
+damaged file (index, record, truncated image) where it is read.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -104,13 +108,40 @@ class DecodedImageSource(ImageSource):
     def _decode_bytes(self, raw: bytes, what: str):
         import mxnet as mx
 
+        truncated = image_truncated(raw)
+        if truncated:  # libjpeg fills a cut-short JPEG with grey and only warns
+            raise QcalError(f"image {what} is truncated ({truncated})")
         try:  # flag 1: RGB (a grey image repeated to three channels); 0: grey; HWC uint8
             return mx.image.imdecode(raw, flag=1 if self._pre.channels == 3 else 0)
         except Exception:
             raise QcalError(f"cannot decode image {what}") from None
 
     def _decode_one(self, raw: bytes, what: str):
-        return self._preprocess(self._decode_bytes(raw, what), what)
+        """One encoded image, decoded and preprocessed; a failure names the image."""
+        return self._preprocess_named(self._decode_bytes(raw, what), what)
+
+    def _preprocess_named(self, image, what: str) -> np.ndarray:
+        import mxnet as mx
+
+        try:
+            return self._preprocess(image, what)
+        except mx.base.MXNetError as exc:  # MXNet's message is its C++ stack after one line
+            message = next((line for line in str(exc).splitlines() if "Check failed" in line),
+                           str(exc).splitlines()[0] if str(exc) else "")
+            raise QcalError(f"cannot preprocess image {what}: "
+                            f"{message.split(': ', 1)[-1][:200]}") from None
+
+
+def image_truncated(raw: bytes) -> str:
+    """Why an encoded JPEG or PNG is cut short ('' when it is whole, or another format)."""
+    if raw[:3] == b"\xff\xd8\xff":
+        # the end-of-image marker ends the file (some writers pad after it)
+        if b"\xff\xd9" not in raw[-64:]:
+            return "a JPEG without its end-of-image marker"
+    elif raw[:8] == b"\x89PNG\r\n\x1a\n":
+        if b"IEND" not in raw[-32:]:
+            return "a PNG without its IEND chunk"
+    return ""
 
 
 class ImageFolderSource(DecodedImageSource):
@@ -183,11 +214,23 @@ class RecordIOSource(DecodedImageSource):
                 raise QcalError(f"RecordIO file not found: {p} (need both .rec and .idx)")
         import mxnet as mx
 
-        self._reader = mx.recordio.MXIndexedRecordIO(str(self.idx_path), str(self.rec_path), "r")
+        try:
+            self._reader = mx.recordio.MXIndexedRecordIO(str(self.idx_path), str(self.rec_path),
+                                                         "r")
+        except (ValueError, IndexError, UnicodeDecodeError):  # MXNet parses "KEY\tOFFSET" lines
+            raise QcalError(f"{self.idx_path} is not a RecordIO index (lines of KEY<TAB>OFFSET, "
+                            f"as im2rec writes them)") from None
         self._keys = list(self._reader.keys)
+        if not self._keys:
+            raise QcalError(f"{self.idx_path} lists no images")
         labels = []
-        for k in self._keys:
-            header, _ = mx.recordio.unpack(self._reader.read_idx(k))
+        for position, k in enumerate(self._keys):
+            try:
+                header, _ = mx.recordio.unpack(self._reader.read_idx(k))
+            except (mx.base.MXNetError, struct.error, ValueError, OSError):
+                raise QcalError(f"{self.rec_path}: record {position} (key {k}) cannot be read: "
+                                f"the .rec file is damaged or does not belong to "
+                                f"{self.idx_path.name}") from None
             label = header.label
             labels.append(int(label if np.isscalar(label) else label[0]))
         self._labels = np.array(labels, dtype=np.int64)
@@ -199,7 +242,11 @@ class RecordIOSource(DecodedImageSource):
     def raw(self, index: int) -> tuple:
         import mxnet as mx
 
-        _, raw = mx.recordio.unpack(self._reader.read_idx(self._keys[int(index)]))
+        try:
+            _, raw = mx.recordio.unpack(self._reader.read_idx(self._keys[int(index)]))
+        except (mx.base.MXNetError, struct.error, ValueError, OSError):
+            raise QcalError(f"{self.rec_path}#{index}: the record cannot be read (damaged "
+                            f".rec file)") from None
         return raw, f"{self.rec_path}#{index}"
 
     def decode(self, indices):
@@ -277,8 +324,9 @@ class AugmentedSource(DecodedImageSource):
     def decode(self, indices):
         out = []
         for j in indices:
-            image = self._decode_bytes(*self.base.raw(int(j) % len(self.base)))
-            out.append(self._preprocess(self._augment(image, int(j))))
+            raw, what = self.base.raw(int(j) % len(self.base))
+            image = self._decode_bytes(raw, what)
+            out.append(self._preprocess_named(self._augment(image, int(j)), what))
         return np.stack(out).astype(np.float32)
 
     @property
