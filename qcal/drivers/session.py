@@ -127,9 +127,14 @@ class ModelSession:
                     self.collect_statistics()[0])
         return self._calibration
 
-    def check_calibration_file(self, variants):
-        """Refuse a calibration file for another model, or one lacking a method's statistics,
-        before any work starts."""
+    def check_variants(self, variants):
+        """Before any work starts: refuse a ``float_layers`` name the model lacks, a calibration
+        file for another model, or one lacking a method's statistics."""
+        from qcal.quant.annotate import check_float_layers
+
+        for options in variants:
+            if options.float_layers:
+                check_float_layers(self.graph, options)
         if self.calibration_file is None:
             return
         for options in variants:

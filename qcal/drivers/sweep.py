@@ -284,7 +284,7 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
             pretrained=config.pretrained, seed=config.seed, quiet=quiet,
             cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
             calibration_file=config.calibration_file, verify_images=config.verify_images)
-        session.check_calibration_file(config.variants)
+        session.check_variants(config.variants)
         variants = ([None] if config.float32 else []) + list(config.variants)
         baseline_key = None
         for options in variants:
