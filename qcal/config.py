@@ -8,6 +8,7 @@ CLI's repeated options, a sweep file's grid) into the variants they describe.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -18,6 +19,9 @@ DEFAULT_BATCH_SIZE = 64
 DEFAULT_CALIB_IMAGES = 500  # calibration images when none are given (all of a smaller split)
 DEFAULT_HISTOGRAM_BINS = 8192  # |x| histogram bins per tensor in the statistics pass
 DEFAULT_BATCH_CACHE_DIR = Path(".qcal-cache/batches")
+# Calibration images on which each compiled variant must equal its numpy integer reference bit for
+# bit before it is evaluated (qcal.eval.verify); 0 turns the check off.
+DEFAULT_VERIFY_IMAGES = 2
 
 # Activation calibration methods (qcal.calib.collect's registry holds their implementations).
 ACTIVATION_METHODS = ("global", "max", "power2", "l2", "kl", "kl-mxnet", "percentile")
@@ -32,6 +36,18 @@ MIN_BITS, MAX_BITS = 2, 8
 # How every rounding right shift and integer rescale rounds a tie: "upward" adds half and floors
 # (Relay's UPWARD, ties towards +inf), "nearest" rounds ties to even (Relay's TONEAREST).
 ROUNDINGS = ("upward", "nearest")
+# Float ops qcal can run in integers (qcal.quant.annotate's handlers); ``quantize_ops`` picks a
+# subset (Relay's debug_enabled_ops), the rest stay float32.
+QUANTIZABLE_OPS = ("conv2d", "dense", "channel_affine", "add", "relu", "clip", "max_pool2d",
+                   "avg_pool2d", "global_avg_pool2d", "flatten")
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -52,23 +68,44 @@ class QuantOptions:
     first_layer_bits: int | None = None
     last_layer_bits: int | None = None
     rounding: str = ROUNDINGS[0]
+    # None: every op of QUANTIZABLE_OPS; else only these (a tuple, or "conv2d,dense" in a file).
+    quantize_ops: tuple | None = None
+    float_layers: tuple = ()  # layer (node) names kept float32, e.g. what layers.csv points at
+    # Evaluate the fake-quantized float model of the integer graph (numpy, no compile) instead of
+    # the compiled integer model: fast exploration, its rows labelled "simulated".
+    simulate: bool = False
 
     def __post_init__(self):
         def need(cond, message):
             if not cond:
                 raise UsageProblem(message)
 
+        for name in ("quantize_ops", "float_layers"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _name_list(name, value))
+        # YAML hands over whatever it parsed: "no" is a string, "99.9" too; only real numbers
+        # and booleans pass, and numbers are kept as floats so that 99 and 99.0 are one variant
+        for name in ("percentile", "global_scale"):
+            value = getattr(self, name)
+            need(_is_number(value), f"{name} must be a number, not {value!r}")
+            object.__setattr__(self, name, float(value))
+        need(isinstance(self.skip_dense, bool),
+             f"skip_dense must be true or false, not {self.skip_dense!r}")
+        need(isinstance(self.simulate, bool),
+             f"simulate must be true or false, not {self.simulate!r}")
+
         def width(value, optional=False):
-            return ((optional and value is None)
-                    or (isinstance(value, int) and not isinstance(value, bool)
-                        and MIN_BITS <= value <= MAX_BITS))
+            return (optional and value is None) or (_is_integer(value)
+                                                    and MIN_BITS <= value <= MAX_BITS)
 
         need(self.activation_method in ACTIVATION_METHODS,
              f"activation_method must be one of {', '.join(ACTIVATION_METHODS)}, "
              f"not '{self.activation_method}'")
         need(0.0 < self.percentile <= 100.0,
              f"percentile must be in (0, 100], not {self.percentile}")
-        need(self.global_scale > 0, f"global_scale must be positive, not {self.global_scale}")
+        need(math.isfinite(self.global_scale) and self.global_scale > 0,
+             f"global_scale must be a positive finite number, not {self.global_scale}")
         need(self.weight_scale in WEIGHT_SCALES,
              f"weight_scale must be one of {', '.join(WEIGHT_SCALES)}, not '{self.weight_scale}'")
         need(self.weight_granularity in WEIGHT_GRANULARITIES,
@@ -76,9 +113,9 @@ class QuantOptions:
              f"not '{self.weight_granularity}'")
         need(self.bias_mode in BIAS_MODES,
              f"bias_mode must be one of {', '.join(BIAS_MODES)}, not '{self.bias_mode}'")
-        need(isinstance(self.bias_bits, int) and 2 <= self.bias_bits <= 32,
+        need(_is_integer(self.bias_bits) and 2 <= self.bias_bits <= 32,
              f"bias_bits must be an integer from 2 to 32, not {self.bias_bits!r}")
-        need(isinstance(self.skip_k_conv, int) and self.skip_k_conv >= 0,
+        need(_is_integer(self.skip_k_conv) and self.skip_k_conv >= 0,
              f"skip_k_conv must be a non-negative integer, not {self.skip_k_conv!r}")
         for name in ("weight_bits", "activation_bits", "first_layer_bits", "last_layer_bits"):
             value = getattr(self, name)
@@ -86,6 +123,11 @@ class QuantOptions:
                  f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, not {value!r}")
         need(self.rounding in ROUNDINGS,
              f"rounding must be one of {', '.join(ROUNDINGS)}, not '{self.rounding}'")
+        need(self.float_layers is not None, "float_layers must be a list of layer names")
+        unknown = [op for op in self.quantize_ops or () if op not in QUANTIZABLE_OPS]
+        need(not unknown, f"quantize_ops: '{', '.join(unknown)}' is not an op qcal quantizes "
+                          f"(known: {', '.join(QUANTIZABLE_OPS)})")
+        need(self.quantize_ops != (), "quantize_ops must name at least one op")
 
     @classmethod
     def from_dict(cls, values: dict) -> "QuantOptions":
@@ -121,6 +163,12 @@ class QuantOptions:
         parts.extend(ends)
         if self.rounding != ROUNDINGS[0]:
             parts.append(f"round-{self.rounding}")
+        if self.quantize_ops is not None:
+            parts.append(f"ops:{'+'.join(self.quantize_ops)}")
+        if self.float_layers:
+            parts.append(f"float:{'+'.join(self.float_layers)}")
+        if self.simulate:
+            parts.append("simulated")
         return " ".join(parts)
 
     def layer_bits(self, position: str | None) -> tuple:
@@ -129,6 +177,19 @@ class QuantOptions:
         if override is not None:
             return override, override
         return self.weight_bits, self.activation_bits
+
+
+def _name_list(what: str, value) -> tuple:
+    """A tuple of names from a tuple/list or a comma-separated string, in order, duplicates
+    removed."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UsageProblem(f"{what} must be names, as a list or separated by commas, not {value!r}")
+    names = [v.strip() for v in value]
+    if any(not n for n in names):
+        raise UsageProblem(f"{what}: an empty name in {value!r}")
+    return tuple(dict.fromkeys(names))
 
 
 def levels_for_bits(bits: int) -> int:
@@ -148,7 +209,7 @@ def options_from_values(values: dict) -> QuantOptions:
     if bias is not None:
         if bias == "int32-acc":
             values["bias_mode"] = "int32-acc"
-        elif isinstance(bias, int) and not isinstance(bias, bool):
+        elif _is_integer(bias):
             values.update(bias_mode="bits", bias_bits=bias)
         else:
             raise UsageProblem(f"bias must be a bit count (2..32) or 'int32-acc', not {bias!r}")

@@ -16,9 +16,17 @@ Per model, in this order, on one set of random inputs (seeded):
   * per batch size: the cold compile (empty compile cache: emit, compile, export the library) and
     the warm one (a cache hit: load the library), then images/s of the compiled int8 model against
     MXNet float32, both called the way qcal's evaluation calls them (numpy batch in, numpy logits
-    out), the two timed in alternating rounds so that a load change on this shared machine hits
-    both; the median round counts;
-  * peak resident memory of the process after each phase (``ru_maxrss``).
+    out), timed in alternating rounds so that a load change on this shared machine hits all of
+    them; the median round counts. On a CPU with VNNI the int8 model is also compiled for the
+    same target with VNNI switched off (``qcal.backend.tvm.vnni.without_vnni``: the int16-pair
+    conv kernel, qcal's int8 before VNNI) and timed in the same rounds (``--no-kernel-compare``
+    skips it);
+  * MXNet's own int8 in the same rounds (``mxnet.contrib.quantization.quantize_net``, calib_mode
+    naive over the statistics images, oneDNN), on a second copy of the network built with the
+    same seed (quantize_net re-hybridizes the network it is given); ``--no-mxnet-int8`` skips it;
+  * peak resident memory of the process after each phase (``ru_maxrss``);
+  * last, the peak resident memory of a real EfficientNet-Lite0 sweep (``scripts/sweep_memory.py``:
+    260x260, float32 + ``--sweep-variants`` int8 variants, per variant; floor 4 GB).
 ImageNet models (resnet18_v1, resnet50_v1 at 224x224) have random weights (qcal refuses to
 evaluate random weights, but speed does not depend on them); the embedded Fashion-MNIST models use
 their shipped weights and are skipped, with a note, when those are not there yet.
@@ -57,6 +65,7 @@ FLOOR_STATS_RATIO = 1.5  # statistics pass time over the float forward time
 FLOOR_COLD_S = 60.0  # resnet50_v1 compile, empty cache
 FLOOR_WARM_S = 2.0  # resnet50_v1 compile, cache hit
 FLOOR_MODEL = "resnet50_v1"
+FLOOR_SWEEP_PEAK_MB = 4096.0  # the Lite0 sweep's peak resident memory (scripts/sweep_memory.py)
 
 
 # --- the child: one model ----------------------------------------------------------------------
@@ -110,9 +119,26 @@ def load_net(name: str, seed: int):
     return model.use_network(net)
 
 
+def mxnet_int8_runner(name: str, seed: int, images):
+    """MXNet 1.9.1's own int8 network (``quantize_net``, naive min/max over ``images``, oneDNN),
+    called like the float runner: numpy batch in, numpy logits out."""
+    import mxnet as mx
+    from mxnet.contrib.quantization import quantize_net
+
+    net = load_net(name, seed).net
+    net.hybridize()
+    calib = mx.io.NDArrayIter(data=mx.nd.array(images), batch_size=min(16, len(images)))
+    qnet = quantize_net(net, quantized_dtype="auto", calib_mode="naive", calib_data=calib,
+                        num_calib_examples=len(images), ctx=mx.cpu())
+    qnet.hybridize(static_alloc=True, static_shape=True)
+    return lambda batch: qnet(mx.nd.array(batch, dtype="float32")).asnumpy()
+
+
 def bench_model(args) -> dict:
     import numpy as np
 
+    from qcal.backend.tvm import emit as tvm_adapter
+    from qcal.backend.tvm import vnni
     from qcal.backend.tvm.compile import compile_model
     from qcal.backend.tvm.emit import tvm
     from qcal.calib.collect import collect_statistics
@@ -175,7 +201,16 @@ def bench_model(args) -> dict:
     out["quantize_s"] = time.perf_counter() - start
     out["options"] = options.label
 
+    mxnet_int8 = None
+    if not args.no_mxnet_int8:
+        log(f"{args.model}: MXNet int8 (quantize_net, naive)")
+        start = time.perf_counter()
+        mxnet_int8 = mxnet_int8_runner(args.model, args.seed, images)
+        out["mxnet_quantize_s"] = time.perf_counter() - start
     out["batches"] = {}
+    host = tvm_adapter.host_target()
+    out["int8_conv_kernel"] = "vnni" if vnni.vnni_lanes(host) else "int16 pairs"
+    compare_kernels = vnni.vnni_lanes(host) is not None and not args.no_kernel_compare
     with tempfile.TemporaryDirectory(prefix="qcal-bench-cache-") as cache:
         for batch in args.batches:
             log(f"{args.model}: batch {batch}: cold compile")
@@ -188,9 +223,15 @@ def bench_model(args) -> dict:
             warm_s = time.perf_counter() - start
             assert not cold.build.cache_hit and warm.build.cache_hit
             del cold
+            runners = {"mxnet_fp32": mxnet, "tvm_int8": warm.run}
+            if mxnet_int8 is not None:
+                runners["mxnet_int8"] = mxnet_int8
+            if compare_kernels:
+                log(f"{args.model}: batch {batch}: compile without VNNI")
+                runners["tvm_int8_no_vnni"] = compile_model(
+                    qgraph, batch, target=vnni.without_vnni(host), cache_dir=cache).run
             x = rng.randn(batch, *spec.input_shape).astype(np.float32)
-            rates = alternating_rates({"mxnet_fp32": mxnet, "tvm_int8": warm.run}, x,
-                                      args.rounds, args.round_seconds)
+            rates = alternating_rates(runners, x, args.rounds, args.round_seconds)
             agree = float(np.mean(warm.run(images).argmax(1) == mxnet(images).argmax(1)))
             out["batches"][str(batch)] = {
                 "cold_compile_s": cold_s, "warm_compile_s": warm_s,
@@ -240,6 +281,8 @@ def run_child(model: str, args) -> dict:
                "--stat-batch", str(args.stat_batch), "--rounds", str(args.rounds),
                "--round-seconds", str(args.round_seconds), "--seed", str(args.seed),
                "--min-stat-seconds", str(args.min_stat_seconds)]
+        cmd += ["--no-kernel-compare"] if args.no_kernel_compare else []
+        cmd += ["--no-mxnet-int8"] if args.no_mxnet_int8 else []
         start = time.perf_counter()
         done = subprocess.run(cmd, env=env, cwd=REPO)
         if done.returncode != 0:
@@ -271,11 +314,16 @@ def report(results: list, notes: list, meta: dict) -> list:
     for r in ok:
         for batch, b in r["batches"].items():
             m, t = b["mxnet_fp32"], b["tvm_int8"]
-            rows.append([r["model"], batch, rate(m), rate(t),
+            p, q = b.get("tvm_int8_no_vnni"), b.get("mxnet_int8")
+            rows.append([r["model"], batch, rate(m), rate(q) if q else "-", rate(t),
                          f"{t['images_per_s'] / m['images_per_s']:.2f}x",
+                         f"{t['images_per_s'] / q['images_per_s']:.2f}x" if q else "-",
+                         rate(p) if p else "-",
+                         f"{t['images_per_s'] / p['images_per_s']:.2f}x" if p else "-",
                          f"{b['top1_agreement']:.0%}"])
-    lines += table(["model", "batch", "MXNet fp32", "qcal int8 (TVM)", "int8 / fp32",
-                    "top-1 agree"], rows)
+    lines += table(["model", "batch", "MXNet fp32", "MXNet int8 (oneDNN)", "qcal int8 (TVM)",
+                    "int8 / fp32", "qcal int8 / MXNet int8", "qcal int8 without VNNI",
+                    "int8 / without VNNI", "top-1 agree"], rows)
     lines += ["", "Statistics pass against a plain float forward on the same images (seconds, "
               "best of the rounds). qcal's pass for Gluon models reads the tensors from MXNet's "
               "executor; the numpy-interpreter pass is what ONNX models get", ""]
@@ -338,6 +386,33 @@ def floors(results: list) -> list:
     return lines
 
 
+def run_sweep_memory(args):
+    """``scripts/sweep_memory.py``'s figures (a real Lite sweep in a process of its own)."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        cmd = [sys.executable, str(REPO / "scripts" / "sweep_memory.py"), "--json", result.name,
+               "--size", str(args.sweep_size), "--variants", str(args.sweep_variants)]
+        done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+        if done.returncode != 0:
+            return {"error": f"scripts/sweep_memory.py exited with {done.returncode}"}
+        return json.loads(Path(result.name).read_text())
+
+
+def sweep_memory_lines(sweep: dict) -> list:
+    if "error" in sweep:
+        return ["", f"note: Lite sweep memory: {sweep['error']}"]
+    lines = ["", f"Peak resident memory of an EfficientNet-Lite0 sweep at {sweep['size']}x"
+             f"{sweep['size']} (scripts/sweep_memory.py: float32 + {sweep['variants']} int8 "
+             f"variants, {sweep['images']} images + {sweep['fidelity_crops']} label-free crops, "
+             f"{sweep['calib_crops']} calibration crops), MB", ""]
+    lines += table(["variant", "peak while it ran", "RSS after it"],
+                   [[r["variant"], f"{r['peak_mb']:.0f}", f"{r['rss_end_mb']:.0f}"]
+                    for r in sweep["per_variant"]])
+    good = sweep["peak_mb"] <= FLOOR_SWEEP_PEAK_MB
+    lines += ["", f"- Lite0 sweep peak resident memory: {sweep['peak_mb']:.0f} MB (floor <= "
+              f"{FLOOR_SWEEP_PEAK_MB:.0f} MB): {'met' if good else 'NOT met'}"]
+    return lines
+
+
 def versions() -> str:
     import importlib.metadata as md
 
@@ -371,7 +446,14 @@ def parse_args(argv=None):
     p.add_argument("--round-seconds", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-mxnet-int8", action="store_true",
+                   help="skip MXNet's own int8 (quantize_net, oneDNN)")
+    p.add_argument("--no-kernel-compare", action="store_true",
+                   help="on a VNNI CPU, skip timing qcal int8 compiled without VNNI")
     p.add_argument("--json", type=Path, help="also write every measurement here")
+    p.add_argument("--sweep-variants", type=int, default=12,
+                   help="int8 variants of the Lite0 sweep whose peak memory is measured (0: none)")
+    p.add_argument("--sweep-size", type=int, default=260, help="input size of that sweep")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -379,6 +461,7 @@ def parse_args(argv=None):
         args.models = args.models or ["resnet18_v1", *EMBEDDED_MODELS]
         args.rounds, args.round_seconds, args.stat_images = 3, 1.0, 16
         args.stat_images_embedded = 128
+        args.sweep_variants = min(args.sweep_variants, 2)
     args.models = args.models or [*IMAGENET_MODELS, *EMBEDDED_MODELS]
     return args
 
@@ -400,13 +483,19 @@ def main(argv=None):
             continue
         log(f"{model} (load average {load_average()})")
         results.append(run_child(model, args))
+    sweep = None
+    if args.sweep_variants:
+        log(f"Lite0 sweep memory (load average {load_average()})")
+        sweep = run_sweep_memory(args)
     meta["load_end"] = load_average()
     lines = report(results, notes, meta)
+    if sweep is not None:
+        lines += sweep_memory_lines(sweep)
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "results": results, "notes": notes},
-                                        indent=1))
+        args.json.write_text(json.dumps({"meta": meta, "results": results, "notes": notes,
+                                         "sweep_memory": sweep}, indent=1))
     return 0
 
 

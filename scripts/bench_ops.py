@@ -6,10 +6,13 @@
 
 Each op is a small Relax module of the shape the TVM adapter emits (int8 x int8 -> int32 conv or
 dense, then the requantize epilogue: + bias, rounding right shift in int64, clip, cast int8),
-compiled three times with the same host-CPU LLVM target: through the CPU pipeline without
-``ApplyCpuSchedules`` ("default"), with it ("s_tir"), and with the int16-pair conv rewrite in
-front of it ("pairs", what ``qcal.backend.tvm.schedules.build`` does by default). Rates count 2 ops per
-multiply-accumulate of the conv/dense only. Both scheduled outputs are checked bit-exact against
+compiled four times: with the host-CPU LLVM target through the CPU pipeline without
+``ApplyCpuSchedules`` ("default"), with it ("s_tir"), with the int8 conv rewrite in front of it
+(what ``qcal.backend.tvm.schedules.build`` does by default: "vnni", the u8 x s8 ``vpdpbusd``
+kernel, when the CPU has AVX-512 VNNI or AVX-VNNI), and with the same target with VNNI switched
+off ("pairs", the int16-pair ``vpmaddwd`` kernel). Rates count 2 ops per multiply-accumulate of
+the conv/dense only; "GOP/s" is the fastest column's, "vnni GOP/s" the vnni column's. Every
+scheduled output is checked bit-exact against
 the default one on every row (with ``--dtype float32``: allclose, and the epilogue is + bias, ReLU).
 MXNet 1.9.1 float32 (oneDNN) on the same shape is the reference column (GFLOP/s), when MXNet
 imports.
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import tvm  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from qcal.backend.tvm import schedules  # noqa: E402
+from qcal.backend.tvm import schedules, vnni  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class DenseCase:
 CASES = {
     "notes_3x3": ConvCase((64, 56, 56), 64, 3, 1, 1),            # a ResNet stage-1 3x3 conv
     "r50_1x1_256to64": ConvCase((256, 56, 56), 64, 1, 1, 0),     # ResNet-50 stage 1 reduce
+    "r50_1x1_64to256": ConvCase((64, 56, 56), 256, 1, 1, 0),     # ResNet-50 stage 1 expand
+    "r50_3x3_14": ConvCase((256, 14, 14), 256, 3, 1, 1),         # ResNet-50 stage 3 3x3
+    "r50_1x1_7_512to2048": ConvCase((512, 7, 7), 2048, 1, 1, 0),  # ResNet-50 stage 4 expand
     "r50_3x3_s2": ConvCase((128, 56, 56), 128, 3, 2, 1),         # ResNet-50 stage 2 entry (v1b)
     "r50_stem_7x7": ConvCase((3, 224, 224), 64, 7, 2, 3),        # ResNet stem
     "mbv2_dw_3x3": ConvCase((96, 56, 56), 96, 3, 1, 1, 96),      # MobileNet-style depthwise
@@ -137,6 +143,51 @@ def time_module(mod, target, x, repeat, schedule, pair_convs=True):
     return out, min(times), compile_s
 
 
+def vnni_peak_gops(iterations: int = 1 << 21, chains: int = 16, repeat: int = 5) -> float:
+    """GOP/s of a register-only loop of AVX-512 ``vpdpbusd`` (``chains`` independent
+    accumulators, operands loop-invariant): the VNNI peak of this core as qcal's TIR reaches it,
+    2 ops a multiply-accumulate. Needs AVX-512 VNNI."""
+    from tvm.script import tirx as T
+
+    n_iter, n_chains = T.int32(iterations), T.int32(chains)
+    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
+
+    @T.prim_func(s_tir=True)
+    def vnni_peak(a: T.Buffer((4,), "int32"), w: T.Buffer((16,), "int32"),  # noqa: F821
+                  out: T.Buffer((chains, 16), "int32")):  # noqa: F821
+        T.func_attr({"tirx.noalias": True, "global_symbol": "vnni_peak"})
+        acc = T.sblock_alloc_buffer((chains, 16), "int32", scope="local")
+        for k in T.unroll(n_chains):
+            with T.sblock("init"):
+                vk = T.axis.remap("S", [k])
+                acc[vk, T.ramp(0, 1, 16)] = T.broadcast(T.int32(0), 16)
+        for i in T.serial(n_iter):
+            for k in T.unroll(n_chains):
+                with T.sblock("dot"):
+                    vi, vk = T.axis.remap("RS", [i, k])
+                    acc[vk, T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                        "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[vk, T.ramp(0, 1, 16)],
+                        T.reinterpret("int8x64", T.broadcast(a[vk % 4], 16)),
+                        T.reinterpret("int8x64", w[T.ramp(0, 1, 16)]))
+        for k in T.unroll(n_chains):
+            with T.sblock("store"):
+                vk = T.axis.remap("S", [k])
+                out[vk, T.ramp(0, 1, 16)] = acc[vk, T.ramp(0, 1, 16)]
+
+    lib = tvm.compile(tvm.IRModule({"vnni_peak": vnni_peak}), schedules.cpu_target())
+    args = [tvm.runtime.tensor(np.ones(4, "int32")), tvm.runtime.tensor(np.ones(16, "int32")),
+            tvm.runtime.tensor(np.zeros((chains, 16), "int32"))]
+    lib["vnni_peak"](*args)
+    if int(args[2].numpy()[0, 0]) != iterations:  # one 1 x 1 byte product a step
+        raise RuntimeError("vnni_peak computed a wrong sum")
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        lib["vnni_peak"](*args)
+        times.append(time.perf_counter() - t0)
+    return 2 * 64 * iterations * chains / min(times) / 1e9
+
+
 def time_mxnet(case, batch, weight, repeat):
     """MXNet float32 (oneDNN) on the same shape; None if MXNet is unavailable."""
     try:
@@ -177,6 +228,9 @@ def main(argv=None):
     parser.add_argument("--no-default", action="store_true",
                         help="skip the slow unscheduled baseline (no exactness check then)")
     parser.add_argument("--no-mxnet", action="store_true", help="skip the MXNet float32 column")
+    parser.add_argument("--peak", action="store_true",
+                        help="also print the VNNI peak (register-only vpdpbusd loop) before "
+                             "and after the table, and each row's vnni GOP/s against it")
     parser.add_argument("--dtype", choices=["int8", "float32"], default="int8",
                         help="int8 (qcal's integer path, bit-exact check) or float32 (TVM float path)")
     args = parser.parse_args(argv)
@@ -187,12 +241,16 @@ def main(argv=None):
 
     target = schedules.cpu_target()
     print(f"target: {target}  (vector width {schedules.vector_bits(target)} bits, "
-          f"pmaddwd lanes {schedules.pair_lanes(target)})")
+          f"pmaddwd lanes {schedules.pair_lanes(target)}, "
+          f"vpdpbusd lanes {vnni.vnni_lanes(target)})")
     print("default = unscheduled; s_tir = ApplyCpuSchedules only; pairs = the int16-pair conv "
-          "rewrite + schedules (qcal's build default); GOP/s of the faster of s_tir and pairs")
-    header = (f"{'op':<15} {'batch':>5} {'default ms':>10} {'s_tir ms':>9} {'pairs ms':>9} "
-              f"{'GOP/s':>6} {'speedup':>7} {'exact':>5} {'mxnet fp32 ms':>13} {'GFLOP/s':>7} "
-              f"{'vs mxnet':>8} {'compile s':>9}")
+          "rewrite + schedules (target without VNNI); vnni = qcal's build default for this target")
+    header = (f"{'op':<19} {'batch':>5} {'default ms':>10} {'s_tir ms':>9} {'pairs ms':>9} "
+              f"{'vnni ms':>8} {'GOP/s':>6} {'vnni GOP/s':>10} {'speedup':>7} {'exact':>5} "
+              f"{'mxnet fp32 ms':>13} {'GFLOP/s':>7} {'vs mxnet':>8} {'compile s':>9}")
+    peaks = [vnni_peak_gops()] if args.peak and vnni.vnni_lanes(target) == 16 else []
+    if peaks:
+        print(f"VNNI peak before: {peaks[0]:.1f} GOP/s (register-only vpdpbusd loop)")
     print(header)
     print("-" * len(header))
     for name in names:
@@ -203,24 +261,30 @@ def main(argv=None):
             x = rng.integers(-128, 128, shape).astype(args.dtype)
             gop = 2 * case.macs(batch) / 1e9
             out_s, t_stir, _ = time_module(mod, target, x, args.repeat, True, pair_convs=False)
-            out_p, t_pairs, compile_s = time_module(mod, target, x, args.repeat, True)
-            best = min(t_stir, t_pairs)
+            no_vnni = vnni.without_vnni(target)
+            out_p, t_pairs, _ = time_module(mod, no_vnni, x, args.repeat, True)
+            out_v, t_vnni, compile_s = time_module(mod, target, x, args.repeat, True)
+            best = min(t_stir, t_pairs, t_vnni)
             t_def, exact = None, "-"
             if not args.no_default:
                 ref, t_def, _ = time_module(mod, target, x, 1, schedule=False)
                 if args.dtype == "int8":
-                    same = np.array_equal(out_s, ref) and np.array_equal(out_p, ref)
+                    same = all(np.array_equal(o, ref) for o in (out_s, out_p, out_v))
                 else:
-                    same = all(np.allclose(o, ref, rtol=1e-4, atol=1e-2) for o in (out_s, out_p))
+                    same = all(np.allclose(o, ref, rtol=1e-4, atol=1e-2)
+                               for o in (out_s, out_p, out_v))
                 exact = "yes" if same else "NO"
             t_mx = None if args.no_mxnet else time_mxnet(case, batch, weight, args.repeat)
             mx_cols = (f"{t_mx * 1e3:>13.2f} {gop / t_mx:>7.1f} {t_mx / best:>7.2f}x"
                        if t_mx else f"{'-':>13} {'-':>7} {'-':>8}")
             def_col = f"{'-':>10}" if t_def is None else f"{t_def * 1e3:>10.2f}"
             speedup = f"{'-':>7}" if t_def is None else f"{t_def / best:>6.1f}x"
-            print(f"{name:<15} {batch:>5} {def_col} {t_stir * 1e3:>9.2f} {t_pairs * 1e3:>9.2f} "
-                  f"{gop / best:>6.1f} {speedup} {exact:>5} {mx_cols} {compile_s:>9.2f}",
-                  flush=True)
+            print(f"{name:<19} {batch:>5} {def_col} {t_stir * 1e3:>9.2f} {t_pairs * 1e3:>9.2f} "
+                  f"{t_vnni * 1e3:>8.2f} {gop / best:>6.1f} {gop / t_vnni:>10.1f} {speedup} "
+                  f"{exact:>5} {mx_cols} {compile_s:>9.2f}"
+                  + (f" {gop / t_vnni / peaks[0]:>7.0%} of peak" if peaks else ""), flush=True)
+    if peaks:
+        print(f"VNNI peak after: {vnni_peak_gops():.1f} GOP/s (rows use the one before)")
 
 
 if __name__ == "__main__":

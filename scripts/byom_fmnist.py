@@ -78,9 +78,11 @@ def train(args):
     x_train = user_preprocess(train_x, mean, std)
     preprocessing = {"input_size": 32, "resize": "none", "pad": PAD, "channels": 3,
                      "mean": [round(mean, 6)] * 3, "std": [round(std, 6)] * 3}
-    record = {"command": "python scripts/byom_fmnist.py " + " ".join(sys.argv[1:]),
-              "seed": args.seed, "epochs": args.epochs, "train_images": int(len(x_train)),
+    record = {"seed": args.seed, "epochs": args.epochs, "train_images": int(len(x_train)),
               "preprocessing": preprocessing, "models": {}}
+    if (args.out / "train.json").is_file():  # models trained by an earlier run stay listed
+        record["models"] = json.loads((args.out / "train.json").read_text())["models"]
+    command = "python scripts/byom_fmnist.py " + " ".join(sys.argv[1:])
     for name in args.models:
         mx.random.seed(args.seed)
         rng = np.random.RandomState(args.seed)
@@ -117,7 +119,8 @@ def train(args):
                           f"{step * args.batch_size / (time.time() - start):.0f} img/s", flush=True)
         seconds = time.time() - start
         export(net, args.out / name, preprocessing)
-        record["models"][name] = {"train_seconds": round(seconds, 1), "steps": total}
+        record["models"][name] = {"train_seconds": round(seconds, 1), "steps": total,
+                                  "command": command}
         (args.out / "train.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
@@ -126,9 +129,16 @@ def export(net, prefix: Path, preprocessing: dict):
     import mxnet as mx
     from mxnet import onnx as mx_onnx
 
-    net.save_parameters(str(prefix) + ".params")
+    # a hybridized (static_alloc) network applies the last backward's BatchNorm statistics at its
+    # next forward: run one and wait, or save_parameters and export would write different weights
     net(mx.nd.zeros((1, 3, 32, 32)))
+    mx.nd.waitall()
+    net.save_parameters(str(prefix) + ".params")
     net.export(str(prefix))  # PREFIX-symbol.json + PREFIX-0000.params
+    x = mx.nd.array(np.random.RandomState(0).normal(size=(4, 3, 32, 32)))
+    exported = mx.gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data"],
+                                            f"{prefix}-0000.params")
+    assert np.array_equal(net(x).asnumpy(), exported(x).asnumpy()), "export differs from the net"
     mx_onnx.export_model(f"{prefix}-symbol.json", f"{prefix}-0000.params",
                          in_shapes=[(1, 3, 32, 32)], in_types=[np.float32],
                          onnx_file_path=f"{prefix}.onnx", dynamic=True,
@@ -136,12 +146,12 @@ def export(net, prefix: Path, preprocessing: dict):
     Path(f"{prefix}.preprocess.json").write_text(json.dumps(preprocessing, indent=2) + "\n")
 
 
-def mxnet_predictions(out: Path, name: str, mean, std):
+def mxnet_predictions(out: Path, name: str, mean, std, num_images=None):
     """MXNet's own top-1 on the PNG folder: decoded with OpenCV, preprocessed with numpy."""
     import cv2
     import mxnet as mx
 
-    files = sorted((out / "test-png").glob("*/*.png"), key=lambda p: p.name)
+    files = sorted((out / "test-png").glob("*/*.png"), key=lambda p: p.name)[:num_images]
     labels = np.array([int(p.parent.name) for p in files])
     images = np.stack([cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in files])
     x = user_preprocess(images, mean[0], std[0])
@@ -152,8 +162,9 @@ def mxnet_predictions(out: Path, name: str, mean, std):
     return [p.name for p in files], logits.argmax(1), labels
 
 
-def qcal_run(out: Path, results: Path, model_args: list) -> dict:
-    command = [sys.executable, "-m", "qcal.cli", "evaluate", *model_args,
+def qcal_run(out: Path, results: Path, model_args: list, num_images=None) -> dict:
+    limit = ["--num-images", str(num_images)] if num_images else []
+    command = [sys.executable, "-m", "qcal.cli", "evaluate", *model_args, *limit,
                "--data", str(out / "test-png"), "--calib-data", str(out / "calib-png"),
                "--calib-images", "500", "--bias-bits", "16", "--results-dir", str(results),
                "--cache-dir", str(out / "cache"), "--quiet"]
@@ -175,8 +186,9 @@ def evaluate(args):
     lines = ["| model | file given to qcal | float32 top-1 (qcal) | MXNet's top-1 | images where "
              "qcal's float32 class != MXNet's | int8 top-1 (qcal) |", "| --- | --- | --- | --- | "
              "--- | --- |"]
-    for name in record["models"]:
-        files, mx_pred, labels = mxnet_predictions(args.out, name, pre["mean"], pre["std"])
+    for name in args.models or record["models"]:
+        files, mx_pred, labels = mxnet_predictions(args.out, name, pre["mean"], pre["std"],
+                                                   args.num_images)
         mx_top1 = float((mx_pred == labels).mean())
         prefix = args.out / name
         routes = {"NAME-symbol.json + NAME-0000.params": ["--model", f"{prefix}-symbol.json",
@@ -185,20 +197,21 @@ def evaluate(args):
                   "gluoncv name + NAME.params": ["--model", name, "--params", f"{prefix}.params"]}
         for route, model_args in routes.items():
             tag = route.split()[0].replace(".", "_")
-            run = qcal_run(args.out, args.out / "results" / f"{name}-{tag}", model_args)
+            run = qcal_run(args.out, args.out / "results" / f"{name}-{tag}", model_args,
+                           args.num_images)
             rows = {r["variant"]: r for r in run["rows"]}
             float_row = rows["float32"]
             int8_row = next(r for v, r in rows.items() if v != "float32")
             with open(run["predictions"]) as f:
                 preds = [r for r in csv.DictReader(f) if r["variant"] == "float32"]
-            qcal_pred = np.array([int(r["prediction"]) for r in preds])
+            qcal_pred = np.array([int(r["pred1"]) for r in preds])
             disagree = int((qcal_pred != mx_pred).sum()) if len(qcal_pred) == len(mx_pred) else -1
-            lines.append(f"| {name} | {route} | {100 * float_row['top1']:.2f} | "
-                         f"{100 * mx_top1:.2f} | {disagree} | {100 * int8_row['top1']:.2f} |")
+            lines.append(f"| {name} | {route} | {float_row['top1']:.2f} | "
+                         f"{100 * mx_top1:.2f} | {disagree} | {int8_row['top1']:.2f} |")
             print(run["command"], f"({run['seconds']} s)", flush=True)
     table = "\n".join(lines)
     print(table)
-    (args.out / "table.md").write_text(table + "\n")
+    (args.out / f"table-{'-'.join(args.models or ['all'])}.md").write_text(table + "\n")
 
 
 def main():
@@ -216,6 +229,8 @@ def main():
     t.add_argument("--data-dir", type=Path, default=fashion_mnist.DEBIAN_DIR)
     e = sub.add_parser("evaluate")
     e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--num-images", type=int, help="the first N test PNGs (default: all)")
+    e.add_argument("--models", nargs="+", help="default: every model in train.json")
     args = parser.parse_args()
     train(args) if args.step == "train" else evaluate(args)
 

@@ -14,10 +14,11 @@ preprocessed at that size). ``--images``, ``--fidelity-crops`` and ``--calib-cro
 config's data (20 labelled images, 240 label-free crops, 256 calibration crops): a peak that
 grows with any of them is a leak of per-image data.
 
-The child resets the kernel's peak-RSS mark (``/proc/self/clear_refs``) when a variant starts and
-reads it (``VmHWM`` in ``/proc/self/status``) when the variant is finished, so each variant's
+The child reads the kernel's peak-RSS mark (``VmHWM`` in ``/proc/self/status``) when a variant is
+finished and resets it (``/proc/self/clear_refs``), so each variant's
 figure is the peak while that variant ran; the first int8 variant also pays for the statistics
-pass. The whole child's peak is ``ru_maxrss`` of ``RUSAGE_CHILDREN``, read by this process.
+pass. Resetting the mark resets ``ru_maxrss`` too, so the sweep's peak is the largest of the
+windows (which cover the child's whole life).
 The output folder is a fresh temporary one (``--keep`` keeps it and prints where); the batch
 and compile caches are the usual ones (``.qcal-cache``), so a second run compiles nothing.
 """
@@ -78,13 +79,16 @@ def _reset_peak() -> bool:
 
 
 class VariantPeaks(logging.Handler):
-    """Watches the sweep driver's log: a variant starts at "running", ends at "top-1"."""
+    """Watches the sweep driver's log: a variant starts at "running" and ends at "top-1". The
+    peak mark is read and reset at each end, so a variant's window runs from the end of the one
+    before (the first: from the child's start, imports included) to its own end."""
 
     def __init__(self, out, model: str):
         super().__init__(logging.INFO)
         self.out = out
         self.prefix = model + " "
         self.started = None
+        self.resettable = _reset_peak()
 
     def emit(self, record):
         message = record.getMessage()
@@ -92,15 +96,18 @@ class VariantPeaks(logging.Handler):
             return
         if message.endswith(": running"):
             self.started = (message[len(self.prefix):-len(": running")], time.time())
-            self.resettable = _reset_peak()
         elif ": top-1 " in message and self.started:
             label, t0 = self.started
-            row = {"variant": label, "peak_mb": _vm_kb("VmHWM") / 1024.0,
-                   "rss_end_mb": _vm_kb("VmRSS") / 1024.0, "seconds": round(time.time() - t0, 1),
-                   "peak_is_per_variant": self.resettable}
-            self.out.write(json.dumps(row) + "\n")
-            self.out.flush()
+            self.write(label, time.time() - t0)
             self.started = None
+
+    def write(self, label, seconds):
+        row = {"variant": label, "peak_mb": _vm_kb("VmHWM") / 1024.0,
+               "rss_end_mb": _vm_kb("VmRSS") / 1024.0, "seconds": round(seconds, 1),
+               "peak_is_per_variant": self.resettable}
+        self.out.write(json.dumps(row) + "\n")
+        self.out.flush()
+        self.resettable = _reset_peak()
 
 
 def child(args):
@@ -116,7 +123,9 @@ def child(args):
     with open(args.rows, "w") as out:
         handler = VariantPeaks(out, str(args.model))
         logging.getLogger("qcal.drivers.sweep").addHandler(handler)
+        start = time.time()
         run_sweep(config, Path(args.output), quiet=True, command="scripts/sweep_memory.py")
+        handler.write("(tables and plots)", time.time() - start)
 
 
 # --- the parent ----------------------------------------------------------------------------------
@@ -162,7 +171,9 @@ def run(args) -> dict:
     seconds = time.time() - start
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] \
         if rows_path.is_file() else []
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    # resetting the peak mark resets ru_maxrss too: the sweep's peak is the largest window's
+    peak_mb = max([resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0]
+                  + [row["peak_mb"] for row in rows])
     print(f"EfficientNet-Lite0 at {args.size}x{args.size}: float32 + {args.variants} int8 "
           f"variants, {args.images} images + {args.fidelity_crops} label-free crops, "
           f"{args.calib_crops} calibration crops ({seconds:.0f} s)")

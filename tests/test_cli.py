@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -23,8 +24,11 @@ def test_version():
 def test_models_lists_zoo_and_embedded():
     result = invoke("models")
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    listed, families = result.output.split("\n\n")
+    lines = listed.splitlines()
     assert len(lines) == 10 + 8 + 3  # ResNet 5 depths x v1/v2, VGG 4 depths x bn, embedded
+    for family in ("imagenet-zoo", "fashion-mnist", "mxnet-export", "gluoncv-zoo", "onnx"):
+        assert f"  {family} " in families
     assert any(line.startswith("fmnist_resnet56_v2") and "embedded" in line for line in lines)
     assert any(line.startswith("resnet101_v2") for line in lines)
 
@@ -37,7 +41,7 @@ def test_models_lists_zoo_and_embedded():
     (["--model", "fmnist_vgg11_bn", "--output", "table.xlsx"], 2, "--output"),
     (["--model", "fmnist_vgg11_bn", "--params", "missing.params"], 2, "missing.params"),
     (["--model", "fmnist_vgg11_bn", "--calib-range", "3-9"], 2, "START:STOP"),
-    (["--model", "resnet18_v1", "--data", "."], 1, "class folder"),
+    (["--model", "fmnist_resnet20_v1", "--calib-data", "."], 1, "class folder"),
 ])
 def test_bad_invocations_give_one_line_and_exit_code(args, exit_code, message, tmp_path,
                                                      monkeypatch):
@@ -54,8 +58,8 @@ def test_pretrained_offline_is_one_line_exit_1(tmp_path, monkeypatch, imagenet_f
     monkeypatch.setenv("QCAL_OFFLINE", "1")
     root, _ = imagenet_folder
     result = invoke("evaluate", "--model", "resnet18_v1", "--pretrained", "--data", root,
-                    "--num-images", 4)
-    assert result.exit_code == 1
+                    "--num-images", 4, "--float-only")
+    assert result.exit_code == 1, result.output
     error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(error_lines) == 1 and "resnet18_v1-a0666292.params" in error_lines[0]
 
@@ -96,7 +100,7 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
                     "--percentile", 99.9, "--weight-scale", "max", "--weight-granularity",
                     "channel", "--bias-bits", 9, "--skip-k-conv", 1, "--skip-dense",
                     "--weight-bits", 6, "--activation-bits", 7, "--last-layer-bits", 8,
-                    "--rounding", "nearest",
+                    "--rounding", "nearest", "--quantize-ops", "conv2d,dense,relu,max_pool2d",
                     "--results-dir", results, "--cache-dir", tmp_path / "cache", "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads((results / "results.json").read_text())
@@ -107,12 +111,60 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
         "weight_scale": "max", "weight_granularity": "channel", "bias_mode": "bits",
         "bias_bits": 9, "skip_k_conv": 1, "skip_dense": True, "weight_bits": 6,
         "activation_bits": 7, "first_layer_bits": None, "last_layer_bits": 8,
-        "rounding": "nearest"}
+        "rounding": "nearest", "quantize_ops": ["conv2d", "dense", "relu", "max_pool2d"],
+        "float_layers": [], "simulate": False}
     assert int8[0]["description"]["data"]["calibration"]["range"] == [0, 64]
     rows = {r["variant"]: r for r in summary["rows"]}
-    label = "a:p99.9 w:max/channel b9 skip1 fdense W6A7 last8 round-nearest"
+    label = ("a:p99.9 w:max/channel b9 skip1 fdense W6A7 last8 round-nearest "
+             "ops:conv2d+dense+relu+max_pool2d")
     assert set(rows) == {"float32", label}
-    assert f"| fmnist_vgg11_bn | {label} | 64 |" in result.output
+    assert f"| fmnist_vgg11_bn | {label} | 64 | 2 |" in result.output
+    # float layers (skip1, fdense) sum in another order: checked layer by layer
+    record = ResultStore(results).load(int8[0]["key"])[0]
+    assert (record["verified_images"], record["verify_check"]) == (2, "layers")
+    assert "verified: calibration images on which the compiled int8 model" in result.output
+
+
+def test_verify_images_zero_records_unverified_rows(tmp_path):
+    results = tmp_path / "results"
+    result = invoke("evaluate", "--model", "fmnist_vgg11_bn", "--num-images", 16,
+                    "--calib-images", 16, "--verify-images", 0, "--results-dir", results,
+                    "--cache-dir", tmp_path / "cache", "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = {r["variant"]: r for r in json.loads((results / "results.json").read_text())["rows"]}
+    assert rows["a:power2 w:power2/tensor b16"]["verified"] == 0
+    assert rows["float32"]["verified"] is None
+    assert "| fmnist_vgg11_bn | a:power2 w:power2/tensor b16 | 16 | 0 |" in result.output
+
+
+def test_a_miscompiled_variant_stops_with_one_line_naming_the_layer(tmp_path, monkeypatch):
+    """A qconv2d emitter that negates one filter of the third conv (a wrong kernel put in through
+    the backend's emitter table): no table, exit 1, the layer named, nothing of it saved."""
+    from qcal.backend.tvm import emit as tvm_adapter
+
+    right = tvm_adapter.EMITTERS.lookup("qconv2d")
+
+    def wrong(node, x, batch):
+        if node.name.startswith("vgg0_conv2_fwd"):
+            weight = node.params["weight"].copy()
+            weight[0] = -weight[0]
+            node = dataclasses.replace(node, params={**node.params, "weight": weight})
+        return right(node, x, batch)
+
+    monkeypatch.setitem(tvm_adapter.EMITTERS._handlers, "qconv2d", wrong)
+    results = tmp_path / "results"
+    result = invoke("evaluate", "--model", "fmnist_vgg11_bn", "--num-images", 16,
+                    "--calib-images", 16, "--results-dir", results,
+                    "--cache-dir", tmp_path / "cache", "--quiet")
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "Error: fmnist_vgg11_bn a:power2 w:power2/tensor b16: the compiled model differs from its "
+        "numpy integer reference on 2 calibration images; first differing layer "
+        "'vgg0_conv2_fwd' (qconv2d > "), result.output
+    assert not (results / "results.md").exists()
+    assert len(list((results / "variants").glob("*.json"))) == 1  # float32 only
+    assert "first differing layer 'vgg0_conv2_fwd'" in (results / "sweep.log").read_text()
 
 
 def test_repeated_options_make_the_cross_product(tmp_path):
@@ -175,6 +227,9 @@ def test_calibration_file_of_another_model_is_refused(tmp_path):
     (["--weight-bits", 9], "--weight-bits"),
     (["--activation-bits", 1], "--activation-bits"),
     (["--rounding", "even"], "'even' is not one of"),
+    (["--quantize-ops", "conv2d,pool"], "quantize_ops: 'pool' is not an op qcal quantizes"),
+    (["--float-layers", "conv2d_nosuch", "--num-images", 8],
+     "float_layers: model 'fmnist_vgg11_bn' has no layer 'conv2d_nosuch'"),
 ])
 def test_bad_quantization_options_exit_2(args, message):
     result = invoke("evaluate", "--model", "fmnist_vgg11_bn", *args)

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from qcal.cli.params import BiasType, ImageRangeType, ModelType, PreprocessingValueType
-from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_CALIB_IMAGES
+from qcal.config import (DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_CALIB_IMAGES,
+                         DEFAULT_VERIFY_IMAGES)
 
 
 def model_options(multiple: bool):
@@ -26,6 +27,20 @@ def model_options(multiple: bool):
     return decorate
 
 
+def verify_images_option(from_config: bool = False):
+    """``--verify-images K``: before each int8 variant is evaluated, its compiled model must equal
+    the numpy integer reference bit for bit on K calibration images (0: no check). With
+    ``from_config`` the option only overrides a sweep file's ``verify_images``."""
+    default = (f"the config's verify_images, else {DEFAULT_VERIFY_IMAGES}" if from_config
+               else str(DEFAULT_VERIFY_IMAGES))
+    return click.option(
+        "--verify-images", type=click.IntRange(min=0),
+        default=None if from_config else DEFAULT_VERIFY_IMAGES,
+        help="Before evaluating each int8 variant, check its compiled model against the numpy "
+             "integer reference, bit for bit, on this many calibration images (0: off; default "
+             f"{default}). A mismatch names the first differing layer and stops with exit 1.")
+
+
 def data_options(func):
     """The data options; the preprocessing ones (``PREPROCESSING_FIELDS``, shared with sweep files
     and preprocessing files) reach the command as one ``preprocessing`` dict of those given."""
@@ -34,7 +49,8 @@ def data_options(func):
     options = [
         click.option("--data", "data", type=click.Path(exists=True, path_type=Path),
                      help="Evaluation images: class folders (ROOT/<class>/<image>; ImageNet synset "
-                          "ids, class numbers or any names, sorted) or a .rec file "
+                          "ids, class numbers or any names, sorted), a .rec file, an .npz of "
+                          "'images' and 'labels' or an MNIST-style NAME-images-idx3-ubyte[.gz] "
                           "(Fashion-MNIST models default to the vendored test split)."),
         click.option("--num-images", type=click.IntRange(min=1),
                      help="Evaluate the first N images of the fixed order (default: all)."),
@@ -65,10 +81,18 @@ def data_options(func):
     return wrapper
 
 
+# The quantization options that make variants: their values reach the command as one
+# ``variant_values`` dict ({option: values given}), which ``variants_from_options`` expands.
+VARIANT_AXES = ("activation_method", "percentile", "global_scale", "weight_scale",
+                "weight_granularity", "bias", "skip_k_conv", "weight_bits", "activation_bits",
+                "first_layer_bits", "last_layer_bits", "rounding", "quantize_ops", "float_layers")
+FLAGS = ("skip_dense", "simulate")  # on/off options that apply to every variant
+
+
 def quant_options(func):
     """Each option may repeat; evaluate runs the cross product of the values given."""
-    from qcal.config import (ACTIVATION_METHODS, MAX_BITS, MIN_BITS, ROUNDINGS, WEIGHT_GRANULARITIES,
-                             WEIGHT_SCALES, QuantOptions)
+    from qcal.config import (ACTIVATION_METHODS, MAX_BITS, MIN_BITS, QUANTIZABLE_OPS, ROUNDINGS,
+                             WEIGHT_GRANULARITIES, WEIGHT_SCALES, QuantOptions)
 
     d = QuantOptions()
     options = [
@@ -105,28 +129,36 @@ def quant_options(func):
         click.option("--rounding", multiple=True, type=click.Choice(ROUNDINGS),
                      help=f"Ties of every rounding right shift and integer rescale: upward (half "
                           f"up) or nearest (half to even) (default {d.rounding})."),
+        click.option("--quantize-ops", multiple=True, metavar="OP,OP,...",
+                     help=f"Quantize only these op types, the rest stay float32 (default: all of "
+                          f"{', '.join(QUANTIZABLE_OPS)})."),
+        click.option("--float-layers", multiple=True, metavar="NAME,NAME,...",
+                     help="Keep these layers (names as in layers.csv) in float32."),
+        click.option("--simulate", is_flag=True,
+                     help="Evaluate the fake-quantized float model (numpy, nothing compiled) "
+                          "instead of the integer one; rows are labelled 'simulated'."),
         click.option("--calib", "calibration_file",
                      type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="Reuse the ranges of a `qcal calibrate` file (no calibration pass)."),
     ]
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        values = {key: kwargs.pop(key) for key in VARIANT_AXES + FLAGS}
+        return func(*args, variant_values=values, **kwargs)
+
     for option in reversed(options):
-        func = option(func)
-    return func
+        wrapper = option(wrapper)
+    return wrapper
 
 
-def variants_from_options(activation_method, percentile, global_scale, weight_scale,
-                          weight_granularity, bias, skip_k_conv, skip_dense, weight_bits=(),
-                          activation_bits=(), first_layer_bits=(), last_layer_bits=(),
-                          rounding=()):
+def variants_from_options(variant_values: dict):
+    """The variants the quantization options describe: the cross product of every option's values
+    (in ``VARIANT_AXES`` order), ``--skip-dense`` applying to all."""
     from qcal.config import expand_variants
 
-    axes = {"activation_method": activation_method, "percentile": percentile,
-            "global_scale": global_scale, "weight_scale": weight_scale,
-            "weight_granularity": weight_granularity, "bias": bias, "skip_k_conv": skip_k_conv,
-            "weight_bits": weight_bits, "activation_bits": activation_bits,
-            "first_layer_bits": first_layer_bits, "last_layer_bits": last_layer_bits,
-            "rounding": rounding}
-    return expand_variants({k: v for k, v in axes.items() if v}, {"skip_dense": skip_dense})
+    axes = {k: variant_values[k] for k in VARIANT_AXES if variant_values.get(k)}
+    return expand_variants(axes, {k: variant_values[k] for k in FLAGS})
 
 
 def data_options_dict(data, num_images, calib_data, calib_range, calib_images, preprocessing):

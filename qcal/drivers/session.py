@@ -7,13 +7,14 @@ statistics (one pass over the calibration images) and the float32 result.
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
 
-from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE
+from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_VERIFY_IMAGES
 from qcal.data.cache import BatchCache, ImageBatches, iter_batches
 from qcal.data.plan import plan_data
 from qcal.data.preprocessing import PREPROCESSING_KEYS
@@ -28,7 +29,8 @@ SQNR_IMAGES = 16  # per-layer SQNR runs the numpy references: a few images say e
 class ModelSession:
     def __init__(self, model: str, data: dict | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  params=None, pretrained: bool = False, seed: int = 0, quiet: bool = False,
-                 cache_dir: Path = DEFAULT_BATCH_CACHE_DIR, calibration_file=None):
+                 cache_dir: Path = DEFAULT_BATCH_CACHE_DIR, calibration_file=None,
+                 verify_images: int = DEFAULT_VERIFY_IMAGES):
         self.model = resolve_model(model, params=params, pretrained=pretrained)
         self.spec = self.model.spec
         self.data = dict(data or {})
@@ -37,6 +39,7 @@ class ModelSession:
         self.quiet = quiet
         self.cache = BatchCache(cache_dir)
         self.calibration_file = calibration_file
+        self.verify_images = verify_images
         self._plans = {}
         self._graph = None
         self._calibration = None
@@ -123,9 +126,14 @@ class ModelSession:
                     self.collect_statistics()[0])
         return self._calibration
 
-    def check_calibration_file(self, variants):
-        """Refuse a calibration file for another model, or one lacking a method's statistics,
-        before any work starts."""
+    def check_variants(self, variants):
+        """Before any work starts: refuse a ``float_layers`` name the model lacks, a calibration
+        file for another model, or one lacking a method's statistics."""
+        from qcal.quant.annotate import check_float_layers
+
+        for options in variants:
+            if options.float_layers:
+                check_float_layers(self.graph, options)
         if self.calibration_file is None:
             return
         for options in variants:
@@ -151,9 +159,17 @@ class ModelSession:
 
     def evaluate(self, options=None):
         """(EvalResult, fidelity EvalResult or None, extra record fields) for float32 (options
-        None) or one int8 variant."""
-        if options is not None:
-            return self.evaluate_int8(options)
+        None) or one int8 variant. Nothing the run compiled outlives it."""
+        outcome = self._evaluate_float() if options is None else self._evaluate_int8(options)
+        # TVMScript's ``T.prim_func`` keeps the ``inspect.stack()`` of its caller in a reference
+        # cycle (tvm/tirx/script/parser/entry.py), and a frame keeps its locals after it returns:
+        # a compile leaves every frame above it (the compiled model, the variant's results, the
+        # statistics pass's batches) to the cyclic collector, whose full collections may come
+        # many variants later. Collected here, once the variant's frames have all returned.
+        gc.collect()
+        return outcome
+
+    def _evaluate_float(self):
         runner = self.model.float_runner(self.graph, self.batch_size)
         result, fidelity = self._run_selections(runner, "float32", self.plan(False))
         return result, fidelity, {}
@@ -174,26 +190,76 @@ class ModelSession:
         x = np.concatenate(batches)[:images]
         return layer_errors(qgraph, self.graph, x)
 
-    def evaluate_int8(self, options):
-        from qcal.backend.tvm.compile import compile_model
+    def verification_images(self, count: int) -> np.ndarray:
+        """The first ``count`` calibration images (evaluation images when there are none), as
+        many as there are."""
+        plan = self.plan(True)
+        selection = plan.calibration or plan.evaluation
+        batches, have = [], 0
+        for x, _ in iter_batches(selection, self.batch_size, self.cache):
+            if have >= count:
+                break
+            batches.append(x)
+            have += len(x)
+        if not batches:
+            return np.zeros((0,) + tuple(self.input_shape), np.float32)
+        return np.concatenate(batches)[:count]
 
+    def verify(self, qgraph, compiled, label: str):
+        """Raise ``VerificationFailed`` unless ``compiled`` equals ``qgraph``'s numpy integer
+        reference on ``verify_images`` calibration images (``qcal.eval.verify``)."""
+        from qcal.eval.verify import verify_compiled
+
+        verification = verify_compiled(qgraph, self.verification_images(self.verify_images),
+                                       compiled.run, compiled.run_probe,
+                                       f"{self.model.name} {label}")
+        log.info("%s %s: %s", self.model.name, label,
+                 f"equals its integer reference on {verification.images} calibration image(s) "
+                 f"({verification.check}, {verification.seconds:.2f} s)" if verification.images
+                 else "not verified (verify_images 0)")
+        return verification
+
+    def _evaluate_simulated(self, qgraph, options):
+        """The fake-quantized float model of ``qgraph`` (``run_simulated``): nothing compiled,
+        nothing to verify against."""
+        from qcal.reference.int_interpreter import run_simulated
+
+        def runner(x):
+            return run_simulated(qgraph, x).astype(np.float32)
+
+        result, fidelity = self._run_selections(runner, options.label, self.plan(True))
+        return result, fidelity, {"simulated": True, "verify_images_asked": self.verify_images}
+
+    def _evaluate_int8(self, options):
         qgraph = self.quantize(options)
         for line in qgraph.report():
             log.info("%s", line)
+        if options.simulate:
+            result, fidelity, extra = self._evaluate_simulated(qgraph, options)
+        else:
+            result, fidelity, extra = self._evaluate_compiled(qgraph, options)
+        layers = self.layer_sqnr(qgraph)
+        worst = min(layers, key=lambda r: r["sqnr_db"]) if layers else None
+        extra.update({
+            "counts": qgraph.counts(), "overflow_adjustments": [str(a) for a in qgraph.adjustments],
+            "calibration": {"source": self.calibration.source,
+                            "images": self.calibration.num_images},
+            "layers": layers,
+            "metrics": {"sqnr_min_db": worst["sqnr_db"] if worst else float("nan"),
+                        "sqnr_min_layer": worst["tensor"] if worst else ""}})
+        return result, fidelity, extra
+
+    def _evaluate_compiled(self, qgraph, options):
+        from qcal.backend.tvm.compile import compile_model
+
         start = time.perf_counter()
         compiled = compile_model(qgraph, self.batch_size)
         compile_seconds = time.perf_counter() - start
+        verification = self.verify(qgraph, compiled, options.label)
         result, fidelity = self._run_selections(compiled.run, options.label, self.plan(True))
-        layers = self.layer_sqnr(qgraph)
-        worst = min(layers, key=lambda r: r["sqnr_db"]) if layers else None
-        extra = {"compile_seconds": round(compile_seconds, 2),
-                 "compile_cache_hit": compiled.build.cache_hit, "counts": qgraph.counts(),
-                 "overflow_adjustments": [str(a) for a in qgraph.adjustments],
-                 "calibration": {"source": self.calibration.source,
-                                 "images": self.calibration.num_images},
-                 "layers": layers,
-                 "metrics": {"sqnr_min_db": worst["sqnr_db"] if worst else float("nan"),
-                             "sqnr_min_layer": worst["tensor"] if worst else ""}}
+        extra = {"compile_seconds": round(compile_seconds, 2), **verification.record(),
+                 "verify_images_asked": self.verify_images,
+                 "compile_cache_hit": compiled.build.cache_hit}
         return result, fidelity, extra
 
     def close(self):

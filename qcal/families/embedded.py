@@ -40,6 +40,7 @@ def embedded_params_path(name: str) -> Path:
 @FAMILIES.register("fashion-mnist")
 class EmbeddedModel(GluonModel):
     family = "fashion-mnist"
+    naming = "an fmnist_* name listed above (weights shipped; data default to the vendored split)"
 
     @classmethod
     def claims(cls, name: str) -> bool:

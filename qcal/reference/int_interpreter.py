@@ -131,13 +131,7 @@ def iter_integer(qgraph: QGraph, x: np.ndarray):
             out = np.asarray(x, dtype=np.float32)
         else:
             args = [values[i] for i in node.inputs]
-            if node.op == "dequantize":
-                out = _dequantize(node, args[0])
-            elif node.is_int:
-                out = _int_op(node, args)
-                _check_range(node, out)
-            else:
-                out = float_op(node, args, np.float32).astype(np.float32)
+            out = run_node(node, args)
             del args
             for name in set(node.inputs):
                 if last_use[name] == step and name != output:
@@ -158,6 +152,18 @@ def run_integer(qgraph: QGraph, x: np.ndarray, keep=None):
         if node.name == output:
             result = value
     return result
+
+
+def run_node(node: QNode, args: list):
+    """One node's value from its inputs' values (integers as int64, floats as float32); an
+    integer result is checked against its dtype and proven bound."""
+    if node.op == "dequantize":
+        return _dequantize(node, args[0])
+    if node.is_int:
+        out = _int_op(node, args)
+        _check_range(node, out)
+        return out
+    return float_op(node, args, np.float32).astype(np.float32)
 
 
 # -- simulated (fake-quantized float) semantics -------------------------------------------------

@@ -11,7 +11,7 @@ from qcal.files import atomic_path, atomic_write_text
 from qcal.report.statistics import mcnemar_exact, wilson_interval
 from qcal.report.tables import format_markdown
 
-TABLE_COLUMNS = ["model", "variant", "images", "top1", "top1_ci95", "top5", "top5_ci95",
+TABLE_COLUMNS = ["model", "variant", "images", "verified", "top1", "top1_ci95", "top5", "top5_ci95",
                  "delta_top1", "lost", "gained", "mcnemar_p", "images_per_s", "wall_s"]
 
 
@@ -22,6 +22,8 @@ def _row(record, predictions, labels, baseline):
     lo1, hi1 = wilson_interval(int(correct1.sum()), n)
     lo5, hi5 = wilson_interval(int(correct5.sum()), n)
     row = {"model": record["model"], "variant": record["variant"], "images": n,
+           "verified": (np.nan if record["variant"] == "float32" or record.get("simulated")
+                        else record.get("verified_images", 0)),
            "top1": 100 * correct1.mean(), "top1_ci95": f"{100 * lo1:.2f}-{100 * hi1:.2f}",
            "top5": 100 * correct5.mean(), "top5_ci95": f"{100 * lo5:.2f}-{100 * hi5:.2f}",
            "delta_top1": np.nan, "lost": np.nan, "gained": np.nan, "mcnemar_p": np.nan,
@@ -106,10 +108,23 @@ def plot_top1(table: pd.DataFrame, path: Path) -> list:
     return models
 
 
+VERIFIED_NOTE = ("verified: calibration images on which the compiled int8 model's logits equalled "
+                 "its numpy integer reference bit for bit before it was evaluated (0: not "
+                 "checked, --verify-images 0).")
+
+
+def results_markdown(table: pd.DataFrame) -> str:
+    """The table as Markdown, with what its ``verified`` column means under it."""
+    text = format_markdown(table)
+    if "verified" in table.columns and table["verified"].notna().any():
+        text += "\n" + VERIFIED_NOTE + "\n"
+    return text
+
+
 def write_results(store, keys, output: Path, summary: dict):
     table, predictions = build_table(store, keys)
     atomic_write_text(output / "results.csv", table.to_csv(index=False))
-    atomic_write_text(output / "results.md", format_markdown(table))
+    atomic_write_text(output / "results.md", results_markdown(table))
     atomic_write_text(output / "predictions.csv", predictions.to_csv(index=False))
     records = [store.load(k)[0] for k in keys]
     summary = {**summary, "rows": json.loads(table.to_json(orient="records")),

@@ -18,7 +18,7 @@ def format_markdown(table: pd.DataFrame) -> str:
                 return ""
             if column == "mcnemar_p" or column.startswith("kl"):
                 return f"{value:.3g}"
-            if column in ("lost", "gained"):
+            if column in ("lost", "gained", "verified"):
                 return f"{value:.0f}"
             if column in ("images_per_s", "wall_s"):
                 return f"{value:.1f}"

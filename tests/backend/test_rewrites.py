@@ -4,9 +4,11 @@
 tests show that the rewrites did what they claim to the module itself:
 
 - ``rewrite_int8_convs``: every eligible int8 conv2d (constant weight, groups 1, out channels a
-  multiple of the pmaddwd lanes) is gone, replaced by one ``pack_int16_pairs`` and one
-  ``conv2d_int16_pairs`` call whose constant is the weight in the pair layout; every other conv
-  is left as it was; a target without AVX2 gets its module back unchanged.
+  multiple of the vector lanes) is gone, replaced by one pack call and one conv call whose
+  constant is the weight in the kernel's layout -- ``pack_u8_quads`` / ``conv2d_vnni`` (weight
+  quads and the -128 * weight-sum accumulator start) on a VNNI target, ``pack_int16_pairs`` /
+  ``conv2d_int16_pairs`` on the same target without VNNI; every other conv is left as it was; a
+  target without AVX2 gets its module back unchanged.
 - ``apply_cpu_schedules``' weight prepack: a conv whose every caller passes a constant weight is
   replaced by a ``*_prepacked`` PrimFunc that receives the weight already repacked
   (``pack_oihw``), and the OIHW version is gone; a weight passed as a parameter is not prepacked.
@@ -23,12 +25,14 @@ from tvm import relax  # noqa: E402
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline  # noqa: E402
 from tvm_ffi import structural_equal  # noqa: E402
 
-from qcal.backend.tvm import schedules  # noqa: E402
+from qcal.backend.tvm import schedules, vnni  # noqa: E402
 from qcal.backend.tvm.emit import emit_relax  # noqa: E402
 from tests.fixtures import OPTION_SETS, every_op, images, realized, resnet_v1  # noqa: E402
 
 TARGET = schedules.cpu_target()
+NO_VNNI = vnni.without_vnni(TARGET)
 LANES = schedules.pair_lanes(TARGET)
+VNNI_LANES = vnni.vnni_lanes(TARGET)
 CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 CONSTANT = tvm.ir.expr.Constant
@@ -76,7 +80,7 @@ def test_pair_rewrite_replaces_exactly_the_eligible_convs(graph_name):
     eligible = [c for c in convs if _pair_eligible(c, LANES)]
     kept = [c for c in convs if not _pair_eligible(c, LANES)]
 
-    after = schedules.rewrite_int8_convs(before, TARGET)
+    after = schedules.rewrite_int8_convs(before, NO_VNNI)
 
     remaining = _calls(after, CONV2D)
     assert len(remaining) == len(kept)
@@ -99,6 +103,46 @@ def test_pair_rewrite_replaces_exactly_the_eligible_convs(graph_name):
         assert packed.shape == (o // LANES, (c + 1) // 2, kh, kw, 2 * LANES)
         # the pair conv reads an int32 input of the pack call's shape, and keeps the conv's output
         pack = packs[pair_convs.index(new)]
+        assert tuple(int(d) for d in new.args[1].fields[0].ty.shape) == tuple(
+            int(d) for d in pack.ty.shape)
+        assert tuple(int(d) for d in new.ty.shape) == tuple(int(d) for d in old.ty.shape)
+    if graph_name == "resnet_v1_w16":
+        assert eligible, "the 16-wide fixture must exercise the rewrite"
+
+
+@pytest.mark.skipif(VNNI_LANES is None, reason="this CPU has no AVX-512 VNNI / AVX-VNNI")
+@pytest.mark.parametrize("graph_name", sorted(GRAPHS))
+def test_vnni_rewrite_replaces_exactly_the_eligible_convs(graph_name):
+    before = _int8_module(GRAPHS[graph_name]())
+    convs = _calls(before, CONV2D)
+    eligible = [c for c in convs if _pair_eligible(c, VNNI_LANES)]
+    kept = [c for c in convs if not _pair_eligible(c, VNNI_LANES)]
+
+    after = schedules.rewrite_int8_convs(before, TARGET)
+
+    remaining = _calls(after, CONV2D)
+    assert len(remaining) == len(kept)
+    for old, new in zip(kept, remaining):
+        assert structural_equal(old.attrs, new.attrs)
+        assert np.array_equal(old.args[1].value.numpy(), new.args[1].value.numpy())
+    names = [c.args[0].name_hint for c in _calls(after, CALL_TIR)]
+    assert not [n for n in names if "int16_pairs" in n]  # VNNI took every conv pairs could
+    packs = [c for c in _calls(after, CALL_TIR) if c.args[0].name_hint.startswith("pack_u8_quads")]
+    quad_convs = [c for c in _calls(after, CALL_TIR)
+                  if c.args[0].name_hint.startswith("conv2d_vnni")]
+    assert len(packs) == len(quad_convs) == len(eligible)
+    for old, new in zip(eligible, quad_convs):
+        weight = old.args[1].value.numpy()
+        _, packed, init = (a.value.numpy() if isinstance(a, CONSTANT) else None
+                           for a in new.args[1].fields)
+        o, c, kh, kw = weight.shape
+        assert packed.dtype == np.int32 and packed.shape == (
+            o // VNNI_LANES, (c + 3) // 4, kh, kw, VNNI_LANES)
+        expected_packed, expected_init = vnni.pack_vnni_weight(weight, VNNI_LANES)
+        assert np.array_equal(packed, expected_packed)
+        assert np.array_equal(init.reshape(-1), -128 * weight.reshape(o, -1).sum(axis=1))
+        assert np.array_equal(init, expected_init)
+        pack = packs[quad_convs.index(new)]
         assert tuple(int(d) for d in new.args[1].fields[0].ty.shape) == tuple(
             int(d) for d in pack.ty.shape)
         assert tuple(int(d) for d in new.ty.shape) == tuple(int(d) for d in old.ty.shape)

@@ -2,18 +2,22 @@
 
 Every module here is a small hand-built Relax graph of the kind the TVM adapter emits (int8 conv /
 dense with int32 accumulation, requantize epilogue, pooling). Each is compiled through the same CPU
-pipeline with and without qcal's schedules (and, for int8 convs, with and without the int16-pair
-rewrite) and run on the same input; integer results must be equal bit for bit.
+pipeline with and without qcal's schedules (and, for int8 convs, with the VNNI rewrite the host
+target picks, with the int16-pair rewrite of the same target without VNNI, and without either)
+and run on the same input; integer results must be equal bit for bit.
 """
 from __future__ import annotations
 
+import hypothesis
+import hypothesis.strategies as st
 import numpy as np
 import pytest
 
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
+from tvm.target import codegen  # noqa: E402
 
-from qcal.backend.tvm import schedules  # noqa: E402
+from qcal.backend.tvm import schedules, vnni  # noqa: E402
 from qcal.errors import QcalError  # noqa: E402
 from qcal.reference import kernels as numpy_kernels  # noqa: E402
 
@@ -78,14 +82,20 @@ CONVS = {
 }
 DEPTHWISE = {kind for kind in CONVS if kind.startswith("depthwise")}
 PAIRS = schedules.pair_lanes(TARGET) is not None
+VNNI = vnni.vnni_lanes(TARGET) is not None
+# the int8 conv kernel a test compiles for: (target, whether the conv rewrite runs)
+KERNELS = {"vnni": (TARGET, True), "pairs": (vnni.without_vnni(TARGET), True),
+           "s_tir": (TARGET, False)}
 
 
-def _expected_rule(kind, pair_convs):
+def _expected_rule(kind, kernel):
     if kind in DEPTHWISE:
         return "depthwise_conv2d_nchw"
-    if pair_convs and PAIRS and kind != "grouped":
-        return "conv2d_int16_pairs"
-    return "conv2d_nchw"
+    if kind == "grouped" or kernel == "s_tir":
+        return "conv2d_nchw"
+    if kernel == "vnni" and VNNI:
+        return "conv2d_vnni"
+    return "conv2d_int16_pairs" if PAIRS else "conv2d_nchw"
 
 
 def _conv_module(kind, epilogue, weight_as_input=False):
@@ -107,16 +117,18 @@ def _primfuncs(mod):
     return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
 
 
-@pytest.mark.parametrize("pair_convs", [True, False], ids=["pairs", "s_tir"])
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
 class TestConv:
-    """Both int8 conv paths: the int16-pair rewrite (default) and the s_tir conv schedule."""
+    """Every int8 conv path: VNNI (the default on a VNNI CPU), the int16-pair rewrite (the default
+    without VNNI) and the s_tir conv schedule."""
 
     @pytest.mark.parametrize("kind", sorted(CONVS))
     @pytest.mark.parametrize("epilogue", [True, False], ids=["requantize", "raw"])
-    def test_bit_exact_against_unscheduled(self, kind, epilogue, pair_convs):
+    def test_bit_exact_against_unscheduled(self, kind, epilogue, kernel):
+        target, pair_convs = KERNELS[kernel]
         mod, weight = _conv_module(kind, epilogue)
         x = _int8(np.random.default_rng(1), CONVS[kind][0])
-        scheduled = _run(mod, x, pair_convs=pair_convs)
+        scheduled = _run(mod, x, pair_convs=pair_convs, target=target)
         assert np.array_equal(scheduled, _run(mod, x, schedule=False))
         if not epilogue:  # and against qcal's own numpy reference
             _, _, _, stride, pad, groups = CONVS[kind]
@@ -125,40 +137,44 @@ class TestConv:
             assert np.array_equal(scheduled, ref)
 
     @pytest.mark.parametrize("kind", sorted(CONVS))
-    def test_schedule_applied(self, kind, pair_convs):
+    def test_schedule_applied(self, kind, kernel):
+        target, pair_convs = KERNELS[kernel]
         mod, _ = _conv_module(kind, epilogue=True)
-        lowered = schedules.lower(mod, TARGET, pair_convs=pair_convs)
+        lowered = schedules.lower(mod, target, pair_convs=pair_convs)
         rules = schedules.scheduled_functions(lowered)
-        expected = _expected_rule(kind, pair_convs)
+        expected = _expected_rule(kind, kernel)
         convs = [name for name, rule in rules.items() if rule == expected]
         assert len(convs) == 1, rules
         text = _primfuncs(lowered)[convs[0]].script()
         assert "T.parallel" in text
         if expected == "conv2d_int16_pairs":
             assert "pmadd" in text
-        else:
-            assert "T.vectorized" in text
-            # the requantize epilogue was inlined: one block writes the int8 output after the conv
-            assert text.count('T.sblock("compute') <= 1
+            return
+        assert "vpdpbusd" in text if expected == "conv2d_vnni" else "T.vectorized" in text
+        # the requantize epilogue was inlined: one block writes the int8 output after the conv
+        assert text.count('T.sblock("compute') <= 1
+        assert "int8" in str(_primfuncs(lowered)[convs[0]].params[-1].dtype)
 
-    def test_weight_given_at_run_time_is_repacked_in_the_call(self, pair_convs):
-        """Only constant weights take the pair rewrite; a run-time weight gets the s_tir conv."""
+    def test_weight_given_at_run_time_is_repacked_in_the_call(self, kernel):
+        """Only constant weights take the conv rewrites; a run-time weight gets the s_tir conv."""
+        target, pair_convs = KERNELS[kernel]
         mod, weight = _conv_module("3x3", epilogue=True, weight_as_input=True)
         x = _int8(np.random.default_rng(2), CONVS["3x3"][0])
-        out = _run(mod, x, weight, pair_convs=pair_convs)
+        out = _run(mod, x, weight, pair_convs=pair_convs, target=target)
         assert np.array_equal(out, _run(mod, x, weight, schedule=False))
-        rules = schedules.scheduled_functions(schedules.lower(mod, TARGET, pair_convs=pair_convs))
+        rules = schedules.scheduled_functions(schedules.lower(mod, target, pair_convs=pair_convs))
         assert list(rules.values()) == ["conv2d_nchw"]
 
-    def test_float32_conv_close_to_unscheduled(self, pair_convs):
+    def test_float32_conv_close_to_unscheduled(self, kernel):
+        target, pair_convs = KERNELS[kernel]
         rng = np.random.default_rng(3)
         weight = rng.standard_normal((32, 16, 3, 3)).astype("float32")
         mod = _module((1, 16, 12, 12), lambda bb, x: bb.emit(relax.op.nn.relu(bb.emit(
             relax.op.nn.conv2d(x, _const(weight), padding=1)))), dtype="float32")
         x = rng.standard_normal((1, 16, 12, 12)).astype("float32")
-        out = _run(mod, x, pair_convs=pair_convs)
+        out = _run(mod, x, pair_convs=pair_convs, target=target)
         np.testing.assert_allclose(out, _run(mod, x, schedule=False), rtol=1e-5, atol=1e-5)
-        lowered = schedules.lower(mod, TARGET, pair_convs=pair_convs)
+        lowered = schedules.lower(mod, target, pair_convs=pair_convs)
         assert list(schedules.scheduled_functions(lowered).values()) == ["conv2d_nchw"]
 
 
@@ -200,6 +216,110 @@ class TestInt16Pairs:
         assert packed[1, 0, 1, 0, 2 * 3 + 1] == weight[8 + 3, 1, 1, 0]
         assert packed[0, 1, 0, 1, 2 * 5] == weight[5, 2, 0, 1]
         assert packed[0, 1, 0, 1, 2 * 5 + 1] == 0  # the zero channel that pads 3 channels to 4
+
+
+def _vnni_conv(x, weight, strides, pads, target):
+    mod = _module(x.shape, lambda bb, v: bb.emit(relax.op.nn.conv2d(
+        v, _const(weight), strides=strides, padding=pads, out_dtype="int32")))
+    rules = schedules.scheduled_functions(schedules.lower(mod, target))
+    return _run(mod, x, target=target), rules
+
+
+class TestVnni:
+    @pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI / AVX-VNNI")
+    @hypothesis.settings(max_examples=14, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(
+        batch=st.integers(1, 2), in_channels=st.integers(1, 13), vectors=st.integers(1, 3),
+        kernel=st.sampled_from([1, 3, 5, 7]), stride=st.integers(1, 3), size=st.integers(5, 14),
+        pads=st.tuples(*[st.integers(0, 3)] * 4), seed=st.integers(0, 2 ** 16))
+    def test_bit_exact_with_numpy_on_random_shapes(self, batch, in_channels, vectors, kernel,
+                                                   stride, size, pads, seed):
+        """Odd channel counts (zero-padded to quads), strides, 1x1 to 7x7, asymmetric padding,
+        the whole int8 range (-128 included): the u8 + 128 shift and its weight-sum correction
+        are exact."""
+        lanes = vnni.vnni_lanes(TARGET)
+        hypothesis.assume(size + pads[0] + pads[2] >= kernel and size + pads[1] + pads[3] >= kernel)
+        rng = np.random.default_rng(seed)
+        x = _int8(rng, (batch, in_channels, size, size + 1))
+        weight = _int8(rng, (vectors * lanes, in_channels, kernel, kernel))
+        out, rules = _vnni_conv(x, weight, (stride, stride), pads, TARGET)
+        assert list(rules.values()) == ["conv2d_vnni"]
+        ref = numpy_kernels.conv2d(x, weight, (stride, stride), pads)
+        assert out.dtype == np.int32 and np.array_equal(out, ref)
+
+    @pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI / AVX-VNNI")
+    def test_extreme_values_do_not_saturate(self):
+        """-128 activations against -128 weights over 64 channels x 3x3: the largest sums a
+        ResNet conv can make; vpdpbusd (unlike vpdpbusds) wraps, and nothing here reaches int32's
+        limits, so the result is the plain sum."""
+        lanes = vnni.vnni_lanes(TARGET)
+        x = np.full((1, 64, 6, 6), -128, np.int8)
+        weight = np.full((lanes, 64, 3, 3), -128, np.int8)
+        weight[1::2] = 127
+        out, _ = _vnni_conv(x, weight, (1, 1), (1, 1, 1, 1), TARGET)
+        assert np.array_equal(out, numpy_kernels.conv2d(x, weight, (1, 1), (1, 1, 1, 1)))
+        assert out[0, 0, 2, 2] == 64 * 9 * 128 * 128
+
+    @pytest.mark.skipif(not codegen.llvm_cpu_has_features(["avxvnni"], TARGET),
+                        reason="this CPU has no AVX-VNNI")
+    @pytest.mark.parametrize("kind", ["3x3_stride2", "7x7_stem", "1x1"])
+    def test_avx_vnni_eight_lane_path_bit_exact(self, kind):
+        """A target with AVX-VNNI but not AVX-512 VNNI takes the 8-lane 256-bit vpdpbusd."""
+        avx_vnni = tvm.target.Target({"kind": "llvm", "mcpu": TARGET.attrs["mcpu"],
+                                      "mattr": ["-avx512vnni"]})
+        assert vnni.vnni_lanes(avx_vnni) == 8
+        mod, _ = _conv_module(kind, epilogue=True)
+        x = _int8(np.random.default_rng(13), CONVS[kind][0])
+        assert np.array_equal(_run(mod, x, target=avx_vnni), _run(mod, x, schedule=False))
+        rules = schedules.scheduled_functions(schedules.lower(mod, avx_vnni))
+        assert "conv2d_vnni" in rules.values()
+
+    @pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI / AVX-VNNI")
+    def test_conv_output_read_twice_bit_exact(self):
+        """The conv's int32 output feeds its requantize and, beside it, a sum with the
+        requantized value: FuseOps then leaves the conv alone in its PrimFunc, and the rule
+        schedules it without an epilogue (the int32 tensor is written out)."""
+        rng = np.random.default_rng(15)
+        shape, lanes = (1, 8, 9, 9), vnni.vnni_lanes(TARGET)
+        weight = _int8(rng, (lanes, 8, 3, 3))
+
+        def emit(bb, x):
+            acc = bb.emit(relax.op.nn.conv2d(x, _const(weight), padding=1, out_dtype="int32"))
+            y = _requantize(bb, acc, lanes, rng)
+            return relax.Tuple([y, bb.emit(relax.op.add(relax.op.astype(y, "int32"), acc))])
+
+        mod = _module(shape, emit)
+        x = _int8(rng, shape)
+
+        def run(**kw):
+            ex = schedules.build(mod, TARGET, **kw)
+            return [o.numpy() for o in relax.VirtualMachine(ex, tvm.cpu())["main"](
+                tvm.runtime.tensor(x))]
+
+        for got, want in zip(run(), run(schedule=False)):
+            assert np.array_equal(got, want)
+        rules = schedules.scheduled_functions(schedules.lower(mod, TARGET))
+        assert rules.get("conv2d_vnni") == "conv2d_vnni"  # the PrimFunc of the conv alone
+
+    def test_chosen_by_target_features(self):
+        assert vnni.vnni_lanes(vnni.without_vnni(TARGET)) is None
+        assert vnni.vnni_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) is None
+        assert vnni.vnni_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})) == 16
+        assert vnni.vnni_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})) == 8
+
+    def test_pack_vnni_weight_layout_and_correction(self):
+        """Lane l of vector (f, c4, ky, kx) holds out channel f*v + l, in channels 4*c4 .. +3 as
+        little-endian bytes; the accumulator start is -128 * the out channel's weight sum."""
+        rng = np.random.default_rng(14)
+        weight = _int8(rng, (16, 5, 2, 2))
+        packed, init = vnni.pack_vnni_weight(weight, 8)
+        assert packed.shape == (2, 2, 2, 2, 8) and packed.dtype == np.int32
+        lane = packed[1, 0, 1, 0, 3:4].view(np.int8)  # out channel 11, in channels 0..3
+        assert np.array_equal(lane, weight[11, 0:4, 1, 0])
+        lane = packed[0, 1, 0, 1, 5:6].view(np.int8)  # out channel 5, in channel 4 + 3 zeros
+        assert np.array_equal(lane, [weight[5, 4, 0, 1], 0, 0, 0])
+        assert init.shape == (2, 8) and init.dtype == np.int32
+        assert init[1, 3] == -128 * int(weight[11].astype(np.int64).sum())
 
 
 class TestDense:
@@ -353,11 +473,11 @@ class TestModulePass:
         mod = _module(shape, emit)
         x = _int8(rng, shape)
         reference = _run(mod, x, schedule=False)
-        for pair_convs in (True, False):
-            assert np.array_equal(_run(mod, x, pair_convs=pair_convs), reference)
-            lowered = schedules.lower(mod, TARGET, pair_convs=pair_convs)
+        for kernel, (target, pair_convs) in KERNELS.items():
+            assert np.array_equal(_run(mod, x, pair_convs=pair_convs, target=target), reference)
+            lowered = schedules.lower(mod, target, pair_convs=pair_convs)
             rules = list(schedules.scheduled_functions(lowered).values())
-            assert _expected_rule("3x3", pair_convs) in rules and "dense" in rules
+            assert _expected_rule("3x3", kernel) in rules and "dense" in rules
 
     def test_primfunc_shared_by_two_calls_gets_each_calls_weight_packed(self):
         """FuseTIR deduplicates two same-shape conv+requantize groups into one PrimFunc called

@@ -224,3 +224,26 @@ def test_tvm_does_not_pin_the_main_thread():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_kl_equals_pytorch_quantization_on_real_tensors():
+    """On the clipped activation tensors of an embedded model (MXNet's values, 64 calibration
+    images), ``kl`` picks the same bin as the port of pytorch-quantization's entropy calibrator
+    fed the same reference histogram without its exact zeros."""
+    from qcal.calib.methods import choose_amax
+    from tests.calib.test_methods import pytorch_quantization_entropy
+
+    model = resolve_model("fmnist_resnet20_v1")
+    graph = model.import_graph((1, 32, 32))
+    images = _calibration_images(64)
+    stats = collect_statistics(graph, [images[:32], images[32:]], progress=False,
+                               source=MXNetInternals(graph, model.net))
+    clipped = sorted(((choose_amax("kl", t) / t.amax, name) for name, t in stats.tensors.items()
+                      if choose_amax("kl", t) < t.amax))
+    assert len(clipped) >= 4
+    for _, name in clipped[:2] + clipped[-2:]:  # the most and the least clipped
+        t = stats.tensors[name]
+        hist = t.ref_counts.copy()
+        hist[0] -= t.zeros
+        theirs = pytorch_quantization_entropy(hist, t.ref_edges, patch_bin0=False)
+        assert choose_amax("kl", t) == min(theirs, t.amax), name

@@ -41,6 +41,16 @@ def test_grid_expands_in_order_and_duplicates_collapse(tmp_path):
     assert cfg.variants[-1] == QuantOptions(activation_method="max", skip_k_conv=2)
 
 
+def test_verify_images_defaults_once_and_the_command_line_overrides_it(tmp_path):
+    from qcal.config import DEFAULT_VERIFY_IMAGES
+
+    assert load_sweep_config(write(tmp_path, GOOD)).verify_images == DEFAULT_VERIFY_IMAGES == 2
+    path = write(tmp_path, GOOD + "verify_images: 0\n")
+    assert load_sweep_config(path).verify_images == 0
+    assert load_sweep_config(path, verify_images=5).verify_images == 5
+    assert load_sweep_config(path, verify_images=None).verify_images == 0
+
+
 @pytest.mark.parametrize("text, line, message", [
     ("models: [fmnist_vgg11_bn]\nbatchsize: 3\n", 2, "unknown key 'batchsize'"),
     ("models: [fmnist_vgg11_bn]\ndata:\n  num_imgs: 3\n", 3, "unknown data key 'num_imgs'"),
@@ -59,9 +69,16 @@ def test_grid_expands_in_order_and_duplicates_collapse(tmp_path):
     ("models: [fmnist_vgg11_bn\n", 2, "not valid YAML"),
     ("data: {num_images: 3}\n", 1, "'models' is required"),
     ("models: [fmnist_vgg11_bn]\nfloat32: false\n", 1, "nothing to run"),
+    ("models: [fmnist_vgg11_bn]\nverify_images: -1\n", 2, "verify_images must be an integer >= 0"),
+    ("models: [fmnist_vgg11_bn]\nverify_images: yes\n", 2, "verify_images must be an integer"),
 ])
 def test_malformed_configs_name_their_line_quickly(tmp_path, text, line, message):
     path = write(tmp_path, text)
+    from qcal.families import family_of
+
+    with pytest.raises(UsageProblem):  # the families import their libraries once, untimed
+        family_of("no-such-model")
+
     start = time.monotonic()
     with pytest.raises(UsageProblem) as info:
         load_sweep_config(path)

@@ -221,6 +221,20 @@ class CompiledModel:
                                              self._cache_dir)
         return self._run_with(self._main_int, x)
 
+    def run_probe(self, x: np.ndarray, names) -> dict:
+        """{name: value} of the nodes ``names`` on a float32 NCHW batch, from the same graph
+        compiled (target, schedules, cache as ``run``'s) for ``len(x)`` images to return those
+        nodes' values: how ``qcal.eval.verify`` finds the first layer that differs."""
+        from qcal.backend.tvm import emit as tvm_adapter
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        names = list(names)
+        mod = tvm_adapter.emit_relax(self.qgraph, len(x), outputs=names + names[:1] * (
+            len(names) == 1))  # two names at least: main then always returns a tuple
+        main, _ = build_cached(mod, f"{self.qgraph.name}-probe", self._target, len(x),
+                               self._use_schedules, self._cache_dir)
+        return dict(zip(names, tvm_adapter.run(main, x)))
+
 
 def compile_model(model: Graph | QGraph, batch_size: int, target=None,
                   use_schedules: bool = True, cache_dir=FROM_ENVIRONMENT) -> CompiledModel:

@@ -6,7 +6,7 @@ legalizes but neither fuses nor schedules: every conv2d becomes a naive 7-deep l
 on a 1x64x56x56 3x3 int8 conv with a generic target). ``build`` / ``lower`` below run the CPU pipeline of
 ``tvm/relax/backend/cpu_generic/pipeline.py`` with two steps of ours inserted, in this order::
 
-    rewrite_int8_convs  (ours: int8 conv2d with a constant weight -> int16-pair PrimFuncs)
+    rewrite_int8_convs  (ours: int8 conv2d with a constant weight -> VNNI or int16-pair PrimFuncs)
     DispatchSampling -> DispatchSortScan                      (library_dispatch_passes)
     LegalizeOps -> AnnotateTIROpPattern -> FoldConstant
         -> FuseOps -> FuseTIR                                 (legalize_passes)
@@ -37,8 +37,12 @@ property tests in ``tests/backend/test_schedules_fuzz.py`` run every rule, and t
 (hand-written TIR calling ``pmaddwd``), on random shapes against the unscheduled pipeline and the
 numpy reference, bit for bit.
 
-int8 conv, int16-pair path (groups 1, dilation 1, out channels a multiple of 16 (AVX-512BW) or 8
-(AVX2), constant weight): see the section comment below; ~200 GOP/s, 2-3x the s_tir conv.
+int8 conv, VNNI path (groups 1, dilation 1, out channels a multiple of 16 (AVX-512 VNNI) or 8
+(AVX-VNNI), constant weight; chosen when the target has those features): ``qcal.backend.tvm.vnni``,
+u8 x s8 ``vpdpbusd`` with the +128 shift corrected in the accumulator start, its epilogue fused
+by FuseOps and computed per tile by the ``conv2d_vnni`` rule; 2-4x the pair path per conv.
+int8 conv, int16-pair path (same convs, out channels a multiple of 16 (AVX-512BW) or 8 (AVX2), on
+a target without VNNI): see the section comment below; ~200 GOP/s, 2-3x the s_tir conv.
 Everything else goes through the rules:
 
 s_tir conv schedule (NCHW, int8 x int8 -> int32, any stride/kernel, groups with >= 4 output
@@ -468,8 +472,17 @@ def schedule_parallel_outer(func, lanes: int, prepack: bool) -> Scheduled:
     return Scheduled(sch.mod["main"])
 
 
+def schedule_vnni_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
+    """``qcal.backend.tvm.vnni.schedule_vnni_conv2d``: the conv ``rewrite_int8_convs`` wrote for
+    VNNI, with the epilogue FuseOps gave it."""
+    from qcal.backend.tvm import vnni  # it builds on this module's helpers
+
+    return vnni.schedule_vnni_conv2d(func, lanes, prepack)
+
+
 # Tried in order; the first that does not decline wins.
 SCHEDULE_RULES: dict[str, Callable] = {
+    "conv2d_vnni": schedule_vnni_conv2d,
     "conv2d_nchw": schedule_conv2d,
     "depthwise_conv2d_nchw": schedule_depthwise_conv2d,
     "dense": schedule_dense,
@@ -779,8 +792,15 @@ class _PairConvRewriter(relax.PyExprMutator):
 
 def rewrite_int8_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Replace each int8 NCHW conv2d with a constant weight (groups 1, dilation 1, out channels a
-    multiple of the pmaddwd lanes) by the int16-pair PrimFuncs; others stay for the schedules.
-    Runs before legalization; a target without AVX2 gets the module back unchanged."""
+    multiple of the vector lanes) by hand-written PrimFuncs: the u8 x s8 ``vpdpbusd`` ones of
+    ``qcal.backend.tvm.vnni`` when the target has AVX-512 VNNI or AVX-VNNI, else the int16-pair
+    ones; others stay for the schedules. Runs before legalization; a target without AVX2 gets the
+    module back unchanged."""
+    from qcal.backend.tvm import vnni  # it builds on this module's helpers
+
+    quad_lanes = vnni.vnni_lanes(target)
+    if quad_lanes is not None:
+        mod = vnni.rewrite_vnni_convs(mod, quad_lanes)
     lanes = pair_lanes(target)
     if lanes is None:
         return mod

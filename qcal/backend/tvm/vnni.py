@@ -1,0 +1,256 @@
+"""int8 conv as u8 x s8 quads on VNNI (``vpdpbusd``): a Relax rewrite that runs before legalization.
+
+Where this sits: ``qcal.backend.tvm.schedules.rewrite_int8_convs`` calls ``rewrite_vnni_convs``
+first when the target has AVX-512 VNNI (16 int32 lanes) or AVX-VNNI (8 lanes); the convs it
+leaves go on to the int16-pair rewrite and the s_tir schedules. Like the pair path, the conv is
+replaced by two PrimFuncs written here::
+
+    x int8 NCHW --pack_u8_quads--> xq int32 (N, ceil(C/4), H+pads, W+pads)   one int32 = 4 u8
+    xq, w', init --conv2d_vnni--> int32 NCHW                                 (then the epilogue)
+
+``vpdpbusd`` multiplies 4 adjacent unsigned bytes of one operand with 4 signed bytes of the other
+and adds the 4 products into one int32 lane, without saturation: 64 MACs an instruction with
+AVX-512, against 32 for ``vpmaddwd`` (which also needs a separate add). It wants unsigned
+activations, so the pack adds 128 to every int8 value (the padding included: a padded zero
+becomes 128 like any other zero), and then for every output pixel
+
+    sum_k (x_k + 128) * w_k  =  sum_k x_k * w_k  +  128 * sum_k w_k
+
+The second term depends on the output channel only: the accumulators start at
+``init[o] = -128 * sum(w[o])`` instead of 0, and the result is the int8 x int8 conv exactly.
+No product or sum can wrap: |(x + 128) * w| <= 255 * 128 and a conv would need more than 65000
+reduction terms to leave int32 (the numpy reference accumulates in int64 and agrees).
+
+w' is the constant weight repacked in numpy to (O/v, ceil(C/4), kh, kw, v) int32, each int32 holding
+4 int8 of one output channel and 4 consecutive input channels (little-endian), so one v-lane load
+is the ``vpdpbusd`` weight operand. Channel counts that are not a multiple of 4 are padded with
+zero weights (zero products, zero correction).
+
+Schedule (``schedule_vnni_conv2d``): the int16-pair conv's tiling at vector granularity -- up to
+``_PIXEL_TILE`` output pixels of one row x ``_CHANNEL_VECTORS`` vectors of channels accumulate in
+registers with the reduction loops outside, NCHW written back per tile, (batch, row, channel tile)
+in parallel. Measured per conv shape by ``scripts/bench_ops.py``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, s_tir
+from tvm.script import tirx as T
+from tvm.target import codegen
+
+from qcal.backend.tvm.schedules import (Decline, Scheduled, _extents, _i64, _inline_epilogue,
+                                        _largest_divisor, _name, _parallel_outer, _root_blocks,
+                                        _vectorize_tile_epilogue)
+
+VNNI_BLOCK = "conv2d_vnni"
+# relax's OpPatternKind kOutEWiseFusable: FuseOps may fuse the elementwise ops after the conv
+# into its PrimFunc (as it does for a legalized conv2d); the rule then schedules them together
+_OUT_ELEMWISE_FUSABLE = 4
+_VPDPBUSD_INTRINSICS = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}
+# Output pixels x channel vectors of accumulators held in registers (of 32 with AVX-512).
+_PIXEL_TILE = 8
+_CHANNEL_VECTORS = 2
+_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
+
+
+def vnni_lanes(target: tvm.target.Target) -> int | None:
+    """int32 lanes of the target's ``vpdpbusd`` (16 with AVX-512 VNNI, 8 with AVX-VNNI), or None."""
+    if codegen.llvm_cpu_has_features(["avx512vnni", "avx512bw"], target):
+        return 16
+    if codegen.llvm_cpu_has_features(["avxvnni"], target):
+        return 8
+    return None
+
+
+def _pack_quads_func(n, c, h, w, pads):
+    c4, hp, wp = _i64((c + 3) // 4, h + pads[0] + pads[2], w + pads[1] + pads[3])
+    n, c, h, w = _i64(n, c, h, w)
+    pt, pl = _i64(pads[0], pads[1])
+
+    # 0x80808080: XOR with 0x80 adds 128 to each signed byte modulo 256 (int8 -> u8 + 128)
+    offset = T.int32(-0x7F7F7F80)
+
+    @T.prim_func(private=True, s_tir=True)
+    def pack_u8_quads(x: T.Buffer((n, c, h, w), "int8"),  # noqa: F821 (TVMScript dtypes)
+                      xq: T.Buffer((n, c4, hp, wp), "int32")):  # noqa: F821
+        T.func_attr({"tirx.noalias": True})
+        for i, j, y, z in T.grid(n, c4, hp, wp):
+            with T.sblock("pack_u8_quads"):
+                vi, vj, vy, vz = T.axis.remap("SSSS", [i, j, y, z])
+                # byte k: channel 4j+k (little-endian) as raw bits, then + 128 each; padding and
+                # missing channels are 0, so 128 once shifted
+                xq[vi, vj, vy, vz] = T.bitwise_xor(T.bitwise_or(T.bitwise_or(
+                    T.bitwise_and(T.if_then_else(
+                        pt <= vy and vy < pt + h and pl <= vz and vz < pl + w,
+                        T.Cast("int32", x[vi, vj * 4, vy - pt, vz - pl]), 0), 0xFF),
+                    T.shift_left(T.bitwise_and(T.if_then_else(
+                        pt <= vy and vy < pt + h and pl <= vz and vz < pl + w and vj * 4 + 1 < c,
+                        T.Cast("int32", x[vi, T.min(vj * 4 + 1, c - 1), vy - pt, vz - pl]), 0),
+                        0xFF), 8)), T.bitwise_or(
+                    T.shift_left(T.bitwise_and(T.if_then_else(
+                        pt <= vy and vy < pt + h and pl <= vz and vz < pl + w and vj * 4 + 2 < c,
+                        T.Cast("int32", x[vi, T.min(vj * 4 + 2, c - 1), vy - pt, vz - pl]), 0),
+                        0xFF), 16),
+                    T.shift_left(T.if_then_else(
+                        pt <= vy and vy < pt + h and pl <= vz and vz < pl + w and vj * 4 + 3 < c,
+                        T.Cast("int32", x[vi, T.min(vj * 4 + 3, c - 1), vy - pt, vz - pl]), 0),
+                        24))), offset)
+    return pack_u8_quads
+
+
+def _vnni_conv_func(n, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, v):
+    # LLVM's vpdpbusd takes its two multiplicands as byte vectors (unsigned, then signed)
+    acc_t, bytes_t = f"int32x{v}", f"int8x{4 * v}"
+    intrinsic = _VPDPBUSD_INTRINSICS[v]
+    f = o // v
+    n, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, f = _i64(n, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, f)
+    lanes, zero, one = _i64(v, 0, 1)
+
+    @T.prim_func(private=True, s_tir=True)
+    def conv2d_vnni(xq: T.Buffer((n, c4, hp, wp), "int32"),  # noqa: F821 (TVMScript dtypes)
+                    wq: T.Buffer((f, c4, kh, kw, lanes), "int32"),  # noqa: F821
+                    init: T.Buffer((f, lanes), "int32"),  # noqa: F821
+                    out: T.Buffer((n, o, oh, ow), "int32")):  # noqa: F821
+        T.func_attr({"tirx.noalias": True})
+        acc = T.sblock_alloc_buffer((n, f, oh, ow, lanes), "int32")
+        for i, j, y, z, rc, ry, rx in T.grid(n, f, oh, ow, c4, kh, kw):
+            with T.sblock("conv2d_vnni"):  # VNNI_BLOCK
+                vi, vj, vy, vz, vc, vry, vrx = T.axis.remap("SSSSRRR", [i, j, y, z, rc, ry, rx])
+                with T.init():
+                    acc[vi, vj, vy, vz, T.ramp(zero, one, v)] = init[vj, T.ramp(zero, one, v)]
+                acc[vi, vj, vy, vz, T.ramp(zero, one, v)] = T.call_llvm_pure_intrin(
+                    acc_t, T.llvm_lookup_intrinsic_id(intrinsic),
+                    acc[vi, vj, vy, vz, T.ramp(zero, one, v)],
+                    T.reinterpret(bytes_t, T.broadcast(xq[vi, vc, vy * sh + vry, vz * sw + vrx], v)),
+                    T.reinterpret(bytes_t, wq[vj, vc, vry, vrx, T.ramp(zero, one, v)]))
+        for i, j, y, z in T.grid(n, o, oh, ow):
+            with T.sblock("unpack"):
+                vi, vj, vy, vz = T.axis.remap("SSSS", [i, j, y, z])
+                out[vi, vj, vy, vz] = acc[vi, vj // lanes, vy, vz, vj % lanes]
+    return conv2d_vnni
+
+
+def schedule_vnni_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
+    """The schedule rule for a PrimFunc holding ``conv2d_vnni`` (alone, or fused by FuseOps with
+    the elementwise epilogue after it: bias, requantize, ReLU, residual add).
+
+    The epilogue (``unpack`` included) is inlined into its last block, which is computed per tile
+    right after the tile's accumulators, while they are in registers: the int32 NCHW tensor of
+    the conv never exists. When the function has more than one output (FuseOps makes such), the
+    conv and ``unpack`` are scheduled alone and the other blocks get parallel outer loops."""
+    sch = s_tir.Schedule(func)
+    blocks = _root_blocks(sch)
+    names = [_name(sch, b) for b in blocks]
+    if VNNI_BLOCK not in names:
+        raise Decline("no conv2d_vnni block")
+    index = names.index(VNNI_BLOCK)
+    conv = blocks[index]
+    if index != 0 or names[index + 1] != "unpack":
+        raise RuntimeError(f"conv2d_vnni PrimFunc with unexpected blocks {names}")
+    try:
+        out = _inline_epilogue(sch, index, blocks)
+        rest = []
+    except Decline:
+        out, rest = blocks[index + 1], blocks[index + 2:]
+    i, j, y, z, rc, ry, rx = sch.get_loops(conv)
+    f, ow = _extents(sch, [j, z])
+    jo, jm = sch.split(j, [None, _largest_divisor(f, _CHANNEL_VECTORS)])
+    zo, zi = sch.split(z, [None, _largest_divisor(ow, _PIXEL_TILE)])
+    sch.reorder(i, y, jo, zo, rc, ry, rx, zi, jm)
+    sch.set_scope(conv, 0, "local")
+    sch.reverse_compute_at(out, zo)
+    sch.unroll(zi)
+    sch.unroll(jm)
+    _vectorize_tile_epilogue(sch, out, zo)
+    sch.parallel(sch.fuse(i, y, jo))
+    # parallel/vectorize/unroll first: after decompose_reduction they refuse the update block
+    sch.decompose_reduction(conv, rc)
+    for b in rest:
+        _parallel_outer(sch, b)
+    return Scheduled(sch.mod["main"])
+
+
+def pack_vnni_weight(weight: np.ndarray, lanes: int) -> tuple[np.ndarray, np.ndarray]:
+    """OIHW int8 -> (the (O/lanes, ceil(I/4), kh, kw, lanes) int32 layout ``vpdpbusd`` reads,
+    the (O/lanes, lanes) int32 accumulator start ``-128 * sum(weight[o])``)."""
+    o, c, kh, kw = weight.shape
+    c4 = (c + 3) // 4
+    w8 = np.zeros((o, 4 * c4, kh, kw), np.int8)
+    w8[:, :c] = weight
+    # (O/l, l, c4, 4, kh, kw) -> (O/l, c4, kh, kw, l, 4): the 4 bytes of one int32 lane adjacent
+    quads = np.ascontiguousarray(w8.reshape(o // lanes, lanes, c4, 4, kh, kw)
+                                 .transpose(0, 2, 4, 5, 1, 3))
+    packed = quads.view("<i4").reshape(o // lanes, c4, kh, kw, lanes).astype(np.int32)
+    init = (-128 * weight.reshape(o, -1).astype(np.int64).sum(axis=1)).astype(np.int32)
+    return packed, init.reshape(o // lanes, lanes)
+
+
+def _vnni_geometry(call, lanes):
+    """(N, C, H, W), pads, strides of a conv2d call the VNNI rewrite handles, else None."""
+    attrs = call.attrs
+    data, weight = call.args
+    if not isinstance(weight, tvm.ir.expr.Constant):
+        return None
+    if (int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW"
+            or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW"
+            or str(attrs.out_dtype) != "int32" or any(int(d) != 1 for d in attrs.dilation)):
+        return None
+    if str(data.ty.dtype) != "int8" or str(weight.ty.dtype) != "int8":
+        return None
+    try:
+        shape = tuple(int(d) for d in data.ty.shape)
+    except (TypeError, ValueError):  # symbolic batch: not handled
+        return None
+    if int(weight.ty.shape[0]) % lanes:
+        return None
+    return shape, tuple(int(p) for p in attrs.padding), tuple(int(s) for s in attrs.strides)
+
+
+@relax.expr_functor.mutator
+class _VnniConvRewriter(relax.PyExprMutator):
+    def __init__(self, mod: tvm.IRModule, lanes: int):
+        super().__init__(mod)
+        self.lanes = lanes
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)):
+            return call
+        geometry = _vnni_geometry(call, self.lanes)
+        return call if geometry is None else self._rewrite(call, *geometry)
+
+    def _rewrite(self, call, shape, pads, strides):
+        n, c, h, w = shape
+        weight = call.args[1].value.numpy()
+        o, _, kh, kw = weight.shape
+        c4, hp, wp = (c + 3) // 4, h + pads[0] + pads[2], w + pads[1] + pads[3]
+        oh, ow = (hp - kh) // strides[0] + 1, (wp - kw) // strides[1] + 1
+        conv = _vnni_conv_func(n, c4, hp, wp, o, kh, kw, oh, ow, *strides, self.lanes)
+        conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
+        pack_gv = self.builder_.add_func(_pack_quads_func(n, c, h, w, pads), "pack_u8_quads")
+        conv_gv = self.builder_.add_func(conv, "conv2d_vnni")
+        packed = self.builder_.emit(relax.call_tir(
+            pack_gv, [call.args[0]], relax.TensorType((n, c4, hp, wp), "int32")))
+        wq, init = pack_vnni_weight(weight, self.lanes)
+        return relax.call_tir(conv_gv, [packed, relax.const(wq, "int32"),
+                                        relax.const(init, "int32")],
+                              relax.TensorType((n, o, oh, ow), "int32"))
+
+
+def rewrite_vnni_convs(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+    """Replace each int8 NCHW conv2d with a constant weight (groups 1, dilation 1, out channels a
+    multiple of ``lanes``) by the VNNI PrimFuncs; other convs are left as they are."""
+    rewriter = _VnniConvRewriter(mod, lanes)
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
+def without_vnni(target: tvm.target.Target) -> tvm.target.Target:
+    """The same LLVM target with AVX-512 VNNI and AVX-VNNI switched off: what the int16-pair path
+    compiles for on this CPU (benchmarks compare the two kernels side by side with it)."""
+    config = {"kind": "llvm", "mcpu": str(target.attrs.get("mcpu", ""))}
+    config["mattr"] = [str(a) for a in target.attrs.get("mattr", [])] + ["-avx512vnni", "-avxvnni"]
+    return tvm.target.Target(config)
