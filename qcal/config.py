@@ -71,6 +71,9 @@ class QuantOptions:
     # None: every op of QUANTIZABLE_OPS; else only these (a tuple, or "conv2d,dense" in a file).
     quantize_ops: tuple | None = None
     float_layers: tuple = ()  # layer (node) names kept float32, e.g. what layers.csv points at
+    # Evaluate the fake-quantized float model of the integer graph (numpy, no compile) instead of
+    # the compiled integer model: fast exploration, its rows labelled "simulated".
+    simulate: bool = False
 
     def __post_init__(self):
         def need(cond, message):
@@ -89,6 +92,8 @@ class QuantOptions:
             object.__setattr__(self, name, float(value))
         need(isinstance(self.skip_dense, bool),
              f"skip_dense must be true or false, not {self.skip_dense!r}")
+        need(isinstance(self.simulate, bool),
+             f"simulate must be true or false, not {self.simulate!r}")
 
         def width(value, optional=False):
             return (optional and value is None) or (_is_integer(value)
@@ -162,6 +167,8 @@ class QuantOptions:
             parts.append(f"ops:{'+'.join(self.quantize_ops)}")
         if self.float_layers:
             parts.append(f"float:{'+'.join(self.float_layers)}")
+        if self.simulate:
+            parts.append("simulated")
         return " ".join(parts)
 
     def layer_bits(self, position: str | None) -> tuple:

@@ -112,7 +112,7 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
         "bias_bits": 9, "skip_k_conv": 1, "skip_dense": True, "weight_bits": 6,
         "activation_bits": 7, "first_layer_bits": None, "last_layer_bits": 8,
         "rounding": "nearest", "quantize_ops": ["conv2d", "dense", "relu", "max_pool2d"],
-        "float_layers": []}
+        "float_layers": [], "simulate": False}
     assert int8[0]["description"]["data"]["calibration"]["range"] == [0, 64]
     rows = {r["variant"]: r for r in summary["rows"]}
     label = ("a:p99.9 w:max/channel b9 skip1 fdense W6A7 last8 round-nearest "

@@ -86,6 +86,7 @@ def data_options(func):
 VARIANT_AXES = ("activation_method", "percentile", "global_scale", "weight_scale",
                 "weight_granularity", "bias", "skip_k_conv", "weight_bits", "activation_bits",
                 "first_layer_bits", "last_layer_bits", "rounding", "quantize_ops", "float_layers")
+FLAGS = ("skip_dense", "simulate")  # on/off options that apply to every variant
 
 
 def quant_options(func):
@@ -133,6 +134,9 @@ def quant_options(func):
                           f"{', '.join(QUANTIZABLE_OPS)})."),
         click.option("--float-layers", multiple=True, metavar="NAME,NAME,...",
                      help="Keep these layers (names as in layers.csv) in float32."),
+        click.option("--simulate", is_flag=True,
+                     help="Evaluate the fake-quantized float model (numpy, nothing compiled) "
+                          "instead of the integer one; rows are labelled 'simulated'."),
         click.option("--calib", "calibration_file",
                      type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="Reuse the ranges of a `qcal calibrate` file (no calibration pass)."),
@@ -140,7 +144,7 @@ def quant_options(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        values = {key: kwargs.pop(key) for key in VARIANT_AXES + ("skip_dense",)}
+        values = {key: kwargs.pop(key) for key in VARIANT_AXES + FLAGS}
         return func(*args, variant_values=values, **kwargs)
 
     for option in reversed(options):
@@ -154,7 +158,7 @@ def variants_from_options(variant_values: dict):
     from qcal.config import expand_variants
 
     axes = {k: variant_values[k] for k in VARIANT_AXES if variant_values.get(k)}
-    return expand_variants(axes, {"skip_dense": variant_values["skip_dense"]})
+    return expand_variants(axes, {k: variant_values[k] for k in FLAGS})
 
 
 def data_options_dict(data, num_images, calib_data, calib_range, calib_images, preprocessing):

@@ -219,28 +219,47 @@ class ModelSession:
                  else "not verified (verify_images 0)")
         return verification
 
-    def _evaluate_int8(self, options):
-        from qcal.backend.tvm.compile import compile_model
+    def _evaluate_simulated(self, qgraph, options):
+        """The fake-quantized float model of ``qgraph`` (``run_simulated``): nothing compiled,
+        nothing to verify against."""
+        from qcal.reference.int_interpreter import run_simulated
 
+        def runner(x):
+            return run_simulated(qgraph, x).astype(np.float32)
+
+        result, fidelity = self._run_selections(runner, options.label, self.plan(True))
+        return result, fidelity, {"simulated": True, "verify_images_asked": self.verify_images}
+
+    def _evaluate_int8(self, options):
         qgraph = self.quantize(options)
         for line in qgraph.report():
             log.info("%s", line)
+        if options.simulate:
+            result, fidelity, extra = self._evaluate_simulated(qgraph, options)
+        else:
+            result, fidelity, extra = self._evaluate_compiled(qgraph, options)
+        layers = self.layer_sqnr(qgraph)
+        worst = min(layers, key=lambda r: r["sqnr_db"]) if layers else None
+        extra.update({
+            "counts": qgraph.counts(), "overflow_adjustments": [str(a) for a in qgraph.adjustments],
+            "calibration": {"source": self.calibration.source,
+                            "images": self.calibration.num_images},
+            "layers": layers,
+            "metrics": {"sqnr_min_db": worst["sqnr_db"] if worst else float("nan"),
+                        "sqnr_min_layer": worst["tensor"] if worst else ""}})
+        return result, fidelity, extra
+
+    def _evaluate_compiled(self, qgraph, options):
+        from qcal.backend.tvm.compile import compile_model
+
         start = time.perf_counter()
         compiled = compile_model(qgraph, self.batch_size)
         compile_seconds = time.perf_counter() - start
         verification = self.verify(qgraph, compiled, options.label)
         result, fidelity = self._run_selections(compiled.run, options.label, self.plan(True))
-        layers = self.layer_sqnr(qgraph)
-        worst = min(layers, key=lambda r: r["sqnr_db"]) if layers else None
         extra = {"compile_seconds": round(compile_seconds, 2), **verification.record(),
                  "verify_images_asked": self.verify_images,
-                 "compile_cache_hit": compiled.build.cache_hit, "counts": qgraph.counts(),
-                 "overflow_adjustments": [str(a) for a in qgraph.adjustments],
-                 "calibration": {"source": self.calibration.source,
-                                 "images": self.calibration.num_images},
-                 "layers": layers,
-                 "metrics": {"sqnr_min_db": worst["sqnr_db"] if worst else float("nan"),
-                             "sqnr_min_layer": worst["tensor"] if worst else ""}}
+                 "compile_cache_hit": compiled.build.cache_hit}
         return result, fidelity, extra
 
     def close(self):
