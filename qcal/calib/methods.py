@@ -213,7 +213,7 @@ def choose_amax_kl_mxnet(stats: TensorStats, *, levels: int = INT8_LEVELS) -> fl
 
 def _entropy_threshold(stats: TensorStats, grouping: str, quantized_bins: int) -> float:
     counts = np.asarray(stats.ref_counts).copy()
-    counts[0] -= stats.zeros
+    counts[0] = max(counts[0] - stats.zeros, 0)  # zeros counted in the first pass
     nonzero = np.flatnonzero(counts)
     if not len(nonzero):
         return float(stats.amax)

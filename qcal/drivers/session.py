@@ -18,6 +18,7 @@ from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_VER
 from qcal.data.cache import BatchCache, ImageBatches, iter_batches
 from qcal.data.plan import plan_data
 from qcal.data.preprocessing import PREPROCESSING_KEYS
+from qcal.errors import stop_if_interrupted
 from qcal.eval.evaluate import evaluate
 from qcal.families import resolve_model
 
@@ -254,6 +255,7 @@ class ModelSession:
 
         start = time.perf_counter()
         compiled = compile_model(qgraph, self.batch_size)
+        stop_if_interrupted()  # a Ctrl-C inside TVM's build may not have stopped it
         compile_seconds = time.perf_counter() - start
         verification = self.verify(qgraph, compiled, options.label)
         result, fidelity = self._run_selections(compiled.run, options.label, self.plan(True))
