@@ -8,6 +8,7 @@ CLI's repeated options, a sweep file's grid) into the variants they describe.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -37,6 +38,14 @@ MIN_BITS, MAX_BITS = 2, 8
 ROUNDINGS = ("upward", "nearest")
 
 
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class QuantOptions:
     activation_method: str = "power2"
@@ -61,17 +70,26 @@ class QuantOptions:
             if not cond:
                 raise UsageProblem(message)
 
+        # YAML hands over whatever it parsed: "no" is a string, "99.9" too; only real numbers
+        # and booleans pass, and numbers are kept as floats so that 99 and 99.0 are one variant
+        for name in ("percentile", "global_scale"):
+            value = getattr(self, name)
+            need(_is_number(value), f"{name} must be a number, not {value!r}")
+            object.__setattr__(self, name, float(value))
+        need(isinstance(self.skip_dense, bool),
+             f"skip_dense must be true or false, not {self.skip_dense!r}")
+
         def width(value, optional=False):
-            return ((optional and value is None)
-                    or (isinstance(value, int) and not isinstance(value, bool)
-                        and MIN_BITS <= value <= MAX_BITS))
+            return (optional and value is None) or (_is_integer(value)
+                                                    and MIN_BITS <= value <= MAX_BITS)
 
         need(self.activation_method in ACTIVATION_METHODS,
              f"activation_method must be one of {', '.join(ACTIVATION_METHODS)}, "
              f"not '{self.activation_method}'")
         need(0.0 < self.percentile <= 100.0,
              f"percentile must be in (0, 100], not {self.percentile}")
-        need(self.global_scale > 0, f"global_scale must be positive, not {self.global_scale}")
+        need(math.isfinite(self.global_scale) and self.global_scale > 0,
+             f"global_scale must be a positive finite number, not {self.global_scale}")
         need(self.weight_scale in WEIGHT_SCALES,
              f"weight_scale must be one of {', '.join(WEIGHT_SCALES)}, not '{self.weight_scale}'")
         need(self.weight_granularity in WEIGHT_GRANULARITIES,
@@ -79,9 +97,9 @@ class QuantOptions:
              f"not '{self.weight_granularity}'")
         need(self.bias_mode in BIAS_MODES,
              f"bias_mode must be one of {', '.join(BIAS_MODES)}, not '{self.bias_mode}'")
-        need(isinstance(self.bias_bits, int) and 2 <= self.bias_bits <= 32,
+        need(_is_integer(self.bias_bits) and 2 <= self.bias_bits <= 32,
              f"bias_bits must be an integer from 2 to 32, not {self.bias_bits!r}")
-        need(isinstance(self.skip_k_conv, int) and self.skip_k_conv >= 0,
+        need(_is_integer(self.skip_k_conv) and self.skip_k_conv >= 0,
              f"skip_k_conv must be a non-negative integer, not {self.skip_k_conv!r}")
         for name in ("weight_bits", "activation_bits", "first_layer_bits", "last_layer_bits"):
             value = getattr(self, name)
@@ -151,7 +169,7 @@ def options_from_values(values: dict) -> QuantOptions:
     if bias is not None:
         if bias == "int32-acc":
             values["bias_mode"] = "int32-acc"
-        elif isinstance(bias, int) and not isinstance(bias, bool):
+        elif _is_integer(bias):
             values.update(bias_mode="bits", bias_bits=bias)
         else:
             raise UsageProblem(f"bias must be a bit count (2..32) or 'int32-acc', not {bias!r}")

@@ -7,3 +7,25 @@ class QcalError(Exception):
 
 class UsageProblem(QcalError):
     """The invocation itself is wrong: a bad option value or an impossible combination (exit 2)."""
+
+
+class Problems(QcalError):
+    """Every problem a check of a whole configuration found, one line each (exit 2 when one of
+    them is a bad invocation, else 1)."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+    @property
+    def usage(self) -> bool:
+        return any(isinstance(e, UsageProblem) for e in self.errors)
+
+
+def raise_problems(errors):
+    """Raise nothing, the one error, or ``Problems`` of them all."""
+    errors = list(errors)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise Problems(errors)

@@ -75,6 +75,11 @@ _TEMPORARY_NAME = re.compile(r"^\..+\.qcal-(\d+)-[A-Za-z0-9_]+" + re.escape(TEMP
 _swept_folders: set = set()
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of qcal's temporaries (any writer's)."""
+    return _TEMPORARY_NAME.match(name) is not None
+
+
 def temporary_name(path, suffix: str = "") -> str:
     """The prefix and suffix of a temporary beside ``path`` (``.NAME.qcal-PID-`` ...
     ``.tmpSUFFIX``)."""

@@ -142,12 +142,12 @@ def export(net, prefix: Path, preprocessing: dict):
     Path(f"{prefix}.preprocess.json").write_text(json.dumps(preprocessing, indent=2) + "\n")
 
 
-def mxnet_predictions(out: Path, name: str, mean, std):
+def mxnet_predictions(out: Path, name: str, mean, std, num_images=None):
     """MXNet's own top-1 on the PNG folder: decoded with OpenCV, preprocessed with numpy."""
     import cv2
     import mxnet as mx
 
-    files = sorted((out / "test-png").glob("*/*.png"), key=lambda p: p.name)
+    files = sorted((out / "test-png").glob("*/*.png"), key=lambda p: p.name)[:num_images]
     labels = np.array([int(p.parent.name) for p in files])
     images = np.stack([cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in files])
     x = user_preprocess(images, mean[0], std[0])
@@ -158,8 +158,9 @@ def mxnet_predictions(out: Path, name: str, mean, std):
     return [p.name for p in files], logits.argmax(1), labels
 
 
-def qcal_run(out: Path, results: Path, model_args: list) -> dict:
-    command = [sys.executable, "-m", "qcal.cli", "evaluate", *model_args,
+def qcal_run(out: Path, results: Path, model_args: list, num_images=None) -> dict:
+    limit = ["--num-images", str(num_images)] if num_images else []
+    command = [sys.executable, "-m", "qcal.cli", "evaluate", *model_args, *limit,
                "--data", str(out / "test-png"), "--calib-data", str(out / "calib-png"),
                "--calib-images", "500", "--bias-bits", "16", "--results-dir", str(results),
                "--cache-dir", str(out / "cache"), "--quiet"]
@@ -182,7 +183,8 @@ def evaluate(args):
              "qcal's float32 class != MXNet's | int8 top-1 (qcal) |", "| --- | --- | --- | --- | "
              "--- | --- |"]
     for name in record["models"]:
-        files, mx_pred, labels = mxnet_predictions(args.out, name, pre["mean"], pre["std"])
+        files, mx_pred, labels = mxnet_predictions(args.out, name, pre["mean"], pre["std"],
+                                                   args.num_images)
         mx_top1 = float((mx_pred == labels).mean())
         prefix = args.out / name
         routes = {"NAME-symbol.json + NAME-0000.params": ["--model", f"{prefix}-symbol.json",
@@ -191,7 +193,8 @@ def evaluate(args):
                   "gluoncv name + NAME.params": ["--model", name, "--params", f"{prefix}.params"]}
         for route, model_args in routes.items():
             tag = route.split()[0].replace(".", "_")
-            run = qcal_run(args.out, args.out / "results" / f"{name}-{tag}", model_args)
+            run = qcal_run(args.out, args.out / "results" / f"{name}-{tag}", model_args,
+                           args.num_images)
             rows = {r["variant"]: r for r in run["rows"]}
             float_row = rows["float32"]
             int8_row = next(r for v, r in rows.items() if v != "float32")
@@ -222,6 +225,7 @@ def main():
     t.add_argument("--data-dir", type=Path, default=fashion_mnist.DEBIAN_DIR)
     e = sub.add_parser("evaluate")
     e.add_argument("--out", type=Path, required=True)
+    e.add_argument("--num-images", type=int, help="the first N test PNGs (default: all)")
     args = parser.parse_args()
     train(args) if args.step == "train" else evaluate(args)
 

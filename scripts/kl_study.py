@@ -15,8 +15,8 @@ calibration images (MXNet's executor) are kept, and printed per model:
 4. clipping: per tensor, kl / abs-max, kl-mxnet / abs-max, l2 / abs-max and the share of
    non-zero values each clips, for the tensors where kl and kl-mxnet differ most;
 5. with ``--accuracy N``: top-1 on the first N test images (500 calibration images, per-channel
-   max weights, int32 bias, compiled by TVM) of kl, of kl with only the model input's range
-   replaced by its abs-max, and of kl-mxnet.
+   max weights, int32 bias, compiled by TVM) of kl, of kl with only the first layer's int8 input
+   (the image, or the output of ResNet v2's input BatchNorm) at its abs-max, and of kl-mxnet.
 
     PYTHONPATH=$PWD python scripts/kl_study.py [--images 32] [--models fmnist_resnet20_v1 ...]
                                                [--accuracy 2000]
@@ -156,11 +156,13 @@ def accuracy(model_name, num_images):
     session = ModelSession(model_name, {"num_images": num_images, "calib_images": 500}, quiet=True)
     calibration = session.calibration
     graph = session.graph
-    inputs = {n.name for n in graph.nodes if n.op == "input"}
+    # the first layer's int8 input: the image itself, or (ResNet v2) its input BatchNorm's output
+    first = next(n for n in graph.nodes if n.op in ("conv2d", "dense"))
+    inputs = {first.inputs[0]}
     print(f"\n5. {model_name}: top-1 on the first {num_images} test images")
     print("| activation ranges | top-1 | input range |\n| --- | --- | --- |")
     for label, method, input_method in (("kl", "kl", "kl"),
-                                        ("kl, input at its abs-max", "kl", "max"),
+                                        ("kl, first layer's input at its abs-max", "kl", "max"),
                                         ("kl-mxnet", "kl-mxnet", "kl-mxnet")):
         options = QuantOptions(activation_method=method, weight_scale="max",
                                weight_granularity="channel", bias_mode="int32-acc")

@@ -41,7 +41,7 @@ def test_models_lists_zoo_and_embedded():
     (["--model", "fmnist_vgg11_bn", "--output", "table.xlsx"], 2, "--output"),
     (["--model", "fmnist_vgg11_bn", "--params", "missing.params"], 2, "missing.params"),
     (["--model", "fmnist_vgg11_bn", "--calib-range", "3-9"], 2, "START:STOP"),
-    (["--model", "resnet18_v1", "--data", "."], 1, "class folder"),
+    (["--model", "fmnist_resnet20_v1", "--calib-data", "."], 1, "class folder"),
 ])
 def test_bad_invocations_give_one_line_and_exit_code(args, exit_code, message, tmp_path,
                                                      monkeypatch):
@@ -58,8 +58,8 @@ def test_pretrained_offline_is_one_line_exit_1(tmp_path, monkeypatch, imagenet_f
     monkeypatch.setenv("QCAL_OFFLINE", "1")
     root, _ = imagenet_folder
     result = invoke("evaluate", "--model", "resnet18_v1", "--pretrained", "--data", root,
-                    "--num-images", 4)
-    assert result.exit_code == 1
+                    "--num-images", 4, "--float-only")
+    assert result.exit_code == 1, result.output
     error_lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(error_lines) == 1 and "resnet18_v1-a0666292.params" in error_lines[0]
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -169,7 +171,8 @@ class CalibrationResult(TensorStatistics):
             raise QcalError(f"calibration file {path} does not exist") from None
         except DamagedFile as exc:
             raise QcalError(f"calibration file {exc}; write it again with qcal calibrate") from None
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error,
+                struct.error) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise QcalError(f"{path} is not a qcal calibration file, or is damaged "
                             f"({reason})") from None
@@ -183,28 +186,32 @@ class CalibrationResult(TensorStatistics):
                                 "write it again with qcal calibrate")
             log.warning("calibration file %s was written by an older qcal without a checksum: "
                         "read unchecked (qcal calibrate writes a checked one)", path)
-        chosen, chosen_options = meta["chosen"], meta["chosen_options"]
-        if meta["format"] != FILE_FORMAT:  # KL ranges of the old grouping and resolution
-            chosen = {m: v for m, v in chosen.items() if m not in REFERENCE_METHODS}
-            chosen_options = {m: v for m, v in chosen_options.items() if m not in REFERENCE_METHODS}
-        tensors = {}
-        for i, name in enumerate(meta["tensors"]):
-            summary = meta["summaries"][name]
-            if counts is None:
-                tensors[name] = TensorStats(summary["amax"], zeros=summary["zeros"])
-                continue
-            edges = np.linspace(0.0, float(ranges[i]), meta["bins"] + 1)
-            reference = {}
-            if ref_counts is not None:
-                factor = ref_factors[i]
-                reference = {"ref_counts": ref_counts[i],
-                             "ref_edges": reference_edges(factor) if factor > 0
-                             else np.linspace(0.0, 1.0, KL_REFERENCE_BINS + 1)}
-            tensors[name] = TensorStats(summary["amax"], counts[i], edges, summary["zeros"],
-                                        **reference)
-        result = cls(meta["fingerprint"], meta["model"], meta["num_images"], meta["bins"],
-                     tensors, meta["summaries"], meta.get("engine", "unrecorded"), chosen,
-                     chosen_options, source=str(path), file_format=meta["format"])
+        try:
+            chosen, chosen_options = meta["chosen"], meta["chosen_options"]
+            if meta["format"] != FILE_FORMAT:  # KL ranges of the old grouping and resolution
+                chosen = {m: v for m, v in chosen.items() if m not in REFERENCE_METHODS}
+                chosen_options = {m: v for m, v in chosen_options.items() if m not in REFERENCE_METHODS}
+            tensors = {}
+            for i, name in enumerate(meta["tensors"]):
+                summary = meta["summaries"][name]
+                if counts is None:
+                    tensors[name] = TensorStats(summary["amax"], zeros=summary["zeros"])
+                    continue
+                edges = np.linspace(0.0, float(ranges[i]), meta["bins"] + 1)
+                reference = {}
+                if ref_counts is not None:
+                    factor = ref_factors[i]
+                    reference = {"ref_counts": ref_counts[i],
+                                 "ref_edges": reference_edges(factor) if factor > 0
+                                 else np.linspace(0.0, 1.0, KL_REFERENCE_BINS + 1)}
+                tensors[name] = TensorStats(summary["amax"], counts[i], edges, summary["zeros"],
+                                            **reference)
+            result = cls(meta["fingerprint"], meta["model"], meta["num_images"], meta["bins"],
+                         tensors, meta["summaries"], meta.get("engine", "unrecorded"), chosen,
+                         chosen_options, source=str(path), file_format=meta["format"])
+        except (KeyError, IndexError, TypeError, ValueError) as exc:  # a field missing or mistyped
+            raise QcalError(f"{path} is not a qcal calibration file, or is damaged (its metadata "
+                            f"lacks {exc})") from None
         if graph is not None:
             result.check_model(graph)
         for method in methods:

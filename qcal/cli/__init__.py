@@ -11,19 +11,31 @@ import click
 
 from qcal import __version__
 
+THREADS_ENV = "QCAL_THREADS"
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qcal")
-@click.option("--threads", type=click.IntRange(min=1), default=None, envvar="QCAL_THREADS",
-              help="CPU threads for MXNet (OpenMP) and TVM's runtime [default: each engine's own "
-                   "choice, half the logical CPUs on x86]. Results do not depend on it.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help=f"CPU threads for MXNet (OpenMP) and TVM's runtime (or ${THREADS_ENV}) "
+                   "[default: each engine's own choice, half the logical CPUs on x86]. Results "
+                   "do not depend on it.")
 def main(threads):
     """Calibrate, quantize (int8, through Apache TVM) and evaluate convolutional classifiers."""
+    where = "--threads"
+    if threads is None and os.environ.get(THREADS_ENV, "").strip():
+        # read here rather than by click's envvar: an invalid value must blame the variable
+        where, text = THREADS_ENV, os.environ[THREADS_ENV].strip()
+        if not text.isdigit() or int(text) < 1:
+            raise click.UsageError(f"{THREADS_ENV} must be a number of threads >= 1, not "
+                                   f"{text!r}")
+        threads = int(text)
     if threads is not None:
         # read by MXNet when it loads and by TVM's pool when it starts: both happen later,
         # inside the command (qcal imports them lazily)
-        if "mxnet" in sys.modules or "tvm" in sys.modules:
-            raise click.UsageError("--threads must be set before MXNet or TVM is loaded")
+        loaded = "mxnet" in sys.modules or "tvm" in sys.modules
+        if loaded and os.environ.get("OMP_NUM_THREADS") != str(threads):
+            raise click.UsageError(f"{where} must be set before MXNet or TVM is loaded")
         os.environ["OMP_NUM_THREADS"] = str(threads)
         os.environ["TVM_NUM_THREADS"] = str(threads)
 

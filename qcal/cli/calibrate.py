@@ -32,22 +32,33 @@ def calibrate(model, params, pretrained, data, num_images, calib_data, calib_ran
     made for another model.
     """
     from qcal.calib.result import CalibrationResult
-    from qcal.drivers.session import ModelSession
+    from qcal.drivers.sweep_config import SweepConfig
+    from qcal.drivers.validate import OutputPath, check_run, cli_locations
 
     if output.suffix != ".npz":
         raise click.BadParameter("the calibration file must end in .npz", param_hint="--output")
     data_dict = data_options_dict(data, num_images, calib_data, calib_range, calib_images,
                                   preprocessing)
-    session = ModelSession(model, data_dict, batch_size, params=params, pretrained=pretrained,
-                           quiet=quiet, cache_dir=cache_dir)
-    stats, selection = session.collect_statistics(bins)
-    result = CalibrationResult.from_statistics(stats)
-    result.save(output)
+    config = SweepConfig(name="calibrate", models=(model,), data=data_dict, batch_size=batch_size,
+                         seed=0, float32=False, pretrained=pretrained, variants=(),
+                         params=str(params) if params else None,
+                         locations=cli_locations((model,), data_dict))
+    outputs = [OutputPath(output, "file", "--output")]
+    if plots is not None:
+        outputs.append(OutputPath(plots, "folder", "--plots"))
+    checked = check_run(config, outputs, cache_dir=cache_dir, calibrate=True, quiet=quiet)
+    with checked.undo_on_failure():
+        session = checked.sessions[model]
+        stats, selection = session.collect_statistics(bins)
+        result = CalibrationResult.from_statistics(stats)
+        count = None
+        if plots is not None:  # before the file: a failure leaves no calibration file behind
+            from qcal.report.calibration_plots import plot_thresholds
+
+            count = plot_thresholds(result, plots)
+        result.save(output)
     click.echo(f"wrote {output}: {len(result.tensors)} tensors, {result.num_images} calibration "
                f"images ({selection.describe()['kind']} {selection.start}:{selection.stop}) "
                f"through the {result.engine}, methods {', '.join(result.methods)}")
-    if plots is not None:
-        from qcal.report.calibration_plots import plot_thresholds
-
-        count = plot_thresholds(result, plots)
+    if count is not None:
         click.echo(f"wrote {count} histogram plots to {plots}")

@@ -24,6 +24,9 @@ from qcal.files import atomic_write_text
               help="Keep the run's full results (per-variant records, predictions, plot) here.")
 @click.option("--wait", is_flag=True,
               help="If another run is writing into --results-dir, wait for it instead of stopping.")
+@click.option("--force", is_flag=True,
+              help="Use --results-dir even if it holds another config's results (its finished "
+                   "variants this run shares are reused).")
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
 @translate_errors
 def evaluate(models, params, pretrained, data, num_images, calib_data, calib_range,
@@ -31,16 +34,18 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
              activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
              skip_k_conv, skip_dense, weight_bits, activation_bits, first_layer_bits,
              last_layer_bits, rounding, calibration_file, verify_images, float_only, output,
-             results_dir, wait, quiet):
+             results_dir, wait, force, quiet):
     """Quantize through TVM, run the integer model, report top-1/top-5 against float32.
 
     Quantization options may repeat (e.g. --bias-bits 8 --bias-bits 16); every combination is one
-    int8 variant. Options not given take their defaults (shown in each option's help).
+    int8 variant. Options not given take their defaults (shown in each option's help). Everything
+    is checked before any work: models, weights, data, calibration images, output locations.
     """
     import tempfile
 
     from qcal.drivers.sweep import run_sweep
     from qcal.drivers.sweep_config import SweepConfig
+    from qcal.drivers.validate import OutputPath, check_run, cli_locations
     from qcal.report import tables as report
     from qcal.report.sweep_tables import results_markdown
 
@@ -53,18 +58,23 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
         activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
         skip_k_conv, skip_dense, weight_bits=weight_bits, activation_bits=activation_bits,
         first_layer_bits=first_layer_bits, last_layer_bits=last_layer_bits, rounding=rounding)
+    data_dict = data_options_dict(data, num_images, calib_data, calib_range, calib_images,
+                                  preprocessing)
     config = SweepConfig(
-        name="evaluate", models=tuple(models),
-        data=data_options_dict(data, num_images, calib_data, calib_range, calib_images,
-                               preprocessing),
+        name="evaluate", models=tuple(models), data=data_dict,
         batch_size=batch_size, seed=0, float32=True, pretrained=pretrained, variants=variants,
         params=str(params) if params else None,
         calibration_file=str(calibration_file) if calibration_file else None,
-        verify_images=verify_images)
-    with tempfile.TemporaryDirectory(prefix="qcal-evaluate-") as scratch:
+        verify_images=verify_images, locations=cli_locations(models, data_dict))
+    outputs = [OutputPath(output, "file", "--output")] if output is not None else []
+    if results_dir is not None:
+        outputs.append(OutputPath(results_dir, "folder", "--results-dir"))
+    checked = check_run(config, outputs, results_folder=results_dir, force=force,
+                        cache_dir=cache_dir, quiet=quiet)
+    with checked.undo_on_failure(), tempfile.TemporaryDirectory(prefix="qcal-evaluate-") as scratch:
         table = run_sweep(config, results_dir or Path(scratch), quiet=quiet,
                           command=" ".join(["qcal", *sys.argv[1:]]), cache_dir=cache_dir,
-                          wait=wait)
+                          wait=wait, force=force, sessions=checked.sessions)
+        if output is not None:
+            atomic_write_text(output, report.TABLE_WRITERS[output.suffix](table))
     click.echo(results_markdown(table), nl=False)
-    if output is not None:
-        atomic_write_text(output, report.TABLE_WRITERS[output.suffix](table))

@@ -49,7 +49,8 @@ def data_options(func):
     options = [
         click.option("--data", "data", type=click.Path(exists=True, path_type=Path),
                      help="Evaluation images: class folders (ROOT/<class>/<image>; ImageNet synset "
-                          "ids, class numbers or any names, sorted) or a .rec file "
+                          "ids, class numbers or any names, sorted), a .rec file, an .npz of "
+                          "'images' and 'labels' or an MNIST-style NAME-images-idx3-ubyte[.gz] "
                           "(Fashion-MNIST models default to the vendored test split)."),
         click.option("--num-images", type=click.IntRange(min=1),
                      help="Evaluate the first N images of the fixed order (default: all)."),

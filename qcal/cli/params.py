@@ -1,15 +1,53 @@
 """Argument types of qcal's command line, and the one boundary where qcal's errors become click's.
 
 Domain errors become one line and an exit code (click's convention: 2 for a bad invocation, 1 for a
-runtime failure); no traceback reaches the user.
+runtime failure); no traceback reaches the user. Ctrl-C ends with one line and exit 130 (128 +
+SIGINT, the shell's convention); what was finished stays finished (every file is written
+atomically and a sweep resumes from its finished variants). Anything else that escapes is a bug in
+qcal: one line names it and the file where its full traceback was written.
 """
 from __future__ import annotations
 
+import datetime
 import functools
+import os
+import tempfile
+import traceback
+from pathlib import Path
 
 import click
 
-from qcal.errors import QcalError, UsageProblem
+from qcal.errors import Problems, QcalError, UsageProblem
+
+INTERRUPTED_EXIT = 130
+CRASH_LOG_ENV = "QCAL_CRASH_DIR"  # where crash logs go (default: the system's temporary folder)
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """The first informative line of a message from another library (MXNet's and TVM's messages
+    carry their own stack traces after it)."""
+    for line in str(text).splitlines():
+        line = line.strip()
+        if line and not line.startswith(("Traceback", "Stack trace", "File \"")):
+            return line if len(line) <= limit else line[:limit - 3] + "..."
+    return ""
+
+
+def write_crash_log(exc: BaseException) -> Path | None:
+    """The full traceback of ``exc`` in a new file; None when not even that can be written."""
+    folder = Path(os.environ.get(CRASH_LOG_ENV) or tempfile.gettempdir())
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f"qcal-crash-{stamp}-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            ctx = click.get_current_context(silent=True)
+            f.write(f"command: {' '.join(ctx.command_path.split()) if ctx else '?'}\n"
+                    f"params: {ctx.params if ctx else '?'}\n\n")
+            f.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        return Path(name)
+    except OSError:
+        return None
 
 
 def translate_errors(func):
@@ -17,13 +55,29 @@ def translate_errors(func):
     def wrapper(*args, **kwargs):
         try:
             return func(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Problems as exc:
+            if exc.usage:
+                raise click.UsageError(str(exc)) from None
+            raise click.ClickException(str(exc)) from None
         except UsageProblem as exc:
             raise click.UsageError(str(exc)) from None
         except QcalError as exc:
             raise click.ClickException(str(exc)) from None
         except OSError as exc:  # a file qcal was asked to read or write: name it, no traceback
             where = exc.filename or ""
-            raise click.ClickException(f"{where}: {exc.strerror or exc}") from None
+            raise click.ClickException(f"{where}: {exc.strerror or one_line(exc)}") from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted: finished work is kept; run the same command again to "
+                       "resume.", err=True)
+            raise click.exceptions.Exit(INTERRUPTED_EXIT) from None
+        except Exception as exc:  # a bug in qcal: one line here, the traceback in a file
+            log = write_crash_log(exc)
+            where = f"; full traceback in {log}" if log else ""
+            raise click.ClickException(
+                f"internal error {type(exc).__name__}: {one_line(exc)} (a bug in qcal, not in "
+                f"the input{where})") from None
     return wrapper
 
 

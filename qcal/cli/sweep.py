@@ -24,21 +24,38 @@ from qcal.cli.params import translate_errors
 @click.option("--wait", is_flag=True,
               help="If another sweep is writing into the output folder, wait for it to finish "
                    "(then reuse what it finished) instead of stopping.")
+@click.option("--force", is_flag=True,
+              help="Use the output folder even if it holds another config's results (its "
+                   "finished variants this config shares are reused).")
 @translate_errors
-def sweep(config, output, data, calib_data, num_images, verify_images, quiet, wait):
+def sweep(config, output, data, calib_data, num_images, verify_images, quiet, wait, force):
     """Run every variant of a YAML sweep CONFIG into one table (resumable: run it again to finish).
 
-    The config is checked completely before any work starts; see configs/ for examples. One sweep
-    writes into an output folder at a time: a second one stops with exit 1, naming the other
-    process, unless --wait is given.
+    The config is checked completely before any work starts (every model, weights file, data
+    source, calibration range and output location; all problems are reported, each with its file
+    and line); see configs/ for examples. An output folder belongs to one config: another is
+    refused unless it only adds models or variants (then the sweep resumes) or --force is given.
+    One sweep writes into an output folder at a time: a second one stops with exit 1, naming the
+    other process, unless --wait is given.
     """
     from qcal.drivers.sweep import run_sweep
-    from qcal.drivers.sweep_config import load_sweep_config
+    from qcal.drivers.sweep_config import parse_sweep_config
+    from qcal.drivers.validate import OutputPath, check_run
+    from qcal.errors import raise_problems
 
-    cfg = load_sweep_config(config, {"data": str(data) if data else None,
-                                     "calib_data": str(calib_data) if calib_data else None,
-                                     "num_images": num_images}, verify_images=verify_images)
-    output = output or Path("results") / cfg.name
-    run_sweep(cfg, output, quiet=quiet, command=" ".join(["qcal", *sys.argv[1:]]), wait=wait)
+    cfg, problems = parse_sweep_config(config, {
+        "data": str(data) if data else None,
+        "calib_data": str(calib_data) if calib_data else None, "num_images": num_images},
+        verify_images=verify_images)
+    if cfg is None:  # not even a config to check further
+        raise_problems(problems)
+    named = OutputPath(output, "folder", "--output") if output else OutputPath(
+        Path("results") / cfg.name, "folder", "output folder")
+    checked = check_run(cfg, [named], results_folder=named.path, force=force, quiet=quiet,
+                        problems=problems)
+    output = named.path
+    with checked.undo_on_failure():
+        run_sweep(cfg, output, quiet=quiet, command=" ".join(["qcal", *sys.argv[1:]]),
+                  wait=wait, force=force, sessions=checked.sessions)
     click.echo((output / "results.md").read_text(), nl=False)
     click.echo(f"wrote {output}/results.md, results.csv, results.json, predictions.csv, top1.png")

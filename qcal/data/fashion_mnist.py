@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -28,16 +29,20 @@ PIXEL_STD = 0.3530
 PAD = 2  # 28x28 -> 32x32: the CIFAR architectures and VGG's five 2x2 pools need 32
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read one gzip IDX file (images uint8 N x 28 x 28 or labels uint8 N)."""
+def read_idx(path: Path, what: str = "Fashion-MNIST file") -> np.ndarray:
+    """Read one IDX file, gzip or plain (images uint8 N x H x W or labels uint8 N)."""
     path = Path(path)
     if not path.is_file():
-        raise QcalError(f"Fashion-MNIST file not found: {path}")
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    magic, = struct.unpack(">I", raw[:4])
+        raise QcalError(f"{what} not found: {path}")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":  # gzip's magic
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise QcalError(f"{path} is not a gzip IDX file, or is truncated ({exc})") from None
+    magic, = struct.unpack(">I", raw[:4]) if len(raw) >= 4 else (0,)
     ndim = magic & 0xFF
-    if magic >> 8 != 0x08 or ndim not in (1, 3):
+    if magic >> 8 != 0x08 or ndim not in (1, 3) or len(raw) < 4 + 4 * ndim:
         raise QcalError(f"{path} is not an IDX uint8 file (magic {magic:#x})")
     dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)

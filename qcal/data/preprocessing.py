@@ -144,6 +144,9 @@ class Preprocessing:
             if len(getattr(self, key)) not in (1, self.channels):
                 raise UsageProblem(f"{key} has {len(getattr(self, key))} values for "
                                    f"{self.channels} channel(s)")
+        for key in ("mean", "std"):  # nan or inf would make every image meaningless
+            if not all(math.isfinite(v) for v in getattr(self, key)):
+                raise UsageProblem(f"{key} must be finite numbers, not {getattr(self, key)}")
         if any(s <= 0 for s in self.std):
             raise UsageProblem(f"std must be positive, not {self.std}")
 

@@ -10,13 +10,18 @@ Sources (each a ``ImageSource``: ``len``, ``labels``, ``decode(indices)``, ``ide
   with the original names (``ILSVRC2012_val_00000001.JPEG`` ...) "the first N images" are the first N
   of the official validation order, as in docs/background.md's "first 3,000 images"; ordering by class
   folder would make the first 3000 images cover only 60 classes.
+- ``ArraySource``: images and labels as arrays (``.npz``, MNIST-style IDX files).
 - ``RecordIOSource``: ``val.rec`` + ``val.idx`` (gluoncv's ``ImageNet`` RecordIO layout, made by
   ``im2rec``); images are in the order of the ``.idx`` file.
+
+Length: every kind of image source qcal reads lives here, each with the checks that name a
+damaged file (index, record, truncated image) where it is read.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -102,13 +107,40 @@ class DecodedImageSource(ImageSource):
     def _decode_bytes(self, raw: bytes, what: str):
         import mxnet as mx
 
+        truncated = image_truncated(raw)
+        if truncated:  # libjpeg fills a cut-short JPEG with grey and only warns
+            raise QcalError(f"image {what} is truncated ({truncated})")
         try:  # flag 1: RGB (a grey image repeated to three channels); 0: grey; HWC uint8
             return mx.image.imdecode(raw, flag=1 if self._pre.channels == 3 else 0)
         except Exception:
             raise QcalError(f"cannot decode image {what}") from None
 
     def _decode_one(self, raw: bytes, what: str):
-        return self._preprocess(self._decode_bytes(raw, what), what)
+        """One encoded image, decoded and preprocessed; a failure names the image."""
+        return self._preprocess_named(self._decode_bytes(raw, what), what)
+
+    def _preprocess_named(self, image, what: str) -> np.ndarray:
+        import mxnet as mx
+
+        try:
+            return self._preprocess(image, what)
+        except mx.base.MXNetError as exc:  # MXNet's message is its C++ stack after one line
+            message = next((line for line in str(exc).splitlines() if "Check failed" in line),
+                           str(exc).splitlines()[0] if str(exc) else "")
+            raise QcalError(f"cannot preprocess image {what}: "
+                            f"{message.split(': ', 1)[-1][:200]}") from None
+
+
+def image_truncated(raw: bytes) -> str:
+    """Why an encoded JPEG or PNG is cut short ('' when it is whole, or another format)."""
+    if raw[:3] == b"\xff\xd8\xff":
+        # the end-of-image marker ends the file (some writers pad after it)
+        if b"\xff\xd9" not in raw[-64:]:
+            return "a JPEG without its end-of-image marker"
+    elif raw[:8] == b"\x89PNG\r\n\x1a\n":
+        if b"IEND" not in raw[-32:]:
+            return "a PNG without its IEND chunk"
+    return ""
 
 
 UNLABELLED_FOLDER = "unlabelled"  # images without a class: label -1 (calibration, fidelity)
@@ -137,7 +169,25 @@ def class_indices(names) -> dict:
     return {**labels, UNLABELLED_FOLDER: -1}
 
 
+LABELS_FILE = "labels.txt"  # ROOT/labels.txt: the class folder names in index order, one a line
+
+
+def labels_from_file(path: Path, folders) -> dict:
+    """Folder name -> index from a labels file (line i names the folder of class i)."""
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise QcalError(f"{path} names class '{twice}' twice")
+    unlisted = [f for f in folders if f not in names and f != UNLABELLED_FOLDER]
+    if unlisted:
+        raise QcalError(f"{path} does not list the class folder '{unlisted[0]}' "
+                        f"({len(unlisted)} unlisted in all)")
+    return {**{n: i for i, n in enumerate(names)}, UNLABELLED_FOLDER: -1}
+
+
 class ImageFolderSource(DecodedImageSource):
+    """Class folders; ``ROOT/labels.txt``, when present, numbers them instead of ``class_indices``."""
+
     kind = "image-folder"
 
     def __init__(self, root: Path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING):
@@ -147,6 +197,8 @@ class ImageFolderSource(DecodedImageSource):
             raise QcalError(f"image folder not found: {self.root}")
         folders = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         labels = class_indices(folders)
+        if (self.root / LABELS_FILE).is_file():
+            labels = labels_from_file(self.root / LABELS_FILE, folders)
         entries = []
         for folder in folders:
             for f in (self.root / folder).iterdir():
@@ -203,11 +255,23 @@ class RecordIOSource(DecodedImageSource):
                 raise QcalError(f"RecordIO file not found: {p} (need both .rec and .idx)")
         import mxnet as mx
 
-        self._reader = mx.recordio.MXIndexedRecordIO(str(self.idx_path), str(self.rec_path), "r")
+        try:
+            self._reader = mx.recordio.MXIndexedRecordIO(str(self.idx_path), str(self.rec_path),
+                                                         "r")
+        except (ValueError, IndexError, UnicodeDecodeError):  # MXNet parses "KEY\tOFFSET" lines
+            raise QcalError(f"{self.idx_path} is not a RecordIO index (lines of KEY<TAB>OFFSET, "
+                            f"as im2rec writes them)") from None
         self._keys = list(self._reader.keys)
+        if not self._keys:
+            raise QcalError(f"{self.idx_path} lists no images")
         labels = []
-        for k in self._keys:
-            header, _ = mx.recordio.unpack(self._reader.read_idx(k))
+        for position, k in enumerate(self._keys):
+            try:
+                header, _ = mx.recordio.unpack(self._reader.read_idx(k))
+            except (mx.base.MXNetError, struct.error, ValueError, OSError):
+                raise QcalError(f"{self.rec_path}: record {position} (key {k}) cannot be read: "
+                                f"the .rec file is damaged or does not belong to "
+                                f"{self.idx_path.name}") from None
             label = header.label
             labels.append(int(label if np.isscalar(label) else label[0]))
         self._labels = np.array(labels, dtype=np.int64)
@@ -219,7 +283,11 @@ class RecordIOSource(DecodedImageSource):
     def raw(self, index: int) -> tuple:
         import mxnet as mx
 
-        _, raw = mx.recordio.unpack(self._reader.read_idx(self._keys[int(index)]))
+        try:
+            _, raw = mx.recordio.unpack(self._reader.read_idx(self._keys[int(index)]))
+        except (mx.base.MXNetError, struct.error, ValueError, OSError):
+            raise QcalError(f"{self.rec_path}#{index}: the record cannot be read (damaged "
+                            f".rec file)") from None
         return raw, f"{self.rec_path}#{index}"
 
     def decode(self, indices):
@@ -297,8 +365,9 @@ class AugmentedSource(DecodedImageSource):
     def decode(self, indices):
         out = []
         for j in indices:
-            image = self._decode_bytes(*self.base.raw(int(j) % len(self.base)))
-            out.append(self._preprocess(self._augment(image, int(j))))
+            raw, what = self.base.raw(int(j) % len(self.base))
+            image = self._decode_bytes(raw, what)
+            out.append(self._preprocess_named(self._augment(image, int(j)), what))
         return np.stack(out).astype(np.float32)
 
     @property
@@ -307,12 +376,79 @@ class AugmentedSource(DecodedImageSource):
                 "augment": "crop25-100%/aspect3:4-4:3/hflip"}
 
 
+IDX_IMAGES = "-images-idx3-ubyte"  # MNIST-style names: NAME-images-idx3-ubyte[.gz]
+
+
+class ArraySource(DecodedImageSource):
+    """Images held as arrays: an ``.npz`` with ``images`` (N x H x W or N x H x W x 3, uint8, RGB)
+    and ``labels`` (N integers), or MNIST-style IDX files (``NAME-images-idx3-ubyte[.gz]`` with
+    ``NAME-labels-idx1-ubyte[.gz]`` beside it). Each image goes through the same decode and
+    preprocessing as a file in a class folder: ``raw`` gives it as a PNG (lossless)."""
+
+    kind = "arrays"
+
+    def __init__(self, path: Path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING):
+        super().__init__(preprocessing)
+        self.path = Path(path)
+        if self.path.suffix == ".npz":
+            images, labels = self._read_npz(self.path)
+        else:
+            images = fashion_mnist.read_idx(self.path, "IDX file")
+            labels_path = Path(str(self.path).replace(IDX_IMAGES, "-labels-idx1-ubyte"))
+            labels = fashion_mnist.read_idx(labels_path, "IDX labels file (beside the images)")
+        if images.dtype != np.uint8 or images.ndim not in (3, 4) or (
+                images.ndim == 4 and images.shape[3] not in (1, 3)):
+            raise QcalError(f"{self.path}: images must be uint8 N x H x W or N x H x W x 3, not "
+                            f"{images.dtype} {images.shape}")
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+            raise QcalError(f"{self.path}: {len(images)} images but {len(labels)} "
+                            f"{labels.dtype} labels (need one integer label per image)")
+        self._images = images
+        self._labels = labels.astype(np.int64)
+
+    @staticmethod
+    def _read_npz(path: Path):
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                missing = {"images", "labels"} - set(arrays.files)
+                if missing:
+                    raise QcalError(f"{path} has no '{sorted(missing)[0]}' array (it holds "
+                                    f"{', '.join(arrays.files) or 'none'})")
+                return arrays["images"], arrays["labels"]
+        except (OSError, ValueError) as exc:
+            raise QcalError(f"cannot read {path}: {exc}") from None
+
+    @property
+    def labels(self):
+        return self._labels
+
+    def raw(self, index: int) -> tuple:
+        import cv2
+
+        image = self._images[int(index)]
+        if image.ndim == 3 and image.shape[2] == 3:
+            image = image[:, :, ::-1]  # OpenCV writes BGR
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(image))
+        return encoded.tobytes(), f"{self.path}#{index}"
+
+    def decode(self, indices):
+        return np.stack([self._decode_one(*self.raw(i)) for i in indices]).astype(np.float32)
+
+    @functools.cached_property  # read once: cache keys ask for it every batch
+    def identity(self):
+        return {"path": str(self.path.resolve()), "sha256": file_digest(self.path, "array file"),
+                "images": len(self._labels)}
+
+
 def open_source(path, preprocessing: Preprocessing = IMAGENET_PREPROCESSING) -> ImageSource:
-    """An ImageNet-style source from a path: a ``.rec`` file or a class-folder directory."""
+    """A source from a path: a ``.rec`` file, an ``.npz`` or IDX image file, or class folders."""
     path = Path(path)
     if path.suffix == ".rec":
         return RecordIOSource(path, preprocessing)
+    if path.suffix == ".npz" or IDX_IMAGES in path.name:
+        return ArraySource(path, preprocessing)
     if path.is_dir():
         return ImageFolderSource(path, preprocessing)
-    raise QcalError(f"data source not found or not understood: {path} "
-                    f"(expected a class-folder directory or a .rec file)")
+    raise QcalError(f"data source not found or not understood: {path} (expected class folders, "
+                    f"a .rec file, an .npz of images and labels or an NAME{IDX_IMAGES}[.gz] file)")

@@ -16,6 +16,10 @@ Layout of ``OUTPUT/``:
   is saved). A finished variant verified on fewer images than asked runs again.
 - ``.qcal-lock``: one sweep writes into a folder at a time (``qcal.files.folder_lock``); a second
   one stops naming the folder and the holder's pid, or waits for it (``wait``).
+- ``config.json``: the config the folder belongs to (what its results depend on: models, weights,
+  data, batch size, seed, variants). A run with another config is refused, naming the first
+  difference, unless it only adds models or variants (then it resumes and the file records the
+  larger config) or ``force`` is given; a folder holding files qcal did not write is refused too.
 
 Work is shared across variants through ``qcal.drivers.session.ModelSession``: float32 evaluated once
 per model, statistics collected once per model, each image decoded once (on-disk batch cache).
@@ -35,10 +39,11 @@ from pathlib import Path
 import numpy as np
 
 from qcal import __version__
-from qcal.config import DEFAULT_BATCH_CACHE_DIR
-from qcal.errors import QcalError
+from qcal.config import DEFAULT_BATCH_CACHE_DIR, QuantOptions
+from qcal.errors import QcalError, UsageProblem
 from qcal.eval.verify import VerificationFailed
-from qcal.files import checked_open, file_digest, folder_lock, load_checked, write_checked
+from qcal.files import (LOCK_NAME, atomic_write_text, checked_open, file_digest, folder_lock, is_temporary,
+                        load_checked, write_checked)
 
 log = logging.getLogger("qcal.drivers.sweep")
 
@@ -129,6 +134,107 @@ def _fidelity_metrics(store, baseline_key, result, fidelity_result) -> dict:
     return metrics
 
 
+# --- which config a results folder belongs to -----------------------------------------------------
+
+CONFIG_NAME = "config.json"
+CONFIG_FORMAT = "qcal-folder-config/1"
+# what a sweep writes into its folder: anything else there is someone else's
+FOLDER_FILES = frozenset({LOCK_NAME, CONFIG_NAME, "sweep.log", "variants", "results.csv",
+                          "results.md", "results.json", "predictions.csv", "layers.csv",
+                          "top1.png"})
+# a config may add these and still resume in a folder (everything else must be equal)
+GROWING_KEYS = ("models", "variants", "float32")
+
+
+def config_identity(config) -> dict:
+    """What a folder's results depend on, as JSON values (tuples become lists)."""
+    identity = {"models": list(config.models), "params": config.params,
+                "pretrained": config.pretrained, "calibration_file": config.calibration_file,
+                "data": config.data, "batch_size": config.batch_size, "seed": config.seed,
+                "float32": config.float32, "variants": [v.to_dict() for v in config.variants]}
+    return json.loads(json.dumps(identity, default=str))
+
+
+def _difference(old: dict, new: dict) -> str | None:
+    """The first way ``new`` fails to be ``old`` or a superset of it (None: it is one)."""
+    for key in sorted(set(old) | set(new)):
+        if key in GROWING_KEYS or old.get(key) == new.get(key):
+            continue
+        if key == "data" and isinstance(old.get(key), dict):
+            sub = next(k for k in sorted(set(old[key]) | set(new[key]))
+                       if old[key].get(k) != new[key].get(k))
+            return (f"data.{sub} is {old[key].get(sub)!r} there, {new[key].get(sub)!r} here")
+        return f"{key} is {old.get(key)!r} there, {new.get(key)!r} here"
+    for model in old.get("models", []):
+        if model not in new["models"]:
+            return f"model {model} is not in this config"
+    for variant in old.get("variants", []):
+        if variant not in new["variants"]:
+            try:
+                label = QuantOptions.from_dict(variant).label
+            except (QcalError, TypeError):
+                label = str(variant)
+            return f"variant '{label}' is not in this config"
+    if old.get("float32") and not new["float32"]:
+        return "float32 is not evaluated by this config"
+    return None
+
+
+def folder_owner(folder: Path, identity: dict, force: bool = False) -> str:
+    """Whether a run of the config ``identity`` may write into ``folder``: 'new' (no config
+    there yet), 'same', 'superset' (it adds models or variants: resume) or 'forced'; a
+    ``UsageProblem`` saying why not otherwise."""
+    folder = Path(folder)
+    path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        return "new"
+    advice = "pass --force to use it for this config anyway, or choose another output folder"
+    try:
+        recorded = json.loads(path.read_text())
+        old = recorded["identity"]
+        if recorded.get("format") != CONFIG_FORMAT or not isinstance(old, dict):
+            raise ValueError(recorded.get("format"))
+    except FileNotFoundError:
+        foreign = sorted(e for e in os.listdir(folder)
+                         if e not in FOLDER_FILES and not is_temporary(e))
+        if foreign and not force:
+            raise UsageProblem(f"output folder {folder} holds files qcal did not write "
+                               f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}"
+                               f"); {advice}") from None
+        return "forced" if foreign else "new"
+    except (OSError, ValueError, KeyError, TypeError):
+        if force:
+            return "forced"
+        raise UsageProblem(f"{path} cannot be read, so which config {folder} belongs to is "
+                           f"unknown; {advice}") from None
+    if old == identity:
+        return "same"
+    difference = _difference(old, identity)
+    if difference is None:
+        return "superset"
+    if force:
+        return "forced"
+    raise UsageProblem(f"output folder {folder} holds the results of another config "
+                       f"({difference}; see {path}); {advice}")
+
+
+def claim_folder(folder: Path, config, force: bool = False, command: str = "") -> str:
+    """``folder_owner``, then record this config in ``folder/config.json`` (under the folder's
+    lock: two runs never both claim one folder)."""
+    identity = config_identity(config)
+    status = folder_owner(folder, identity, force)
+    if status != "same":
+        record = {"format": CONFIG_FORMAT, "identity": identity,
+                  "config_path": config.source_path, "command": command}
+        atomic_write_text(Path(folder) / CONFIG_NAME, json.dumps(record, indent=2) + "\n")
+    if status == "superset":
+        log.info("%s: this config adds models or variants to the folder's; resuming", folder)
+    elif status == "forced":
+        log.warning("%s: now belongs to this config (--force); its finished variants that this "
+                    "config shares are reused", folder)
+    return status
+
+
 def _setup_logging(output: Path, quiet: bool):
     output.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("qcal")
@@ -145,17 +251,22 @@ def _setup_logging(output: Path, quiet: bool):
 
 
 def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
-              cache_dir: Path | None = None, wait: bool = False):
+              cache_dir: Path | None = None, wait: bool = False, force: bool = False,
+              sessions: dict | None = None):
     """Run (or finish) every variant of ``config``; returns the table written to results.md.
 
     One sweep writes into ``output`` at a time: while another holds it, this one raises
-    ``FolderBusy`` (naming the folder and the other's pid), or waits for it when ``wait``."""
+    ``FolderBusy`` (naming the folder and the other's pid), or waits for it when ``wait``.
+    ``output`` belongs to one config (``claim_folder``; ``force`` hands it to this one).
+    ``sessions``: {model: ModelSession} already checked (``qcal.drivers.validate``), reused."""
     output = Path(output)
     with folder_lock(output, wait=wait):
-        return _run_sweep(config, output, quiet, command, cache_dir)
+        claim_folder(output, config, force, command)
+        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {})
 
 
-def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path | None):
+def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path | None,
+               sessions: dict):
     from qcal.drivers.session import ModelSession
     from qcal.report import sweep_tables as sweep_report
     from qcal.report import tables as report
@@ -168,12 +279,11 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
     log.info("sweep %s started: %d model(s) x %d variant(s), command: %s", config.name,
              len(config.models), len(config.variants) + int(config.float32), command)
     for model in config.models:
-        session = ModelSession(model, config.data, config.batch_size,
-                               params=config.params, pretrained=config.pretrained,
-                               seed=config.seed, quiet=quiet,
-                               cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
-                               calibration_file=config.calibration_file,
-                               verify_images=config.verify_images)
+        session = sessions.get(model) or ModelSession(
+            model, config.data, config.batch_size, params=config.params,
+            pretrained=config.pretrained, seed=config.seed, quiet=quiet,
+            cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
+            calibration_file=config.calibration_file, verify_images=config.verify_images)
         session.check_calibration_file(config.variants)
         variants = ([None] if config.float32 else []) + list(config.variants)
         baseline_key = None

@@ -1,7 +1,11 @@
 """Sweep configuration files: a YAML grid of variants, checked against a schema before any work.
 
-Every problem is reported with the file and line of the key or value at fault; unknown keys are
-errors (a misspelt key silently ignored would make a table that is not what its config says).
+Every problem is reported with the file and line of the key or value at fault, all of them at
+once; unknown keys are errors (a misspelt key silently ignored would make a table that is not what
+its config says), and so are values of the wrong type (``skip_dense: "no"`` is a string, not
+false) and YAML tags beyond the plain scalars, lists and mappings (``!!python/...``).
+
+Length: the whole file format in one place: every key's schema, each check located at its line.
 
     name: fmnist-embedded            # output folder name under results/ (default: file stem)
     models: [fmnist_resnet20_v1]     # registry names or .onnx paths
@@ -32,6 +36,7 @@ errors (a misspelt key silently ignored would make a table that is not what its 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +44,9 @@ import yaml
 
 from qcal.config import (DEFAULT_BATCH_SIZE, DEFAULT_VERIFY_IMAGES, OPTION_KEYS, QuantOptions,
                          expand_variants, options_from_values)
+from qcal.data.plan import parse_range
 from qcal.data.preprocessing import PREPROCESSING_KEYS, coerce
-from qcal.errors import UsageProblem
+from qcal.errors import UsageProblem, raise_problems
 
 DATA_KEYS = {
     "data": (str, type(None)), "num_images": (int, type(None)), "calib_images": (int, type(None)),
@@ -67,24 +73,76 @@ class SweepConfig:
     verify_images: int = DEFAULT_VERIFY_IMAGES  # qcal.eval.verify before each variant (0: off)
     source_path: str = ""
     raw: dict = field(default_factory=dict, compare=False)
+    # where each value was given, for messages: "models[0]", "data.num_images", ... ->
+    # "FILE:LINE" (a sweep file) or the command-line option ("--num-images")
+    locations: dict = field(default_factory=dict, compare=False)
+
+    def where(self, key: str, default: str = "") -> str:
+        return self.locations.get(key, default)
+
+
+# YAML's plain scalars, lists and mappings: any other tag (!!python/..., !!binary, a local !tag)
+# makes something no sweep key takes
+PLAIN_TAGS = frozenset("tag:yaml.org,2002:" + t for t in
+                       ("str", "int", "float", "bool", "null", "timestamp", "seq", "map",
+                        "merge"))
+
+
+class _Skip(Exception):
+    """One item of the config is wrong (recorded); the check goes on with the next."""
 
 
 class _Located:
-    """Wraps a composed YAML node so errors can name its line."""
+    """Wraps the composed YAML document: records every problem with the line of its node."""
 
     def __init__(self, path: Path, node):
         self.path = path
         self.node = node
+        self.problems = []
+
+    def at(self, node=None) -> str:
+        return f"{self.path}:{(node or self.node).start_mark.line + 1}"
 
     def fail(self, message, node=None):
-        line = (node or self.node).start_mark.line + 1
-        raise UsageProblem(f"{self.path}:{line}: {message}")
+        self.problems.append(UsageProblem(f"{self.at(node)}: {message}"))
+        raise _Skip
+
+    @contextmanager
+    def each(self):
+        """Check one item; a problem in it is recorded and the next item is checked."""
+        try:
+            yield
+        except _Skip:
+            pass
+
+
+def _check_tags(loc: _Located, node, seen=None):
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if node.tag not in PLAIN_TAGS:
+        with loc.each():
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            loc.fail(f"YAML tag {tag} is not allowed in a sweep config (plain values, lists and "
+                     f"mappings only)", node)
+        return
+    if isinstance(node, yaml.SequenceNode):
+        for child in node.value:
+            _check_tags(loc, child, seen)
+    elif isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            _check_tags(loc, key, seen)
+            _check_tags(loc, value, seen)
 
 
 def _scalar(loc: _Located, node):
     if not isinstance(node, yaml.ScalarNode):
         loc.fail("expected a single value", node)
-    return yaml.safe_load(yaml.serialize(node))
+    try:
+        return yaml.safe_load(yaml.serialize(node))
+    except yaml.YAMLError as exc:
+        loc.fail(f"cannot read this value ({getattr(exc, 'problem', None) or exc})", node)
 
 
 def _mapping(loc: _Located, node, what):
@@ -92,10 +150,15 @@ def _mapping(loc: _Located, node, what):
         loc.fail(f"{what} must be a mapping", node)
     seen = {}
     for key_node, value_node in node.value:
-        key = key_node.value
-        if key in seen:
-            loc.fail(f"duplicate key '{key}'", key_node)
-        seen[key] = (key_node, value_node)
+        with loc.each():
+            if not isinstance(key_node, yaml.ScalarNode):
+                loc.fail(f"a key of {what} must be a plain name, not a "
+                         f"{'list' if isinstance(key_node, yaml.SequenceNode) else 'mapping'}",
+                         key_node)
+            key = key_node.value
+            if key in seen:
+                loc.fail(f"duplicate key '{key}'", key_node)
+            seen[key] = (key_node, value_node)
     return seen
 
 
@@ -123,131 +186,224 @@ def _existing_path(config_path: Path, value: str):
     return None
 
 
+DATA_OPTIONS = {"data": "--data", "calib_data": "--calib-data", "num_images": "--num-images"}
+
+
 def load_sweep_config(path, data_overrides: dict | None = None,
                       verify_images: int | None = None) -> SweepConfig:
     """Parse and check ``path``; ``data_overrides`` (from the command line) replace data keys,
-    ``verify_images`` (when not None) the config's."""
-    config = _load_sweep_config(Path(path))
-    if verify_images is not None:
-        config = dataclasses.replace(config, verify_images=verify_images)
-    if data_overrides:
-        data = {**config.data, **{k: v for k, v in data_overrides.items() if v is not None}}
-        config = dataclasses.replace(config, data=data)
+    ``verify_images`` (when not None) the config's. Every problem found is raised at once
+    (``qcal.errors.Problems`` when there are several)."""
+    config, problems = parse_sweep_config(path, data_overrides, verify_images)
+    raise_problems(problems)
     return config
 
 
-def _load_sweep_config(path: Path) -> SweepConfig:
+def parse_sweep_config(path, data_overrides: dict | None = None,
+                       verify_images: int | None = None) -> tuple:
+    """(config, problems): the config as far as it could be read (items at fault left out), and
+    every problem found, each naming its file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise UsageProblem(f"sweep config not found: {path}")
+    loc = _Located(path, None)
     try:
-        root = yaml.compose(path.read_text())
+        config = _load_sweep_config(path, loc)
+    except _Skip:
+        return None, loc.problems
+    if verify_images is not None:
+        config = dataclasses.replace(config, verify_images=verify_images)
+    if data_overrides:
+        given = {k: v for k, v in data_overrides.items() if v is not None}
+        config = dataclasses.replace(
+            config, data={**config.data, **given},
+            locations={**config.locations,
+                       **{f"data.{k}": DATA_OPTIONS.get(k, f"--{k.replace('_', '-')}")
+                          for k in given}})
+    return config, loc.problems
+
+
+def _read_text(loc: _Located, path: Path) -> str:
+    if not path.is_file():
+        loc.problems.append(UsageProblem(f"sweep config not found: {path}"))
+        raise _Skip
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        loc.problems.append(UsageProblem(f"{path}: cannot read the sweep config "
+                                         f"({exc.strerror or exc})"))
+        raise _Skip from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        loc.problems.append(UsageProblem(
+            f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+            f"save the config as UTF-8"))
+        raise _Skip from None
+
+
+def _load_sweep_config(path: Path, loc: _Located) -> SweepConfig:
+    text = _read_text(loc, path)
+    try:
+        root = yaml.compose(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise UsageProblem(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        loc.problems.append(UsageProblem(
+            f"{path}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})"))
+        raise _Skip from None
     if root is None:
-        raise UsageProblem(f"{path}: the file is empty")
-    loc = _Located(path, root)
+        loc.problems.append(UsageProblem(f"{path}: the file is empty"))
+        raise _Skip
+    loc.node = root
+    _check_tags(loc, root)
+    if loc.problems:  # values behind a foreign tag cannot be read at all
+        raise _Skip
     top = _mapping(loc, root, "the config")
+    locations = {}
     for key, (key_node, _) in top.items():
-        if key not in TOP_KEYS:
-            loc.fail(f"unknown key '{key}' (known: {', '.join(sorted(TOP_KEYS))})", key_node)
+        with loc.each():
+            if key not in TOP_KEYS:
+                loc.fail(f"unknown key '{key}' (known: {', '.join(sorted(TOP_KEYS))})", key_node)
+            locations[key] = loc.at(top[key][1])
     if "models" not in top:
-        loc.fail("'models' is required")
+        with loc.each():
+            loc.fail("'models' is required")
 
     from qcal.families import canonical_model_name
 
     models = []
-    for node in _sequence(loc, top["models"][1], "models"):
-        name = str(_scalar(loc, node))
-        try:
-            models.append(canonical_model_name(name, base_dir=path.parent))
-        except UsageProblem as exc:
-            loc.fail(str(exc), node)
+    with loc.each():
+        for node in _sequence(loc, top["models"][1], "models") if "models" in top else ():
+            with loc.each():
+                name = str(_scalar(loc, node))
+                try:
+                    canonical = canonical_model_name(name, base_dir=path.parent)
+                except UsageProblem as exc:
+                    loc.fail(str(exc), node)
+                if canonical in models:  # its results would be one model's, twice
+                    loc.fail(f"model {name} is listed twice", node)
+                models.append(canonical)
+                locations[f"models[{len(models) - 1}]"] = loc.at(node)
 
     data = {}
-    if "data" in top:
-        for key, (key_node, value_node) in _mapping(loc, top["data"][1], "data").items():
-            if key in PREPROCESSING_KEYS:
-                value = yaml.safe_load(yaml.serialize(value_node))
-                if value is not None:
+    with loc.each():
+        for key, (key_node, value_node) in (_mapping(loc, top["data"][1], "data").items()
+                                            if "data" in top else ()):
+            with loc.each():
+                if key in PREPROCESSING_KEYS:
+                    value = _scalar(loc, value_node) if isinstance(value_node, yaml.ScalarNode) \
+                        else yaml.safe_load(yaml.serialize(value_node))  # mean/std: a list
+                    if value is not None:
+                        try:
+                            data[key] = coerce(key, value)
+                        except UsageProblem as exc:
+                            loc.fail(f"data.{exc}", value_node)
+                        locations[f"data.{key}"] = loc.at(value_node)
+                    continue
+                if key not in DATA_KEYS:
+                    known = sorted([*DATA_KEYS, *PREPROCESSING_KEYS])
+                    loc.fail(f"unknown data key '{key}' (known: {', '.join(known)})", key_node)
+                value = _scalar(loc, value_node)
+                if not isinstance(value, DATA_KEYS[key]) or isinstance(value, bool):
+                    loc.fail(f"data.{key} has the wrong type ({type(value).__name__})", value_node)
+                positive = ("num_images", "calib_images", "fidelity_crops", "calib_crops")
+                if key in positive and value is not None and value < 1:
+                    loc.fail(f"data.{key} must be at least 1", value_node)
+                if key == "calib_range" and value is not None:
                     try:
-                        data[key] = coerce(key, value)
+                        start, stop = parse_range(value)
                     except UsageProblem as exc:
-                        loc.fail(f"data.{exc}", value_node)
-                continue
-            if key not in DATA_KEYS:
-                known = sorted([*DATA_KEYS, *PREPROCESSING_KEYS])
-                loc.fail(f"unknown data key '{key}' (known: {', '.join(known)})", key_node)
-            value = _scalar(loc, value_node)
-            if not isinstance(value, DATA_KEYS[key]) or isinstance(value, bool):
-                loc.fail(f"data.{key} has the wrong type ({type(value).__name__})", value_node)
-            positive = ("num_images", "calib_images", "fidelity_crops", "calib_crops")
-            if key in positive and value is not None and value < 1:
-                loc.fail(f"data.{key} must be at least 1", value_node)
-            if key in ("data", "calib_data", "fidelity_data") and value is not None:
-                resolved = _existing_path(path, value)
-                if resolved is None:
-                    loc.fail(f"data.{key}: {value} does not exist", value_node)
-                value = str(resolved)
-            data[key] = value
+                        loc.fail(f"data.calib_range: {exc}", value_node)
+                    if not 0 <= start < stop:
+                        loc.fail(f"data.calib_range needs 0 <= START < STOP, not {value}",
+                                 value_node)
+                if key in ("data", "calib_data", "fidelity_data") and value is not None:
+                    resolved = _existing_path(path, value)
+                    if resolved is None:
+                        loc.fail(f"data.{key}: {value} does not exist", value_node)
+                    value = str(resolved)
+                data[key] = value
+                locations[f"data.{key}"] = loc.at(value_node)
 
     def integer(key, default, minimum):
         if key not in top:
             return default
         value = _scalar(loc, top[key][1])
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            loc.fail(f"{key} must be an integer >= {minimum}", top[key][1])
+            loc.fail(f"{key} must be an integer >= {minimum}, not {value!r}", top[key][1])
         return value
-
-    batch_size = integer("batch_size", DEFAULT_BATCH_SIZE, 1)
-    seed = integer("seed", 0, 0)
-    verify_images = integer("verify_images", DEFAULT_VERIFY_IMAGES, 0)
 
     def boolean(key, default):
         if key not in top:
             return default
         value = _scalar(loc, top[key][1])
         if not isinstance(value, bool):
-            loc.fail(f"{key} must be true or false", top[key][1])
+            loc.fail(f"{key} must be true or false, not {value!r}", top[key][1])
         return value
 
-    float32 = boolean("float32", True)
-    pretrained = boolean("pretrained", False)
+    batch_size, seed, float32, pretrained = DEFAULT_BATCH_SIZE, 0, True, False
+    with loc.each():
+        batch_size = integer("batch_size", DEFAULT_BATCH_SIZE, 1)
+    with loc.each():
+        seed = integer("seed", 0, 0)
+    with loc.each():
+        float32 = boolean("float32", True)
+    with loc.each():
+        pretrained = boolean("pretrained", False)
+    verify_images = DEFAULT_VERIFY_IMAGES
+    with loc.each():
+        verify_images = integer("verify_images", DEFAULT_VERIFY_IMAGES, 0)
 
     variants = []
     if "grid" in top:
-        grid_node = top["grid"][1]
-        axes = []
-        for key, (key_node, value_node) in _mapping(loc, grid_node, "grid").items():
-            if key not in OPTION_KEYS:
-                loc.fail(f"unknown grid key '{key}' (known: {', '.join(sorted(OPTION_KEYS))})",
-                         key_node)
-            axes.append((key, [(_scalar(loc, n), n) for n in
-                               _sequence(loc, value_node, f"grid.{key}")]))
-        for key, values in axes:  # a bad value is reported at its own line
-            for value, node in values:
-                _options(loc, {key: value}, node)
-        try:
-            variants.extend(expand_variants({key: [v for v, _ in values] for key, values in axes}))
-        except UsageProblem as exc:  # a combination no single value rules out
-            loc.fail(str(exc), grid_node)
+        with loc.each():
+            grid_node = top["grid"][1]
+            axes = []
+            for key, (key_node, value_node) in _mapping(loc, grid_node, "grid").items():
+                with loc.each():
+                    if key not in OPTION_KEYS:
+                        loc.fail(f"unknown grid key '{key}' (known: "
+                                 f"{', '.join(sorted(OPTION_KEYS))})", key_node)
+                    values = []
+                    for n in _sequence(loc, value_node, f"grid.{key}"):
+                        with loc.each():  # a bad value is reported at its own line
+                            value = _scalar(loc, n)
+                            _options(loc, {key: value}, n)
+                            values.append(value)
+                    axes.append((key, values))
+            try:
+                variants.extend(expand_variants({key: values for key, values in axes
+                                                 if values}))
+            except UsageProblem as exc:  # a combination no single value rules out
+                loc.fail(str(exc), grid_node)
     if "variants" in top:
-        for node in _sequence(loc, top["variants"][1], "variants"):
-            fields_ = _mapping(loc, node, "a variant")
-            values = {}
-            for key, (key_node, value_node) in fields_.items():
-                if key not in OPTION_KEYS:
-                    loc.fail(f"unknown variant key '{key}' (known: {', '.join(sorted(OPTION_KEYS))})",
-                             key_node)
-                values[key] = _scalar(loc, value_node)
-            variants.append(_options(loc, values, node))
-    if not variants and not float32:
-        loc.fail("nothing to run: no grid, no variants and float32: false")
+        with loc.each():
+            for node in _sequence(loc, top["variants"][1], "variants"):
+                with loc.each():
+                    fields_ = _mapping(loc, node, "a variant")
+                    values = {}
+                    for key, (key_node, value_node) in fields_.items():
+                        with loc.each():
+                            if key not in OPTION_KEYS:
+                                loc.fail(f"unknown variant key '{key}' (known: "
+                                         f"{', '.join(sorted(OPTION_KEYS))})", key_node)
+                            values[key] = _scalar(loc, value_node)
+                    variants.append(_options(loc, values, node))
+    if not variants and not float32 and not loc.problems:
+        with loc.each():
+            loc.fail("nothing to run: no grid, no variants and float32: false")
     unique = tuple(dict.fromkeys(variants))
-    name = str(_scalar(loc, top["name"][1])) if "name" in top else path.stem
+    name = path.stem
+    if "name" in top:
+        with loc.each():
+            given = str(_scalar(loc, top["name"][1]))
+            if not given or "/" in given or given in (".", ".."):
+                loc.fail(f"name must be a folder name (no '/'), not {given!r}", top["name"][1])
+            name = given
+    raw = {}
+    if not loc.problems:
+        raw = yaml.safe_load(text)  # every node was read above: this cannot fail
     return SweepConfig(name=name, models=tuple(models), data=data, batch_size=batch_size,
                        seed=seed, float32=float32, pretrained=pretrained, variants=unique,
-                       verify_images=verify_images, source_path=str(path),
-                       raw=yaml.safe_load(path.read_text()))
+                       verify_images=verify_images, source_path=str(path), raw=raw,
+                       locations=locations)

@@ -67,13 +67,16 @@ def evaluate(runner, selection: Selection, batch_size: int, cache: BatchCache | 
              progress=None) -> EvalResult:
     acc = TopKAccumulator()
     compute_seconds = 0.0
-    all_logits = []
+    all_logits, rows = None, 0  # filled in place: no list of batches to concatenate (twice the memory)
     for images, labels in iter_batches(selection, batch_size, cache):
         start = time.perf_counter()
         logits = runner(images)
         compute_seconds += time.perf_counter() - start
         acc.update(logits, labels)
-        all_logits.append(np.asarray(logits, dtype=np.float32))
+        if all_logits is None:
+            all_logits = np.empty((len(selection),) + np.shape(logits)[1:], np.float32)
+        all_logits[rows:rows + len(logits)] = logits
+        rows += len(logits)
         if progress is not None:
             progress.update(len(labels))
     labelled = acc.all_labels >= 0  # label-free images (label -1) count for fidelity only
@@ -81,7 +84,7 @@ def evaluate(runner, selection: Selection, batch_size: int, cache: BatchCache | 
                       top1=float(acc.correct_top1.mean()) if labelled.all() else float("nan"),
                       top5=float(acc.correct_top5.mean()) if labelled.all() else float("nan"),
                       seconds=compute_seconds, predictions=acc.top5_predictions,
-                      labels=acc.all_labels, logits=np.concatenate(all_logits))
+                      labels=acc.all_labels, logits=all_logits[:rows])
 
 
 class MXNetFloatRunner:

@@ -156,8 +156,8 @@ class ModelFamily:
         from qcal.data.sources import open_source
 
         if data is None:
-            raise UsageProblem(f"'{self.display_name}' needs --data (a class-folder directory or a "
-                               f".rec file)")
+            raise UsageProblem(f"'{self.display_name}' needs --data (data.data in a sweep config): "
+                               f"class folders, a .rec file, an .npz or IDX file")
         return open_source(data, preprocessing)
 
     def default_calibration_source(self):
@@ -165,6 +165,11 @@ class ModelFamily:
         return None
 
     # --- the model itself ---------------------------------------------------------------------
+    def check_weights(self):
+        """Refuse, before any work, weights that cannot be read or do not fit the architecture
+        (a ``QcalError`` naming the file and the layer). The default: the weights are in the model
+        file that naming the model already read."""
+
     def import_graph(self, input_shape: tuple):
         """qcal's float ``Graph`` of the model, BatchNorm folded."""
         raise NotImplementedError

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from qcal.data.preprocessing import Preprocessing
-from qcal.errors import QcalError
+from qcal.errors import QcalError, UsageProblem
 from qcal.families.base import FAMILIES, ModelFamily, ModelSpec
 
 
@@ -50,7 +50,7 @@ class GluonModel(ModelFamily):
     def load(self):
         """A Gluon network with its weights loaded, ready for inference."""
         if self.params and self.pretrained:
-            raise QcalError("give either --params or --pretrained, not both")
+            raise UsageProblem("give either --params or --pretrained, not both")
         params = Path(self.resolve_params())
         if not params.is_file():
             raise QcalError(f"parameter file not found: {params}")
@@ -59,11 +59,20 @@ class GluonModel(ModelFamily):
         net.load_parameters(str(params))
         return net
 
+    def check_weights(self):
+        """Load the weights once (``load`` checks them against the architecture), then let go of
+        them: a sweep checks every model before it runs the first."""
+        self.load()
+
     def resolved_network(self):
         """The network with every parameter at its final shape (one dummy forward on zeros)."""
         import mxnet as mx
 
-        net = self.build_network()
+        # a fresh name manager: Gluon names a top-level block by how many of its class this
+        # process built before ("resnetv10_", "resnetv11_", ...), and the names reach the graph
+        # and its fingerprint; every build is then the first, in any process
+        with mx.name.NameManager():
+            net = self.build_network()
         net.initialize(mx.init.Zero())
         net(mx.nd.zeros((1,) + tuple(self.spec.input_shape)))
         return net
@@ -107,8 +116,9 @@ def check_params_file(net, path: Path):
 
     try:
         loaded = mx.nd.load(str(path))
-    except Exception as exc:
-        raise QcalError(f"cannot read parameter file {path}: {str(exc).splitlines()[0]}") from None
+    except mx.base.MXNetError:  # its message is MXNet's C++ stack; what it means is simple
+        raise QcalError(f"cannot read parameter file {path}: not an MXNet .params file, or "
+                        f"truncated") from None
     if not isinstance(loaded, dict):
         raise QcalError(f"{path} holds a list of arrays, not named Gluon parameters")
     expected = {k: v.shape for k, v in net._collect_params_with_prefix().items()}
@@ -186,8 +196,8 @@ class GluonZooModel(GluonModel):
             return self.params
         if self.pretrained:
             return fetch_pretrained(self.spec.name)
-        raise QcalError(f"'{self.spec.name}' needs weights: pass --pretrained (MXNet model store) "
-                        f"or --params FILE")
+        raise UsageProblem(f"'{self.spec.name}' needs weights: pass --pretrained (MXNet model "
+                           f"store) or --params FILE")
 
 
 def mxnet_home() -> Path:

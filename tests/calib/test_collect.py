@@ -151,8 +151,8 @@ class NonRepeatingSource:
 def test_scaling_the_data_scales_the_kl_threshold(factor):
     """Through the production path (both passes, the histogram kernel): float32 data scaled by
     any factor gets KL thresholds scaled by the same factor, to float32 rounding of the data
-    and of the bin factor (worst seen 1.2e-7; 1e-6 asserted). The fine histogram's octave moves
-    with the factor; the reference histogram does not."""
+    and of the bin factor (worst seen 1.35e-7 over 41 factors from 1e-3 to 1e3; 1e-6 asserted).
+    The fine histogram's octave moves with the factor; the reference histogram does not."""
     rng = np.random.default_rng(7)
     data = [np.concatenate([rng.laplace(size=(20, 1, 8, 8)), rng.normal(0, 2, (4, 1, 8, 8))])
             .astype(np.float32) for _ in range(3)]

@@ -224,7 +224,7 @@ class TestKL:
     def test_scaling_the_data_scales_the_threshold(self, method, factor, name):
         """The reference histogram has 2048 bins over [0, amax] wherever amax falls in its
         octave: the same data scaled by any factor gets the same bins, so the threshold scales
-        with it, to float32 rounding of the data (worst seen 1.2e-7)."""
+        with it, to float32 rounding of the data (worst seen 9.1e-8 over 50 draws)."""
         x = synthetic(name, n=20_000)
         scaled = (x.astype(np.float64) * factor).astype(np.float32)
         a, b = (choose_amax(method, TensorStats.from_values(v)) for v in (x, scaled))

@@ -112,3 +112,50 @@ def test_preprocessing_file_is_checked_by_the_same_rule(tmp_path):
     with pytest.raises(QcalError, match="net.preprocess.json: unknown preprocessing key 'colour'"):
         read_preprocessing_file(path)
     assert set(Preprocessing().to_dict()) == set(PREPROCESSING_KEYS)
+
+
+def write_idx(path, array, gz):
+    import gzip
+    import struct
+
+    dims = struct.pack(">" + "I" * array.ndim, *array.shape)
+    header = struct.pack(">I", 0x0800 | array.ndim) + dims
+    payload = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload) if gz else payload)
+
+
+def test_npz_and_idx_arrays_are_preprocessed_like_the_same_pngs(grey_folder, tmp_path):
+    from qcal.data.sources import open_source
+
+    root, images = grey_folder
+    pre = Preprocessing(input_size=32, resize="none", pad=2, channels=3, mean=(0.3,), std=(0.4,))
+    expected = ImageFolderSource(root, pre).decode([0, 1])
+    stacked, labels = np.stack(images), np.array([0, 7])
+    np.savez(tmp_path / "grey.npz", images=stacked, labels=labels)
+    rgb = np.repeat(stacked[..., None], 3, axis=3)
+    np.savez(tmp_path / "rgb.npz", images=rgb, labels=labels)
+    for gz in (True, False):
+        suffix = ".gz" if gz else ""
+        write_idx(tmp_path / f"t{suffix}-images-idx3-ubyte{suffix}", stacked, gz)
+        write_idx(tmp_path / f"t{suffix}-labels-idx1-ubyte{suffix}", labels, gz)
+    for name in ("grey.npz", "rgb.npz", "t.gz-images-idx3-ubyte.gz", "t-images-idx3-ubyte"):
+        source = open_source(tmp_path / name, pre)
+        assert source.kind == "arrays" and source.labels.tolist() == [0, 7]
+        np.testing.assert_array_equal(source.decode([0, 1]), expected)
+
+
+def test_bad_array_files_are_named(tmp_path):
+    from qcal.data.sources import open_source
+
+    np.savez(tmp_path / "a.npz", images=np.zeros((2, 8, 8), np.uint8))
+    with pytest.raises(QcalError, match="a.npz has no 'labels' array"):
+        open_source(tmp_path / "a.npz")
+    np.savez(tmp_path / "b.npz", images=np.zeros((2, 8, 8), np.uint8), labels=np.zeros(3, int))
+    with pytest.raises(QcalError, match="2 images but 3 int64 labels"):
+        open_source(tmp_path / "b.npz")
+    np.savez(tmp_path / "c.npz", images=np.zeros((2, 8, 8), np.float32), labels=np.zeros(2, int))
+    with pytest.raises(QcalError, match="images must be uint8"):
+        open_source(tmp_path / "c.npz")
+    write_idx(tmp_path / "d-images-idx3-ubyte", np.zeros((2, 8, 8), np.uint8), gz=False)
+    with pytest.raises(QcalError, match="IDX labels file \\(beside the images\\) not found"):
+        open_source(tmp_path / "d-images-idx3-ubyte")

@@ -66,6 +66,17 @@ class TestImageFolder:
         assert ImageFolderSource(tmp_path / "numbers", SMALL).labels.tolist() == [3, 12, -1]
         assert ImageFolderSource(tmp_path / "synsets", SMALL).labels.tolist() == [0, 999]
 
+    def test_a_labels_file_numbers_the_folders(self, tmp_path):
+        from tests.fixtures import write_jpeg
+
+        for i, folder in enumerate(["T-shirt", "Trouser", "Ankle boot"]):
+            write_jpeg(tmp_path / folder / f"p{i}.jpg", np.random.RandomState(i))
+        (tmp_path / "labels.txt").write_text("T-shirt\nTrouser\nPullover\nAnkle boot\n")
+        assert ImageFolderSource(tmp_path, SMALL).labels.tolist() == [0, 1, 3]
+        (tmp_path / "labels.txt").write_text("T-shirt\nAnkle boot\n")
+        with pytest.raises(QcalError, match="labels.txt does not list the class folder 'Trouser'"):
+            ImageFolderSource(tmp_path, SMALL)
+
     def test_images_without_class_folders_are_refused_with_the_layout(self, tmp_path):
         from tests.fixtures import write_jpeg
 

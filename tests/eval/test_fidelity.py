@@ -47,3 +47,17 @@ def test_sqnr_from_energies_known_values():
     assert sqnr_from_energies(100.0, 1.0) == pytest.approx(20.0)
     assert sqnr_from_energies(1.0, 0.0) == float("inf")
     assert sqnr_from_energies(0.0, 1.0) == float("-inf")
+
+
+def test_compare_in_passes_gives_the_figures_of_all_rows_at_once():
+    rng = np.random.RandomState(3)
+    reference = rng.randn(1001, 17).astype(np.float32)  # odd sizes: a short last pass
+    logits = (reference + rng.randn(1001, 17) * 0.3).astype(np.float32)
+    whole = compare(reference, logits, rows_per_pass=len(reference))
+    assert whole == {"agree_top1": 100.0 * top1_agreement(reference, logits),
+                     "kl": pytest.approx(mean_kl_divergence(reference, logits), rel=1e-12),
+                     "sqnr_logits_db": pytest.approx(sqnr_db(reference, logits), rel=1e-12)}
+    in_passes = compare(reference, logits, "_crops", rows_per_pass=64)
+    assert in_passes["agree_top1_crops"] == whole["agree_top1"]
+    assert in_passes["kl_crops"] == pytest.approx(whole["kl"], rel=1e-12)
+    assert in_passes["sqnr_logits_db_crops"] == pytest.approx(whole["sqnr_logits_db"], rel=1e-12)
