@@ -36,6 +36,10 @@ MIN_BITS, MAX_BITS = 2, 8
 # How every rounding right shift and integer rescale rounds a tie: "upward" adds half and floors
 # (Relay's UPWARD, ties towards +inf), "nearest" rounds ties to even (Relay's TONEAREST).
 ROUNDINGS = ("upward", "nearest")
+# Float ops qcal can run in integers (qcal.quant.annotate's handlers); ``quantize_ops`` picks a
+# subset (Relay's debug_enabled_ops), the rest stay float32.
+QUANTIZABLE_OPS = ("conv2d", "dense", "channel_affine", "add", "relu", "clip", "max_pool2d",
+                   "avg_pool2d", "global_avg_pool2d", "flatten")
 
 
 def _is_integer(value) -> bool:
@@ -64,12 +68,22 @@ class QuantOptions:
     first_layer_bits: int | None = None
     last_layer_bits: int | None = None
     rounding: str = ROUNDINGS[0]
+    # None: every op of QUANTIZABLE_OPS; else only these (a tuple, or "conv2d,dense" in a file).
+    quantize_ops: tuple | None = None
+    float_layers: tuple = ()  # layer (node) names kept float32, e.g. what layers.csv points at
+    # Evaluate the fake-quantized float model of the integer graph (numpy, no compile) instead of
+    # the compiled integer model: fast exploration, its rows labelled "simulated".
+    simulate: bool = False
 
     def __post_init__(self):
         def need(cond, message):
             if not cond:
                 raise UsageProblem(message)
 
+        for name in ("quantize_ops", "float_layers"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _name_list(name, value))
         # YAML hands over whatever it parsed: "no" is a string, "99.9" too; only real numbers
         # and booleans pass, and numbers are kept as floats so that 99 and 99.0 are one variant
         for name in ("percentile", "global_scale"):
@@ -78,6 +92,8 @@ class QuantOptions:
             object.__setattr__(self, name, float(value))
         need(isinstance(self.skip_dense, bool),
              f"skip_dense must be true or false, not {self.skip_dense!r}")
+        need(isinstance(self.simulate, bool),
+             f"simulate must be true or false, not {self.simulate!r}")
 
         def width(value, optional=False):
             return (optional and value is None) or (_is_integer(value)
@@ -107,6 +123,11 @@ class QuantOptions:
                  f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, not {value!r}")
         need(self.rounding in ROUNDINGS,
              f"rounding must be one of {', '.join(ROUNDINGS)}, not '{self.rounding}'")
+        need(self.float_layers is not None, "float_layers must be a list of layer names")
+        unknown = [op for op in self.quantize_ops or () if op not in QUANTIZABLE_OPS]
+        need(not unknown, f"quantize_ops: '{', '.join(unknown)}' is not an op qcal quantizes "
+                          f"(known: {', '.join(QUANTIZABLE_OPS)})")
+        need(self.quantize_ops != (), "quantize_ops must name at least one op")
 
     @classmethod
     def from_dict(cls, values: dict) -> "QuantOptions":
@@ -142,6 +163,12 @@ class QuantOptions:
         parts.extend(ends)
         if self.rounding != ROUNDINGS[0]:
             parts.append(f"round-{self.rounding}")
+        if self.quantize_ops is not None:
+            parts.append(f"ops:{'+'.join(self.quantize_ops)}")
+        if self.float_layers:
+            parts.append(f"float:{'+'.join(self.float_layers)}")
+        if self.simulate:
+            parts.append("simulated")
         return " ".join(parts)
 
     def layer_bits(self, position: str | None) -> tuple:
@@ -150,6 +177,19 @@ class QuantOptions:
         if override is not None:
             return override, override
         return self.weight_bits, self.activation_bits
+
+
+def _name_list(what: str, value) -> tuple:
+    """A tuple of names from a tuple/list or a comma-separated string, in order, duplicates
+    removed."""
+    if isinstance(value, str):
+        value = value.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UsageProblem(f"{what} must be names, as a list or separated by commas, not {value!r}")
+    names = [v.strip() for v in value]
+    if any(not n for n in names):
+        raise UsageProblem(f"{what}: an empty name in {value!r}")
+    return tuple(dict.fromkeys(names))
 
 
 def levels_for_bits(bits: int) -> int:

@@ -29,3 +29,24 @@ def raise_problems(errors):
         raise errors[0]
     if errors:
         raise Problems(errors)
+
+
+# Ctrl-C as the command line saw it (``qcal.cli.params`` sets it from its SIGINT handler). A
+# KeyboardInterrupt raised inside Python code that a library calls back from C++ (TVMScript
+# parsing during a TVM build) can be turned into another error, or swallowed; qcal's own loops ask
+# here between steps, so an interrupt always stops the run at the next one.
+_interrupt = {"seen": False}
+
+
+def note_interrupt(seen: bool = True):
+    _interrupt["seen"] = seen
+
+
+def interrupt_seen() -> bool:
+    return _interrupt["seen"]
+
+
+def stop_if_interrupted():
+    """Raise KeyboardInterrupt when Ctrl-C arrived but did not stop the work."""
+    if _interrupt["seen"]:
+        raise KeyboardInterrupt

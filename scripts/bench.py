@@ -21,6 +21,9 @@ Per model, in this order, on one set of random inputs (seeded):
     same target with VNNI switched off (``qcal.backend.tvm.vnni.without_vnni``: the int16-pair
     conv kernel, qcal's int8 before VNNI) and timed in the same rounds (``--no-kernel-compare``
     skips it);
+  * MXNet's own int8 in the same rounds (``mxnet.contrib.quantization.quantize_net``, calib_mode
+    naive over the statistics images, oneDNN), on a second copy of the network built with the
+    same seed (quantize_net re-hybridizes the network it is given); ``--no-mxnet-int8`` skips it;
   * peak resident memory of the process after each phase (``ru_maxrss``);
   * last, the peak resident memory of a real EfficientNet-Lite0 sweep (``scripts/sweep_memory.py``:
     260x260, float32 + ``--sweep-variants`` int8 variants, per variant; floor 4 GB).
@@ -116,6 +119,21 @@ def load_net(name: str, seed: int):
     return model.use_network(net)
 
 
+def mxnet_int8_runner(name: str, seed: int, images):
+    """MXNet 1.9.1's own int8 network (``quantize_net``, naive min/max over ``images``, oneDNN),
+    called like the float runner: numpy batch in, numpy logits out."""
+    import mxnet as mx
+    from mxnet.contrib.quantization import quantize_net
+
+    net = load_net(name, seed).net
+    net.hybridize()
+    calib = mx.io.NDArrayIter(data=mx.nd.array(images), batch_size=min(16, len(images)))
+    qnet = quantize_net(net, quantized_dtype="auto", calib_mode="naive", calib_data=calib,
+                        num_calib_examples=len(images), ctx=mx.cpu())
+    qnet.hybridize(static_alloc=True, static_shape=True)
+    return lambda batch: qnet(mx.nd.array(batch, dtype="float32")).asnumpy()
+
+
 def bench_model(args) -> dict:
     import numpy as np
 
@@ -183,6 +201,12 @@ def bench_model(args) -> dict:
     out["quantize_s"] = time.perf_counter() - start
     out["options"] = options.label
 
+    mxnet_int8 = None
+    if not args.no_mxnet_int8:
+        log(f"{args.model}: MXNet int8 (quantize_net, naive)")
+        start = time.perf_counter()
+        mxnet_int8 = mxnet_int8_runner(args.model, args.seed, images)
+        out["mxnet_quantize_s"] = time.perf_counter() - start
     out["batches"] = {}
     host = tvm_adapter.host_target()
     out["int8_conv_kernel"] = "vnni" if vnni.vnni_lanes(host) else "int16 pairs"
@@ -200,6 +224,8 @@ def bench_model(args) -> dict:
             assert not cold.build.cache_hit and warm.build.cache_hit
             del cold
             runners = {"mxnet_fp32": mxnet, "tvm_int8": warm.run}
+            if mxnet_int8 is not None:
+                runners["mxnet_int8"] = mxnet_int8
             if compare_kernels:
                 log(f"{args.model}: batch {batch}: compile without VNNI")
                 runners["tvm_int8_no_vnni"] = compile_model(
@@ -256,6 +282,7 @@ def run_child(model: str, args) -> dict:
                "--round-seconds", str(args.round_seconds), "--seed", str(args.seed),
                "--min-stat-seconds", str(args.min_stat_seconds)]
         cmd += ["--no-kernel-compare"] if args.no_kernel_compare else []
+        cmd += ["--no-mxnet-int8"] if args.no_mxnet_int8 else []
         start = time.perf_counter()
         done = subprocess.run(cmd, env=env, cwd=REPO)
         if done.returncode != 0:
@@ -287,14 +314,16 @@ def report(results: list, notes: list, meta: dict) -> list:
     for r in ok:
         for batch, b in r["batches"].items():
             m, t = b["mxnet_fp32"], b["tvm_int8"]
-            p = b.get("tvm_int8_no_vnni")
-            rows.append([r["model"], batch, rate(m), rate(t),
+            p, q = b.get("tvm_int8_no_vnni"), b.get("mxnet_int8")
+            rows.append([r["model"], batch, rate(m), rate(q) if q else "-", rate(t),
                          f"{t['images_per_s'] / m['images_per_s']:.2f}x",
+                         f"{t['images_per_s'] / q['images_per_s']:.2f}x" if q else "-",
                          rate(p) if p else "-",
                          f"{t['images_per_s'] / p['images_per_s']:.2f}x" if p else "-",
                          f"{b['top1_agreement']:.0%}"])
-    lines += table(["model", "batch", "MXNet fp32", "qcal int8 (TVM)", "int8 / fp32",
-                    "qcal int8 without VNNI", "int8 / without VNNI", "top-1 agree"], rows)
+    lines += table(["model", "batch", "MXNet fp32", "MXNet int8 (oneDNN)", "qcal int8 (TVM)",
+                    "int8 / fp32", "qcal int8 / MXNet int8", "qcal int8 without VNNI",
+                    "int8 / without VNNI", "top-1 agree"], rows)
     lines += ["", "Statistics pass against a plain float forward on the same images (seconds, "
               "best of the rounds). qcal's pass for Gluon models reads the tensors from MXNet's "
               "executor; the numpy-interpreter pass is what ONNX models get", ""]
@@ -417,6 +446,8 @@ def parse_args(argv=None):
     p.add_argument("--round-seconds", type=float, default=1.5)
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-mxnet-int8", action="store_true",
+                   help="skip MXNet's own int8 (quantize_net, oneDNN)")
     p.add_argument("--no-kernel-compare", action="store_true",
                    help="on a VNNI CPU, skip timing qcal int8 compiled without VNNI")
     p.add_argument("--json", type=Path, help="also write every measurement here")

@@ -143,6 +143,51 @@ def time_module(mod, target, x, repeat, schedule, pair_convs=True):
     return out, min(times), compile_s
 
 
+def vnni_peak_gops(iterations: int = 1 << 21, chains: int = 16, repeat: int = 5) -> float:
+    """GOP/s of a register-only loop of AVX-512 ``vpdpbusd`` (``chains`` independent
+    accumulators, operands loop-invariant): the VNNI peak of this core as qcal's TIR reaches it,
+    2 ops a multiply-accumulate. Needs AVX-512 VNNI."""
+    from tvm.script import tirx as T
+
+    n_iter, n_chains = T.int32(iterations), T.int32(chains)
+    vpdpbusd = "llvm.x86.avx512.vpdpbusd.512"
+
+    @T.prim_func(s_tir=True)
+    def vnni_peak(a: T.Buffer((4,), "int32"), w: T.Buffer((16,), "int32"),  # noqa: F821
+                  out: T.Buffer((chains, 16), "int32")):  # noqa: F821
+        T.func_attr({"tirx.noalias": True, "global_symbol": "vnni_peak"})
+        acc = T.sblock_alloc_buffer((chains, 16), "int32", scope="local")
+        for k in T.unroll(n_chains):
+            with T.sblock("init"):
+                vk = T.axis.remap("S", [k])
+                acc[vk, T.ramp(0, 1, 16)] = T.broadcast(T.int32(0), 16)
+        for i in T.serial(n_iter):
+            for k in T.unroll(n_chains):
+                with T.sblock("dot"):
+                    vi, vk = T.axis.remap("RS", [i, k])
+                    acc[vk, T.ramp(0, 1, 16)] = T.call_llvm_pure_intrin(
+                        "int32x16", T.llvm_lookup_intrinsic_id(vpdpbusd), acc[vk, T.ramp(0, 1, 16)],
+                        T.reinterpret("int8x64", T.broadcast(a[vk % 4], 16)),
+                        T.reinterpret("int8x64", w[T.ramp(0, 1, 16)]))
+        for k in T.unroll(n_chains):
+            with T.sblock("store"):
+                vk = T.axis.remap("S", [k])
+                out[vk, T.ramp(0, 1, 16)] = acc[vk, T.ramp(0, 1, 16)]
+
+    lib = tvm.compile(tvm.IRModule({"vnni_peak": vnni_peak}), schedules.cpu_target())
+    args = [tvm.runtime.tensor(np.ones(4, "int32")), tvm.runtime.tensor(np.ones(16, "int32")),
+            tvm.runtime.tensor(np.zeros((chains, 16), "int32"))]
+    lib["vnni_peak"](*args)
+    if int(args[2].numpy()[0, 0]) != iterations:  # one 1 x 1 byte product a step
+        raise RuntimeError("vnni_peak computed a wrong sum")
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        lib["vnni_peak"](*args)
+        times.append(time.perf_counter() - t0)
+    return 2 * 64 * iterations * chains / min(times) / 1e9
+
+
 def time_mxnet(case, batch, weight, repeat):
     """MXNet float32 (oneDNN) on the same shape; None if MXNet is unavailable."""
     try:
@@ -183,6 +228,9 @@ def main(argv=None):
     parser.add_argument("--no-default", action="store_true",
                         help="skip the slow unscheduled baseline (no exactness check then)")
     parser.add_argument("--no-mxnet", action="store_true", help="skip the MXNet float32 column")
+    parser.add_argument("--peak", action="store_true",
+                        help="also print the VNNI peak (register-only vpdpbusd loop) before "
+                             "and after the table, and each row's vnni GOP/s against it")
     parser.add_argument("--dtype", choices=["int8", "float32"], default="int8",
                         help="int8 (qcal's integer path, bit-exact check) or float32 (TVM float path)")
     args = parser.parse_args(argv)
@@ -200,6 +248,9 @@ def main(argv=None):
     header = (f"{'op':<19} {'batch':>5} {'default ms':>10} {'s_tir ms':>9} {'pairs ms':>9} "
               f"{'vnni ms':>8} {'GOP/s':>6} {'vnni GOP/s':>10} {'speedup':>7} {'exact':>5} "
               f"{'mxnet fp32 ms':>13} {'GFLOP/s':>7} {'vs mxnet':>8} {'compile s':>9}")
+    peaks = [vnni_peak_gops()] if args.peak and vnni.vnni_lanes(target) == 16 else []
+    if peaks:
+        print(f"VNNI peak before: {peaks[0]:.1f} GOP/s (register-only vpdpbusd loop)")
     print(header)
     print("-" * len(header))
     for name in names:
@@ -230,7 +281,10 @@ def main(argv=None):
             speedup = f"{'-':>7}" if t_def is None else f"{t_def / best:>6.1f}x"
             print(f"{name:<19} {batch:>5} {def_col} {t_stir * 1e3:>9.2f} {t_pairs * 1e3:>9.2f} "
                   f"{t_vnni * 1e3:>8.2f} {gop / best:>6.1f} {gop / t_vnni:>10.1f} {speedup} "
-                  f"{exact:>5} {mx_cols} {compile_s:>9.2f}", flush=True)
+                  f"{exact:>5} {mx_cols} {compile_s:>9.2f}"
+                  + (f" {gop / t_vnni / peaks[0]:>7.0%} of peak" if peaks else ""), flush=True)
+    if peaks:
+        print(f"VNNI peak after: {vnni_peak_gops():.1f} GOP/s (rows use the one before)")
 
 
 if __name__ == "__main__":

@@ -78,9 +78,11 @@ def train(args):
     x_train = user_preprocess(train_x, mean, std)
     preprocessing = {"input_size": 32, "resize": "none", "pad": PAD, "channels": 3,
                      "mean": [round(mean, 6)] * 3, "std": [round(std, 6)] * 3}
-    record = {"command": "python scripts/byom_fmnist.py " + " ".join(sys.argv[1:]),
-              "seed": args.seed, "epochs": args.epochs, "train_images": int(len(x_train)),
+    record = {"seed": args.seed, "epochs": args.epochs, "train_images": int(len(x_train)),
               "preprocessing": preprocessing, "models": {}}
+    if (args.out / "train.json").is_file():  # models trained by an earlier run stay listed
+        record["models"] = json.loads((args.out / "train.json").read_text())["models"]
+    command = "python scripts/byom_fmnist.py " + " ".join(sys.argv[1:])
     for name in args.models:
         mx.random.seed(args.seed)
         rng = np.random.RandomState(args.seed)
@@ -117,7 +119,8 @@ def train(args):
                           f"{step * args.batch_size / (time.time() - start):.0f} img/s", flush=True)
         seconds = time.time() - start
         export(net, args.out / name, preprocessing)
-        record["models"][name] = {"train_seconds": round(seconds, 1), "steps": total}
+        record["models"][name] = {"train_seconds": round(seconds, 1), "steps": total,
+                                  "command": command}
         (args.out / "train.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
@@ -132,9 +135,10 @@ def export(net, prefix: Path, preprocessing: dict):
     mx.nd.waitall()
     net.save_parameters(str(prefix) + ".params")
     net.export(str(prefix))  # PREFIX-symbol.json + PREFIX-0000.params
-    saved = list(mx.nd.load(str(prefix) + ".params").values())
-    exported = list(mx.nd.load(f"{prefix}-0000.params").values())
-    assert all(np.array_equal(a.asnumpy(), b.asnumpy()) for a, b in zip(saved, exported))
+    x = mx.nd.array(np.random.RandomState(0).normal(size=(4, 3, 32, 32)))
+    exported = mx.gluon.SymbolBlock.imports(f"{prefix}-symbol.json", ["data"],
+                                            f"{prefix}-0000.params")
+    assert np.array_equal(net(x).asnumpy(), exported(x).asnumpy()), "export differs from the net"
     mx_onnx.export_model(f"{prefix}-symbol.json", f"{prefix}-0000.params",
                          in_shapes=[(1, 3, 32, 32)], in_types=[np.float32],
                          onnx_file_path=f"{prefix}.onnx", dynamic=True,
@@ -182,7 +186,7 @@ def evaluate(args):
     lines = ["| model | file given to qcal | float32 top-1 (qcal) | MXNet's top-1 | images where "
              "qcal's float32 class != MXNet's | int8 top-1 (qcal) |", "| --- | --- | --- | --- | "
              "--- | --- |"]
-    for name in record["models"]:
+    for name in args.models or record["models"]:
         files, mx_pred, labels = mxnet_predictions(args.out, name, pre["mean"], pre["std"],
                                                    args.num_images)
         mx_top1 = float((mx_pred == labels).mean())
@@ -207,7 +211,7 @@ def evaluate(args):
             print(run["command"], f"({run['seconds']} s)", flush=True)
     table = "\n".join(lines)
     print(table)
-    (args.out / "table.md").write_text(table + "\n")
+    (args.out / f"table-{'-'.join(args.models or ['all'])}.md").write_text(table + "\n")
 
 
 def main():
@@ -226,6 +230,7 @@ def main():
     e = sub.add_parser("evaluate")
     e.add_argument("--out", type=Path, required=True)
     e.add_argument("--num-images", type=int, help="the first N test PNGs (default: all)")
+    e.add_argument("--models", nargs="+", help="default: every model in train.json")
     args = parser.parse_args()
     train(args) if args.step == "train" else evaluate(args)
 

@@ -100,7 +100,7 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
                     "--percentile", 99.9, "--weight-scale", "max", "--weight-granularity",
                     "channel", "--bias-bits", 9, "--skip-k-conv", 1, "--skip-dense",
                     "--weight-bits", 6, "--activation-bits", 7, "--last-layer-bits", 8,
-                    "--rounding", "nearest",
+                    "--rounding", "nearest", "--quantize-ops", "conv2d,dense,relu,max_pool2d",
                     "--results-dir", results, "--cache-dir", tmp_path / "cache", "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads((results / "results.json").read_text())
@@ -111,10 +111,12 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
         "weight_scale": "max", "weight_granularity": "channel", "bias_mode": "bits",
         "bias_bits": 9, "skip_k_conv": 1, "skip_dense": True, "weight_bits": 6,
         "activation_bits": 7, "first_layer_bits": None, "last_layer_bits": 8,
-        "rounding": "nearest"}
+        "rounding": "nearest", "quantize_ops": ["conv2d", "dense", "relu", "max_pool2d"],
+        "float_layers": [], "simulate": False}
     assert int8[0]["description"]["data"]["calibration"]["range"] == [0, 64]
     rows = {r["variant"]: r for r in summary["rows"]}
-    label = "a:p99.9 w:max/channel b9 skip1 fdense W6A7 last8 round-nearest"
+    label = ("a:p99.9 w:max/channel b9 skip1 fdense W6A7 last8 round-nearest "
+             "ops:conv2d+dense+relu+max_pool2d")
     assert set(rows) == {"float32", label}
     assert f"| fmnist_vgg11_bn | {label} | 64 | 2 |" in result.output
     # float layers (skip1, fdense) sum in another order: checked layer by layer
@@ -225,6 +227,9 @@ def test_calibration_file_of_another_model_is_refused(tmp_path):
     (["--weight-bits", 9], "--weight-bits"),
     (["--activation-bits", 1], "--activation-bits"),
     (["--rounding", "even"], "'even' is not one of"),
+    (["--quantize-ops", "conv2d,pool"], "quantize_ops: 'pool' is not an op qcal quantizes"),
+    (["--float-layers", "conv2d_nosuch", "--num-images", 8],
+     "float_layers: model 'fmnist_vgg11_bn' has no layer 'conv2d_nosuch'"),
 ])
 def test_bad_quantization_options_exit_2(args, message):
     result = invoke("evaluate", "--model", "fmnist_vgg11_bn", *args)

@@ -19,7 +19,11 @@ That histogram's resolution relative to the abs-max depends on where the abs-max
 octave (4096 to 8192 bins below it), and the KL methods' threshold moves with the bin count. So a
 second pass over the same batches bins every tensor again into ``KL_REFERENCE_BINS`` (2048) equal
 bins over [0, abs-max], the range the first pass found (TensorRT's reference histogram): a tensor
-scaled by any factor gets the same counts and a threshold scaled by that factor. The second pass
+scaled by any factor gets the same counts (but for values that float32 rounding of the scaled data
+moves across a bin edge) and a threshold scaled by that factor (measured on the embedded models'
+252 tensors, 7 scales each: worst 1.4e-7 for kl; for kl-mxnet one ResNet-56 v2 tensor moved 8.9 %,
+its divergence being flat enough at the minimum for those few values to move the argmin). The
+second pass
 costs a second run of the model over the calibration batches (``bins=0`` skips both histograms).
 """
 from __future__ import annotations

@@ -167,7 +167,8 @@ def choose_amax_kl(stats: TensorStats, *, levels: int = INT8_LEVELS) -> float:
 
     The reference histogram has ``KL_REFERENCE_BINS`` equal bins over [0, amax] (built by a second
     pass at the range the first pass found: ``TensorStats``), so the threshold is a fixed fraction
-    of the tensor's range: scaling a tensor scales its threshold by the same factor. For each
+    of the tensor's range: scaling a tensor scales its threshold by the same factor (to float32
+    rounding; ``qcal.calib.collect`` gives the measured figures). For each
     candidate k (128 <= k <= 2048), P keeps the first k bins and folds the mass beyond them into
     bin k-1; Q splits the same k bins (without the folded tail) into 128 groups at the edges
     ``linspace(0, k, 129)`` (groups of floor or ceil of k/128 bins) and spreads each group's mass
@@ -212,7 +213,7 @@ def choose_amax_kl_mxnet(stats: TensorStats, *, levels: int = INT8_LEVELS) -> fl
 
 def _entropy_threshold(stats: TensorStats, grouping: str, quantized_bins: int) -> float:
     counts = np.asarray(stats.ref_counts).copy()
-    counts[0] -= stats.zeros
+    counts[0] = max(counts[0] - stats.zeros, 0)  # zeros counted in the first pass
     nonzero = np.flatnonzero(counts)
     if not len(nonzero):
         return float(stats.amax)

@@ -30,11 +30,8 @@ from qcal.files import atomic_write_text
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines.")
 @translate_errors
 def evaluate(models, params, pretrained, data, num_images, calib_data, calib_range,
-             calib_images, batch_size, preprocessing, cache_dir,
-             activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
-             skip_k_conv, skip_dense, weight_bits, activation_bits, first_layer_bits,
-             last_layer_bits, rounding, calibration_file, verify_images, float_only, output,
-             results_dir, wait, force, quiet):
+             calib_images, batch_size, preprocessing, cache_dir, variant_values, calibration_file,
+             verify_images, float_only, output, results_dir, wait, force, quiet):
     """Quantize through TVM, run the integer model, report top-1/top-5 against float32.
 
     Quantization options may repeat (e.g. --bias-bits 8 --bias-bits 16); every combination is one
@@ -54,10 +51,7 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
                                  param_hint="--output")
     if (params is not None or calibration_file is not None) and len(models) > 1:
         raise click.UsageError("--params and --calib apply to one --model only")
-    variants = () if float_only else variants_from_options(
-        activation_method, percentile, global_scale, weight_scale, weight_granularity, bias,
-        skip_k_conv, skip_dense, weight_bits=weight_bits, activation_bits=activation_bits,
-        first_layer_bits=first_layer_bits, last_layer_bits=last_layer_bits, rounding=rounding)
+    variants = () if float_only else variants_from_options(variant_values)
     data_dict = data_options_dict(data, num_images, calib_data, calib_range, calib_images,
                                   preprocessing)
     config = SweepConfig(

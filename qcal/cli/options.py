@@ -81,10 +81,18 @@ def data_options(func):
     return wrapper
 
 
+# The quantization options that make variants: their values reach the command as one
+# ``variant_values`` dict ({option: values given}), which ``variants_from_options`` expands.
+VARIANT_AXES = ("activation_method", "percentile", "global_scale", "weight_scale",
+                "weight_granularity", "bias", "skip_k_conv", "weight_bits", "activation_bits",
+                "first_layer_bits", "last_layer_bits", "rounding", "quantize_ops", "float_layers")
+FLAGS = ("skip_dense", "simulate")  # on/off options that apply to every variant
+
+
 def quant_options(func):
     """Each option may repeat; evaluate runs the cross product of the values given."""
-    from qcal.config import (ACTIVATION_METHODS, MAX_BITS, MIN_BITS, ROUNDINGS, WEIGHT_GRANULARITIES,
-                             WEIGHT_SCALES, QuantOptions)
+    from qcal.config import (ACTIVATION_METHODS, MAX_BITS, MIN_BITS, QUANTIZABLE_OPS, ROUNDINGS,
+                             WEIGHT_GRANULARITIES, WEIGHT_SCALES, QuantOptions)
 
     d = QuantOptions()
     options = [
@@ -121,28 +129,36 @@ def quant_options(func):
         click.option("--rounding", multiple=True, type=click.Choice(ROUNDINGS),
                      help=f"Ties of every rounding right shift and integer rescale: upward (half "
                           f"up) or nearest (half to even) (default {d.rounding})."),
+        click.option("--quantize-ops", multiple=True, metavar="OP,OP,...",
+                     help=f"Quantize only these op types, the rest stay float32 (default: all of "
+                          f"{', '.join(QUANTIZABLE_OPS)})."),
+        click.option("--float-layers", multiple=True, metavar="NAME,NAME,...",
+                     help="Keep these layers (names as in layers.csv) in float32."),
+        click.option("--simulate", is_flag=True,
+                     help="Evaluate the fake-quantized float model (numpy, nothing compiled) "
+                          "instead of the integer one; rows are labelled 'simulated'."),
         click.option("--calib", "calibration_file",
                      type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="Reuse the ranges of a `qcal calibrate` file (no calibration pass)."),
     ]
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        values = {key: kwargs.pop(key) for key in VARIANT_AXES + FLAGS}
+        return func(*args, variant_values=values, **kwargs)
+
     for option in reversed(options):
-        func = option(func)
-    return func
+        wrapper = option(wrapper)
+    return wrapper
 
 
-def variants_from_options(activation_method, percentile, global_scale, weight_scale,
-                          weight_granularity, bias, skip_k_conv, skip_dense, weight_bits=(),
-                          activation_bits=(), first_layer_bits=(), last_layer_bits=(),
-                          rounding=()):
+def variants_from_options(variant_values: dict):
+    """The variants the quantization options describe: the cross product of every option's values
+    (in ``VARIANT_AXES`` order), ``--skip-dense`` applying to all."""
     from qcal.config import expand_variants
 
-    axes = {"activation_method": activation_method, "percentile": percentile,
-            "global_scale": global_scale, "weight_scale": weight_scale,
-            "weight_granularity": weight_granularity, "bias": bias, "skip_k_conv": skip_k_conv,
-            "weight_bits": weight_bits, "activation_bits": activation_bits,
-            "first_layer_bits": first_layer_bits, "last_layer_bits": last_layer_bits,
-            "rounding": rounding}
-    return expand_variants({k: v for k, v in axes.items() if v}, {"skip_dense": skip_dense})
+    axes = {k: variant_values[k] for k in VARIANT_AXES if variant_values.get(k)}
+    return expand_variants(axes, {k: variant_values[k] for k in FLAGS})
 
 
 def data_options_dict(data, num_images, calib_data, calib_range, calib_images, preprocessing):

@@ -11,13 +11,16 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import signal
+import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
 import click
 
-from qcal.errors import Problems, QcalError, UsageProblem
+from qcal.errors import Problems, QcalError, UsageProblem, interrupt_seen, note_interrupt
 
 INTERRUPTED_EXIT = 130
 CRASH_LOG_ENV = "QCAL_CRASH_DIR"  # where crash logs go (default: the system's temporary folder)
@@ -50,35 +53,100 @@ def write_crash_log(exc: BaseException) -> Path | None:
         return None
 
 
+class _Interrupts:
+    """Ctrl-C during the command: noted (``qcal.errors.note_interrupt``), then raised as usual. A
+    KeyboardInterrupt raised in Python code that TVM called from C++ comes back out of TVM as a
+    bare RuntimeError, or not at all, so the boundary asks whether SIGINT arrived rather than
+    trusting the exception's type, and qcal's loops stop at their next step."""
+
+    def __init__(self):
+        self._previous = None
+
+    @staticmethod
+    def _handler(signum, frame):
+        note_interrupt()
+        raise KeyboardInterrupt
+
+    @property
+    def seen(self) -> bool:
+        return interrupt_seen()
+
+    def __enter__(self):
+        note_interrupt(False)
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _interrupted():
+    click.echo("Interrupted: finished work is kept; run the same command again to resume.",
+               err=True)
+    _quiet_stderr_from_here()
+    return click.exceptions.Exit(INTERRUPTED_EXIT)
+
+
+def _quiet_stderr_from_here():
+    """Send what is still written to the terminal's stderr to /dev/null: the process only exits
+    now, and TVM's C++ objects left mid-build print warnings as they are destroyed
+    ("BlockBuilder destroyed with remaining blocks!"). Only for the real stderr (fd 2), never
+    for a caller that captures it."""
+    try:
+        if sys.stderr.fileno() != 2:
+            return
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except (AttributeError, OSError, ValueError):  # a captured stream has no descriptor
+        return
+    os.dup2(devnull, 2)
+    os.close(devnull)
+
+
 def translate_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except Problems as exc:
-            if exc.usage:
-                raise click.UsageError(str(exc)) from None
-            raise click.ClickException(str(exc)) from None
-        except UsageProblem as exc:
-            raise click.UsageError(str(exc)) from None
-        except QcalError as exc:
-            raise click.ClickException(str(exc)) from None
-        except OSError as exc:  # a file qcal was asked to read or write: name it, no traceback
-            where = exc.filename or ""
-            raise click.ClickException(f"{where}: {exc.strerror or one_line(exc)}") from None
-        except KeyboardInterrupt:
-            click.echo("Interrupted: finished work is kept; run the same command again to "
-                       "resume.", err=True)
-            raise click.exceptions.Exit(INTERRUPTED_EXIT) from None
-        except Exception as exc:  # a bug in qcal: one line here, the traceback in a file
-            log = write_crash_log(exc)
-            where = f"; full traceback in {log}" if log else ""
-            raise click.ClickException(
-                f"internal error {type(exc).__name__}: {one_line(exc)} (a bug in qcal, not in "
-                f"the input{where})") from None
+        with _Interrupts() as interrupts:
+            try:
+                result = _translated(func, interrupts, *args, **kwargs)
+            except KeyboardInterrupt:  # a second Ctrl-C while the first was being handled
+                raise _interrupted() from None
+            if interrupts.seen:  # swallowed by a library, and the work finished regardless
+                raise _interrupted()
+            return result
     return wrapper
+
+
+def _translated(func, interrupts, *args, **kwargs):
+    try:
+        return func(*args, **kwargs)
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise
+    except KeyboardInterrupt:
+        raise _interrupted() from None
+    except Exception as exc:
+        if interrupts.seen:  # Ctrl-C, surfacing as another library's (or qcal's) error
+            raise _interrupted() from None
+        raise _click_error(exc) from None
+
+
+def _click_error(exc: Exception) -> click.ClickException:
+    if isinstance(exc, Problems):
+        return click.UsageError(str(exc)) if exc.usage else click.ClickException(str(exc))
+    if isinstance(exc, UsageProblem):
+        return click.UsageError(str(exc))
+    if isinstance(exc, QcalError):
+        return click.ClickException(str(exc))
+    if isinstance(exc, OSError):  # a file qcal was asked to read or write: name it
+        return click.ClickException(f"{exc.filename or ''}: {exc.strerror or one_line(exc)}")
+    # a bug in qcal: one line here, the traceback in a file
+    log = write_crash_log(exc)
+    where = f"; full traceback in {log}" if log else ""
+    return click.ClickException(f"internal error {type(exc).__name__}: {one_line(exc)} (a bug in "
+                                f"qcal, not in the input{where})")
 
 
 class ImageRangeType(click.ParamType):

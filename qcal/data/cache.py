@@ -16,6 +16,7 @@ import numpy as np
 
 from qcal.data.plan import Selection
 from qcal.data.sources import ImageSource
+from qcal.errors import stop_if_interrupted
 from qcal.files import checked_open, load_checked
 
 CHECK_KIND = "decoded batch"
@@ -73,6 +74,7 @@ def iter_batches(selection: Selection, batch_size: int, cache: BatchCache | None
     cache = cache or BatchCache(None)
     labels = selection.source.labels
     for lo in range(selection.start, selection.stop, batch_size):
+        stop_if_interrupted()
         idx = np.arange(lo, min(lo + batch_size, selection.stop))
         yield cache.load(selection.source, idx), labels[idx]
 

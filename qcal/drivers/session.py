@@ -18,6 +18,7 @@ from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_VER
 from qcal.data.cache import BatchCache, ImageBatches, iter_batches
 from qcal.data.plan import plan_data
 from qcal.data.preprocessing import PREPROCESSING_KEYS
+from qcal.errors import stop_if_interrupted
 from qcal.eval.evaluate import evaluate
 from qcal.families import resolve_model
 
@@ -126,9 +127,14 @@ class ModelSession:
                     self.collect_statistics()[0])
         return self._calibration
 
-    def check_calibration_file(self, variants):
-        """Refuse a calibration file for another model, or one lacking a method's statistics,
-        before any work starts."""
+    def check_variants(self, variants):
+        """Before any work starts: refuse a ``float_layers`` name the model lacks, a calibration
+        file for another model, or one lacking a method's statistics."""
+        from qcal.quant.annotate import check_float_layers
+
+        for options in variants:
+            if options.float_layers:
+                check_float_layers(self.graph, options)
         if self.calibration_file is None:
             return
         for options in variants:
@@ -214,28 +220,48 @@ class ModelSession:
                  else "not verified (verify_images 0)")
         return verification
 
-    def _evaluate_int8(self, options):
-        from qcal.backend.tvm.compile import compile_model
+    def _evaluate_simulated(self, qgraph, options):
+        """The fake-quantized float model of ``qgraph`` (``run_simulated``): nothing compiled,
+        nothing to verify against."""
+        from qcal.reference.int_interpreter import run_simulated
 
+        def runner(x):
+            return run_simulated(qgraph, x).astype(np.float32)
+
+        result, fidelity = self._run_selections(runner, options.label, self.plan(True))
+        return result, fidelity, {"simulated": True, "verify_images_asked": self.verify_images}
+
+    def _evaluate_int8(self, options):
         qgraph = self.quantize(options)
         for line in qgraph.report():
             log.info("%s", line)
+        if options.simulate:
+            result, fidelity, extra = self._evaluate_simulated(qgraph, options)
+        else:
+            result, fidelity, extra = self._evaluate_compiled(qgraph, options)
+        layers = self.layer_sqnr(qgraph)
+        worst = min(layers, key=lambda r: r["sqnr_db"]) if layers else None
+        extra.update({
+            "counts": qgraph.counts(), "overflow_adjustments": [str(a) for a in qgraph.adjustments],
+            "calibration": {"source": self.calibration.source,
+                            "images": self.calibration.num_images},
+            "layers": layers,
+            "metrics": {"sqnr_min_db": worst["sqnr_db"] if worst else float("nan"),
+                        "sqnr_min_layer": worst["tensor"] if worst else ""}})
+        return result, fidelity, extra
+
+    def _evaluate_compiled(self, qgraph, options):
+        from qcal.backend.tvm.compile import compile_model
+
         start = time.perf_counter()
         compiled = compile_model(qgraph, self.batch_size)
+        stop_if_interrupted()  # a Ctrl-C inside TVM's build may not have stopped it
         compile_seconds = time.perf_counter() - start
         verification = self.verify(qgraph, compiled, options.label)
         result, fidelity = self._run_selections(compiled.run, options.label, self.plan(True))
-        layers = self.layer_sqnr(qgraph)
-        worst = min(layers, key=lambda r: r["sqnr_db"]) if layers else None
         extra = {"compile_seconds": round(compile_seconds, 2), **verification.record(),
                  "verify_images_asked": self.verify_images,
-                 "compile_cache_hit": compiled.build.cache_hit, "counts": qgraph.counts(),
-                 "overflow_adjustments": [str(a) for a in qgraph.adjustments],
-                 "calibration": {"source": self.calibration.source,
-                                 "images": self.calibration.num_images},
-                 "layers": layers,
-                 "metrics": {"sqnr_min_db": worst["sqnr_db"] if worst else float("nan"),
-                             "sqnr_min_layer": worst["tensor"] if worst else ""}}
+                 "compile_cache_hit": compiled.build.cache_hit}
         return result, fidelity, extra
 
     def close(self):

@@ -40,7 +40,7 @@ import numpy as np
 
 from qcal import __version__
 from qcal.config import DEFAULT_BATCH_CACHE_DIR, QuantOptions
-from qcal.errors import QcalError, UsageProblem
+from qcal.errors import QcalError, UsageProblem, stop_if_interrupted
 from qcal.eval.verify import VerificationFailed
 from qcal.files import (LOCK_NAME, atomic_write_text, checked_open, file_digest, folder_lock, is_temporary,
                         load_checked, write_checked)
@@ -284,10 +284,11 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
             pretrained=config.pretrained, seed=config.seed, quiet=quiet,
             cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
             calibration_file=config.calibration_file, verify_images=config.verify_images)
-        session.check_calibration_file(config.variants)
+        session.check_variants(config.variants)
         variants = ([None] if config.float32 else []) + list(config.variants)
         baseline_key = None
         for options in variants:
+            stop_if_interrupted()
             label = "float32" if options is None else options.label
             description = {
                 "model": session.identity, "variant": None if options is None else options.to_dict(),

@@ -126,9 +126,9 @@ def _check_model(config, index: int, model: str, cache_dir, calibrate: bool, qui
         problems.append(_data_problem(config, exc))
     except QcalError as exc:
         problems.append(_located(where, exc))
-    if config.calibration_file and config.variants and not problems:
+    if config.variants and not problems:
         try:
-            session.check_calibration_file(config.variants)
+            session.check_variants(config.variants)
         except QcalError as exc:
             problems.append(exc)
     session.close()  # the weights are loaded again when the model runs; the plans are kept

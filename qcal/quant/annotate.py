@@ -22,6 +22,8 @@ stays float):
 - add is integer when either operand is; a float operand is quantized to int8; an integer operand
   that is quantized to int8 for another consumer is read as that int8 value (one quantized value
   per tensor), any other integer operand keeps its int32 value.
+- ``quantize_ops`` (when set) keeps every op type it does not name float, and ``float_layers``
+  every layer it names, before any of the rules above is asked.
 
 A tensor that several consumers need as int8 (the two branches of a residual block) is quantized
 ONCE and shared; likewise one dequantize serves every float consumer.
@@ -38,7 +40,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qcal.config import QuantOptions
+from qcal.config import QUANTIZABLE_OPS, QuantOptions
+from qcal.errors import UsageProblem
 from qcal.ir.graph import Graph, Node
 from qcal.registry import Registry
 
@@ -110,6 +113,9 @@ def _add(node: Node, ctx: _Context):
     return OpDecision(INT32, tuple(i for i in node.inputs if not ctx.is_int(i)))
 
 
+assert set(ANNOTATORS) == set(QUANTIZABLE_OPS), "annotators out of step with qcal.config"
+
+
 @dataclass
 class Annotation:
     """Which tensors are integer, and where the domain conversions go."""
@@ -153,7 +159,21 @@ class Annotation:
         }
 
 
+def check_float_layers(graph: Graph, options: QuantOptions):
+    """Refuse a ``float_layers`` name the graph does not have, naming it."""
+    names = {n.name for n in graph.nodes if n.op != "input"}
+    unknown = [n for n in options.float_layers if n not in names]
+    if unknown:
+        shown = [n.name for n in graph.nodes if n.op in ("conv2d", "dense")][:4]
+        raise UsageProblem(f"float_layers: model '{graph.name}' has no layer "
+                           f"{', '.join(repr(n) for n in unknown)} (its layers are named like "
+                           f"{', '.join(shown)}; layers.csv lists them)")
+
+
 def annotate(graph: Graph, options: QuantOptions) -> Annotation:
+    check_float_layers(graph, options)
+    enabled = set(options.quantize_ops or QUANTIZABLE_OPS)
+    kept_float = set(options.float_layers)
     convs = [n.name for n in graph.nodes if n.op == "conv2d"]
     ctx = _Context(options, {}, {name: i for i, name in enumerate(convs)})
     decisions = {}
@@ -168,7 +188,8 @@ def annotate(graph: Graph, options: QuantOptions) -> Annotation:
             ctx.domain[node.name] = FLOAT
             continue
         handler = ANNOTATORS.lookup(node.op, layer=node.name)
-        decision = handler(node, ctx)
+        chosen = node.op in enabled and node.name not in kept_float
+        decision = handler(node, ctx) if chosen else None
         if decision is None:
             ctx.domain[node.name] = FLOAT
             for i in node.inputs:

@@ -22,7 +22,7 @@ def _row(record, predictions, labels, baseline):
     lo1, hi1 = wilson_interval(int(correct1.sum()), n)
     lo5, hi5 = wilson_interval(int(correct5.sum()), n)
     row = {"model": record["model"], "variant": record["variant"], "images": n,
-           "verified": (np.nan if record["variant"] == "float32"
+           "verified": (np.nan if record["variant"] == "float32" or record.get("simulated")
                         else record.get("verified_images", 0)),
            "top1": 100 * correct1.mean(), "top1_ci95": f"{100 * lo1:.2f}-{100 * hi1:.2f}",
            "top5": 100 * correct5.mean(), "top5_ci95": f"{100 * lo5:.2f}-{100 * hi5:.2f}",

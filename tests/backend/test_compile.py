@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from qcal.backend.tvm.compile import compile_model
-from qcal.config import QuantOptions
+from qcal.config import QUANTIZABLE_OPS, QuantOptions
 from qcal.errors import QcalError, UsageProblem
 from qcal.quant.realize import qgraph_from_float
 from qcal.reference.int_interpreter import run_integer, run_simulated
@@ -142,3 +142,22 @@ def test_wrong_image_shape_and_batch_size_are_refused():
     compiled = compile_model(graph, 2)
     with pytest.raises(QcalError, match=r"expects images of shape \(3, 16, 16\)"):
         compiled.run(np.zeros((2, 3, 8, 8), np.float32))
+
+
+def test_selected_ops_and_float_layers_bit_exact():
+    # every op but add, and one conv (a branch nothing reads) named float: the float adds and
+    # everything after them run in float32, every integer node stays bit-exact
+    graph = every_op()
+    name = [n.name for n in graph.nodes if n.op == "conv2d"][2]
+    ops = ",".join(op for op in QUANTIZABLE_OPS if op != "add")
+    options = QuantOptions(quantize_ops=ops, float_layers=name, rounding="nearest", weight_bits=5)
+    qgraph = realized(graph, options, images(8, (4, 8, 8), seed=1))
+    assert qgraph.node(name).op == "conv2d"
+    assert {n.op for n in qgraph.nodes} >= {"qconv2d", "qavg_pool2d", "qsum_pool2d", "add"}
+    x = images(BATCH, (4, 8, 8), seed=2, std=1.5)
+    tvm_values, ref_values = _every_node(qgraph, x)
+    integer = [n for n in tvm_values if qgraph.node(n).is_int]
+    assert len(integer) > 10
+    assert not _mismatches(qgraph, {n: tvm_values[n] for n in integer}, ref_values)
+    for n in set(tvm_values) - set(integer):  # float32 sums in another order than numpy's
+        np.testing.assert_allclose(tvm_values[n], ref_values[n], rtol=1e-4, atol=1e-4)

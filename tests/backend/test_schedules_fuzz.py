@@ -1,4 +1,4 @@
-"""Property tests: every schedule rule and the int16-pair conv, on random shapes, bit for bit.
+"""Property tests: every schedule rule, the int16-pair and the VNNI conv, on random shapes, bit for bit.
 
 Each example is a small graph of the kind qcal compiles -- a ``QGraph`` (int8) or a float ``Graph``
 built here with random weights -- emitted by ``qcal.backend.tvm.emit.emit_relax`` and compiled by
@@ -14,7 +14,8 @@ two), so there the two are held to float32 rounding. The numpy reference sums th
 another order, so it is held to a tolerance scaled by sum |x||w| (the same graph on |x|, |w|).
 
 Each example also asserts which rule scheduled each conv, dense or pool PrimFunc, predicted from the
-rule's documented domain (int16 pairs: groups 1 and out channels a multiple of the pmaddwd lanes;
+rule's documented domain (VNNI where the target has it, else int16 pairs: groups 1 and out
+channels a multiple of the vector lanes;
 s_tir conv: out channels per group a multiple of 4; depthwise: int8 with one in and out channel
 per group), so a rule that silently declines fails the test, and the strategies are weighted so
 that most examples fall in some rule's domain. ``--hypothesis-show-statistics`` prints how often
@@ -36,7 +37,7 @@ from hypothesis import assume, event, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from qcal.backend.tvm import emit, schedules  # noqa: E402
+from qcal.backend.tvm import emit, schedules, vnni  # noqa: E402
 from qcal.config import ROUNDINGS  # noqa: E402
 from qcal.ir.graph import Graph, Node  # noqa: E402
 from qcal.ir.qgraph import QGraph, QNode  # noqa: E402
@@ -46,10 +47,12 @@ from qcal.reference.int_interpreter import run_integer  # noqa: E402
 from qcal.reference.kernels import pool_sum_and_count  # noqa: E402
 
 TARGET = schedules.cpu_target()
-# An AVX2-only CPU (8 int32 lanes: the 8-lane pmaddwd, 8-lane conv tiles) runs on any AVX-512 host
-# too: int8 convs are fuzzed for both vector widths where the host has AVX-512.
+# CPUs older than the host run on it too: on an AVX-512 host int8 convs are also fuzzed for
+# AVX-512 without VNNI (the 16-lane pair conv where the host takes VNNI) and for AVX2 alone
+# (8 int32 lanes: the 8-lane pmaddwd, 8-lane conv tiles).
+AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
-INT_TARGETS = ((TARGET, AVX2) if schedules.pair_lanes(TARGET) == 16 else (TARGET,))
+INT_TARGETS = ((TARGET, AVX512, AVX2) if schedules.pair_lanes(TARGET) == 16 else (TARGET,))
 PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67)
 # Multiply-accumulates of one example at most: keeps the unscheduled conv and numpy fast.
 MAX_MACS = 10_000_000
@@ -216,7 +219,7 @@ def conv_cases(draw, kind, same_size=None):
                            st.sampled_from(STIR_OUT), st.sampled_from(ODD_OUT)))
         groups = 1
     elif kind == "depthwise":
-        c = draw(st.sampled_from(CHANNELS + PRIMES[5:]))
+        c = draw(st.sampled_from(CHANNELS[1:] + PRIMES[5:]))  # 1 channel: a groups-1 conv
         groups = c
         o = c * draw(st.sampled_from((1, 1, 1, 2, 4)))
     else:
@@ -233,9 +236,11 @@ def conv_cases(draw, kind, same_size=None):
 def expected_conv_rule(case: ConvCase, dtype: str, pairs: bool, target=TARGET):
     """The rule that must schedule this conv's PrimFunc; None: the rules may decline it."""
     ocg, icg = case.out_channels // case.groups, case.channels // case.groups
-    lanes = schedules.pair_lanes(target)
-    if dtype == "int8" and pairs and lanes and case.groups == 1 and case.out_channels % lanes == 0:
-        return "conv2d_int16_pairs"
+    if dtype == "int8" and pairs and case.groups == 1:
+        for rule, lanes in (("conv2d_vnni", vnni.vnni_lanes(target)),
+                            ("conv2d_int16_pairs", schedules.pair_lanes(target))):
+            if lanes and case.out_channels % lanes == 0:
+                return rule
     if case.groups > 1 and ocg == 1:
         return "depthwise_conv2d_nchw" if icg == 1 and dtype != "float32" else None
     return "conv2d_nchw" if ocg % 4 == 0 else None

@@ -14,8 +14,8 @@ from qcal.quant import quantize
 from qcal.quant.annotate import annotate
 from qcal.quant.fixed_point import quantize_weight, scale_for_amax
 from qcal.quant.realize import realize
-from qcal.reference.int_interpreter import run_integer
-from tests.fixtures import GraphMaker, calibrate_amax, float_values, images, resnet_v1, vgg
+from qcal.reference.int_interpreter import run_integer, run_simulated
+from tests.fixtures import MODELS, GraphMaker, calibrate_amax, float_values, images, realized, resnet_v1, vgg
 
 
 def test_levels_are_symmetric_and_fit_int8():
@@ -166,3 +166,18 @@ def _single_conv(cin=4):
     node.params["weight"] = g.rng.randn(*node.params["weight"].shape).astype(np.float32)
     node.params["bias"] = np.array([0.3, -0.7], dtype=np.float32)
     return g.graph()
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_simulated_and_integer_models_agree_on_every_image_at_every_width(model, bits):
+    # power-of-2 scales: every rescale is an exact shift, so the fake-quantized float model
+    # computes the integer model's values exactly and top-1 agrees image by image
+    graph = MODELS[model]()
+    options = QuantOptions(weight_bits=bits, activation_bits=bits, bias_bits=8,
+                           rounding="nearest" if bits % 2 else "upward")
+    q = realized(graph, options, images(16, (3, 16, 16), seed=1))
+    x = images(64, (3, 16, 16), seed=2, std=1.3)
+    integer, simulated = run_integer(q, x), run_simulated(q, x)
+    assert np.array_equal(integer.argmax(axis=1), simulated.argmax(axis=1))
+    assert np.array_equal(integer, simulated.astype(np.float32))
