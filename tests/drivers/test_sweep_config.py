@@ -1,4 +1,3 @@
-import time
 
 import pytest
 
@@ -72,17 +71,11 @@ def test_verify_images_defaults_once_and_the_command_line_overrides_it(tmp_path)
     ("models: [fmnist_vgg11_bn]\nverify_images: -1\n", 2, "verify_images must be an integer >= 0"),
     ("models: [fmnist_vgg11_bn]\nverify_images: yes\n", 2, "verify_images must be an integer"),
 ])
-def test_malformed_configs_name_their_line_quickly(tmp_path, text, line, message):
+def test_malformed_configs_name_their_line(tmp_path, text, line, message):
+    # that nothing runs before the refusal is tests/test_bad_input.py's (an empty output folder)
     path = write(tmp_path, text)
-    from qcal.families import family_of
-
-    with pytest.raises(UsageProblem):  # the families import their libraries once, untimed
-        family_of("no-such-model")
-
-    start = time.monotonic()
     with pytest.raises(UsageProblem) as info:
         load_sweep_config(path)
-    assert time.monotonic() - start < 1.0
     assert str(info.value).startswith(f"{path}:{line}:"), str(info.value)
     assert message in str(info.value)
 

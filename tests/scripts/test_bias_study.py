@@ -191,7 +191,7 @@ class TestOnIntegerGraphs:
         assert np.all(added.error_lsb <= 2 ** -2 / 2 + 1e-6)  # half a 16-bit step, in acc LSB
 
     def test_single_bias_variant_adds_the_8bit_bias_at_that_layer_only(self, bs):
-        ranges = lambda options, tensors: {t: self.AMAX[t] for t in tensors}  # noqa: E731
+        ranges = lambda options, tensors, levels: {t: self.AMAX[t] for t in tensors}  # noqa: E731
         b8, b32 = self._q(bs, "b8"), self._q(bs, "b32acc")
         one = bs.single_bias_variant(tiny_graph(), ranges, "b32acc", "dw")
         # bit for bit the 8-bit variant's bias at dw, the int32-acc biases elsewhere
