@@ -739,8 +739,10 @@ def pack_pair_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 
 
-def _pair_conv_geometry(call, lanes):
-    """(N, C, H, W, pads, strides) of a conv2d call the pair rewrite handles, else None."""
+def int8_conv_geometry(call, lanes):
+    """(N, C, H, W), pads, strides of an int8 NCHW conv2d call with a constant OIHW weight, groups
+    and dilation 1, int32 out and ``lanes`` dividing its output channels (what both the pair and
+    the VNNI rewrites handle), else None."""
     attrs = call.attrs
     data, weight = call.args
     if not isinstance(weight, tvm.ir.expr.Constant):
@@ -770,7 +772,7 @@ class _PairConvRewriter(relax.PyExprMutator):
         call = super().visit_call_(call)
         if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)):
             return call
-        geometry = _pair_conv_geometry(call, self.lanes)
+        geometry = int8_conv_geometry(call, self.lanes)
         return call if geometry is None else self._rewrite(call, *geometry)
 
     def _rewrite(self, call, shape, pads, strides):

@@ -39,9 +39,9 @@ from tvm import relax, s_tir
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from qcal.backend.tvm.schedules import (Decline, Scheduled, _extents, _i64, _inline_epilogue,
+from qcal.backend.tvm.schedules import (_CONV2D, Decline, Scheduled, _extents, _i64, _inline_epilogue,
                                         _largest_divisor, _name, _parallel_outer, _root_blocks,
-                                        _vectorize_tile_epilogue)
+                                        _vectorize_tile_epilogue, int8_conv_geometry)
 
 VNNI_BLOCK = "conv2d_vnni"
 # relax's OpPatternKind kOutEWiseFusable: FuseOps may fuse the elementwise ops after the conv
@@ -51,7 +51,6 @@ _VPDPBUSD_INTRINSICS = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.
 # Output pixels x channel vectors of accumulators held in registers (of 32 with AVX-512).
 _PIXEL_TILE = 8
 _CHANNEL_VECTORS = 2
-_CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 
 
 def vnni_lanes(target: tvm.target.Target) -> int | None:
@@ -186,27 +185,6 @@ def pack_vnni_weight(weight: np.ndarray, lanes: int) -> tuple[np.ndarray, np.nda
     return packed, init.reshape(o // lanes, lanes)
 
 
-def _vnni_geometry(call, lanes):
-    """(N, C, H, W), pads, strides of a conv2d call the VNNI rewrite handles, else None."""
-    attrs = call.attrs
-    data, weight = call.args
-    if not isinstance(weight, tvm.ir.expr.Constant):
-        return None
-    if (int(attrs.groups) != 1 or str(attrs.data_layout) != "NCHW"
-            or str(attrs.kernel_layout) != "OIHW" or str(attrs.out_layout) != "NCHW"
-            or str(attrs.out_dtype) != "int32" or any(int(d) != 1 for d in attrs.dilation)):
-        return None
-    if str(data.ty.dtype) != "int8" or str(weight.ty.dtype) != "int8":
-        return None
-    try:
-        shape = tuple(int(d) for d in data.ty.shape)
-    except (TypeError, ValueError):  # symbolic batch: not handled
-        return None
-    if int(weight.ty.shape[0]) % lanes:
-        return None
-    return shape, tuple(int(p) for p in attrs.padding), tuple(int(s) for s in attrs.strides)
-
-
 @relax.expr_functor.mutator
 class _VnniConvRewriter(relax.PyExprMutator):
     def __init__(self, mod: tvm.IRModule, lanes: int):
@@ -217,7 +195,7 @@ class _VnniConvRewriter(relax.PyExprMutator):
         call = super().visit_call_(call)
         if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)):
             return call
-        geometry = _vnni_geometry(call, self.lanes)
+        geometry = int8_conv_geometry(call, self.lanes)
         return call if geometry is None else self._rewrite(call, *geometry)
 
     def _rewrite(self, call, shape, pads, strides):
