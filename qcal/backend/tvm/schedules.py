@@ -763,33 +763,56 @@ def int8_conv_geometry(call, lanes):
 
 
 @relax.expr_functor.mutator
-class _PairConvRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int):
+class _Int8ConvRewriter(relax.PyExprMutator):
+    """Replaces each conv2d that ``int8_conv_geometry`` accepts by what
+    ``replace(builder, call, lanes, shape, pads, strides)`` emits; the pair and the VNNI rewrites
+    differ only in that function."""
+
+    def __init__(self, mod: tvm.IRModule, lanes: int, replace):
         super().__init__(mod)
         self.lanes = lanes
+        self.replace = replace
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
         if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)):
             return call
         geometry = int8_conv_geometry(call, self.lanes)
-        return call if geometry is None else self._rewrite(call, *geometry)
+        return call if geometry is None else self.replace(self.builder_, call, self.lanes,
+                                                          *geometry)
 
-    def _rewrite(self, call, shape, pads, strides):
-        n, c, h, w = shape
-        weight = call.args[1].value.numpy()
-        o, _, kh, kw = weight.shape
-        c2, hp, wp = (c + 1) // 2, h + pads[0] + pads[2], w + pads[1] + pads[3]
-        oh, ow = (hp - kh) // strides[0] + 1, (wp - kw) // strides[1] + 1
-        conv = _schedule_pair_conv(_pair_conv_func(n, c2, hp, wp, o, kh, kw, oh, ow, *strides,
-                                                   self.lanes))
-        conv = conv.with_attr("op_pattern", _OPAQUE).with_attr(SCHEDULE_ATTR, _PAIR_ATTR_VALUE)
-        pack_gv = self.builder_.add_func(_pack_pairs_func(n, c, h, w, pads), "pack_int16_pairs")
-        conv_gv = self.builder_.add_func(conv, "conv2d_int16_pairs")
-        packed = self.builder_.emit(relax.call_tir(
-            pack_gv, [call.args[0]], relax.TensorType((n, c2, hp, wp), "int32")))
-        return relax.call_tir(conv_gv, [packed, relax.const(pack_pair_weight(weight, self.lanes))],
-                              relax.TensorType((n, o, oh, ow), "int32"))
+
+def rewrite_matching_int8_convs(mod: tvm.IRModule, lanes: int, replace) -> tvm.IRModule:
+    """``mod`` with every conv2d ``int8_conv_geometry`` accepts replaced (see ``_Int8ConvRewriter``)."""
+    rewriter = _Int8ConvRewriter(mod, lanes, replace)
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function):
+            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
+    return rewriter.builder_.get()
+
+
+def padded_conv_extents(shape, weight_shape, pads, strides):
+    """(padded height, padded width, output height, output width) of an NCHW conv."""
+    _, _, h, w = shape
+    _, _, kh, kw = weight_shape
+    hp, wp = h + pads[0] + pads[2], w + pads[1] + pads[3]
+    return hp, wp, (hp - kh) // strides[0] + 1, (wp - kw) // strides[1] + 1
+
+
+def _replace_with_pair_conv(builder, call, lanes, shape, pads, strides):
+    n, c, h, w = shape
+    weight = call.args[1].value.numpy()
+    o, _, kh, kw = weight.shape
+    c2 = (c + 1) // 2
+    hp, wp, oh, ow = padded_conv_extents(shape, weight.shape, pads, strides)
+    conv = _schedule_pair_conv(_pair_conv_func(n, c2, hp, wp, o, kh, kw, oh, ow, *strides, lanes))
+    conv = conv.with_attr("op_pattern", _OPAQUE).with_attr(SCHEDULE_ATTR, _PAIR_ATTR_VALUE)
+    pack_gv = builder.add_func(_pack_pairs_func(n, c, h, w, pads), "pack_int16_pairs")
+    conv_gv = builder.add_func(conv, "conv2d_int16_pairs")
+    packed = builder.emit(relax.call_tir(
+        pack_gv, [call.args[0]], relax.TensorType((n, c2, hp, wp), "int32")))
+    return relax.call_tir(conv_gv, [packed, relax.const(pack_pair_weight(weight, lanes))],
+                          relax.TensorType((n, o, oh, ow), "int32"))
 
 
 def rewrite_int8_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
@@ -806,11 +829,7 @@ def rewrite_int8_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMo
     lanes = pair_lanes(target)
     if lanes is None:
         return mod
-    rewriter = _PairConvRewriter(mod, lanes)
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+    return rewrite_matching_int8_convs(mod, lanes, _replace_with_pair_conv)
 
 
 def RewriteInt8Convs(target: tvm.target.Target) -> tvm.transform.Pass:  # noqa: N802

@@ -39,9 +39,10 @@ from tvm import relax, s_tir
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from qcal.backend.tvm.schedules import (_CONV2D, Decline, Scheduled, _extents, _i64, _inline_epilogue,
+from qcal.backend.tvm.schedules import (Decline, Scheduled, _extents, _i64, _inline_epilogue,
                                         _largest_divisor, _name, _parallel_outer, _root_blocks,
-                                        _vectorize_tile_epilogue, int8_conv_geometry)
+                                        _vectorize_tile_epilogue, padded_conv_extents,
+                                        rewrite_matching_int8_convs)
 
 VNNI_BLOCK = "conv2d_vnni"
 # relax's OpPatternKind kOutEWiseFusable: FuseOps may fuse the elementwise ops after the conv
@@ -185,45 +186,27 @@ def pack_vnni_weight(weight: np.ndarray, lanes: int) -> tuple[np.ndarray, np.nda
     return packed, init.reshape(o // lanes, lanes)
 
 
-@relax.expr_functor.mutator
-class _VnniConvRewriter(relax.PyExprMutator):
-    def __init__(self, mod: tvm.IRModule, lanes: int):
-        super().__init__(mod)
-        self.lanes = lanes
-
-    def visit_call_(self, call):
-        call = super().visit_call_(call)
-        if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)):
-            return call
-        geometry = int8_conv_geometry(call, self.lanes)
-        return call if geometry is None else self._rewrite(call, *geometry)
-
-    def _rewrite(self, call, shape, pads, strides):
-        n, c, h, w = shape
-        weight = call.args[1].value.numpy()
-        o, _, kh, kw = weight.shape
-        c4, hp, wp = (c + 3) // 4, h + pads[0] + pads[2], w + pads[1] + pads[3]
-        oh, ow = (hp - kh) // strides[0] + 1, (wp - kw) // strides[1] + 1
-        conv = _vnni_conv_func(n, c4, hp, wp, o, kh, kw, oh, ow, *strides, self.lanes)
-        conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
-        pack_gv = self.builder_.add_func(_pack_quads_func(n, c, h, w, pads), "pack_u8_quads")
-        conv_gv = self.builder_.add_func(conv, "conv2d_vnni")
-        packed = self.builder_.emit(relax.call_tir(
-            pack_gv, [call.args[0]], relax.TensorType((n, c4, hp, wp), "int32")))
-        wq, init = pack_vnni_weight(weight, self.lanes)
-        return relax.call_tir(conv_gv, [packed, relax.const(wq, "int32"),
-                                        relax.const(init, "int32")],
-                              relax.TensorType((n, o, oh, ow), "int32"))
+def _replace_with_vnni_conv(builder, call, lanes, shape, pads, strides):
+    n, c, h, w = shape
+    weight = call.args[1].value.numpy()
+    o, _, kh, kw = weight.shape
+    c4 = (c + 3) // 4
+    hp, wp, oh, ow = padded_conv_extents(shape, weight.shape, pads, strides)
+    conv = _vnni_conv_func(n, c4, hp, wp, o, kh, kw, oh, ow, *strides, lanes)
+    conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
+    pack_gv = builder.add_func(_pack_quads_func(n, c, h, w, pads), "pack_u8_quads")
+    conv_gv = builder.add_func(conv, "conv2d_vnni")
+    packed = builder.emit(relax.call_tir(
+        pack_gv, [call.args[0]], relax.TensorType((n, c4, hp, wp), "int32")))
+    wq, init = pack_vnni_weight(weight, lanes)
+    return relax.call_tir(conv_gv, [packed, relax.const(wq, "int32"), relax.const(init, "int32")],
+                          relax.TensorType((n, o, oh, ow), "int32"))
 
 
 def rewrite_vnni_convs(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     """Replace each int8 NCHW conv2d with a constant weight (groups 1, dilation 1, out channels a
     multiple of ``lanes``) by the VNNI PrimFuncs; other convs are left as they are."""
-    rewriter = _VnniConvRewriter(mod, lanes)
-    for gvar, func in list(mod.functions.items()):
-        if isinstance(func, relax.Function):
-            rewriter.builder_.update_func(gvar, rewriter.visit_expr(func))
-    return rewriter.builder_.get()
+    return rewrite_matching_int8_convs(mod, lanes, _replace_with_vnni_conv)
 
 
 def without_vnni(target: tvm.target.Target) -> tvm.target.Target:
