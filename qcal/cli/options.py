@@ -92,9 +92,8 @@ FLAGS = ("skip_dense", "simulate")  # on/off options that apply to every variant
 
 def quant_options(func):
     """Each option may repeat; evaluate runs the cross product of the values given."""
-    from qcal.config import (ACTIVATION_METHODS, BIAS_GRANULARITIES, MAX_BITS, MIN_BITS,
-                             QUANTIZABLE_OPS, ROUNDINGS, WEIGHT_GRANULARITIES, WEIGHT_SCALES,
-                             QuantOptions)
+    from qcal.config import (ACTIVATION_METHODS, BIAS_GRANULARITIES, MAX_BITS, MIN_BITS, QUANTIZABLE_OPS,
+                             ROUNDINGS, WEIGHT_GRANULARITIES, WEIGHT_SCALES, QuantOptions)
 
     d = QuantOptions()
     options = [

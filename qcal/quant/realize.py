@@ -9,9 +9,10 @@ The integer graph's value model and op table are in ``qcal.ir.qgraph``; the scal
 
 Bias. ``bias_mode='bits'``: the bias gets its own power-of-2 scale ``2**ceil(log2 max|b|) / 2**(B-1)``
 and B-bit values (Relay annotated the folded BN bias as a weight; docs/background.md's experiments
-widen it); with ``bias_granularity='channel'`` each output channel's max gives its own such scale. It is added as Relay's AddRealize does: the finer of the two scales wins and the other
-operand is shifted left -- the accumulator at run time (``requantize`` with a left shift), or the
-bias constant offline -- decided per channel.
+widen it); with ``bias_granularity='channel'`` each output channel's max gives its own such scale.
+It is added as Relay's AddRealize does: the finer of the two scales wins and the other operand is
+shifted left -- the accumulator at run time (``requantize`` with a left shift), or the bias constant
+offline -- decided per channel.
 When the accumulator scale is not a power of two the common scale is ``s_acc / 2**k`` with the
 smallest k that is at least as fine as the bias scale, so the run-time shift stays exact.
 ``bias_mode='int32-acc'``: ``rint(b / s_acc)`` in int32 at the accumulator scale (ONNX Runtime, TFLite).

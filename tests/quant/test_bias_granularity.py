@@ -78,8 +78,9 @@ def test_per_channel_alignment_shifts_only_the_channels_that_need_it():
 
 
 def test_overflow_proof_holds_per_channel():
-    """A channel with near-zero weights and a 32-bit bias is coarser than its tiny accumulator scale, where it would not fit int32:
-    the realizer lowers that channel's shift (recorded) and leaves the other alone; worst-case
+    """A channel with near-zero weights has a tiny accumulator scale at which its 16-bit bias would
+    not fit int32: the realizer lowers that channel's shift (recorded) and leaves the other alone
+    (its finer bias step still shifts its accumulator left); worst-case
     inputs stay within every proven bound."""
     g = GraphMaker((1, 3, 3), 0)
     conv = g.conv("data", 2, k=1, p=0)
