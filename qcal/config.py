@@ -30,6 +30,10 @@ WEIGHT_GRANULARITIES = ("tensor", "channel")
 # "int32-acc": the usual int32 bias at the accumulator scale s_in * s_w (ONNX Runtime, TFLite,
 # PyTorch). Otherwise bias_bits B quantizes the bias with its own power-of-2 scale (docs/background.md).
 BIAS_MODES = ("bits", "int32-acc")
+# A B-bit bias's power-of-2 scale: one for the layer ("tensor", Relay's), or one per output channel
+# ("channel": no channel's bias rounds to zero because another channel's is large). An int32-acc bias
+# is at the accumulator's scale, per channel whenever the weights are, so it ignores this.
+BIAS_GRANULARITIES = ("tensor", "channel")
 # Integer widths of weights and activations: symmetric levels -(2**(b-1)-1)..2**(b-1)-1, always
 # stored in int8 (the kernels stay int8; only the clipping bounds and scales change).
 MIN_BITS, MAX_BITS = 2, 8
@@ -59,6 +63,7 @@ class QuantOptions:
     weight_granularity: str = "tensor"
     bias_mode: str = "bits"
     bias_bits: int = 16
+    bias_granularity: str = BIAS_GRANULARITIES[0]
     skip_k_conv: int = 0
     skip_dense: bool = False
     weight_bits: int = 8
@@ -119,6 +124,11 @@ class QuantOptions:
              f"bias_mode must be one of {', '.join(BIAS_MODES)}, not '{self.bias_mode}'")
         need(_is_integer(self.bias_bits) and 2 <= self.bias_bits <= 32,
              f"bias_bits must be an integer from 2 to 32, not {self.bias_bits!r}")
+        need(self.bias_granularity in BIAS_GRANULARITIES,
+             f"bias_granularity must be one of {', '.join(BIAS_GRANULARITIES)}, "
+             f"not '{self.bias_granularity}'")
+        if self.bias_mode == "int32-acc":  # one variant, whichever granularity a grid pairs it with
+            object.__setattr__(self, "bias_granularity", BIAS_GRANULARITIES[0])
         need(_is_integer(self.skip_k_conv) and self.skip_k_conv >= 0,
              f"skip_k_conv must be a non-negative integer, not {self.skip_k_conv!r}")
         for name in ("weight_bits", "activation_bits", "first_layer_bits", "last_layer_bits"):
@@ -158,6 +168,8 @@ class QuantOptions:
         elif act == "global":
             act = f"global{self.global_scale:g}"
         bias = "b32acc" if self.bias_mode == "int32-acc" else f"b{self.bias_bits}"
+        if self.bias_granularity != BIAS_GRANULARITIES[0]:
+            bias += f"/{self.bias_granularity}"
         parts = [f"a:{act}", f"w:{self.weight_scale}/{self.weight_granularity}", bias]
         if self.skip_k_conv:
             parts.append(f"skip{self.skip_k_conv}")
