@@ -15,6 +15,9 @@ from pathlib import Path
 from qcal.errors import UsageProblem
 
 # Defaults of the pipeline, used by the CLI, sweep files and the library alike.
+# Empirical bias correction measures on the first N calibration images (all of a smaller set): it
+# holds every one of them at the live tensors at once (qcal.quant.bias_correction).
+BIAS_CORRECTION_IMAGES = 128
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_CALIB_IMAGES = 500  # calibration images when none are given (all of a smaller split)
 DEFAULT_HISTOGRAM_BINS = 8192  # |x| histogram bins per tensor in the statistics pass
@@ -34,6 +37,9 @@ BIAS_MODES = ("bits", "int32-acc")
 # ("channel": no channel's bias rounds to zero because another channel's is large). An int32-acc bias
 # is at the accumulator's scale, per channel whenever the weights are, so it ignores this.
 BIAS_GRANULARITIES = ("tensor", "channel")
+# "empirical": each biased layer's bias re-estimated so that the integer model's per-channel output
+# mean on the calibration images equals the float model's (qcal.quant.bias_correction).
+BIAS_CORRECTIONS = ("none", "empirical")
 # Integer widths of weights and activations: symmetric levels -(2**(b-1)-1)..2**(b-1)-1, always
 # stored in int8 (the kernels stay int8; only the clipping bounds and scales change).
 MIN_BITS, MAX_BITS = 2, 8
@@ -64,6 +70,7 @@ class QuantOptions:
     bias_mode: str = "bits"
     bias_bits: int = 16
     bias_granularity: str = BIAS_GRANULARITIES[0]
+    bias_correction: str = BIAS_CORRECTIONS[0]
     skip_k_conv: int = 0
     skip_dense: bool = False
     weight_bits: int = 8
@@ -127,6 +134,9 @@ class QuantOptions:
         need(self.bias_granularity in BIAS_GRANULARITIES,
              f"bias_granularity must be one of {', '.join(BIAS_GRANULARITIES)}, "
              f"not '{self.bias_granularity}'")
+        need(self.bias_correction in BIAS_CORRECTIONS,
+             f"bias_correction must be one of {', '.join(BIAS_CORRECTIONS)}, "
+             f"not '{self.bias_correction}'")
         if self.bias_mode == "int32-acc":  # one variant, whichever granularity a grid pairs it with
             object.__setattr__(self, "bias_granularity", BIAS_GRANULARITIES[0])
         need(_is_integer(self.skip_k_conv) and self.skip_k_conv >= 0,
@@ -171,6 +181,8 @@ class QuantOptions:
         if self.bias_granularity != BIAS_GRANULARITIES[0]:
             bias += f"/{self.bias_granularity}"
         parts = [f"a:{act}", f"w:{self.weight_scale}/{self.weight_granularity}", bias]
+        if self.bias_correction != BIAS_CORRECTIONS[0]:
+            parts.append(f"bcorr-{self.bias_correction}")
         if self.skip_k_conv:
             parts.append(f"skip{self.skip_k_conv}")
         if self.skip_dense:

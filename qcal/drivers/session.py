@@ -44,6 +44,7 @@ class ModelSession:
         self._plans = {}
         self._graph = None
         self._calibration = None
+        self._correction = None
 
     # --- load -------------------------------------------------------------------------------
     @property
@@ -146,7 +147,26 @@ class ModelSession:
         """The integer graph for one variant (realized, not yet compiled)."""
         from qcal.quant import quantize
 
-        return quantize(self.graph, self.calibration.ranges, options)
+        correction = self.correction_data() if options.bias_correction != "none" else None
+        return quantize(self.graph, self.calibration.ranges, options, correction)
+
+    def correction_data(self):
+        """What empirical bias correction measures on (computed once): the first
+        ``BIAS_CORRECTION_IMAGES`` calibration images and the float model's per-channel output
+        mean of every biased layer over them, read by the statistics pass's tensor source."""
+        if self._correction is None:
+            from qcal.config import BIAS_CORRECTION_IMAGES
+            from qcal.quant.bias_correction import CorrectionData, biased_layers, float_output_means
+
+            start = time.perf_counter()
+            images = self.verification_images(BIAS_CORRECTION_IMAGES)
+            batches = (images[i:i + self.batch_size] for i in range(0, len(images), self.batch_size))
+            means = float_output_means(self.graph, biased_layers(self.graph), batches,
+                                       self.model.tensor_source(self.graph))
+            self._correction = CorrectionData(images, means, self.batch_size)
+            log.info("%s: float means for bias correction over %d calibration images in %.1f s",
+                     self.model.name, len(images), time.perf_counter() - start)
+        return self._correction
 
     def _run_selections(self, runner, label, plan):
         """(evaluation result, fidelity result or None) for one runner."""
@@ -279,3 +299,4 @@ class ModelSession:
         self.model.close()
         self._graph = None
         self._calibration = None
+        self._correction = None
