@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from qcal.config import QuantOptions
+from qcal.config import DEFAULT_SENSITIVITY_BIAS_BITS, QuantOptions
 from qcal.eval.fidelity import compare
 from qcal.ir.graph import Graph, residual_blocks
 from qcal.quant import quantize
@@ -46,7 +46,7 @@ from qcal.reference.int_interpreter import run_integer, run_simulated
 
 MODES = ("float", "only", "bias")
 ENGINES = ("integer", "simulated")
-DEFAULT_BIAS_BITS = 8  # the bias precision the ``bias`` mode gives one layer at a time
+DEFAULT_BIAS_BITS = DEFAULT_SENSITIVITY_BIAS_BITS  # what ``bias`` gives one layer at a time
 # what each mode's ranking reads, and whether a larger value means a costlier unit
 RANK_KEYS = {"float": ("sqnr_cost_db", True), "only": ("noise_share", True),
              "bias": ("bias_cost_db", True)}
