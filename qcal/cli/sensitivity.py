@@ -64,7 +64,7 @@ def sensitivity(config, models, params, pretrained, data, num_images, calib_data
     its bias; each scored label-free against float32 (logit SQNR, top-1 agreement, KL).
 
     Either a CONFIG (a sweep file: its models, data and variants, each variant one base
-    configuration, and an optional `sensitivity:` section with images, modes, bias_bits, engine,
+    configuration, none meaning the defaults, and an optional `sensitivity:` section with images, modes, bias_bits, engine,
     blocks) or --model with the quantization options (each combination one base). Writes
     sensitivity.csv, a ranked sensitivity.md and sensitivity.png into the output folder;
     resumable (run it again to finish), and `qcal report FOLDER` writes them again.
@@ -97,9 +97,10 @@ def sensitivity(config, models, params, pretrained, data, num_images, calib_data
         except UsageProblem as exc:
             problems.append(exc)
             settings = None
-        if not cfg.variants:
-            problems.append(UsageProblem(f"{config}: no variant to take as the base "
-                                         "configuration (give a grid or variants)"))
+        if not cfg.variants:  # no grid, no variants: the default configuration is the base
+            from qcal.config import QuantOptions
+
+            cfg = dataclasses.replace(cfg, variants=(QuantOptions(),))
         default_output = Path("results") / cfg.name
     else:
         if not models:

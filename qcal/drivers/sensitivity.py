@@ -246,4 +246,3 @@ def _run(config, settings, output, quiet, command, cache_dir, sessions) -> dict:
     atomic_write_text(output / SUMMARY_NAME, json.dumps(summary, indent=2, default=str) + "\n")
     write_sensitivity(store, summary, output)
     return summary
-
