@@ -2,11 +2,14 @@
 
 Where this sits: ``qcal.backend.tvm.schedules.rewrite_int8_convs`` calls ``rewrite_vnni_convs``
 first when the target has AVX-512 VNNI (16 int32 lanes) or AVX-VNNI (8 lanes); the convs it
-leaves go on to the int16-pair rewrite and the s_tir schedules. Like the pair path, the conv is
-replaced by two PrimFuncs written here::
+leaves go on to the int16-pair rewrite and the s_tir schedules. The conv is replaced by two
+PrimFuncs written here, and the tensors between such convs stay channel-blocked
+(``qcal.backend.tvm.blocked``: v channels of a pixel contiguous, v = the lanes)::
 
-    x int8 NCHW --pack_u8_quads--> xq int32 (N, ceil(C/4), H+pads, W+pads)   one int32 = 4 u8
-    xq, w', init --conv2d_vnni--> int32 NCHW                                 (then the epilogue)
+    x int8 (N, C/v, H, W, v) --pack_blocked_u8_quads--> xq int32 (N, C/v, H+pads, W+pads, v/4)
+    x int8 NCHW (C not a multiple of v) --pack_u8_quads--> xq int32 (N, ceil(C/4), .., .., 1)
+                                                        one int32 = 4 u8 of 4 adjacent channels
+    xq, w', init --conv2d_vnni--> int32 (N, O/v, OH, OW, v)             (then the epilogue)
 
 ``vpdpbusd`` multiplies 4 adjacent unsigned bytes of one operand with 4 signed bytes of the other
 and adds the 4 products into one int32 lane, without saturation: 64 MACs an instruction with
@@ -28,8 +31,9 @@ zero weights (zero products, zero correction).
 
 Schedule (``schedule_vnni_conv2d``): the int16-pair conv's tiling at vector granularity -- up to
 ``_PIXEL_TILE`` output pixels of one row x ``_CHANNEL_VECTORS`` vectors of channels accumulate in
-registers with the reduction loops outside, NCHW written back per tile, (batch, row, channel tile)
-in parallel. Measured per conv shape by ``scripts/bench_ops.py``.
+registers with the reduction loops outside, written back per tile as whole vectors (the output
+layout is the accumulator tile's), (batch, row, channel tile) in parallel. Measured per conv shape
+by ``scripts/bench_ops.py``, per layer of a model by ``scripts/profile_layers.py``.
 """
 from __future__ import annotations
 
@@ -170,8 +174,8 @@ def schedule_vnni_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
     the elementwise epilogue after it: bias, requantize, ReLU, residual add).
 
     The epilogue (``unpack`` included) is inlined into its last block, which is computed per tile
-    right after the tile's accumulators, while they are in registers: the int32 NCHW tensor of
-    the conv never exists. When the function has more than one output (FuseOps makes such), the
+    right after the tile's accumulators, while they are in registers: the conv's int32 tensor
+    never exists. When the function has more than one output (FuseOps makes such), the
     conv and ``unpack`` are scheduled alone and the other blocks get parallel outer loops."""
     sch = s_tir.Schedule(func)
     blocks = _root_blocks(sch)
