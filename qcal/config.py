@@ -86,6 +86,9 @@ class QuantOptions:
     # None: every op of QUANTIZABLE_OPS; else only these (a tuple, or "conv2d,dense" in a file).
     quantize_ops: tuple | None = None
     float_layers: tuple = ()  # layer (node) names kept float32, e.g. what layers.csv points at
+    # Per-layer bias precision over bias_mode / bias_bits: ((layer name, bits or "int32-acc"),
+    # ...); "conv1=8,conv2=int32-acc" in a file or on the CLI.
+    layer_bias_bits: tuple = ()
     # Evaluate the fake-quantized float model of the integer graph (numpy, no compile) instead of
     # the compiled integer model: fast exploration, its rows labelled "simulated".
     simulate: bool = False
@@ -99,6 +102,7 @@ class QuantOptions:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _name_list(name, value))
+        object.__setattr__(self, "layer_bias_bits", _layer_biases(self.layer_bias_bits))
         # YAML hands over whatever it parsed: "no" is a string, "99.9" too; only real numbers
         # and booleans pass, and numbers are kept as floats so that 99 and 99.0 are one variant
         for name in ("percentile", "global_scale"):
@@ -164,7 +168,11 @@ class QuantOptions:
         return cls(**values)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        for name in ADDED_LATER:  # at their default: the dict (and variant keys) of before
+            if values[name] == getattr(QuantOptions, name):
+                del values[name]
+        return values
 
     @property
     def label(self) -> str:
@@ -198,9 +206,20 @@ class QuantOptions:
             parts.append(f"ops:{'+'.join(self.quantize_ops)}")
         if self.float_layers:
             parts.append(f"float:{'+'.join(self.float_layers)}")
+        if self.layer_bias_bits:
+            parts.append("bias:" + "+".join(f"{name}={_bias_text(value)}"
+                                            for name, value in self.layer_bias_bits))
         if self.simulate:
             parts.append("simulated")
         return " ".join(parts)
+
+    def bias_for(self, layer: str) -> tuple:
+        """(bias_mode, bias_bits) of one layer: its ``layer_bias_bits`` entry, else the
+        network's."""
+        for name, value in self.layer_bias_bits:
+            if name == layer:
+                return ("int32-acc", self.bias_bits) if value == "int32-acc" else ("bits", value)
+        return self.bias_mode, self.bias_bits
 
     def layer_bits(self, position: str | None) -> tuple:
         """(weight bits, activation bits) of a layer; ``position`` 'first', 'last' or None."""
@@ -208,6 +227,11 @@ class QuantOptions:
         if override is not None:
             return override, override
         return self.weight_bits, self.activation_bits
+
+
+# Fields added after results folders existed: left out of ``to_dict`` at their default, so a
+# variant that does not use them keeps the key (and folder config) it had before.
+ADDED_LATER = ("layer_bias_bits",)
 
 
 def _name_list(what: str, value) -> tuple:
@@ -221,6 +245,51 @@ def _name_list(what: str, value) -> tuple:
     if any(not n for n in names):
         raise UsageProblem(f"{what}: an empty name in {value!r}")
     return tuple(dict.fromkeys(names))
+
+
+def _bias_value(value):
+    """A bias precision: 2..32 bits, or "int32-acc"; a UsageProblem naming it otherwise."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    elif isinstance(value, str):
+        value = value.strip()
+    if value == "int32-acc" or (_is_integer(value) and 2 <= value <= 32):
+        return value
+    raise UsageProblem(f"layer_bias_bits: a bias precision is 2..32 bits or 'int32-acc', not "
+                       f"{value!r}")
+
+
+def _bias_text(value) -> str:
+    return "b32acc" if value == "int32-acc" else f"b{value}"
+
+
+def _layer_biases(value) -> tuple:
+    """((layer, bits or "int32-acc"), ...) from "name=8,name=int32-acc", a {name: bits} mapping or
+    pairs; in the order given, a repeated layer refused."""
+    if isinstance(value, str):
+        items = []
+        for part in value.split(","):
+            name, sep, bits = part.partition("=")
+            if not sep or not name.strip():
+                raise UsageProblem(f"layer_bias_bits: {part.strip()!r} is not NAME=BITS "
+                                   "(e.g. conv1=8,conv2=int32-acc)")
+            items.append((name.strip(), bits))
+    elif isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        items = [tuple(p) for p in value]
+    else:
+        raise UsageProblem(f"layer_bias_bits must be NAME=BITS pairs, as a mapping or separated "
+                           f"by commas, not {value!r}")
+    pairs = []
+    for name, bits in items:
+        if not isinstance(name, str) or not name.strip():
+            raise UsageProblem(f"layer_bias_bits: {name!r} is not a layer name")
+        if any(name.strip() == seen for seen, _ in pairs):
+            raise UsageProblem(f"layer_bias_bits: layer '{name.strip()}' is given twice")
+        pairs.append((name.strip(), _bias_value(bits)))
+    return tuple(pairs)
 
 
 def levels_for_bits(bits: int) -> int:

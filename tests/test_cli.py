@@ -234,6 +234,10 @@ def test_calibration_file_of_another_model_is_refused(tmp_path):
     (["--quantize-ops", "conv2d,pool"], "quantize_ops: 'pool' is not an op qcal quantizes"),
     (["--float-layers", "conv2d_nosuch", "--num-images", 8],
      "float_layers: model 'fmnist_vgg11_bn' has no layer 'conv2d_nosuch'"),
+    (["--layer-bias-bits", "vgg0_conv0_fwd", "--num-images", 8],
+     "layer_bias_bits: 'vgg0_conv0_fwd' is not NAME=BITS"),
+    (["--layer-bias-bits", "conv2d_nosuch=8", "--num-images", 8],
+     "layer_bias_bits: model 'fmnist_vgg11_bn' has no layer 'conv2d_nosuch'"),
 ])
 def test_bad_quantization_options_exit_2(args, message):
     result = invoke("evaluate", "--model", "fmnist_vgg11_bn", *args)

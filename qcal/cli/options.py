@@ -86,7 +86,7 @@ def data_options(func):
 VARIANT_AXES = ("activation_method", "percentile", "global_scale", "weight_scale",
                 "weight_granularity", "bias", "skip_k_conv", "weight_bits", "activation_bits",
                 "first_layer_bits", "last_layer_bits", "rounding", "quantize_ops", "float_layers",
-                "bias_granularity", "bias_correction")
+                "bias_granularity", "bias_correction", "layer_bias_bits")
 FLAGS = ("skip_dense", "simulate", "equalize")  # on/off options that apply to every variant
 
 
@@ -146,6 +146,9 @@ def quant_options(func):
                           f"{', '.join(QUANTIZABLE_OPS)})."),
         click.option("--float-layers", multiple=True, metavar="NAME,NAME,...",
                      help="Keep these layers (names as in layers.csv) in float32."),
+        click.option("--layer-bias-bits", multiple=True, metavar="NAME=BITS,...",
+                     help="Bias precision of single layers over --bias-bits: bits (2..32) or "
+                          "int32-acc per layer, e.g. conv1=8,conv2=int32-acc."),
         click.option("--simulate", is_flag=True,
                      help="Evaluate the fake-quantized float model (numpy, nothing compiled) "
                           "instead of the integer one; rows are labelled 'simulated'."),

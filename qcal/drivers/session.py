@@ -132,14 +132,15 @@ class ModelSession:
         return self._calibration
 
     def check_variants(self, variants):
-        """Before any work starts: refuse a ``float_layers`` name the model lacks, a calibration
-        file for another model, or one lacking a method's statistics."""
+        """Before any work starts: refuse a ``float_layers`` or ``layer_bias_bits`` name the
+        model lacks, a calibration file for another model, one lacking a method's statistics,
+        or one given for an equalized variant."""
         from qcal.errors import UsageProblem
-        from qcal.quant.annotate import check_float_layers
+        from qcal.quant.annotate import check_layer_names
 
         for options in variants:
-            if options.float_layers:
-                check_float_layers(self.graph, options)
+            if options.float_layers or options.layer_bias_bits:
+                check_layer_names(self.graph, options)
         if self.calibration_file is None:
             return
         if any(options.equalize for options in variants):
@@ -229,16 +230,27 @@ class ModelSession:
         evaluation) images."""
         from qcal.eval.layer_errors import layer_errors
 
+        return layer_errors(qgraph, self.graph if graph is None else graph,
+                            self.fidelity_images(images))
+
+    def fidelity_images(self, count: int | None = None) -> np.ndarray:
+        """The first ``count`` (None: all) label-free fidelity images (crops), else evaluation
+        images, as one float32 NCHW array (from the batch cache)."""
         plan = self.plan(True)
         selection = plan.fidelity or plan.evaluation
-        batches, count = [], 0
+        batches, have = [], 0
         for x, _ in iter_batches(selection, self.batch_size, self.cache):  # cached batches
             batches.append(x)
-            count += len(x)
-            if count >= images:
+            have += len(x)
+            if count is not None and have >= count:
                 break
-        x = np.concatenate(batches)[:images]
-        return layer_errors(qgraph, self.graph if graph is None else graph, x)
+        return np.concatenate(batches)[:count]
+
+    def float_logits(self, x: np.ndarray) -> np.ndarray:
+        """float32's logits of images ``x`` (the model's own float runner: MXNet for Gluon)."""
+        runner = self.model.float_runner(self.graph, self.batch_size)
+        return np.concatenate([np.asarray(runner(x[i:i + self.batch_size]), np.float32)
+                               for i in range(0, len(x), self.batch_size)])
 
     def verification_images(self, count: int) -> np.ndarray:
         """The first ``count`` calibration images (evaluation images when there are none), as
