@@ -44,6 +44,8 @@ class ModelSession:
         self._plans = {}
         self._graph = None
         self._calibration = None
+        self._correction = {}
+        self._equalized = None
 
     # --- load -------------------------------------------------------------------------------
     @property
@@ -96,17 +98,19 @@ class ModelSession:
             self._graph = self.model.import_graph(self.input_shape)
         return self._graph
 
-    def collect_statistics(self, bins: int | None = None):
+    def collect_statistics(self, bins: int | None = None, graph=None):
         """One pass over the calibration images (MXNet's executor for Gluon models, the numpy
-        interpreter for ONNX): the statistics and the image selection they came from."""
+        interpreter for ONNX and for a transformed ``graph``): the statistics and the image
+        selection they came from."""
         from qcal.calib.collect import collect_statistics
         from qcal.config import DEFAULT_HISTOGRAM_BINS
 
+        graph = self.graph if graph is None else graph
         selection = self.plan(True).calibration
         batches = ImageBatches(selection, self.batch_size, self.cache)  # one batch in memory
         start = time.perf_counter()
-        source = self.model.tensor_source(self.graph)
-        statistics = collect_statistics(self.graph, batches, progress=not self.quiet,
+        source = self.model.tensor_source(graph)
+        statistics = collect_statistics(graph, batches, progress=not self.quiet,
                                         bins=DEFAULT_HISTOGRAM_BINS if bins is None else bins,
                                         source=source)
         log.info("%s: statistics over %d calibration images in %.1f s, reading the batches "
@@ -128,15 +132,21 @@ class ModelSession:
         return self._calibration
 
     def check_variants(self, variants):
-        """Before any work starts: refuse a ``float_layers`` name the model lacks, a calibration
-        file for another model, or one lacking a method's statistics."""
-        from qcal.quant.annotate import check_float_layers
+        """Before any work starts: refuse a ``float_layers`` or ``layer_bias_bits`` name the
+        model lacks, a calibration file for another model, one lacking a method's statistics,
+        or one given for an equalized variant."""
+        from qcal.errors import UsageProblem
+        from qcal.quant.annotate import check_layer_names
 
         for options in variants:
-            if options.float_layers:
-                check_float_layers(self.graph, options)
+            if options.float_layers or options.layer_bias_bits:
+                check_layer_names(self.graph, options)
         if self.calibration_file is None:
             return
+        if any(options.equalize for options in variants):
+            raise UsageProblem(f"equalize: {self.calibration_file} holds the ranges of the model "
+                               f"as imported; an equalized model needs its own statistics pass "
+                               f"(leave out --calib)")
         for options in variants:
             self.calibration.require(options.activation_method)
 
@@ -145,7 +155,46 @@ class ModelSession:
         """The integer graph for one variant (realized, not yet compiled)."""
         from qcal.quant import quantize
 
-        return quantize(self.graph, self.calibration.ranges, options)
+        graph, calibration = self.float_model(options)
+        correction = self.correction_data(options) if options.bias_correction != "none" else None
+        return quantize(graph, calibration.ranges, options, correction)
+
+    def float_model(self, options):
+        """(float graph, calibration) a variant quantizes: the imported graph, or with
+        ``equalize`` the cross-layer-equalized one (computed once) with its own statistics pass
+        (its tensors between equalized convs differ from the imported graph's)."""
+        if not options.equalize:
+            return self.graph, self.calibration
+        if self._equalized is None:
+            from qcal.calib.result import CalibrationResult
+            from qcal.quant.equalize import equalize
+
+            graph, pairs, sweeps = equalize(self.graph)
+            log.info("%s: cross-layer equalization of %d conv pairs in %d sweeps", self.model.name,
+                     len(pairs), sweeps)
+            calibration = CalibrationResult.from_statistics(self.collect_statistics(graph=graph)[0])
+            self._equalized = graph, calibration
+        return self._equalized
+
+    def correction_data(self, options):
+        """What empirical bias correction measures on (computed once per float model, see
+        ``float_model``): the first ``BIAS_CORRECTION_IMAGES`` calibration images and the float
+        model's per-channel output mean of every biased layer over them, read by the statistics
+        pass's tensor source."""
+        graph, key = self.float_model(options)[0], options.equalize
+        if key not in self._correction:
+            from qcal.config import BIAS_CORRECTION_IMAGES
+            from qcal.quant.bias_correction import CorrectionData, biased_layers, float_output_means
+
+            start = time.perf_counter()
+            images = self.verification_images(BIAS_CORRECTION_IMAGES)
+            batches = (images[i:i + self.batch_size] for i in range(0, len(images), self.batch_size))
+            means = float_output_means(graph, biased_layers(graph), batches,
+                                       self.model.tensor_source(graph))
+            self._correction[key] = CorrectionData(images, means, self.batch_size)
+            log.info("%s: float means for bias correction over %d calibration images in %.1f s",
+                     self.model.name, len(images), time.perf_counter() - start)
+        return self._correction[key]
 
     def _run_selections(self, runner, label, plan):
         """(evaluation result, fidelity result or None) for one runner."""
@@ -175,21 +224,33 @@ class ModelSession:
         result, fidelity = self._run_selections(runner, "float32", self.plan(False))
         return result, fidelity, {}
 
-    def layer_sqnr(self, qgraph, images: int = SQNR_IMAGES) -> list:
+    def layer_sqnr(self, qgraph, images: int = SQNR_IMAGES, graph=None) -> list:
         """Per quantized tensor: SQNR of the integer model's value against float (numpy
-        references), on the first ``images`` fidelity (else evaluation) images."""
+        references: ``graph``, else the imported one), on the first ``images`` fidelity (else
+        evaluation) images."""
         from qcal.eval.layer_errors import layer_errors
 
+        return layer_errors(qgraph, self.graph if graph is None else graph,
+                            self.fidelity_images(images))
+
+    def fidelity_images(self, count: int | None = None) -> np.ndarray:
+        """The first ``count`` (None: all) label-free fidelity images (crops), else evaluation
+        images, as one float32 NCHW array (from the batch cache)."""
         plan = self.plan(True)
         selection = plan.fidelity or plan.evaluation
-        batches, count = [], 0
+        batches, have = [], 0
         for x, _ in iter_batches(selection, self.batch_size, self.cache):  # cached batches
             batches.append(x)
-            count += len(x)
-            if count >= images:
+            have += len(x)
+            if count is not None and have >= count:
                 break
-        x = np.concatenate(batches)[:images]
-        return layer_errors(qgraph, self.graph, x)
+        return np.concatenate(batches)[:count]
+
+    def float_logits(self, x: np.ndarray) -> np.ndarray:
+        """float32's logits of images ``x`` (the model's own float runner: MXNet for Gluon)."""
+        runner = self.model.float_runner(self.graph, self.batch_size)
+        return np.concatenate([np.asarray(runner(x[i:i + self.batch_size]), np.float32)
+                               for i in range(0, len(x), self.batch_size)])
 
     def verification_images(self, count: int) -> np.ndarray:
         """The first ``count`` calibration images (evaluation images when there are none), as
@@ -239,7 +300,7 @@ class ModelSession:
             result, fidelity, extra = self._evaluate_simulated(qgraph, options)
         else:
             result, fidelity, extra = self._evaluate_compiled(qgraph, options)
-        layers = self.layer_sqnr(qgraph)
+        layers = self.layer_sqnr(qgraph, graph=self.float_model(options)[0])
         worst = min(layers, key=lambda r: r["sqnr_db"]) if layers else None
         extra.update({
             "counts": qgraph.counts(), "overflow_adjustments": [str(a) for a in qgraph.adjustments],
@@ -268,3 +329,5 @@ class ModelSession:
         self.model.close()
         self._graph = None
         self._calibration = None
+        self._correction = {}
+        self._equalized = None
