@@ -47,6 +47,7 @@ class ModelSession:
         self._graph = None
         self._calibration = None
         self._subset_calibrations = {}  # subset index -> CalibrationResult
+        self._correction = None
 
     # --- load -------------------------------------------------------------------------------
     @property
@@ -165,13 +166,14 @@ class ModelSession:
         return self._subset_calibrations[subset]
 
     def check_variants(self, variants):
-        """Before any work starts: refuse a ``float_layers`` name the model lacks, a calibration
-        file for another model, or one lacking a method's statistics."""
-        from qcal.quant.annotate import check_float_layers
+        """Before any work starts: refuse a ``float_layers`` or ``layer_bias_bits`` name the
+        model lacks, a calibration file for another model, or one lacking a method's
+        statistics."""
+        from qcal.quant.annotate import check_layer_names
 
         for options in variants:
-            if options.float_layers:
-                check_float_layers(self.graph, options)
+            if options.float_layers or options.layer_bias_bits:
+                check_layer_names(self.graph, options)
         if self.calibration_file is None:
             return
         for options in variants:
@@ -183,7 +185,26 @@ class ModelSession:
         calibration subset ``subset``."""
         from qcal.quant import quantize
 
-        return quantize(self.graph, self.calibration_for(subset).ranges, options)
+        correction = self.correction_data() if options.bias_correction != "none" else None
+        return quantize(self.graph, self.calibration_for(subset).ranges, options, correction)
+
+    def correction_data(self):
+        """What empirical bias correction measures on (computed once): the first
+        ``BIAS_CORRECTION_IMAGES`` calibration images and the float model's per-channel output
+        mean of every biased layer over them, read by the statistics pass's tensor source."""
+        if self._correction is None:
+            from qcal.config import BIAS_CORRECTION_IMAGES
+            from qcal.quant.bias_correction import CorrectionData, biased_layers, float_output_means
+
+            start = time.perf_counter()
+            images = self.verification_images(BIAS_CORRECTION_IMAGES)
+            batches = (images[i:i + self.batch_size] for i in range(0, len(images), self.batch_size))
+            means = float_output_means(self.graph, biased_layers(self.graph), batches,
+                                       self.model.tensor_source(self.graph))
+            self._correction = CorrectionData(images, means, self.batch_size)
+            log.info("%s: float means for bias correction over %d calibration images in %.1f s",
+                     self.model.name, len(images), time.perf_counter() - start)
+        return self._correction
 
     def _run_selections(self, runner, label, plan):
         """(evaluation result, fidelity result or None) for one runner."""
@@ -220,16 +241,26 @@ class ModelSession:
         references), on the first ``images`` fidelity (else evaluation) images."""
         from qcal.eval.layer_errors import layer_errors
 
+        return layer_errors(qgraph, self.graph, self.fidelity_images(images))
+
+    def fidelity_images(self, count: int | None = None) -> np.ndarray:
+        """The first ``count`` (None: all) label-free fidelity images (crops), else evaluation
+        images, as one float32 NCHW array (from the batch cache)."""
         plan = self.plan(True)
         selection = plan.fidelity or plan.evaluation
-        batches, count = [], 0
+        batches, have = [], 0
         for x, _ in iter_batches(selection, self.batch_size, self.cache):  # cached batches
             batches.append(x)
-            count += len(x)
-            if count >= images:
+            have += len(x)
+            if count is not None and have >= count:
                 break
-        x = np.concatenate(batches)[:images]
-        return layer_errors(qgraph, self.graph, x)
+        return np.concatenate(batches)[:count]
+
+    def float_logits(self, x: np.ndarray) -> np.ndarray:
+        """float32's logits of images ``x`` (the model's own float runner: MXNet for Gluon)."""
+        runner = self.model.float_runner(self.graph, self.batch_size)
+        return np.concatenate([np.asarray(runner(x[i:i + self.batch_size]), np.float32)
+                               for i in range(0, len(x), self.batch_size)])
 
     def verification_images(self, count: int) -> np.ndarray:
         """The first ``count`` calibration images (evaluation images when there are none), as
@@ -311,3 +342,4 @@ class ModelSession:
         self._graph = None
         self._calibration = None
         self._subset_calibrations = {}
+        self._correction = None
