@@ -41,6 +41,18 @@ def verify_images_option(from_config: bool = False):
              f"{default}). A mismatch names the first differing layer and stops with exit 1.")
 
 
+def calib_repeats_option(from_config: bool = False):
+    """``--calib-repeats R``: every int8 variant calibrated on R calibration subsets
+    (``qcal.data.calib_subsets``), the table showing the spread of its top-1 and agreement."""
+    return click.option(
+        "--calib-repeats", type=click.IntRange(min=1), default=None if from_config else 1,
+        help="Recalibrate every int8 variant on this many calibration subsets of the "
+             "calibration size (disjoint blocks of the calibration source when it has room, else "
+             "bootstrap draws; fresh crops with --calib-crops), one statistics pass each, and "
+             "report the spread (min/max/std) of top-1 and agreement across them (default "
+             + ("the config's calib_repeats, else 1)." if from_config else "1: off)."))
+
+
 def data_options(func):
     """The data options; the preprocessing ones (``PREPROCESSING_FIELDS``, shared with sweep files
     and preprocessing files) reach the command as one ``preprocessing`` dict of those given."""
