@@ -75,6 +75,9 @@ class QuantOptions:
     bias_bits: int = 16
     bias_granularity: str = BIAS_GRANULARITIES[0]
     bias_correction: str = BIAS_CORRECTIONS[0]
+    # Cross-layer equalization of consecutive convs before quantization (qcal.quant.equalize);
+    # the equalized model gets its own statistics pass.
+    equalize: bool = False
     skip_k_conv: int = 0
     skip_dense: bool = False
     weight_bits: int = 8
@@ -112,6 +115,8 @@ class QuantOptions:
             object.__setattr__(self, name, float(value))
         need(isinstance(self.skip_dense, bool),
              f"skip_dense must be true or false, not {self.skip_dense!r}")
+        need(isinstance(self.equalize, bool),
+             f"equalize must be true or false, not {self.equalize!r}")
         need(isinstance(self.simulate, bool),
              f"simulate must be true or false, not {self.simulate!r}")
 
@@ -185,6 +190,8 @@ class QuantOptions:
         if self.bias_granularity != BIAS_GRANULARITIES[0]:
             bias += f"/{self.bias_granularity}"
         parts = [f"a:{act}", f"w:{self.weight_scale}/{self.weight_granularity}", bias]
+        if self.equalize:
+            parts.append("cle")
         if self.bias_correction != BIAS_CORRECTIONS[0]:
             parts.append(f"bcorr-{self.bias_correction}")
         if self.skip_k_conv:

@@ -99,7 +99,7 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
                     "--calib-images", 64, "--batch-size", 32, "--method", "percentile",
                     "--percentile", 99.9, "--weight-scale", "max", "--weight-granularity",
                     "channel", "--bias-bits", 9, "--bias-granularity", "channel",
-                    "--bias-correction", "empirical",
+                    "--bias-correction", "empirical", "--equalize",
                     "--skip-k-conv", 1, "--skip-dense",
                     "--weight-bits", 6, "--activation-bits", 7, "--last-layer-bits", 8,
                     "--rounding", "nearest", "--quantize-ops", "conv2d,dense,relu,max_pool2d",
@@ -116,10 +116,10 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
         "weight_bits": 6,
         "activation_bits": 7, "first_layer_bits": None, "last_layer_bits": 8,
         "rounding": "nearest", "quantize_ops": ["conv2d", "dense", "relu", "max_pool2d"],
-        "float_layers": [], "simulate": False}
+        "float_layers": [], "simulate": False, "equalize": True}
     assert int8[0]["description"]["data"]["calibration"]["range"] == [0, 64]
     rows = {r["variant"]: r for r in summary["rows"]}
-    label = ("a:p99.9 w:max/channel b9/channel bcorr-empirical skip1 fdense W6A7 last8 round-nearest "
+    label = ("a:p99.9 w:max/channel b9/channel cle bcorr-empirical skip1 fdense W6A7 last8 round-nearest "
              "ops:conv2d+dense+relu+max_pool2d")
     assert set(rows) == {"float32", label}
     assert f"| fmnist_vgg11_bn | {label} | 64 | 2 |" in result.output

@@ -19,10 +19,14 @@ def _sweep(store, summary: dict, folder: Path) -> list:
     from qcal.report.sweep_tables import write_results
 
     keys = [v["key"] for v in summary["variants"]]
-    kept = {k: v for k, v in summary.items() if k not in ("rows", "variants")}
-    write_results(store, keys, folder, kept)
+    repeats = summary.get("calibration_subset_keys")
+    kept = {k: v for k, v in summary.items()
+            if k not in ("rows", "variants", "calibration_subset_keys")}
+    write_results(store, keys, folder, kept, repeats)
     written = ["results.csv", "results.md", "results.json", "predictions.csv", "top1.png"]
-    return written + (["layers.csv"] if (folder / "layers.csv").exists() else [])
+    return written + [name for name, made in (("layers.csv", (folder / "layers.csv").exists()),
+                                              ("calibration_subsets.csv", bool(repeats)))
+                      if made]
 
 
 def _sensitivity(store, summary: dict, folder: Path) -> list:

@@ -19,7 +19,8 @@ conv2d              strides (sh, sw), padding (t, l, b, r),     weight (O, I/gro
 dense               -  (input is 2-D: N x I)                    weight (O, I), bias (O,) [optional]
 channel_affine      -  (y = x * scale[c] + shift[c])            scale (C,), shift (C,)
 relu                -                                           -
-clip                a_min, a_max (ReLU6 is clip 0..6)           -
+clip                a_min, a_max (ReLU6 is clip 0..6), each a   -
+                    number or a tuple, one per channel
 max_pool2d          pool_size, strides, padding (t, l, b, r)    -
 avg_pool2d          pool_size, strides, padding,                -
                     count_include_pad (bool)

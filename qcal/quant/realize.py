@@ -316,8 +316,10 @@ def _flatten(ctx: _Realizer, node: Node) -> QNode:
 def _clip(ctx: _Realizer, node: Node) -> QNode:
     x = ctx.value[node.inputs[0]]
     limit = INT8_MAX if x.dtype == "int8" else INT32_MAX
-    lo = np.clip(np.rint(node.attrs["a_min"] / x.scale), -limit, limit).astype(np.int64)
-    hi = np.clip(np.rint(node.attrs["a_max"] / x.scale), -limit, limit).astype(np.int64)
+    # a bound is one number, or one per channel (an equalized ReLU6: qcal.quant.equalize)
+    a_min, a_max = (np.asarray(node.attrs[k], np.float64) for k in ("a_min", "a_max"))
+    lo = np.clip(np.rint(a_min / x.scale), -limit, limit).astype(np.int64)
+    hi = np.clip(np.rint(a_max / x.scale), -limit, limit).astype(np.int64)
     bound = np.minimum(x.bound, np.maximum(np.abs(lo), np.abs(hi)))
     return ctx.emit(QNode(node.name, "qclip", (x.name,), params={"lo": lo, "hi": hi},
                           dtype=x.dtype, shape=ctx.shapes[node.name], scale=x.scale, bound=bound))
