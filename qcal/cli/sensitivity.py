@@ -64,10 +64,11 @@ def sensitivity(config, models, params, pretrained, data, num_images, calib_data
     its bias; each scored label-free against float32 (logit SQNR, top-1 agreement, KL).
 
     Either a CONFIG (a sweep file: its models, data and variants, each variant one base
-    configuration, none meaning the defaults, and an optional `sensitivity:` section with images, modes, bias_bits, engine,
-    blocks) or --model with the quantization options (each combination one base). Writes
-    sensitivity.csv, a ranked sensitivity.md and sensitivity.png into the output folder;
-    resumable (run it again to finish), and `qcal report FOLDER` writes them again.
+    configuration, none meaning the defaults, and an optional `sensitivity:` section with
+    images, modes, bias_bits, engine, blocks) or --model with the quantization options (each
+    combination one base). Writes sensitivity.csv, a ranked sensitivity.md and
+    sensitivity.png into the output folder; resumable (run it again to finish), and
+    `qcal report FOLDER` writes them again.
     """
     from qcal.drivers.sensitivity import SensitivitySettings, run_sensitivity
     from qcal.drivers.validate import OutputPath, check_run, cli_locations

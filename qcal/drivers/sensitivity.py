@@ -157,27 +157,22 @@ def _top5(logits):
     return np.argsort(-logits, axis=1, kind="stable")[:, :5].astype(np.int32)
 
 
-def _measured(store, session, config, settings, options, what, run):
-    """(key, metrics) of one variant: from the store, or measured by ``run()`` and stored."""
+def _stored(store, session, config, settings, options):
+    """(key, description, metrics or None) of one variant: None when it is not stored yet."""
     description = _description(session, config, settings, options.to_dict())
     key = store.key(description)
     finished = store.load(key)
-    if finished is not None:
-        return key, finished[0]["metrics"], True
-    start = time.time()
-    metrics, logits = run()
-    record = {"model": session.display_name, "variant": what, "key": key,
-              "description": description, "metrics": metrics, "engine": settings.engine,
-              "wall_seconds": round(time.time() - start, 2)}
-    store.save(key, record, _top5(logits), np.full(len(logits), -1, np.int64))
-    return key, metrics, False
+    return key, description, None if finished is None else finished[0]["metrics"]
+
+
+GROUP = 16  # variants measured together (sharing what they compute alike), then stored
 
 
 def _run(config, settings, output, quiet, command, cache_dir, sessions) -> dict:
     from qcal.drivers.session import ModelSession
     from qcal.drivers.sweep import ResultStore, environment, setup_logging
     from qcal.eval.fidelity import compare
-    from qcal.eval.sensitivity import run_variant
+    from qcal.eval.sensitivity import every_layer_float, run_variants
     from qcal.report.sensitivity_tables import write_sensitivity
     from qcal.report.tables import progress_bar
 
@@ -201,34 +196,39 @@ def _run(config, settings, output, quiet, command, cache_dir, sessions) -> dict:
         for base in config.variants:
             made = probes(graph, base, units, settings.modes, settings.bias_bits)
             ranges = session.calibration.ranges  # one statistics pass for every variant
-
-            def runner(options):
-                def run():
-                    logits, exact = run_variant(graph, ranges, options, x, settings.engine,
-                                                session.batch_size)
-                    return {**compare(reference, logits), "exact": exact}, logits
-                return run
-
+            references = (base, every_layer_float(graph, base))
+            work = [(base, f"{base.label} (base)")] + [
+                (p.options, f"{p.mode}:{p.unit.name}") for p in made]
             log.info("%s %s: %d units, %d variants on %d %s (%s engine)", model, base.label,
-                     len(units), len(made) + 1, len(x), source, settings.engine)
-            reused = 0
-            with progress_bar(len(made) + 1, f"{session.model.name} sensitivity", quiet,
+                     len(units), len(work), len(x), source, settings.engine)
+            found = [_stored(store, session, config, settings, options) for options, _ in work]
+            todo = [i for i, (_, _, metrics) in enumerate(found) if metrics is None]
+            with progress_bar(len(work), f"{session.model.name} sensitivity", quiet,
                               unit="variant") as bar:
-                base_key, base_metrics, was = _measured(store, session, config, settings, base,
-                                                        f"{base.label} (base)", runner(base))
-                reused += was
-                bar.update(1)
-                entries = []
-                for probe in made:
+                bar.update(len(work) - len(todo))
+                for group in range(0, len(todo), GROUP):
                     stop_if_interrupted()
-                    key, metrics, was = _measured(
-                        store, session, config, settings, probe.options,
-                        f"{probe.mode}:{probe.unit.name}", runner(probe.options))
-                    reused += was
-                    entries.append({"key": key, "unit": probe.unit.name, "mode": probe.mode})
-                    bar.update(1)
+                    chosen = todo[group:group + GROUP]
+                    start = time.time()
+                    outcomes = run_variants(graph, ranges, [work[i][0] for i in chosen], x,
+                                            settings.engine, session.batch_size, references)
+                    seconds = round((time.time() - start) / len(chosen), 2)
+                    for i, (logits, exact) in zip(chosen, outcomes):
+                        key, description, _ = found[i]
+                        metrics = {**compare(reference, logits), "exact": exact}
+                        record = {"model": session.display_name, "variant": work[i][1],
+                                  "key": key, "description": description, "metrics": metrics,
+                                  "engine": settings.engine, "wall_seconds": seconds}
+                        store.save(key, record, _top5(logits),
+                                   np.full(len(logits), -1, np.int64))
+                        found[i] = (key, description, metrics)
+                    bar.update(len(chosen))
+            base_key, _, base_metrics = found[0]
             log.info("%s %s: base logit SQNR %.2f dB; %d of %d variants finished earlier",
-                     model, base.label, base_metrics["sqnr_logits_db"], reused, len(made) + 1)
+                     model, base.label, base_metrics["sqnr_logits_db"],
+                     len(work) - len(todo), len(work))
+            entries = [{"key": found[i][0], "unit": p.unit.name, "mode": p.mode}
+                       for i, p in enumerate(made, 1)]
             runs.append({
                 "model": session.display_name, "base": base.label, "base_options": base.to_dict(),
                 "engine": settings.engine, "images": len(x), "image_source": source,
