@@ -142,10 +142,14 @@ class ModelSession:
 
     # --- realize, compile, evaluate -----------------------------------------------------------
     def quantize(self, options):
-        """The integer graph for one variant (realized, not yet compiled)."""
+        """The integer graph for one variant (realized, not yet compiled); AdaRound learns from
+        the first ``adaround_images`` calibration images."""
         from qcal.quant import quantize
 
-        return quantize(self.graph, self.calibration.ranges, options)
+        images = None
+        if options.weight_rounding == "adaround":
+            images = self.calibration_images(options.adaround_images)
+        return quantize(self.graph, self.calibration.ranges, options, images)
 
     def _run_selections(self, runner, label, plan):
         """(evaluation result, fidelity result or None) for one runner."""
@@ -194,8 +198,15 @@ class ModelSession:
     def verification_images(self, count: int) -> np.ndarray:
         """The first ``count`` calibration images (evaluation images when there are none), as
         many as there are."""
+        return self.calibration_images(count, or_evaluation=True)
+
+    def calibration_images(self, count: int, or_evaluation: bool = False) -> np.ndarray:
+        """The first ``count`` calibration images, as many as there are (none: an empty array,
+        or with ``or_evaluation`` the first evaluation images)."""
         plan = self.plan(True)
-        selection = plan.calibration or plan.evaluation
+        selection = plan.calibration or (plan.evaluation if or_evaluation else None)
+        if selection is None:
+            return np.zeros((0,) + tuple(self.input_shape), np.float32)
         batches, have = [], 0
         for x, _ in iter_batches(selection, self.batch_size, self.cache):
             if have >= count:
@@ -248,6 +259,9 @@ class ModelSession:
             "layers": layers,
             "metrics": {"sqnr_min_db": worst["sqnr_db"] if worst else float("nan"),
                         "sqnr_min_layer": worst["tensor"] if worst else ""}})
+        if "adaround" in qgraph.notes:  # its time is a column of the tables
+            extra["adaround"] = qgraph.notes["adaround"]
+            extra["metrics"]["adaround_s"] = qgraph.notes["adaround"]["seconds"]
         return result, fidelity, extra
 
     def _evaluate_compiled(self, qgraph, options):
