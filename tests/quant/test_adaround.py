@@ -57,7 +57,7 @@ def learned_4bit():
     nearest = quantize(graph, ranges, QuantOptions(weight_bits=4))
     options = QuantOptions(weight_bits=4, weight_rounding="adaround",
                            adaround_iterations=ITERATIONS, adaround_images=64)
-    learned = quantize(graph, ranges, options, calib)
+    learned = quantize(graph, ranges, options, images=calib)
     return graph, calib, amax, nearest, learned, options
 
 
