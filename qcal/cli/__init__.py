@@ -45,10 +45,11 @@ def _register_commands():
     from qcal.cli.evaluate import evaluate
     from qcal.cli.models import models
     from qcal.cli.report import report
+    from qcal.cli.search import search
     from qcal.cli.sensitivity import sensitivity
     from qcal.cli.sweep import sweep
 
-    for command in (models, evaluate, calibrate, sweep, sensitivity, report):
+    for command in (models, evaluate, calibrate, sweep, search, sensitivity, report):
         main.add_command(command)
 
 
