@@ -14,10 +14,10 @@ from qcal.cli.params import translate_errors
               help="If a run is writing into the folder, wait for it instead of stopping.")
 @translate_errors
 def report(results_dir, wait):
-    """Write every table and plot of RESULTS_DIR (a sweep's or `qcal sensitivity`'s output
-    folder) again from its stored results, recomputing nothing: the sweep's tables and its
-    top-1 plot (one panel per model, float32 and its interval drawn across), the sensitivity
-    tables and bars."""
+    """Write every table and plot of RESULTS_DIR (the output folder of `qcal sweep`,
+    `qcal sensitivity` or `qcal search`) again from its stored results, recomputing nothing:
+    the sweep's tables and its top-1 plot (one panel per model, float32 and its interval drawn
+    across), the sensitivity tables and bars, the search's front."""
     from qcal.drivers.report import regenerate
 
     written = regenerate(results_dir, wait=wait)

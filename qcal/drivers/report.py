@@ -2,7 +2,9 @@
 results, nothing recomputed.
 
 A folder's summary file says what it holds and names every stored variant by key: a sweep's
-``results.json``, a sensitivity run's ``sensitivity.json``. Each summary has one writer in the
+``results.json``, a sensitivity run's ``sensitivity.json``, a search's ``search.json`` (its
+evaluated configurations, with their tests; the configurations themselves are the folder's
+sweep records). Each summary has one writer in the
 report stage, the same one the run itself called, so the files come out as the run wrote them
 (the same bytes for the tables, from the same records).
 """
@@ -36,8 +38,15 @@ def _sensitivity(store, summary: dict, folder: Path) -> list:
     return ["sensitivity.csv", "sensitivity.md", "sensitivity.png"]
 
 
+def _search(store, summary: dict, folder: Path) -> list:
+    from qcal.report.search_tables import write_search
+
+    table = write_search(summary, folder)
+    return ["search.csv", "search.md", "search.json"] + (["front.png"] if len(table) else [])
+
+
 # summary file -> its writer ``(store, summary, folder) -> names written``
-REPORTS = {"results.json": _sweep, "sensitivity.json": _sensitivity}
+REPORTS = {"results.json": _sweep, "sensitivity.json": _sensitivity, "search.json": _search}
 
 
 def regenerate(folder: Path, wait: bool = False) -> list:

@@ -276,7 +276,7 @@ SEMANTICS = ("integer", "simulated")
 def _step(semantics: str, qgraph: QGraph):
     if semantics == "integer":
         return lambda node, args: run_node(node, args)
-    return lambda node, args: _simulated_op(node, args, qgraph)
+    return lambda node, args: simulated_op(node, args, qgraph)
 
 
 def run_sharing_prefix(reference: QGraph, graphs: list, x: np.ndarray,
