@@ -31,7 +31,7 @@ class ModelSession:
     def __init__(self, model: str, data: dict | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  params=None, pretrained: bool = False, seed: int = 0, quiet: bool = False,
                  cache_dir: Path = DEFAULT_BATCH_CACHE_DIR, calibration_file=None,
-                 verify_images: int = DEFAULT_VERIFY_IMAGES):
+                 verify_images: int = DEFAULT_VERIFY_IMAGES, progress=None):
         self.model = resolve_model(model, params=params, pretrained=pretrained)
         self.spec = self.model.spec
         self.data = dict(data or {})
@@ -41,9 +41,12 @@ class ModelSession:
         self.cache = BatchCache(cache_dir)
         self.calibration_file = calibration_file
         self.verify_images = verify_images
+        # progress(total, description) -> a context manager with update(n); None: tqdm bars
+        self.progress = progress
         self._plans = {}
         self._graph = None
         self._calibration = None
+        self._given_evaluation = None
 
     # --- load -------------------------------------------------------------------------------
     @property
@@ -86,6 +89,8 @@ class ModelSession:
     def _progress(self, total, label):
         from qcal.report.tables import progress_bar
 
+        if self.progress is not None:
+            return self.progress(total, f"{self.model.name} {label}")
         return progress_bar(total, f"{self.model.name} {label}", self.quiet)
 
     # --- import, calibrate --------------------------------------------------------------------
@@ -127,6 +132,22 @@ class ModelSession:
                     self.collect_statistics()[0])
         return self._calibration
 
+    def save_statistics(self, path):
+        """One statistics pass, saved as a calibration file at ``path`` (for ``adopt_statistics``
+        elsewhere: a cluster ships the file, not the tensors)."""
+        from qcal.calib.result import CalibrationResult
+
+        CalibrationResult.from_statistics(self.collect_statistics()[0]).save(path)
+
+    def adopt_statistics(self, path):
+        """Take the ranges of a pass of this run that ``save_statistics`` wrote to ``path``. It
+        counts as this session's own pass (the records say so, as for ``calibration``)."""
+        from qcal.calib.result import CalibrationResult
+
+        calibration = CalibrationResult.load(path, graph=self.graph)
+        calibration.source = CalibrationResult.source  # not a file the user gave: the pass's
+        self._calibration = calibration
+
     def check_variants(self, variants):
         """Before any work starts: refuse a ``float_layers`` name the model lacks, a calibration
         file for another model, or one lacking a method's statistics."""
@@ -147,10 +168,14 @@ class ModelSession:
 
         return quantize(self.graph, self.calibration.ranges, options)
 
-    def _run_selections(self, runner, label, plan):
-        """(evaluation result, fidelity result or None) for one runner."""
+    def _run_selections(self, runner, label, plan, evaluation=None):
+        """(evaluation result, fidelity result or None) for one runner; ``evaluation``: the
+        evaluation images' result already computed (merged shards), not run again."""
         outcomes = []
-        for selection in (plan.evaluation, plan.fidelity):
+        for selection, given in ((plan.evaluation, evaluation), (plan.fidelity, None)):
+            if given is not None:
+                outcomes.append(given)
+                continue
             if selection is None:
                 outcomes.append(None)
                 continue
@@ -158,10 +183,17 @@ class ModelSession:
                 outcomes.append(evaluate(runner, selection, self.batch_size, self.cache, bar))
         return outcomes
 
-    def evaluate(self, options=None):
+    def evaluate(self, options=None, evaluation=None):
         """(EvalResult, fidelity EvalResult or None, extra record fields) for float32 (options
-        None) or one int8 variant. Nothing the run compiled outlives it."""
-        outcome = self._evaluate_float() if options is None else self._evaluate_int8(options)
+        None) or one int8 variant. Nothing the run compiled outlives it. ``evaluation``: the
+        result on the evaluation images, already computed by ``evaluate_range`` over its
+        shards and merged (``qcal.eval.evaluate.merge_results``): everything else is done here."""
+        self._given_evaluation = evaluation
+        try:
+            outcome = (self._evaluate_float() if options is None
+                       else self._evaluate_int8(options))
+        finally:
+            self._given_evaluation = None
         # TVMScript's ``T.prim_func`` keeps the ``inspect.stack()`` of its caller in a reference
         # cycle (tvm/tirx/script/parser/entry.py), and a frame keeps its locals after it returns:
         # a compile leaves every frame above it (the compiled model, the variant's results, the
@@ -172,8 +204,32 @@ class ModelSession:
 
     def _evaluate_float(self):
         runner = self.model.float_runner(self.graph, self.batch_size)
-        result, fidelity = self._run_selections(runner, "float32", self.plan(False))
+        result, fidelity = self._run_selections(runner, "float32", self.plan(False),
+                                                self._given_evaluation)
         return result, fidelity, {}
+
+    def evaluate_range(self, options, start: int, stop: int):
+        """The EvalResult of float32 (``options`` None) or one int8 variant on the evaluation
+        images [start, stop) of the fixed order only: one shard of a variant. Nothing is verified
+        here (``evaluate`` does that once for the variant)."""
+        from qcal.data.plan import Selection
+
+        evaluation = self.plan(options is not None).evaluation
+        selection = Selection(evaluation.source, evaluation.start + start, evaluation.start + stop)
+        label = "float32" if options is None else options.label
+        if options is None:
+            runner = self.model.float_runner(self.graph, self.batch_size)
+        elif options.simulate:
+            runner = self._simulated_runner(self.quantize(options))
+        else:
+            from qcal.backend.tvm.compile import compile_model
+
+            runner = compile_model(self.quantize(options), self.batch_size).run
+        with self._progress(len(selection), f"{label} [{start}:{stop}]") as bar:
+            result = evaluate(runner, selection, self.batch_size, self.cache, bar)
+        del runner
+        gc.collect()  # as in ``evaluate``: the compile's frames hold the model in a cycle
+        return result
 
     def layer_sqnr(self, qgraph, images: int = SQNR_IMAGES) -> list:
         """Per quantized tensor: SQNR of the integer model's value against float (numpy
@@ -220,15 +276,20 @@ class ModelSession:
                  else "not verified (verify_images 0)")
         return verification
 
-    def _evaluate_simulated(self, qgraph, options):
-        """The fake-quantized float model of ``qgraph`` (``run_simulated``): nothing compiled,
-        nothing to verify against."""
+    @staticmethod
+    def _simulated_runner(qgraph):
         from qcal.reference.int_interpreter import run_simulated
 
         def runner(x):
             return run_simulated(qgraph, x).astype(np.float32)
 
-        result, fidelity = self._run_selections(runner, options.label, self.plan(True))
+        return runner
+
+    def _evaluate_simulated(self, qgraph, options):
+        """The fake-quantized float model of ``qgraph`` (``run_simulated``): nothing compiled,
+        nothing to verify against."""
+        result, fidelity = self._run_selections(self._simulated_runner(qgraph), options.label,
+                                                self.plan(True), self._given_evaluation)
         return result, fidelity, {"simulated": True, "verify_images_asked": self.verify_images}
 
     def _evaluate_int8(self, options):
@@ -258,7 +319,8 @@ class ModelSession:
         stop_if_interrupted()  # a Ctrl-C inside TVM's build may not have stopped it
         compile_seconds = time.perf_counter() - start
         verification = self.verify(qgraph, compiled, options.label)
-        result, fidelity = self._run_selections(compiled.run, options.label, self.plan(True))
+        result, fidelity = self._run_selections(compiled.run, options.label, self.plan(True),
+                                                self._given_evaluation)
         extra = {"compile_seconds": round(compile_seconds, 2), **verification.record(),
                  "verify_images_asked": self.verify_images,
                  "compile_cache_hit": compiled.build.cache_hit}

@@ -35,6 +35,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -71,6 +72,7 @@ def environment() -> dict:
 
 RECORD_KIND = "sweep variant record"
 ARRAYS_KIND = "sweep variant arrays"
+PART_KIND = "sweep variant shard"
 RERUN = "running the variant again"
 
 
@@ -122,6 +124,31 @@ class ResultStore:
         write_checked(self.variants / f"{key}.json", (json.dumps(record, indent=2) + "\n").encode(),
                       RECORD_KIND, key)
 
+    # shards: one image range of a variant's evaluation, evaluated by a cluster worker
+    def part_path(self, key: str, start: int, stop: int) -> Path:
+        return self.variants / f"{key}.part-{start}-{stop}.npz"
+
+    def save_part(self, key: str, start: int, stop: int, result):
+        with checked_open(self.part_path(key, start, stop), PART_KIND, f"{key}:{start}:{stop}") as f:
+            np.savez(f, predictions=result.predictions, labels=result.labels,
+                     logits=result.logits, seconds=np.float64(result.seconds))
+
+    def load_part(self, key: str, start: int, stop: int):
+        """The EvalResult of a finished shard; None when absent or damaged (then removed)."""
+        from qcal.eval.evaluate import merge_results
+
+        arrays = load_checked(self.part_path(key, start, stop), PART_KIND, f"{key}:{start}:{stop}",
+                              _parse_npz, RERUN)
+        if arrays is None:
+            return None
+        part = SimpleNamespace(predictions=arrays["predictions"], labels=arrays["labels"],
+                               logits=arrays["logits"], seconds=float(arrays["seconds"]))
+        return merge_results([part])
+
+    def remove_parts(self, key: str):
+        for path in self.variants.glob(f"{key}.part-*.npz"):
+            path.unlink(missing_ok=True)
+
 
 def _fidelity_metrics(store, baseline_key, result, fidelity_result) -> dict:
     """Label-free agreement with the float32 run of the same images."""
@@ -134,6 +161,87 @@ def _fidelity_metrics(store, baseline_key, result, fidelity_result) -> dict:
     return metrics
 
 
+# --- one variant: the unit of work, run here or on a cluster worker ---------------------------------
+
+def open_session(config, model: str, quiet: bool = False, cache_dir: Path | None = None):
+    from qcal.drivers.session import ModelSession
+
+    return ModelSession(model, config.data, config.batch_size, params=config.params,
+                        pretrained=config.pretrained, seed=config.seed, quiet=quiet,
+                        cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
+                        calibration_file=config.calibration_file,
+                        verify_images=config.verify_images)
+
+
+def sweep_variants(config) -> list:
+    """Each model's variants in table order: None (float32) first when evaluated."""
+    return ([None] if config.float32 else []) + list(config.variants)
+
+
+def variant_label(options) -> str:
+    return "float32" if options is None else options.label
+
+
+def variant_key(store, session, config, options) -> tuple:
+    """(key, description): everything the variant's result depends on, and its hash."""
+    description = {
+        "model": session.identity, "variant": None if options is None else options.to_dict(),
+        "data": session.plan_description(needs_calibration=options is not None),
+        "batch_size": config.batch_size, "qcal": __version__,
+        "calibration_file": (file_digest(config.calibration_file, "calibration file")
+                             if config.calibration_file else None),
+    }
+    return store.key(description), description
+
+
+def reusable(store, key: str, config, model: str, options):
+    """The finished variant ``key`` in ``store`` if it can be reused (logged either way), else
+    None: not finished, damaged, or verified on fewer images than ``config`` asks."""
+    label = variant_label(options)
+    finished = store.load(key)
+    if finished is not None and options is not None \
+            and finished[0].get("verify_images_asked", 0) < config.verify_images:
+        log.info("%s %s: finished earlier but verified on %d image(s), fewer than %d; "
+                 "running again", model, label, finished[0].get("verified_images", 0),
+                 config.verify_images)
+        finished = None
+    if finished is not None:
+        log.info("%s %s: finished earlier, reusing %s", model, label, key)
+    return finished
+
+
+def run_variant(session, store, key: str, description: dict, options, baseline_key,
+                evaluation=None) -> dict:
+    """Evaluate one variant (float32 when ``options`` is None) and save it into ``store``;
+    int8 variants are compared with the finished float32 variant ``baseline_key`` (if any).
+    ``evaluation``: its result on the evaluation images, merged from shards run elsewhere."""
+    from qcal.report import tables as report
+
+    model, label = session.model.name, variant_label(options)
+    log.info("%s %s: running", model, label)
+    t0 = time.time()
+    try:
+        result, fidelity_result, extra = session.evaluate(options, evaluation)
+    except VerificationFailed as exc:  # the CLI prints it; the log keeps it too
+        log.info("stopped, not evaluated: %s", exc)
+        raise
+    if options is not None and baseline_key is not None:
+        extra["metrics"] = {**_fidelity_metrics(store, baseline_key, result, fidelity_result),
+                            **extra.get("metrics", {})}
+    record = {**report.result_row(session.display_name, label, result),
+              "key": key, "description": description,
+              "wall_seconds": round(time.time() - t0, 2), **extra}
+    arrays = {}
+    if options is None:  # int8 variants are compared against these
+        arrays["logits"] = result.logits
+        if fidelity_result is not None:
+            arrays["fidelity_logits"] = fidelity_result.logits
+    store.save(key, record, result.predictions, result.labels, **arrays)
+    log.info("%s %s: top-1 %.2f %%, top-5 %.2f %% on %d images (%.1f s)", model, label,
+             100 * result.top1, 100 * result.top5, result.images, record["wall_seconds"])
+    return record
+
+
 # --- which config a results folder belongs to -----------------------------------------------------
 
 CONFIG_NAME = "config.json"
@@ -141,7 +249,7 @@ CONFIG_FORMAT = "qcal-folder-config/1"
 # what a sweep writes into its folder: anything else there is someone else's
 FOLDER_FILES = frozenset({LOCK_NAME, CONFIG_NAME, "sweep.log", "variants", "results.csv",
                           "results.md", "results.json", "predictions.csv", "layers.csv",
-                          "top1.png"})
+                          "top1.png", "statistics", "workers"})
 # a config may add these and still resume in a folder (everything else must be equal)
 GROWING_KEYS = ("models", "variants", "float32")
 
@@ -252,24 +360,24 @@ def _setup_logging(output: Path, quiet: bool):
 
 def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
               cache_dir: Path | None = None, wait: bool = False, force: bool = False,
-              sessions: dict | None = None):
+              sessions: dict | None = None, cluster=None):
     """Run (or finish) every variant of ``config``; returns the table written to results.md.
 
     One sweep writes into ``output`` at a time: while another holds it, this one raises
     ``FolderBusy`` (naming the folder and the other's pid), or waits for it when ``wait``.
     ``output`` belongs to one config (``claim_folder``; ``force`` hands it to this one).
-    ``sessions``: {model: ModelSession} already checked (``qcal.drivers.validate``), reused."""
+    ``sessions``: {model: ModelSession} already checked (``qcal.drivers.validate``), reused.
+    ``cluster``: a ``qcal.drivers.cluster.ClusterSweep`` to run the variants as tasks on its
+    Dask cluster instead of one after the other here (the same records, the same tables)."""
     output = Path(output)
     with folder_lock(output, wait=wait):
         claim_folder(output, config, force, command)
-        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {})
+        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {}, cluster)
 
 
 def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path | None,
-               sessions: dict):
-    from qcal.drivers.session import ModelSession
+               sessions: dict, cluster):
     from qcal.report import sweep_tables as sweep_report
-    from qcal.report import tables as report
 
     _setup_logging(output, quiet)
     store = ResultStore(output)
@@ -278,59 +386,17 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
     entries = []
     log.info("sweep %s started: %d model(s) x %d variant(s), command: %s", config.name,
              len(config.models), len(config.variants) + int(config.float32), command)
-    for model in config.models:
-        session = sessions.get(model) or ModelSession(
-            model, config.data, config.batch_size, params=config.params,
-            pretrained=config.pretrained, seed=config.seed, quiet=quiet,
-            cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
-            calibration_file=config.calibration_file, verify_images=config.verify_images)
+    if cluster is not None:  # the same work as tasks on a Dask cluster (qcal.drivers.cluster)
+        entries = cluster.run(config, store, sessions, cache_dir)
+    for model in config.models if cluster is None else ():
+        session = sessions.get(model) or open_session(config, model, quiet, cache_dir)
         session.check_variants(config.variants)
-        variants = ([None] if config.float32 else []) + list(config.variants)
         baseline_key = None
-        for options in variants:
+        for options in sweep_variants(config):
             stop_if_interrupted()
-            label = "float32" if options is None else options.label
-            description = {
-                "model": session.identity, "variant": None if options is None else options.to_dict(),
-                "data": session.plan_description(needs_calibration=options is not None),
-                "batch_size": config.batch_size, "qcal": __version__,
-                "calibration_file": (file_digest(config.calibration_file, "calibration file")
-                                     if config.calibration_file else None),
-            }
-            key = store.key(description)
-            finished = store.load(key)
-            if finished is not None and options is not None \
-                    and finished[0].get("verify_images_asked", 0) < config.verify_images:
-                log.info("%s %s: finished earlier but verified on %d image(s), fewer than %d; "
-                         "running again", model, label, finished[0].get("verified_images", 0),
-                         config.verify_images)
-                finished = None
-            if finished is not None:
-                log.info("%s %s: finished earlier, reusing %s", model, label, key)
-            else:
-                log.info("%s %s: running", model, label)
-                t0 = time.time()
-                try:
-                    result, fidelity_result, extra = session.evaluate(options)
-                except VerificationFailed as exc:  # the CLI prints it; the log keeps it too
-                    log.info("stopped, not evaluated: %s", exc)
-                    raise
-                if options is not None and baseline_key is not None:
-                    extra["metrics"] = {**_fidelity_metrics(store, baseline_key, result,
-                                                            fidelity_result),
-                                        **extra.get("metrics", {})}
-                record = {**report.result_row(session.display_name, label, result),
-                          "key": key, "description": description,
-                          "wall_seconds": round(time.time() - t0, 2), **extra}
-                arrays = {}
-                if options is None:  # int8 variants are compared against these
-                    arrays["logits"] = result.logits
-                    if fidelity_result is not None:
-                        arrays["fidelity_logits"] = fidelity_result.logits
-                store.save(key, record, result.predictions, result.labels, **arrays)
-                log.info("%s %s: top-1 %.2f %%, top-5 %.2f %% on %d images (%.1f s)", model, label,
-                         100 * result.top1, 100 * result.top5, result.images,
-                         record["wall_seconds"])
+            key, description = variant_key(store, session, config, options)
+            if reusable(store, key, config, model, options) is None:
+                run_variant(session, store, key, description, options, baseline_key)
             entries.append(key)
             if options is None:
                 baseline_key = key
