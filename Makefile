@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo lite0 test lint install clean train-embedded vendor-data
+.PHONY: demo lite0 test lint install clean train-embedded vendor-data ort-venv
 
 demo: $(STAMP)  ## main job on the embedded default: float32 and int8 variants of the embedded models
 	$(BIN)/qcal sweep configs/fmnist-embedded.yaml
@@ -28,6 +28,16 @@ $(STAMP): setup.cfg constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]' flake8 isort==9.0.2
 	touch $(STAMP)
 
+# ONNX Runtime as a speed peer (scripts/bench.py --ort-python $(ORT_VENV)/bin/python): its own
+# environment, since its quantizer needs a newer onnx than MXNet's exporter (requirements-ort.txt).
+ORT_VENV ?= .venv-ort
+ort-venv: $(ORT_VENV)/.installed
+$(ORT_VENV)/.installed: requirements-ort.txt
+	$(PYTHON) -m venv $(ORT_VENV)
+	$(ORT_VENV)/bin/pip install -q --upgrade pip
+	$(ORT_VENV)/bin/pip install -q --no-deps -r requirements-ort.txt
+	touch $@
+
 # One-offs that produced the shipped files (see their PROVENANCE.md); tests and the demo never run them.
 vendor-data: $(STAMP)
 	$(BIN)/python scripts/vendor_fmnist.py
@@ -37,4 +47,4 @@ train-embedded: $(STAMP)
 		$(BIN)/python scripts/train_fmnist.py --model $$m --epochs 4 --seed 0 || exit 1; done
 
 clean:
-	rm -rf $(VENV) .qcal-cache results build *.egg-info
+	rm -rf $(VENV) $(ORT_VENV) .qcal-cache results build *.egg-info

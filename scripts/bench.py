@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 IMAGENET_MODELS = ("resnet18_v1", "resnet50_v1")
+# ONNX models benchmarked from their file (no MXNet peer; ONNX Runtime's with --ort-python)
+ONNX_MODELS = {"efficientnet-lite0": REPO / "weights" / "efficientnet-lite0" / "efficientnet_lite0.onnx"}
 EMBEDDED_MODELS = ("fmnist_resnet20_v1", "fmnist_resnet56_v2", "fmnist_vgg11_bn")
 
 # the performance floors (docs/benchmarks.md): (what, model, batch)
@@ -65,6 +68,7 @@ FLOOR_STATS_RATIO = 1.5  # statistics pass time over the float forward time
 FLOOR_COLD_S = 60.0  # resnet50_v1 compile, empty cache
 FLOOR_WARM_S = 2.0  # resnet50_v1 compile, cache hit
 FLOOR_MODEL = "resnet50_v1"
+FLOOR_LITE0_MODEL = "efficientnet-lite0"  # qcal int8 / ONNX Runtime int8 at batch 16 >= 1.0x
 FLOOR_SWEEP_PEAK_MB = 4096.0  # the Lite0 sweep's peak resident memory (scripts/sweep_memory.py)
 
 
@@ -90,19 +94,26 @@ def alternating_rates(runners: dict, x, rounds: int, round_seconds: float) -> di
     calls = {}
     for name, run in runners.items():
         run(x)  # warm-up: first-call allocations, thread pools
-        start = time.perf_counter()
-        run(x)
-        calls[name] = max(1, round(round_seconds / max(time.perf_counter() - start, 1e-6)))
+        calls[name] = max(1, round(round_seconds / max(timed_calls(run, x, 1), 1e-6)))
     per_call = {name: [] for name in runners}
     for _ in range(rounds):
         for name, run in runners.items():
-            start = time.perf_counter()
-            for _ in range(calls[name]):
-                run(x)
-            per_call[name].append((time.perf_counter() - start) / calls[name])
+            per_call[name].append(timed_calls(run, x, calls[name]) / calls[name])
     return {name: {"images_per_s": len(x) / statistics.median(times),
                    "best_images_per_s": len(x) / min(times), "calls_per_round": calls[name]}
             for name, times in per_call.items()}
+
+
+def timed_calls(run, x, calls: int) -> float:
+    """Seconds of ``calls`` calls of ``run(x)``; a runner in another process (ONNX Runtime's,
+    ``scripts/ort_peer.py``) times its own loop, so the pipe is never in the figure."""
+    own_timer = getattr(run, "timed_calls", None)
+    if own_timer is not None:
+        return own_timer(x, calls)
+    start = time.perf_counter()
+    for _ in range(calls):
+        run(x)
+    return time.perf_counter() - start
 
 
 def load_net(name: str, seed: int):
@@ -207,6 +218,7 @@ def bench_model(args) -> dict:
         start = time.perf_counter()
         mxnet_int8 = mxnet_int8_runner(args.model, args.seed, images)
         out["mxnet_quantize_s"] = time.perf_counter() - start
+    ort = start_ort_peers(args, out, lambda work: gluon_onnx_file(args, spec, work), images)
     out["batches"] = {}
     host = tvm_adapter.host_target()
     out["int8_conv_kernel"] = "vnni" if vnni.vnni_lanes(host) else "int16 pairs"
@@ -230,6 +242,7 @@ def bench_model(args) -> dict:
                 log(f"{args.model}: batch {batch}: compile without VNNI")
                 runners["tvm_int8_no_vnni"] = compile_model(
                     qgraph, batch, target=vnni.without_vnni(host), cache_dir=cache).run
+            runners.update(ort.runners() if ort else {})
             x = rng.randn(batch, *spec.input_shape).astype(np.float32)
             rates = alternating_rates(runners, x, args.rounds, args.round_seconds)
             agree = float(np.mean(warm.run(images).argmax(1) == mxnet(images).argmax(1)))
@@ -237,7 +250,105 @@ def bench_model(args) -> dict:
                 "cold_compile_s": cold_s, "warm_compile_s": warm_s,
                 "library_mb": warm.build.library.stat().st_size / 2 ** 20,
                 **rates, "top1_agreement": agree}
+            if ort and batch == args.batches[-1]:
+                out["ort"]["fp32_max_abs_vs_reference"] = float(np.abs(
+                    ort.runners()["ort_fp32"](images) - mxnet(images)).max())
             out["rss_mb"][f"batch {batch}"] = peak_rss_mb()
+    stop_ort_peers(ort)
+    return out
+
+
+# --- peers from ONNX: ONNX Runtime (scripts/ort_peer.py) and ONNX models of their own -------------
+
+def gluon_onnx_file(args, spec, work: Path) -> Path:
+    """The benchmarked Gluon network (same seed, so the same weights) exported to ONNX."""
+    from ort_peer import export_gluon_onnx
+
+    log(f"{args.model}: export to ONNX (mxnet.onnx.export_model)")
+    return export_gluon_onnx(load_net(args.model, args.seed).net, spec.input_shape,
+                             work / args.model)
+
+
+def start_ort_peers(args, out: dict, onnx_file, images):
+    """ONNX Runtime fp32 and int8 of the model, calibrated on ``images`` (None without
+    ``--ort-python``); ``onnx_file(work)`` gives the model's ONNX file."""
+    if not args.ort_python:
+        return None
+    from ort_peer import OrtPeers
+
+    work = Path(tempfile.mkdtemp(prefix="qcal-bench-ort-"))
+    path = onnx_file(work)
+    log(f"{args.model}: ONNX Runtime fp32 and int8 (quantize_static, QDQ, per-channel, MinMax)")
+    peers = OrtPeers(args.ort_python, path, images, args.threads, work)
+    out["ort"] = dict(peers.info)
+    return peers
+
+
+def stop_ort_peers(peers):
+    if peers is not None:
+        peers.close()
+        shutil.rmtree(peers.work, ignore_errors=True)
+
+
+def bench_onnx_model(args) -> dict:
+    """An ONNX model of ``ONNX_MODELS``: qcal int8 (statistics on the numpy interpreter, as qcal
+    runs ONNX models) against ONNX Runtime's fp32 and int8 of the same file in the same rounds;
+    top-1 agreement against ONNX Runtime fp32 (against qcal's float32 through TVM without it)."""
+    import numpy as np
+
+    from qcal.backend.tvm.compile import compile_model
+    from qcal.backend.tvm.emit import tvm
+    from qcal.calib.collect import collect_statistics
+    from qcal.calib.result import CalibrationResult
+    from qcal.config import QuantOptions
+    from qcal.families import resolve_model
+    from qcal.quant import quantize
+
+    out = {"model": args.model, "threads": {"tvm": tvm.get_global_func("runtime.NumThreads")(),
+                                            "omp_env": os.environ.get("OMP_NUM_THREADS")}}
+    path = ONNX_MODELS[args.model]
+    model = resolve_model(str(path))
+    shape = model.input_shape(model.preprocessing())
+    graph = model.import_graph(shape)
+    out["rss_mb"] = {"import": peak_rss_mb()}
+    rng = np.random.RandomState(args.seed)
+    images = rng.randn(args.stat_images, *shape).astype(np.float32)
+    batches = [images[i:i + args.stat_batch] for i in range(0, len(images), args.stat_batch)]
+    source = model.tensor_source(graph)
+    out["statistics_engine"] = source.description
+    log(f"{args.model}: statistics pass over {len(images)} images")
+    start = time.perf_counter()
+    stats = collect_statistics(graph, batches, progress=False, source=source)
+    out["statistics"] = {"images": len(images), "batch": args.stat_batch, "rounds": 1,
+                         "interpreter_statistics_pass_s": time.perf_counter() - start}
+    out["rss_mb"]["statistics"] = peak_rss_mb()
+    options = QuantOptions()
+    qgraph = quantize(graph, CalibrationResult.from_statistics(stats, options).ranges, options)
+    out["options"] = options.label
+    ort = start_ort_peers(args, out, lambda work: path, images)
+    out["batches"] = {}
+    with tempfile.TemporaryDirectory(prefix="qcal-bench-cache-") as cache:
+        for batch in args.batches:
+            log(f"{args.model}: batch {batch}: cold compile")
+            start = time.perf_counter()
+            cold = compile_model(qgraph, batch, cache_dir=cache)
+            cold_s = time.perf_counter() - start
+            start = time.perf_counter()
+            warm = compile_model(qgraph, batch, cache_dir=cache)
+            warm_s = time.perf_counter() - start
+            del cold
+            runners = {"tvm_int8": warm.run, **(ort.runners() if ort else {})}
+            reference = runners["ort_fp32"] if ort else model.float_runner(graph, len(images))
+            log(f"{args.model}: batch {batch}: timing")
+            x = rng.randn(batch, *shape).astype(np.float32)
+            rates = alternating_rates(runners, x, args.rounds, args.round_seconds)
+            agree = float(np.mean(warm.run(images).argmax(1) == reference(images).argmax(1)))
+            out["batches"][str(batch)] = {
+                "cold_compile_s": cold_s, "warm_compile_s": warm_s,
+                "library_mb": warm.build.library.stat().st_size / 2 ** 20,
+                **rates, "top1_agreement": agree}
+            out["rss_mb"][f"batch {batch}"] = peak_rss_mb()
+    stop_ort_peers(ort)
     return out
 
 
@@ -283,6 +394,7 @@ def run_child(model: str, args) -> dict:
                "--min-stat-seconds", str(args.min_stat_seconds)]
         cmd += ["--no-kernel-compare"] if args.no_kernel_compare else []
         cmd += ["--no-mxnet-int8"] if args.no_mxnet_int8 else []
+        cmd += ["--ort-python", args.ort_python] if args.ort_python else []
         start = time.perf_counter()
         done = subprocess.run(cmd, env=env, cwd=REPO)
         if done.returncode != 0:
@@ -313,23 +425,25 @@ def report(results: list, notes: list, meta: dict) -> list:
     rows = []
     for r in ok:
         for batch, b in r["batches"].items():
-            m, t = b["mxnet_fp32"], b["tvm_int8"]
-            p, q = b.get("tvm_int8_no_vnni"), b.get("mxnet_int8")
-            rows.append([r["model"], batch, rate(m), rate(q) if q else "-", rate(t),
-                         f"{t['images_per_s'] / m['images_per_s']:.2f}x",
-                         f"{t['images_per_s'] / q['images_per_s']:.2f}x" if q else "-",
-                         rate(p) if p else "-",
+            t, p = b["tvm_int8"], b.get("tvm_int8_no_vnni")
+            peer, peer_name = best_int8_peer(b)
+            rows.append([r["model"], batch, *[rate(b[k]) if k in b else "-" for k in PEER_COLUMNS],
+                         rate(t), f"{t['images_per_s'] / peer['images_per_s']:.2f}x ({peer_name})"
+                         if peer else "-", rate(p) if p else "-",
                          f"{t['images_per_s'] / p['images_per_s']:.2f}x" if p else "-",
                          f"{b['top1_agreement']:.0%}"])
-    lines += table(["model", "batch", "MXNet fp32", "MXNet int8 (oneDNN)", "qcal int8 (TVM)",
-                    "int8 / fp32", "qcal int8 / MXNet int8", "qcal int8 without VNNI",
+    lines += table(["model", "batch", *PEER_COLUMNS.values(), "qcal int8 (TVM)",
+                    "qcal int8 / best int8 peer", "qcal int8 without VNNI",
                     "int8 / without VNNI", "top-1 agree"], rows)
+    lines += ort_notes(ok)
     lines += ["", "Statistics pass against a plain float forward on the same images (seconds, "
               "best of the rounds). qcal's pass for Gluon models reads the tensors from MXNet's "
               "executor; the numpy-interpreter pass is what ONNX models get", ""]
     rows = []
     for r in ok:
         s = r["statistics"]
+        if "mxnet_forward_s" not in s:  # an ONNX model of bench_onnx_model: no MXNet forward
+            continue
         rows.append([r["model"], f"{s['images']} (batch {s['batch']})", s["rounds"],
                      f"{s['mxnet_forward_s']:.3f}", f"{s['statistics_pass_s']:.3f}",
                      f"{s['statistics_pass_s'] / s['mxnet_forward_s']:.2f}x",
@@ -357,6 +471,34 @@ def report(results: list, notes: list, meta: dict) -> list:
     return lines
 
 
+# the peers' columns of the throughput table, in order: runner name -> header
+PEER_COLUMNS = {"mxnet_fp32": "MXNet fp32", "mxnet_int8": "MXNet int8 (oneDNN)",
+                "ort_fp32": "ORT fp32", "ort_int8": "ORT int8 (QDQ)"}
+INT8_PEERS = {"mxnet_int8": "MXNet int8", "ort_int8": "ORT int8"}
+
+
+def best_int8_peer(batch_figures: dict) -> tuple:
+    """(figures, name) of the fastest int8 peer timed for a batch; (None, None) when none was."""
+    timed = [(batch_figures[k], name) for k, name in INT8_PEERS.items() if k in batch_figures]
+    return max(timed, key=lambda p: p[0]["images_per_s"]) if timed else (None, None)
+
+
+def ort_notes(results: list) -> list:
+    lines = []
+    for r in results:
+        if "ort" in r:
+            o = r["ort"]
+            check = (f"; its fp32 output within {o['fp32_max_abs_vs_reference']:.1e} of MXNet's"
+                     if "fp32_max_abs_vs_reference" in o else "")
+            lines.append(f"{r['model']}: ONNX Runtime {o['onnxruntime']} (onnx {o['onnx']}), "
+                         f"int8 quantized in {o['quantize_s']:.1f} s{check}")
+    agree = [r["model"] for r in results if r["model"] in ONNX_MODELS]
+    if agree:
+        lines.append(f"top-1 agree: qcal int8 against ONNX Runtime fp32 for {', '.join(agree)} "
+                     "(random inputs), against MXNet fp32 for the others")
+    return [""] + lines if lines else []
+
+
 def floors(results: list) -> list:
     def verdict(value, limit, higher_is_better):
         good = value >= limit if higher_is_better else value <= limit
@@ -377,8 +519,16 @@ def floors(results: list) -> list:
                      f"(floor <= {FLOOR_COLD_S:.0f} s): {verdict(worst_cold, FLOOR_COLD_S, False)}")
         lines.append(f"- {FLOOR_MODEL} warm compile, slowest batch size: {worst_warm:.2f} s "
                      f"(floor <= {FLOOR_WARM_S:.0f} s): {verdict(worst_warm, FLOOR_WARM_S, False)}")
+    lite0 = by_name.get(FLOOR_LITE0_MODEL)
+    if lite0 and "ort_int8" in lite0["batches"].get("16", {}):
+        b = lite0["batches"]["16"]
+        ratio = b["tvm_int8"]["images_per_s"] / b["ort_int8"]["images_per_s"]
+        lines.append(f"- {FLOOR_LITE0_MODEL} b16 qcal int8 / ONNX Runtime int8 images/s: "
+                     f"{ratio:.2f}x (floor >= 1.0x): {verdict(ratio, 1.0, True)}")
     for r in results:
         s = r["statistics"]
+        if "mxnet_forward_s" not in s:
+            continue
         ratio = s["statistics_pass_s"] / s["mxnet_forward_s"]
         lines.append(f"- {r['model']} statistics pass ({r['statistics_engine']}) / MXNet fp32 "
                      f"forward: {ratio:.2f}x (floor <= {FLOOR_STATS_RATIO}x): "
@@ -450,6 +600,9 @@ def parse_args(argv=None):
                    help="skip MXNet's own int8 (quantize_net, oneDNN)")
     p.add_argument("--no-kernel-compare", action="store_true",
                    help="on a VNNI CPU, skip timing qcal int8 compiled without VNNI")
+    p.add_argument("--ort-python", metavar="PATH",
+                   help="python of an ONNX Runtime environment (make ort-venv): time ONNX Runtime "
+                        "fp32 and int8 of each model in the same rounds (scripts/ort_peer.py)")
     p.add_argument("--json", type=Path, help="also write every measurement here")
     p.add_argument("--sweep-variants", type=int, default=12,
                    help="int8 variants of the Lite0 sweep whose peak memory is measured (0: none)")
@@ -462,7 +615,9 @@ def parse_args(argv=None):
         args.rounds, args.round_seconds, args.stat_images = 3, 1.0, 16
         args.stat_images_embedded = 128
         args.sweep_variants = min(args.sweep_variants, 2)
-    args.models = args.models or [*IMAGENET_MODELS, *EMBEDDED_MODELS]
+    args.models = args.models or [*IMAGENET_MODELS, *ONNX_MODELS, *EMBEDDED_MODELS]
+    if args.ort_python and not Path(args.ort_python).is_file():
+        p.error(f"--ort-python: {args.ort_python} is not a file (make ort-venv builds one)")
     return args
 
 
@@ -470,7 +625,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.child:
         args.model = args.child
-        Path(args.child_out).write_text(json.dumps(bench_model(args)))
+        bench = bench_onnx_model if args.model in ONNX_MODELS else bench_model
+        Path(args.child_out).write_text(json.dumps(bench(args)))
         return 0
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
             "threads": args.threads, "load_start": load_average(), "versions": versions(),

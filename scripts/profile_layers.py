@@ -3,8 +3,10 @@
 
     python scripts/profile_layers.py                         # resnet50_v1, batch 16
     python scripts/profile_layers.py --model resnet18_v1 --batch 16 --no-vnni
+    python scripts/profile_layers.py --model weights/efficientnet-lite0/efficientnet_lite0.onnx
 
-The model gets random weights (seeded; speed does not depend on them) and default
+A Gluon zoo model gets random weights (seeded; speed does not depend on them), a model with
+weights of its own (an ONNX file, the embedded models) keeps them; both get default
 ``QuantOptions`` ranges from a statistics pass over 4 random images. The int8 module is compiled
 with qcal's schedules for the host target (``--no-vnni``: the same target with VNNI switched off,
 ``qcal.backend.tvm.vnni.without_vnni``). TVM 0.27's Relax VM has no profiler, so every PrimFunc
@@ -40,13 +42,14 @@ def best_time(fn, repeat: int) -> float:
 
 
 def conv_macs(func) -> int | None:
-    """Multiply-accumulates of a VNNI or pair conv PrimFunc, from its buffer shapes."""
+    """Multiply-accumulates of a VNNI or pair conv PrimFunc, from its buffer shapes (the VNNI
+    conv reads (N, C/v, H, W, q) quads and writes channel-blocked (N, O/v, OH, OW, v) int32)."""
     params = list(func.params)
     if len(params) < 3:
         return None
     data, weight = params[0], params[1]
     shape = [int(d) for d in weight.shape]
-    if len(shape) != 5 or len(data.shape) != 4:
+    if len(shape) != 5 or len(data.shape) not in (4, 5):
         return None
     out = [int(d) for d in params[-1].shape]
     f, cq, kh, kw, lanes = shape
@@ -56,6 +59,8 @@ def conv_macs(func) -> int | None:
         channels, outs = 2 * cq, f * lanes // 2
     else:
         return None
+    if len(out) == 5:  # channel-blocked output
+        out = [out[0], out[1] * out[4], out[2], out[3]]
     if len(out) != 4 or out[1] != outs:
         return None
     return out[0] * outs * out[2] * out[3] * channels * kh * kw
@@ -83,13 +88,15 @@ def main(argv=None):
 
     tvm, relax = emit.tvm, emit.relax
     model = resolve_model(args.model)
-    mx.random.seed(args.seed)
-    net = model.build_network()
-    net.initialize(mx.init.Xavier(magnitude=2.0))
-    model = model.use_network(net)
-    graph = model.import_graph(model.spec.input_shape)
+    if model.weights_file() is None:  # a Gluon zoo network: random weights
+        mx.random.seed(args.seed)
+        net = model.build_network()
+        net.initialize(mx.init.Xavier(magnitude=2.0))
+        model = model.use_network(net)
+    shape = model.input_shape(model.preprocessing())
+    graph = model.import_graph(shape)
     rng = np.random.RandomState(args.seed)
-    images = rng.randn(4, *model.spec.input_shape).astype(np.float32)
+    images = rng.randn(4, *shape).astype(np.float32)
     stats = collect_statistics(graph, [images], progress=False, source=model.tensor_source(graph))
     options = QuantOptions()
     qgraph = quantize(graph, CalibrationResult.from_statistics(stats, options).ranges, options)
@@ -113,7 +120,7 @@ def main(argv=None):
                    for b in func.params]
         rows[name] = (calls, 1e6 * best_time(lambda: kernel(*buffers), args.repeat) * calls)
     vm = relax.VirtualMachine(executable, tvm.cpu())["main"]
-    x = tvm.runtime.tensor(rng.randn(args.batch, *model.spec.input_shape).astype(np.float32))
+    x = tvm.runtime.tensor(rng.randn(args.batch, *shape).astype(np.float32))
     whole = best_time(lambda: vm(x), args.repeat)
     forward = sum(total for _, total in rows.values())
     print(f"{args.model} batch {args.batch}, target {target}: the whole forward "

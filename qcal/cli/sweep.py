@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from qcal.cli.options import verify_images_option
+from qcal.cli.options import calib_repeats_option, verify_images_option
 from qcal.cli.params import translate_errors
 from qcal.config import DEFAULT_SHARD_IMAGES
 
@@ -34,6 +34,7 @@ def distributed(address, workers, shard_images):
               help="Calibration images, replacing the config's data.calib_data.")
 @click.option("--num-images", type=click.IntRange(min=1), help="Replace data.num_images.")
 @verify_images_option(from_config=True)
+@calib_repeats_option(from_config=True)
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines on the terminal.")
 @click.option("--wait", is_flag=True,
               help="If another sweep is writing into the output folder, wait for it to finish "
@@ -52,8 +53,8 @@ def distributed(address, workers, shard_images):
               help="On a cluster, evaluate a variant's images in tasks of at most this many "
                    "(whole batches).")
 @translate_errors
-def sweep(config, output, data, calib_data, num_images, verify_images, quiet, wait, force,
-          cluster_address, workers, shard_images):
+def sweep(config, output, data, calib_data, num_images, verify_images, calib_repeats, quiet, wait,
+          force, cluster_address, workers, shard_images):
     """Run every variant of a YAML sweep CONFIG into one table (resumable: run it again to finish).
 
     The config is checked completely before any work starts (every model, weights file, data
@@ -62,7 +63,7 @@ def sweep(config, output, data, calib_data, num_images, verify_images, quiet, wa
     refused unless it only adds models or variants (then the sweep resumes) or --force is given.
     One sweep writes into an output folder at a time: a second one stops with exit 1, naming the
     other process, unless --wait is given. With --workers N or --cluster ADDRESS the same sweep
-    runs on Dask workers (the same results, byte for byte, apart from timings).
+    runs as tasks on Dask workers (the same results, byte for byte, apart from timings).
     """
     from qcal.drivers.sweep import run_sweep
     from qcal.drivers.sweep_config import parse_sweep_config
@@ -75,7 +76,7 @@ def sweep(config, output, data, calib_data, num_images, verify_images, quiet, wa
     cfg, problems = parse_sweep_config(config, {
         "data": str(data) if data else None,
         "calib_data": str(calib_data) if calib_data else None, "num_images": num_images},
-        verify_images=verify_images)
+        verify_images=verify_images, calib_repeats=calib_repeats)
     if cfg is None:  # not even a config to check further
         raise_problems(problems)
     named = OutputPath(output, "folder", "--output") if output else OutputPath(

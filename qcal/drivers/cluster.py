@@ -7,9 +7,10 @@ the folder's lock, decides what is finished, submits the rest and assembles the 
 
 Tasks, per model:
 
-- ``statistics``: the statistics pass, once per model and calibration selection, saved as a
-  calibration file in ``OUTPUT/statistics/`` (a checked file); every int8 variant of the model
-  depends on it and receives its path, never the tensors.
+- ``statistics``: a statistics pass, once per model, calibration subset and float model (the
+  imported graph, or the equalized one), saved as a calibration file in ``OUTPUT/statistics/``
+  (a checked file); every int8 variant that reads it depends on it and receives its path,
+  never the tensors.
 - ``part``: one image range of a variant's evaluation, when it has more than ``shard_images``
   images (ranges are whole batches, so every image is computed in the batch it has in a
   single-process sweep); saved as ``variants/KEY.part-START-STOP.npz``.
@@ -23,6 +24,9 @@ it left half-written is a temporary that the next writer into that folder remove
 killed and started again resumes: finished variants, parts and statistics are reused from the
 folder. Each worker logs to ``OUTPUT/workers/NAME.log``; the driver logs progress (variants
 finished, running, queued; images/s over the cluster) to ``sweep.log`` and the terminal.
+
+Length: both sides of the protocol (the tasks workers run and the driver that submits them and
+reads their events) in one module, so each task's arguments are read beside where they are made.
 """
 from __future__ import annotations
 
@@ -63,11 +67,22 @@ def shard_ranges(images: int, batch_size: int, shard_images: int | None) -> list
     return [(lo, min(lo + size, images)) for lo in range(0, images, size)]
 
 
-def statistics_path(store, session) -> Path:
-    """Where the statistics pass of ``session``'s model and calibration images is kept."""
+def statistics_path(store, session, options, subset: int) -> Path:
+    """Where the statistics pass that variant ``options`` reads on calibration subset ``subset``
+    is kept (one for every variant of the model sharing its subset and float model)."""
     key = store.key({"model": session.identity, "qcal": __version__,
-                     "calibration": session.plan_description(needs_calibration=True)["calibration"]})
+                     "calibration": session.plan_description(True, subset)["calibration"],
+                     "equalize": options.equalize})
     return store.directory / "statistics" / f"{key}.npz"
+
+
+def statistics_needed(options, subset: int) -> list:
+    """The (subset, equalize) passes a variant reads: its own subset's, and with bias correction
+    also subset 0's (``ModelSession.correction_data`` measures on the float model of subset 0)."""
+    needed = [(subset, options.equalize)]
+    if options.bias_correction != "none" and subset:
+        needed.append((0, options.equalize))
+    return needed
 
 
 @dataclass(frozen=True)
@@ -128,7 +143,9 @@ def _worker_log(job: WorkerJob, worker):
              socket.gethostname(), worker.address)
 
 
-def _session(job: WorkerJob, model: str, statistics):
+def _session(job: WorkerJob, model: str, options=None, statistics=()):
+    """This worker's session of ``model`` (kept between tasks), holding the statistics passes
+    ``statistics`` ((subset, path) pairs) as ``options``' own."""
     from qcal.drivers.sweep import open_session
 
     sessions, adopted = _worker_state["sessions"], _worker_state["adopted"]
@@ -140,9 +157,10 @@ def _session(job: WorkerJob, model: str, statistics):
             adopted.pop(old, None)
         sessions[key] = open_session(job.config, model, quiet=True, cache_dir=Path(job.cache_dir))
     session = sessions[key]
-    if statistics is not None and adopted.get(key) != statistics:
-        session.adopt_statistics(statistics)
-        adopted[key] = statistics
+    for subset, path in statistics:
+        if path not in adopted.setdefault(key, set()):
+            session.adopt_statistics(path, options, subset)
+            adopted[key].add(path)
     return session
 
 
@@ -166,8 +184,9 @@ def _task(job: WorkerJob, variant: str, what: str, work):
         worker.log_event(TOPIC, {"state": "end", "variant": variant})
 
 
-def statistics_task(job: WorkerJob, model: str, path: str) -> str:
-    """The model's statistics pass into ``path`` (kept when a finished one is there)."""
+def statistics_task(job: WorkerJob, model: str, options, subset: int, path: str) -> str:
+    """The statistics pass variant ``options`` reads on subset ``subset``, into ``path`` (kept
+    when a finished one is there)."""
     def work(reporter):
         try:
             verify_checked(path, "calibration file")
@@ -178,40 +197,39 @@ def statistics_task(job: WorkerJob, model: str, path: str) -> str:
         except DamagedFile as exc:
             discard_damaged(exc, "running the statistics pass again")
         log.info("%s: statistics pass into %s", model, path)
-        session = _session(job, model, None)
-        session.save_statistics(path)
+        _session(job, model).save_statistics(path, options, subset)
         return path
-    return _task(job, f"statistics {model}", f"{model} statistics", work)
+    return _task(job, f"statistics {path}", f"{model} statistics", work)
 
 
-def part_task(job: WorkerJob, model: str, options, key: str, start: int, stop: int,
+def part_task(job: WorkerJob, model: str, options, subset: int, key: str, start: int, stop: int,
               statistics) -> tuple:
     """Images [start, stop) of the variant ``key``, saved as one part in the store."""
     from qcal.drivers.sweep import ResultStore, variant_label
 
     store = ResultStore(job.output)
-    label = f"{model} {variant_label(options)} [{start}:{stop}]"
+    label = f"{model} {variant_label(options, subset)} [{start}:{stop}]"
 
     def work(reporter):
         if store.load_part(key, start, stop) is not None:
             log.info("%s: finished earlier, reusing", label)
             return start, stop
-        session = _session(job, model, statistics)
+        session = _session(job, model, options, statistics)
         session.progress = reporter
         log.info("%s: running", label)
-        store.save_part(key, start, stop, session.evaluate_range(options, start, stop))
+        store.save_part(key, start, stop, session.evaluate_range(options, start, stop, subset))
         return start, stop
     return _task(job, key, label, work)
 
 
-def variant_task(job: WorkerJob, model: str, options, key: str, description: dict, statistics,
-                 baseline, parts) -> str:
+def variant_task(job: WorkerJob, model: str, options, subset: int, key: str, description: dict,
+                 statistics, baseline, parts) -> str:
     """One variant whole (its ``parts`` merged when it was sharded), saved into the store."""
     from qcal.drivers.sweep import ResultStore, run_variant, variant_label
     from qcal.eval.evaluate import merge_results
 
     store = ResultStore(job.output)
-    label = f"{model} {variant_label(options)}"
+    label = f"{model} {variant_label(options, subset)}"
 
     def work(reporter):
         evaluation = None
@@ -221,9 +239,9 @@ def variant_task(job: WorkerJob, model: str, options, key: str, description: dic
                 raise QcalError(f"{label}: a finished shard of it is missing or damaged in "
                                 f"{store.variants}; run the sweep again to recompute it")
             evaluation = merge_results(results)
-        session = _session(job, model, statistics)
+        session = _session(job, model, options, statistics)
         session.progress = reporter
-        run_variant(session, store, key, description, options, baseline, evaluation)
+        run_variant(session, store, key, description, options, subset, baseline, evaluation)
         store.remove_parts(key)
         return key
     return _task(job, key, label, work)
@@ -280,48 +298,63 @@ class ClusterSweep:
     def __init__(self, client, shard_images: int | None = None, description: str = ""):
         self.client, self.shard_images, self.description = client, shard_images, description
 
-    def run(self, config, store, sessions: dict, cache_dir) -> list:
-        """Every variant of ``config`` as tasks; returns their keys in table order (as the
-        single-process loop), once all are finished in ``store``."""
-        from qcal.drivers.sweep import open_session, reusable, sweep_variants, variant_key, variant_label
+    def run(self, config, store, sessions: dict, cache_dir) -> tuple:
+        """Every variant of ``config`` as tasks; once all are finished in ``store``, returns
+        what the single-process loop does: the table's keys in order, each row's calibration
+        subsets' keys, and {model: statistics passes run}."""
+        from qcal.drivers.sweep import (add_entry, open_session, reusable, sweep_work, variant_key,
+                                        variant_label)
 
         job = WorkerJob(config, str(Path(store.directory).resolve()),
                         str(Path(cache_dir or DEFAULT_BATCH_CACHE_DIR).resolve()))
-        submit = self.client.submit
-        entries, heads, finished = [], {}, 0
+        entries, repeats, heads, passes, finished = [], {}, {}, {}, 0
         for model in config.models:
             session = sessions.get(model) or open_session(config, model, True, cache_dir)
             session.check_variants(config.variants)
-            statistics = baseline = None
-            for options in sweep_variants(config):
-                key, description = variant_key(store, session, config, options)
-                entries.append(key)
-                label = f"{model} {variant_label(options)}"
-                if reusable(store, key, config, model, options) is not None:
+            statistics, baseline = {}, None  # (subset, equalize) -> future; float32's key/future
+            for options, subset in sweep_work(config):
+                key, description = variant_key(store, session, config, options, subset)
+                add_entry(entries, repeats, key, subset)
+                label = f"{model} {variant_label(options, subset)}"
+                if reusable(store, key, config, model, options, subset) is not None:
                     finished += 1
                     baseline = key if options is None else baseline
                     continue
-                if options is not None and config.calibration_file is None and statistics is None:
-                    path = str(statistics_path(store, session))
-                    statistics = submit(statistics_task, job, model, path,
-                                        key=f"qcal-statistics-{Path(path).stem}")
-                needs = statistics if options is not None else None
-                ranges = shard_ranges(len(session.plan(options is not None).evaluation),
-                                      config.batch_size, self.shard_images)
-                parts = [] if len(ranges) == 1 else [
-                    submit(part_task, job, model, options, key, lo, hi, needs,
-                           key=f"qcal-part-{key}-{lo}") for lo, hi in ranges]
-                head = submit(variant_task, job, model, options, key, description, needs,
-                              baseline if options is not None else None, parts,
-                              key=f"qcal-variant-{key}")
+                needs = []
+                if options is not None and config.calibration_file is None:
+                    for pass_subset, equalize in statistics_needed(options, subset):
+                        if (pass_subset, equalize) not in statistics:
+                            path = str(statistics_path(store, session, options, pass_subset))
+                            statistics[pass_subset, equalize] = self.client.submit(
+                                statistics_task, job, model, options, pass_subset, path,
+                                key=f"qcal-statistics-{Path(path).stem}")
+                        needs.append((pass_subset, statistics[pass_subset, equalize]))
+                head = self._submit_variant(job, session, model, options, subset, key,
+                                            description, needs, baseline, config.batch_size)
                 heads[head] = label
-                log.info("%s: submitted (%s)", label,
-                         f"{len(parts)} shards" if parts else "one task")
                 baseline = head if options is None else baseline
+            passes[session.display_name] = len(statistics)
             session.close()
-        self._wait(heads, len(entries), finished)
+        self._wait(heads, len(heads) + finished, finished)
         remove_stale_temporaries(store.variants)  # what workers killed mid-write left
-        return entries
+        return entries, repeats, passes
+
+    def _submit_variant(self, job, session, model, options, subset, key, description, needs,
+                        baseline, batch_size):
+        """The variant's task (after its shards' tasks, if it has more images than a shard)."""
+        from qcal.drivers.sweep import variant_label
+
+        submit = self.client.submit
+        ranges = shard_ranges(len(session.plan(options is not None).evaluation), batch_size,
+                              self.shard_images)
+        parts = [] if len(ranges) == 1 else [
+            submit(part_task, job, model, options, subset, key, lo, hi, needs,
+                   key=f"qcal-part-{key}-{lo}") for lo, hi in ranges]
+        log.info("%s %s: submitted (%s)", model, variant_label(options, subset),
+                 f"{len(parts)} shards" if parts else "one task")
+        return submit(variant_task, job, model, options, subset, key, description, needs,
+                      baseline if options is not None else None, parts,
+                      key=f"qcal-variant-{key}")
 
     def _wait(self, heads: dict, total: int, finished: int):
         from distributed import wait

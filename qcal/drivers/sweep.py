@@ -14,6 +14,10 @@ Layout of ``OUTPUT/``:
   how many calibration images its compiled model was verified against its numpy integer reference
   (``qcal.eval.verify``; a variant that fails stops the sweep with that error, and nothing of it
   is saved). A finished variant verified on fewer images than asked runs again.
+- With ``calib_repeats`` R > 1 every int8 variant runs once per calibration subset
+  (``qcal.data.calib_subsets``; each subset in its key, its statistics pass run once for all
+  variants): the table's row is subset 0, with the spread across subsets beside it, and
+  ``calibration_subsets.csv`` lists every subset's top-1 and agreement.
 - ``.qcal-lock``: one sweep writes into a folder at a time (``qcal.files.folder_lock``); a second
   one stops naming the folder and the holder's pid, or waits for it (``wait``).
 - ``config.json``: the config the folder belongs to (what its results depend on: models, weights,
@@ -23,6 +27,12 @@ Layout of ``OUTPUT/``:
 
 Work is shared across variants through ``qcal.drivers.session.ModelSession``: float32 evaluated once
 per model, statistics collected once per model, each image decoded once (on-disk batch cache).
+One variant's run (``run_variant``) is the unit that ``qcal.drivers.cluster`` runs on Dask workers
+instead of the loop here; its shards (``ResultStore.save_part``) and statistics passes
+(``OUTPUT/statistics/``) live in the folder too, and each worker's log in ``OUTPUT/workers/``.
+
+Length: the output folder's whole contract (store, ownership, the unit of work and the loop) in
+one module: what a record holds and when it is reused are read in one place.
 """
 from __future__ import annotations
 
@@ -170,23 +180,27 @@ def open_session(config, model: str, quiet: bool = False, cache_dir: Path | None
                         pretrained=config.pretrained, seed=config.seed, quiet=quiet,
                         cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
                         calibration_file=config.calibration_file,
-                        verify_images=config.verify_images)
+                        verify_images=config.verify_images, calib_repeats=config.calib_repeats)
 
 
-def sweep_variants(config) -> list:
-    """Each model's variants in table order: None (float32) first when evaluated."""
-    return ([None] if config.float32 else []) + list(config.variants)
+def sweep_work(config) -> list:
+    """(options, calibration subset) of each model's runs in table order: float32 (options
+    None) first when evaluated, then each int8 variant once per calibration subset (subset 0:
+    the row of the table)."""
+    return ([(None, 0)] if config.float32 else []) + [
+        (options, subset) for options in config.variants for subset in range(config.calib_repeats)]
 
 
-def variant_label(options) -> str:
-    return "float32" if options is None else options.label
+def variant_label(options, subset: int = 0) -> str:
+    label = "float32" if options is None else options.label
+    return label + (f" [calibration subset {subset}]" if subset else "")
 
 
-def variant_key(store, session, config, options) -> tuple:
+def variant_key(store, session, config, options, subset: int = 0) -> tuple:
     """(key, description): everything the variant's result depends on, and its hash."""
     description = {
         "model": session.identity, "variant": None if options is None else options.to_dict(),
-        "data": session.plan_description(needs_calibration=options is not None),
+        "data": session.plan_description(options is not None, subset),
         "batch_size": config.batch_size, "qcal": __version__,
         "calibration_file": (file_digest(config.calibration_file, "calibration file")
                              if config.calibration_file else None),
@@ -194,10 +208,19 @@ def variant_key(store, session, config, options) -> tuple:
     return store.key(description), description
 
 
-def reusable(store, key: str, config, model: str, options):
+def add_entry(entries: list, repeats: dict, key: str, subset: int):
+    """Record a finished run: a row of the table (subset 0), else a repeat of the last row."""
+    if subset:
+        repeats[entries[-1]].append(key)
+    else:
+        entries.append(key)
+        repeats[key] = [key]
+
+
+def reusable(store, key: str, config, model: str, options, subset: int = 0):
     """The finished variant ``key`` in ``store`` if it can be reused (logged either way), else
     None: not finished, damaged, or verified on fewer images than ``config`` asks."""
-    label = variant_label(options)
+    label = variant_label(options, subset)
     finished = store.load(key)
     if finished is not None and options is not None \
             and finished[0].get("verify_images_asked", 0) < config.verify_images:
@@ -210,18 +233,19 @@ def reusable(store, key: str, config, model: str, options):
     return finished
 
 
-def run_variant(session, store, key: str, description: dict, options, baseline_key,
-                evaluation=None) -> dict:
-    """Evaluate one variant (float32 when ``options`` is None) and save it into ``store``;
-    int8 variants are compared with the finished float32 variant ``baseline_key`` (if any).
-    ``evaluation``: its result on the evaluation images, merged from shards run elsewhere."""
+def run_variant(session, store, key: str, description: dict, options, subset: int,
+                baseline_key, evaluation=None) -> dict:
+    """Evaluate one variant (float32 when ``options`` is None) on calibration subset ``subset``
+    and save it into ``store``; int8 variants are compared with the finished float32 variant
+    ``baseline_key`` (if any). ``evaluation``: its result on the evaluation images, merged from
+    shards run elsewhere."""
     from qcal.report import tables as report
 
-    model, label = session.model.name, variant_label(options)
+    model, label = session.model.name, variant_label(options, subset)
     log.info("%s %s: running", model, label)
     t0 = time.time()
     try:
-        result, fidelity_result, extra = session.evaluate(options, evaluation)
+        result, fidelity_result, extra = session.evaluate(options, subset, evaluation)
     except VerificationFailed as exc:  # the CLI prints it; the log keeps it too
         log.info("stopped, not evaluated: %s", exc)
         raise
@@ -249,7 +273,8 @@ CONFIG_FORMAT = "qcal-folder-config/1"
 # what a sweep writes into its folder: anything else there is someone else's
 FOLDER_FILES = frozenset({LOCK_NAME, CONFIG_NAME, "sweep.log", "variants", "results.csv",
                           "results.md", "results.json", "predictions.csv", "layers.csv",
-                          "top1.png", "statistics", "workers"})
+                          "top1.png", "calibration_subsets.csv", "statistics",
+                          "workers"})
 # a config may add these and still resume in a folder (everything else must be equal)
 GROWING_KEYS = ("models", "variants", "float32")
 
@@ -260,6 +285,8 @@ def config_identity(config) -> dict:
                 "pretrained": config.pretrained, "calibration_file": config.calibration_file,
                 "data": config.data, "batch_size": config.batch_size, "seed": config.seed,
                 "float32": config.float32, "variants": [v.to_dict() for v in config.variants]}
+    if config.calib_repeats > 1:  # absent otherwise: folders from before it still resume
+        identity["calib_repeats"] = config.calib_repeats
     return json.loads(json.dumps(identity, default=str))
 
 
@@ -384,26 +411,31 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
     started = time.time()
     np.random.seed(config.seed)
     entries = []
+    repeats = {}  # the key of each table row -> the keys of its calibration subsets
+    passes = {}  # model -> statistics passes this run
     log.info("sweep %s started: %d model(s) x %d variant(s), command: %s", config.name,
              len(config.models), len(config.variants) + int(config.float32), command)
     if cluster is not None:  # the same work as tasks on a Dask cluster (qcal.drivers.cluster)
-        entries = cluster.run(config, store, sessions, cache_dir)
+        entries, repeats, passes = cluster.run(config, store, sessions, cache_dir)
     for model in config.models if cluster is None else ():
         session = sessions.get(model) or open_session(config, model, quiet, cache_dir)
         session.check_variants(config.variants)
         baseline_key = None
-        for options in sweep_variants(config):
+        for options, subset in sweep_work(config):
             stop_if_interrupted()
-            key, description = variant_key(store, session, config, options)
-            if reusable(store, key, config, model, options) is None:
-                run_variant(session, store, key, description, options, baseline_key)
-            entries.append(key)
+            key, description = variant_key(store, session, config, options, subset)
+            if reusable(store, key, config, model, options, subset) is None:
+                run_variant(session, store, key, description, options, subset, baseline_key)
+            add_entry(entries, repeats, key, subset)
             if options is None:
                 baseline_key = key
+        passes[session.display_name] = session.statistics_passes
         session.close()
     summary = {
         "config": config.raw, "config_path": config.source_path, "command": command,
         "seed": config.seed, **environment(),
         "sweep_seconds_this_run": round(time.time() - started, 2),
+        "statistics_passes_this_run": passes,
     }
-    return sweep_report.write_results(store, entries, output, summary)
+    return sweep_report.write_results(store, entries, output, summary,
+                                      repeats if config.calib_repeats > 1 else None)

@@ -68,12 +68,14 @@ def quantize_weight(w: np.ndarray, method: str, granularity: str, levels: int = 
     return quantize_array(w, shaped, levels).astype(np.int8), scale
 
 
-def bias_scale(bias: np.ndarray, bits: int) -> float:
-    """The bias's own power-of-2 scale for B bits: 2**ceil(log2 max|b|) / 2**(B-1)."""
-    amax = float(np.abs(bias).max(initial=0.0))
-    if amax == 0:
-        return 1.0
-    return float(power2_ceil(amax)) / 2.0 ** (bits - 1)
+def bias_scale(bias: np.ndarray, bits: int, granularity: str = "tensor"):
+    """The bias's own power-of-2 scale for B bits: 2**ceil(log2 max|b|) / 2**(B-1), the max over
+    the layer (a float) or, for ``granularity`` "channel", over each channel alone (a (C,) array).
+    A zero bias (or channel) gets scale 1: its values are 0 at any scale."""
+    b = np.abs(np.asarray(bias, dtype=np.float64))
+    amax = b if granularity == "channel" else np.asarray(b.max(initial=0.0))
+    scale = np.where(amax == 0, 1.0, power2_ceil(np.where(amax == 0, 1.0, amax)) / 2.0 ** (bits - 1))
+    return scale if granularity == "channel" else float(scale)
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,14 @@ The integer graph's value model and op table are in ``qcal.ir.qgraph``; the scal
 
 Bias. ``bias_mode='bits'``: the bias gets its own power-of-2 scale ``2**ceil(log2 max|b|) / 2**(B-1)``
 and B-bit values (Relay annotated the folded BN bias as a weight; docs/background.md's experiments
-widen it). It is added as Relay's AddRealize does: the finer of the two scales wins and the other
-operand is shifted left -- the accumulator at run time (``requantize`` with a left shift), or the
-bias constant offline.
+widen it); with ``bias_granularity='channel'`` each output channel's max gives its own such scale.
+It is added as Relay's AddRealize does: the finer of the two scales wins and the other operand is
+shifted left -- the accumulator at run time (``requantize`` with a left shift), or the bias constant
+offline -- decided per channel.
 When the accumulator scale is not a power of two the common scale is ``s_acc / 2**k`` with the
 smallest k that is at least as fine as the bias scale, so the run-time shift stays exact.
 ``bias_mode='int32-acc'``: ``rint(b / s_acc)`` in int32 at the accumulator scale (ONNX Runtime, TFLite).
+``layer_bias_bits`` gives single layers another bias precision than the network's.
 Both go through the same overflow check: per channel the accumulator shift k is lowered (down to a
 rounding right shift) until ``bound(acc << k) + |bias| <= 2**31 - 1``; each lowering is recorded.
 """
@@ -131,15 +133,16 @@ class _Realizer:
         s_acc = per_channel(acc.scale, channels)
         bound = per_channel(acc.bound, channels).astype(np.int64)
         bias = np.asarray(bias, dtype=np.float64)
-        if self.options.bias_mode == "int32-acc":
+        mode, bits = self.options.bias_for(layer)  # layer_bias_bits over the network's
+        if mode == "int32-acc":
             k0 = np.zeros(channels, dtype=np.int64)
 
             def bias_at(common):
                 return np.rint(bias / common)
         else:
-            bits = self.options.bias_bits
-            s_b = bias_scale(bias, bits)
+            s_b = bias_scale(bias, bits, self.options.bias_granularity)
             b_q = quantize_array(bias, s_b, 2 ** (bits - 1) - 1).astype(np.float64)
+            # per channel, the finer of the two scales wins (s_b is () or, per channel, (C,))
             k0 = np.maximum(ceil_log2(s_acc / s_b), 0) if np.any(b_q) else np.zeros(channels, np.int64)
 
             def bias_at(common):
@@ -313,8 +316,10 @@ def _flatten(ctx: _Realizer, node: Node) -> QNode:
 def _clip(ctx: _Realizer, node: Node) -> QNode:
     x = ctx.value[node.inputs[0]]
     limit = INT8_MAX if x.dtype == "int8" else INT32_MAX
-    lo = np.clip(np.rint(node.attrs["a_min"] / x.scale), -limit, limit).astype(np.int64)
-    hi = np.clip(np.rint(node.attrs["a_max"] / x.scale), -limit, limit).astype(np.int64)
+    # a bound is one number, or one per channel (an equalized ReLU6: qcal.quant.equalize)
+    a_min, a_max = (np.asarray(node.attrs[k], np.float64) for k in ("a_min", "a_max"))
+    lo = np.clip(np.rint(a_min / x.scale), -limit, limit).astype(np.int64)
+    hi = np.clip(np.rint(a_max / x.scale), -limit, limit).astype(np.int64)
     bound = np.minimum(x.bound, np.maximum(np.abs(lo), np.abs(hi)))
     return ctx.emit(QNode(node.name, "qclip", (x.name,), params={"lo": lo, "hi": hi},
                           dtype=x.dtype, shape=ctx.shapes[node.name], scale=x.scale, bound=bound))

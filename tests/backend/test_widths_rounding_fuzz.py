@@ -1,7 +1,8 @@
 """Property test: at every width and both roundings, TVM's integers equal numpy's on random graphs.
 
 Each example builds a small random network (random channel counts, kernel, stride, image size,
-weights), realizes it under random widths, rounding, scale method and granularity, compiles it once
+weights), realizes it under random widths, rounding, scale method and granularity and bias
+granularity, compiles it once
 and compares every node, bit for bit. One compile costs a few seconds here; the budget and the
 fixed (derandomized) examples of CI come from the hypothesis profile in tests/conftest.py.
 """
@@ -36,14 +37,16 @@ def _network(seed, cin, size, width, k, stride, classes):
        width=st.sampled_from([3, 8, 16]), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
        classes=st.integers(2, 7), weight_bits=st.integers(2, 8), activation_bits=st.integers(2, 8),
        rounding=st.sampled_from(["upward", "nearest"]), method=st.sampled_from(["power2", "max"]),
-       granularity=st.sampled_from(["tensor", "channel"]), bias=st.sampled_from([8, 16, "acc"]))
+       granularity=st.sampled_from(["tensor", "channel"]), bias=st.sampled_from([8, 16, "acc"]),
+       bias_granularity=st.sampled_from(["tensor", "channel"]))
 def test_tvm_equals_numpy_at_every_width_and_rounding(seed, cin, size, width, k, stride, classes,
                                                       weight_bits, activation_bits, rounding,
-                                                      method, granularity, bias):
+                                                      method, granularity, bias, bias_granularity):
     graph = _network(seed, cin, size, width, k, stride, classes)
     options = QuantOptions(activation_method=method, weight_scale=method,
                            weight_granularity=granularity, weight_bits=weight_bits,
                            activation_bits=activation_bits, rounding=rounding,
+                           bias_granularity=bias_granularity,
                            **({"bias_mode": "int32-acc"} if bias == "acc" else {"bias_bits": bias}))
     calib = images(4, (cin, size, size), seed=seed + 1)
     qgraph = _realize(graph, options, calib)
