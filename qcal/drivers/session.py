@@ -227,7 +227,10 @@ class ModelSession:
 
         graph, calibration = self.float_model(options, subset)
         correction = self.correction_data(options) if options.bias_correction != "none" else None
-        return quantize(graph, calibration.ranges, options, correction)
+        images = None
+        if options.weight_rounding == "adaround":  # learns from the subset's first images
+            images = self.calibration_images(options.adaround_images, subset)
+        return quantize(graph, calibration.ranges, options, correction, images)
 
     def float_model(self, options, subset: int = 0):
         """(float graph, calibration on calibration subset ``subset``) a variant quantizes: the
@@ -371,9 +374,17 @@ class ModelSession:
         """The first ``count`` calibration images (evaluation images when there are none), as
         many as there are."""
         plan = self.plan(True)
-        selection = plan.calibration or plan.evaluation
+        return self._first_images(plan.calibration or plan.evaluation, count)
+
+    def calibration_images(self, count: int, subset: int = 0) -> np.ndarray:
+        """The first ``count`` images of calibration subset ``subset``, as many as there are
+        (none: an empty array)."""
+        return self._first_images(self._subset_selection(subset) or self.plan(True).calibration,
+                                  count)
+
+    def _first_images(self, selection, count: int) -> np.ndarray:
         batches, have = [], 0
-        for x, _ in iter_batches(selection, self.batch_size, self.cache):
+        for x, _ in iter_batches(selection, self.batch_size, self.cache) if selection else ():
             if have >= count:
                 break
             batches.append(x)
@@ -431,6 +442,9 @@ class ModelSession:
             "layers": layers,
             "metrics": {"sqnr_min_db": worst["sqnr_db"] if worst else float("nan"),
                         "sqnr_min_layer": worst["tensor"] if worst else ""}})
+        if "adaround" in qgraph.notes:  # its time is a column of the tables
+            extra["adaround"] = qgraph.notes["adaround"]
+            extra["metrics"]["adaround_s"] = qgraph.notes["adaround"]["seconds"]
         return result, fidelity, extra
 
     def _evaluate_compiled(self, qgraph, options):

@@ -178,7 +178,9 @@ def write_results(store, keys, output: Path, summary: dict, repeats: dict | None
     records = [store.load(k)[0] for k in keys]
     summary = {**summary, "rows": json.loads(table.to_json(orient="records")),
                "variants": [{"key": r["key"], "description": r["description"],
-                             "wall_seconds": r["wall_seconds"]} for r in records]}
+                             "wall_seconds": r["wall_seconds"],
+                             **({"adaround": r["adaround"]} if "adaround" in r else {})}
+                            for r in records]}
     atomic_write_text(output / "results.json", json.dumps(summary, indent=2, default=str) + "\n")
     layers = [{"model": r["model"], "variant": r["variant"], **row}
               for r in records for row in r.get("layers", [])]
