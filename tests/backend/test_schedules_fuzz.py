@@ -18,8 +18,9 @@ rule's documented domain (VNNI where the target has it, else int16 pairs: groups
 channels a multiple of the vector lanes;
 s_tir conv: out channels per group a multiple of 4; depthwise: int8 with one in and out channel
 per group, as ``depthwise_vnni`` (``qcal.backend.tvm.depthwise``) where the target has AVX-512
-VNNI and VBMI and one load holds a row's windows, else the s_tir rule), so a rule that silently declines fails the test, and the strategies are weighted so
-that most examples fall in some rule's domain. ``--hypothesis-show-statistics`` prints how often
+VNNI and VBMI and one load holds a row's windows, else the s_tir rule), so a rule that silently
+declines fails the test, and the strategies are weighted so that most examples fall in some rule's
+domain. ``--hypothesis-show-statistics`` prints how often
 each rule ran.
 
 Budget: the hypothesis profile (``tests/conftest.py``): ``ci`` by default, a fixed number of

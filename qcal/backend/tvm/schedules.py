@@ -830,9 +830,7 @@ def rewrite_int8_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMo
     ``qcal.backend.tvm.vnni`` when the target has AVX-512 VNNI or AVX-VNNI, else the int16-pair
     ones; others stay for the schedules. Runs before legalization; a target without AVX2 gets the
     module back unchanged."""
-    from qcal.backend.tvm import vnni  # it builds on this module's helpers
-
-    from qcal.backend.tvm import depthwise
+    from qcal.backend.tvm import depthwise, vnni  # they build on this module's helpers
 
     quad_lanes = vnni.vnni_lanes(target)
     if quad_lanes is not None:
