@@ -15,6 +15,9 @@ from pathlib import Path
 from qcal.errors import UsageProblem
 
 # Defaults of the pipeline, used by the CLI, sweep files and the library alike.
+# Empirical bias correction measures on the first N calibration images (all of a smaller set): it
+# holds every one of them at the live tensors at once (qcal.quant.bias_correction).
+BIAS_CORRECTION_IMAGES = 128
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_CALIB_IMAGES = 500  # calibration images when none are given (all of a smaller split)
 DEFAULT_HISTOGRAM_BINS = 8192  # |x| histogram bins per tensor in the statistics pass
@@ -34,6 +37,9 @@ BIAS_MODES = ("bits", "int32-acc")
 # ("channel": no channel's bias rounds to zero because another channel's is large). An int32-acc bias
 # is at the accumulator's scale, per channel whenever the weights are, so it ignores this.
 BIAS_GRANULARITIES = ("tensor", "channel")
+# "empirical": each biased layer's bias re-estimated so that the integer model's per-channel output
+# mean on the calibration images equals the float model's (qcal.quant.bias_correction).
+BIAS_CORRECTIONS = ("none", "empirical")
 # Integer widths of weights and activations: symmetric levels -(2**(b-1)-1)..2**(b-1)-1, always
 # stored in int8 (the kernels stay int8; only the clipping bounds and scales change).
 MIN_BITS, MAX_BITS = 2, 8
@@ -42,6 +48,14 @@ MIN_BITS, MAX_BITS = 2, 8
 ROUNDINGS = ("upward", "nearest")
 # Float ops qcal can run in integers (qcal.quant.annotate's handlers); ``quantize_ops`` picks a
 # subset (Relay's debug_enabled_ops), the rest stay float32.
+# How each conv/dense weight is rounded to its level: "nearest" (rint), or "adaround", learned
+# per layer on calibration images (qcal.quant.adaround; Nagel et al. 2020).
+WEIGHT_ROUNDINGS = ("nearest", "adaround")
+DEFAULT_ADAROUND_ITERATIONS = 500  # optimiser steps per layer (the paper used 10,000)
+DEFAULT_ADAROUND_IMAGES = 256  # the first calibration images AdaRound learns from
+# Fields that only AdaRound reads: left out of a variant's description (to_dict) when the
+# weights are rounded to nearest, so that such variants keep their keys and their label.
+ADAROUND_FIELDS = ("weight_rounding", "adaround_iterations", "adaround_images")
 QUANTIZABLE_OPS = ("conv2d", "dense", "channel_affine", "add", "relu", "clip", "max_pool2d",
                    "avg_pool2d", "global_avg_pool2d", "flatten")
 
@@ -64,6 +78,10 @@ class QuantOptions:
     bias_mode: str = "bits"
     bias_bits: int = 16
     bias_granularity: str = BIAS_GRANULARITIES[0]
+    bias_correction: str = BIAS_CORRECTIONS[0]
+    # Cross-layer equalization of consecutive convs before quantization (qcal.quant.equalize);
+    # the equalized model gets its own statistics pass.
+    equalize: bool = False
     skip_k_conv: int = 0
     skip_dense: bool = False
     weight_bits: int = 8
@@ -76,9 +94,15 @@ class QuantOptions:
     # None: every op of QUANTIZABLE_OPS; else only these (a tuple, or "conv2d,dense" in a file).
     quantize_ops: tuple | None = None
     float_layers: tuple = ()  # layer (node) names kept float32, e.g. what layers.csv points at
+    # Per-layer bias precision over bias_mode / bias_bits: ((layer name, bits or "int32-acc"),
+    # ...); "conv1=8,conv2=int32-acc" in a file or on the CLI.
+    layer_bias_bits: tuple = ()
     # Evaluate the fake-quantized float model of the integer graph (numpy, no compile) instead of
     # the compiled integer model: fast exploration, its rows labelled "simulated".
     simulate: bool = False
+    weight_rounding: str = WEIGHT_ROUNDINGS[0]
+    adaround_iterations: int = DEFAULT_ADAROUND_ITERATIONS
+    adaround_images: int = DEFAULT_ADAROUND_IMAGES
 
     def __post_init__(self):
         def need(cond, message):
@@ -89,6 +113,7 @@ class QuantOptions:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _name_list(name, value))
+        object.__setattr__(self, "layer_bias_bits", _layer_biases(self.layer_bias_bits))
         # YAML hands over whatever it parsed: "no" is a string, "99.9" too; only real numbers
         # and booleans pass, and numbers are kept as floats so that 99 and 99.0 are one variant
         for name in ("percentile", "global_scale"):
@@ -97,6 +122,8 @@ class QuantOptions:
             object.__setattr__(self, name, float(value))
         need(isinstance(self.skip_dense, bool),
              f"skip_dense must be true or false, not {self.skip_dense!r}")
+        need(isinstance(self.equalize, bool),
+             f"equalize must be true or false, not {self.equalize!r}")
         need(isinstance(self.simulate, bool),
              f"simulate must be true or false, not {self.simulate!r}")
 
@@ -123,6 +150,9 @@ class QuantOptions:
         need(self.bias_granularity in BIAS_GRANULARITIES,
              f"bias_granularity must be one of {', '.join(BIAS_GRANULARITIES)}, "
              f"not '{self.bias_granularity}'")
+        need(self.bias_correction in BIAS_CORRECTIONS,
+             f"bias_correction must be one of {', '.join(BIAS_CORRECTIONS)}, "
+             f"not '{self.bias_correction}'")
         if self.bias_mode == "int32-acc":  # one variant, whichever granularity a grid pairs it with
             object.__setattr__(self, "bias_granularity", BIAS_GRANULARITIES[0])
         need(_is_integer(self.skip_k_conv) and self.skip_k_conv >= 0,
@@ -131,6 +161,16 @@ class QuantOptions:
             value = getattr(self, name)
             need(width(value, optional=name.endswith("layer_bits")),
                  f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, not {value!r}")
+        need(self.weight_rounding in WEIGHT_ROUNDINGS,
+             f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
+             f"not '{self.weight_rounding}'")
+        for name in ("adaround_iterations", "adaround_images"):
+            value = getattr(self, name)
+            need(_is_integer(value) and value >= 1,
+                 f"{name} must be a positive integer, not {value!r}")
+        if self.weight_rounding == WEIGHT_ROUNDINGS[0]:  # nearest reads neither: one variant
+            object.__setattr__(self, "adaround_iterations", DEFAULT_ADAROUND_ITERATIONS)
+            object.__setattr__(self, "adaround_images", DEFAULT_ADAROUND_IMAGES)
         need(self.rounding in ROUNDINGS,
              f"rounding must be one of {', '.join(ROUNDINGS)}, not '{self.rounding}'")
         need(self.float_layers is not None, "float_layers must be a list of layer names")
@@ -149,7 +189,14 @@ class QuantOptions:
         return cls(**values)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        values = asdict(self)
+        for name in ADDED_LATER:  # at their default: the dict (and variant keys) of before
+            if values[name] == getattr(QuantOptions, name):
+                del values[name]
+        if self.weight_rounding == WEIGHT_ROUNDINGS[0]:
+            for name in ADAROUND_FIELDS:
+                del values[name]
+        return values
 
     @property
     def label(self) -> str:
@@ -163,6 +210,10 @@ class QuantOptions:
         if self.bias_granularity != BIAS_GRANULARITIES[0]:
             bias += f"/{self.bias_granularity}"
         parts = [f"a:{act}", f"w:{self.weight_scale}/{self.weight_granularity}", bias]
+        if self.equalize:
+            parts.append("cle")
+        if self.bias_correction != BIAS_CORRECTIONS[0]:
+            parts.append(f"bcorr-{self.bias_correction}")
         if self.skip_k_conv:
             parts.append(f"skip{self.skip_k_conv}")
         if self.skip_dense:
@@ -175,13 +226,27 @@ class QuantOptions:
         parts.extend(ends)
         if self.rounding != ROUNDINGS[0]:
             parts.append(f"round-{self.rounding}")
+        if self.weight_rounding != WEIGHT_ROUNDINGS[0]:
+            parts.append(f"{self.weight_rounding}:{self.adaround_iterations}it/"
+                         f"{self.adaround_images}img")
         if self.quantize_ops is not None:
             parts.append(f"ops:{'+'.join(self.quantize_ops)}")
         if self.float_layers:
             parts.append(f"float:{'+'.join(self.float_layers)}")
+        if self.layer_bias_bits:
+            parts.append("bias:" + "+".join(f"{name}={_bias_text(value)}"
+                                            for name, value in self.layer_bias_bits))
         if self.simulate:
             parts.append("simulated")
         return " ".join(parts)
+
+    def bias_for(self, layer: str) -> tuple:
+        """(bias_mode, bias_bits) of one layer: its ``layer_bias_bits`` entry, else the
+        network's."""
+        for name, value in self.layer_bias_bits:
+            if name == layer:
+                return ("int32-acc", self.bias_bits) if value == "int32-acc" else ("bits", value)
+        return self.bias_mode, self.bias_bits
 
     def layer_bits(self, position: str | None) -> tuple:
         """(weight bits, activation bits) of a layer; ``position`` 'first', 'last' or None."""
@@ -189,6 +254,11 @@ class QuantOptions:
         if override is not None:
             return override, override
         return self.weight_bits, self.activation_bits
+
+
+# Fields added after results folders existed: left out of ``to_dict`` at their default, so a
+# variant that does not use them keeps the key (and folder config) it had before.
+ADDED_LATER = ("layer_bias_bits",)
 
 
 def _name_list(what: str, value) -> tuple:
@@ -202,6 +272,51 @@ def _name_list(what: str, value) -> tuple:
     if any(not n for n in names):
         raise UsageProblem(f"{what}: an empty name in {value!r}")
     return tuple(dict.fromkeys(names))
+
+
+def _bias_value(value):
+    """A bias precision: 2..32 bits, or "int32-acc"; a UsageProblem naming it otherwise."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    elif isinstance(value, str):
+        value = value.strip()
+    if value == "int32-acc" or (_is_integer(value) and 2 <= value <= 32):
+        return value
+    raise UsageProblem(f"layer_bias_bits: a bias precision is 2..32 bits or 'int32-acc', not "
+                       f"{value!r}")
+
+
+def _bias_text(value) -> str:
+    return "b32acc" if value == "int32-acc" else f"b{value}"
+
+
+def _layer_biases(value) -> tuple:
+    """((layer, bits or "int32-acc"), ...) from "name=8,name=int32-acc", a {name: bits} mapping or
+    pairs; in the order given, a repeated layer refused."""
+    if isinstance(value, str):
+        items = []
+        for part in value.split(","):
+            name, sep, bits = part.partition("=")
+            if not sep or not name.strip():
+                raise UsageProblem(f"layer_bias_bits: {part.strip()!r} is not NAME=BITS "
+                                   "(e.g. conv1=8,conv2=int32-acc)")
+            items.append((name.strip(), bits))
+    elif isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, (list, tuple)) and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+        items = [tuple(p) for p in value]
+    else:
+        raise UsageProblem(f"layer_bias_bits must be NAME=BITS pairs, as a mapping or separated "
+                           f"by commas, not {value!r}")
+    pairs = []
+    for name, bits in items:
+        if not isinstance(name, str) or not name.strip():
+            raise UsageProblem(f"layer_bias_bits: {name!r} is not a layer name")
+        if any(name.strip() == seen for seen, _ in pairs):
+            raise UsageProblem(f"layer_bias_bits: layer '{name.strip()}' is given twice")
+        pairs.append((name.strip(), _bias_value(bits)))
+    return tuple(pairs)
 
 
 def levels_for_bits(bits: int) -> int:

@@ -99,6 +99,7 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
                     "--calib-images", 64, "--batch-size", 32, "--method", "percentile",
                     "--percentile", 99.9, "--weight-scale", "max", "--weight-granularity",
                     "channel", "--bias-bits", 9, "--bias-granularity", "channel",
+                    "--bias-correction", "empirical", "--equalize",
                     "--skip-k-conv", 1, "--skip-dense",
                     "--weight-bits", 6, "--activation-bits", 7, "--last-layer-bits", 8,
                     "--rounding", "nearest", "--quantize-ops", "conv2d,dense,relu,max_pool2d",
@@ -110,14 +111,15 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
     assert int8[0]["description"]["variant"] == {
         "activation_method": "percentile", "percentile": 99.9, "global_scale": 8.0,
         "weight_scale": "max", "weight_granularity": "channel", "bias_mode": "bits",
-        "bias_bits": 9, "bias_granularity": "channel", "skip_k_conv": 1, "skip_dense": True,
+        "bias_bits": 9, "bias_granularity": "channel", "bias_correction": "empirical",
+        "skip_k_conv": 1, "skip_dense": True,
         "weight_bits": 6,
         "activation_bits": 7, "first_layer_bits": None, "last_layer_bits": 8,
         "rounding": "nearest", "quantize_ops": ["conv2d", "dense", "relu", "max_pool2d"],
-        "float_layers": [], "simulate": False}
+        "float_layers": [], "simulate": False, "equalize": True}
     assert int8[0]["description"]["data"]["calibration"]["range"] == [0, 64]
     rows = {r["variant"]: r for r in summary["rows"]}
-    label = ("a:p99.9 w:max/channel b9/channel skip1 fdense W6A7 last8 round-nearest "
+    label = ("a:p99.9 w:max/channel b9/channel cle bcorr-empirical skip1 fdense W6A7 last8 round-nearest "
              "ops:conv2d+dense+relu+max_pool2d")
     assert set(rows) == {"float32", label}
     assert f"| fmnist_vgg11_bn | {label} | 64 | 2 |" in result.output
@@ -229,9 +231,15 @@ def test_calibration_file_of_another_model_is_refused(tmp_path):
     (["--weight-bits", 9], "--weight-bits"),
     (["--activation-bits", 1], "--activation-bits"),
     (["--rounding", "even"], "'even' is not one of"),
+    (["--weight-rounding", "stochastic"], "'stochastic' is not one of"),
+    (["--adaround-iterations", 0], "--adaround-iterations"),
     (["--quantize-ops", "conv2d,pool"], "quantize_ops: 'pool' is not an op qcal quantizes"),
     (["--float-layers", "conv2d_nosuch", "--num-images", 8],
      "float_layers: model 'fmnist_vgg11_bn' has no layer 'conv2d_nosuch'"),
+    (["--layer-bias-bits", "vgg0_conv0_fwd", "--num-images", 8],
+     "layer_bias_bits: 'vgg0_conv0_fwd' is not NAME=BITS"),
+    (["--layer-bias-bits", "conv2d_nosuch=8", "--num-images", 8],
+     "layer_bias_bits: model 'fmnist_vgg11_bn' has no layer 'conv2d_nosuch'"),
 ])
 def test_bad_quantization_options_exit_2(args, message):
     result = invoke("evaluate", "--model", "fmnist_vgg11_bn", *args)

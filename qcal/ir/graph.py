@@ -19,7 +19,8 @@ conv2d              strides (sh, sw), padding (t, l, b, r),     weight (O, I/gro
 dense               -  (input is 2-D: N x I)                    weight (O, I), bias (O,) [optional]
 channel_affine      -  (y = x * scale[c] + shift[c])            scale (C,), shift (C,)
 relu                -                                           -
-clip                a_min, a_max (ReLU6 is clip 0..6)           -
+clip                a_min, a_max (ReLU6 is clip 0..6), each a   -
+                    number or a tuple, one per channel
 max_pool2d          pool_size, strides, padding (t, l, b, r)    -
 avg_pool2d          pool_size, strides, padding,                -
                     count_include_pad (bool)
@@ -116,3 +117,30 @@ class Graph:
                 a = np.ascontiguousarray(n.params[k])
                 h.update(k.encode() + str(a.dtype).encode() + str(a.shape).encode() + a.tobytes())
         return h.hexdigest()[:16]
+
+
+def residual_blocks(graph: Graph) -> list:
+    """The residual blocks of ``graph``: per ``add`` whose operands meet again (a skip
+    connection), ``(add name, nodes of the block in graph order)``; the block is every node after
+    the add's immediate dominator (the last node every path from the input to the add passes
+    through: the block's entry) from which the add is reached, the add included. Found from the
+    structure alone, whatever the model family calls its blocks."""
+    index = {n.name: i for i, n in enumerate(graph.nodes)}
+    dominators = {}  # node -> every node that dominates it (itself included)
+    for n in graph.nodes:
+        common = None
+        for i in n.inputs:
+            common = set(dominators[i]) if common is None else common & dominators[i]
+        dominators[n.name] = (common or set()) | {n.name}
+    blocks = []
+    for add in graph.ops_of("add"):
+        entry = max(dominators[add.name] - {add.name}, key=index.get, default=None)
+        if entry is None:
+            continue
+        reaches, members = {add.name}, []
+        for n in reversed(graph.nodes[index[entry] + 1:index[add.name] + 1]):
+            if n.name in reaches:
+                members.append(n.name)
+                reaches.update(n.inputs)
+        blocks.append((add.name, tuple(reversed(members))))
+    return blocks

@@ -159,19 +159,32 @@ class Annotation:
         }
 
 
-def check_float_layers(graph: Graph, options: QuantOptions):
-    """Refuse a ``float_layers`` name the graph does not have, naming it."""
+def check_layer_names(graph: Graph, options: QuantOptions):
+    """Refuse a ``float_layers`` or ``layer_bias_bits`` name the graph does not have (or, for a
+    bias precision, a layer without a bias), naming it."""
     names = {n.name for n in graph.nodes if n.op != "input"}
-    unknown = [n for n in options.float_layers if n not in names]
-    if unknown:
-        shown = [n.name for n in graph.nodes if n.op in ("conv2d", "dense")][:4]
-        raise UsageProblem(f"float_layers: model '{graph.name}' has no layer "
-                           f"{', '.join(repr(n) for n in unknown)} (its layers are named like "
-                           f"{', '.join(shown)}; layers.csv lists them)")
+    shown = ", ".join([n.name for n in graph.nodes if n.op in ("conv2d", "dense")][:4])
+    for what, asked in (("float_layers", options.float_layers),
+                        ("layer_bias_bits", [name for name, _ in options.layer_bias_bits])):
+        unknown = [n for n in asked if n not in names]
+        if unknown:
+            raise UsageProblem(f"{what}: model '{graph.name}' has no layer "
+                               f"{', '.join(repr(n) for n in unknown)} (its layers are named "
+                               f"like {shown}; layers.csv lists them)")
+    unbiased = [name for name, _ in options.layer_bias_bits if not has_bias(graph.node(name))]
+    if unbiased:
+        raise UsageProblem(f"layer_bias_bits: layer {', '.join(repr(n) for n in unbiased)} of "
+                           f"model '{graph.name}' has no bias")
+
+
+def has_bias(node: Node) -> bool:
+    """Whether a layer adds a constant that is quantized as a bias (a conv's or dense's bias, a
+    channel_affine's shift)."""
+    return "bias" in node.params or (node.op == "channel_affine" and "shift" in node.params)
 
 
 def annotate(graph: Graph, options: QuantOptions) -> Annotation:
-    check_float_layers(graph, options)
+    check_layer_names(graph, options)
     enabled = set(options.quantize_ops or QUANTIZABLE_OPS)
     kept_float = set(options.float_layers)
     convs = [n.name for n in graph.nodes if n.op == "conv2d"]

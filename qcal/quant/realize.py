@@ -16,6 +16,7 @@ offline -- decided per channel.
 When the accumulator scale is not a power of two the common scale is ``s_acc / 2**k`` with the
 smallest k that is at least as fine as the bias scale, so the run-time shift stays exact.
 ``bias_mode='int32-acc'``: ``rint(b / s_acc)`` in int32 at the accumulator scale (ONNX Runtime, TFLite).
+``layer_bias_bits`` gives single layers another bias precision than the network's.
 Both go through the same overflow check: per channel the accumulator shift k is lowered (down to a
 rounding right shift) until ``bound(acc << k) + |bias| <= 2**31 - 1``; each lowering is recorded.
 """
@@ -42,8 +43,9 @@ from qcal.registry import Registry
 
 
 class _Realizer:
-    def __init__(self, graph, annotation, amax, options):
+    def __init__(self, graph, annotation, amax, options, round_up=None):
         self.graph, self.annotation, self.amax, self.options = graph, annotation, amax, options
+        self.round_up = dict(round_up or {})
         self.shapes = infer_shapes(graph)
         self.nodes, self.adjustments = [], []
         self.value, self.int8_of, self.float_of = {}, {}, {}
@@ -132,13 +134,13 @@ class _Realizer:
         s_acc = per_channel(acc.scale, channels)
         bound = per_channel(acc.bound, channels).astype(np.int64)
         bias = np.asarray(bias, dtype=np.float64)
-        if self.options.bias_mode == "int32-acc":
+        mode, bits = self.options.bias_for(layer)  # layer_bias_bits over the network's
+        if mode == "int32-acc":
             k0 = np.zeros(channels, dtype=np.int64)
 
             def bias_at(common):
                 return np.rint(bias / common)
         else:
-            bits = self.options.bias_bits
             s_b = bias_scale(bias, bits, self.options.bias_granularity)
             b_q = quantize_array(bias, s_b, 2 ** (bits - 1) - 1).astype(np.float64)
             # per channel, the finer of the two scales wins (s_b is () or, per channel, (C,))
@@ -251,9 +253,15 @@ REALIZERS = Registry("integer realization of op")
 realizer = REALIZERS.register
 
 
+def accumulator_name(node: Node) -> str:
+    """The name of the integer node that multiplies ``node``'s weights (its int32 accumulator;
+    the layer's own name is its output's, after the bias)."""
+    return node.name if node.params.get("bias") is None else f"{node.name}:acc"
+
+
 def _weighted(ctx: _Realizer, node: Node, op: str, attrs: dict, x: QNode, wq, s_w, l1) -> QNode:
     bias = node.params.get("bias")
-    name = node.name if bias is None else f"{node.name}:acc"
+    name = accumulator_name(node)
     acc = ctx.emit(QNode(name, op, (x.name,), attrs, {"weight": wq} if op != "qchannel_mul" else
                          {"multiplier": wq}, dtype="int32", shape=ctx.shapes[node.name],
                          scale=x.scale * s_w, bound=int(np.max(x.bound)) * l1))
@@ -262,8 +270,14 @@ def _weighted(ctx: _Realizer, node: Node, op: str, attrs: dict, x: QNode, wq, s_
 
 def _quantized_weight(ctx: _Realizer, node: Node, weight):
     o = ctx.options
-    levels = levels_for_bits(ctx.annotation.weight_bits.get(node.name, o.weight_bits))
-    return quantize_weight(weight, o.weight_scale, o.weight_granularity, levels)
+    return quantize_weight(weight, o.weight_scale, o.weight_granularity,
+                           weight_levels(ctx.annotation, node.name),
+                           ctx.round_up.get(node.name))
+
+
+def weight_levels(annotation: Annotation, layer: str) -> int:
+    """The largest weight level of an integer weighted layer."""
+    return levels_for_bits(annotation.weight_bits.get(layer, annotation.options.weight_bits))
 
 
 @realizer("conv2d")
@@ -315,8 +329,10 @@ def _flatten(ctx: _Realizer, node: Node) -> QNode:
 def _clip(ctx: _Realizer, node: Node) -> QNode:
     x = ctx.value[node.inputs[0]]
     limit = INT8_MAX if x.dtype == "int8" else INT32_MAX
-    lo = np.clip(np.rint(node.attrs["a_min"] / x.scale), -limit, limit).astype(np.int64)
-    hi = np.clip(np.rint(node.attrs["a_max"] / x.scale), -limit, limit).astype(np.int64)
+    # a bound is one number, or one per channel (an equalized ReLU6: qcal.quant.equalize)
+    a_min, a_max = (np.asarray(node.attrs[k], np.float64) for k in ("a_min", "a_max"))
+    lo = np.clip(np.rint(a_min / x.scale), -limit, limit).astype(np.int64)
+    hi = np.clip(np.rint(a_max / x.scale), -limit, limit).astype(np.int64)
     bound = np.minimum(x.bound, np.maximum(np.abs(lo), np.abs(hi)))
     return ctx.emit(QNode(node.name, "qclip", (x.name,), params={"lo": lo, "hi": hi},
                           dtype=x.dtype, shape=ctx.shapes[node.name], scale=x.scale, bound=bound))
@@ -365,11 +381,13 @@ def _add(ctx: _Realizer, node: Node) -> QNode:
 
 
 def realize(graph: Graph, amax: Mapping[str, float], options: QuantOptions,
-            annotation: Annotation | None = None) -> QGraph:
+            annotation: Annotation | None = None, round_up: Mapping | None = None) -> QGraph:
     """The integer graph for ``graph`` under ``options``, with activation ranges ``amax``
-    ({tensor name: abs-max}; ``annotation.required_amax`` lists the names needed)."""
+    ({tensor name: abs-max}; ``annotation.required_amax`` lists the names needed).
+    ``round_up`` ({conv/dense layer: boolean array like its weight}) rounds those layers'
+    weights in the learned directions (``qcal.quant.adaround``) instead of to nearest."""
     annotation = annotation or annotate(graph, options)
-    return _Realizer(graph, annotation, amax, options).run()
+    return _Realizer(graph, annotation, amax, options, round_up).run()
 
 
 def qgraph_from_float(graph: Graph) -> QGraph:

@@ -56,7 +56,9 @@ def _relu(node, dtype, x):
 
 @_kernel("clip")
 def _clip(node, dtype, x):
-    return np.clip(x, dtype(node.attrs["a_min"]), dtype(node.attrs["a_max"]))
+    # a bound is one number, or one per channel (an equalized ReLU6: qcal.quant.equalize)
+    lo, hi = (channel_view(np.asarray(node.attrs[k], dtype), x.ndim) for k in ("a_min", "a_max"))
+    return np.clip(x, lo, hi)
 
 
 @_kernel("max_pool2d")

@@ -250,7 +250,12 @@ def _channel_affine(node, x, batch):
 
 @emitter("clip")
 def _clip(node, x, batch):
-    return relax.op.clip(x, float(node.attrs["a_min"]), float(node.attrs["a_max"]))
+    lo, hi = (np.asarray(node.attrs[k], np.float32) for k in ("a_min", "a_max"))
+    if lo.ndim == 0 and hi.ndim == 0:
+        return relax.op.clip(x, float(lo), float(hi))
+    rank = _rank(node)  # per-channel bounds (an equalized ReLU6)
+    return relax.op.maximum(relax.op.minimum(x, channel_const(hi, rank, "float32")),
+                            channel_const(lo, rank, "float32"))
 
 
 @emitter("avg_pool2d")
