@@ -258,21 +258,25 @@ def _setup_logging(output: Path, quiet: bool):
 
 def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
               cache_dir: Path | None = None, wait: bool = False, force: bool = False,
-              sessions: dict | None = None):
+              sessions: dict | None = None, claimed: bool = False, keep_sessions: bool = False):
     """Run (or finish) every variant of ``config``; returns the table written to results.md.
 
     One sweep writes into ``output`` at a time: while another holds it, this one raises
     ``FolderBusy`` (naming the folder and the other's pid), or waits for it when ``wait``.
     ``output`` belongs to one config (``claim_folder``; ``force`` hands it to this one).
-    ``sessions``: {model: ModelSession} already checked (``qcal.drivers.validate``), reused."""
+    ``sessions``: {model: ModelSession} already checked (``qcal.drivers.validate``), reused (and
+    kept open with ``keep_sessions``: their statistics serve the caller's next sweep). With
+    ``claimed`` the caller holds ``output``'s lock and has claimed it (``qcal search``)."""
     output = Path(output)
+    if claimed:
+        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {}, keep_sessions)
     with folder_lock(output, wait=wait):
         claim_folder(output, config, force, command)
-        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {})
+        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {}, keep_sessions)
 
 
 def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path | None,
-               sessions: dict):
+               sessions: dict, keep_sessions: bool = False):
     from qcal.drivers.session import ModelSession
     from qcal.report import sweep_tables as sweep_report
     from qcal.report import tables as report
@@ -353,7 +357,8 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
             if options is None:
                 baseline_key = key
         passes[session.display_name] = session.statistics_passes
-        session.close()
+        if not keep_sessions:
+            session.close()
     summary = {
         "config": config.raw, "config_path": config.source_path, "command": command,
         "seed": config.seed, **environment(),
