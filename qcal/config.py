@@ -29,6 +29,10 @@ DEFAULT_VERIFY_IMAGES = 2
 # bias precision its "bias" mode gives one layer at a time
 DEFAULT_SENSITIVITY_IMAGES = 64
 DEFAULT_SENSITIVITY_BIAS_BITS = 8
+# On a cluster (qcal sweep --workers/--cluster), a variant evaluating more images than this is cut
+# into tasks of this many (whole batches); each task compiles the variant or reads it from the
+# compile cache, so shards much smaller than an evaluation's compile time do not pay.
+DEFAULT_SHARD_IMAGES = 10000
 
 # Activation calibration methods (qcal.calib.collect's registry holds their implementations).
 ACTIVATION_METHODS = ("global", "max", "power2", "l2", "kl", "kl-mxnet", "percentile")

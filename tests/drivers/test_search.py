@@ -119,3 +119,14 @@ def test_bad_input_is_one_line(tmp_path, args, config_text, message):
     errors = [line for line in result.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and message in errors[0], result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["search-fmnist-resnet56", "search-lite0", "calib-repeats",
+                                  "calib-repeats-lite0"])
+def test_shipped_configs_parse(name):
+    from qcal.drivers.sweep_config import parse_sweep_config
+    from qcal.files import REPO_ROOT
+
+    config, problems = parse_sweep_config(REPO_ROOT / "configs" / f"{name}.yaml")
+    assert not problems and len(config.models) == 1
+    assert config.calib_repeats == (5 if name.startswith("calib") else 1)
