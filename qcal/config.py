@@ -25,6 +25,14 @@ DEFAULT_BATCH_CACHE_DIR = Path(".qcal-cache/batches")
 # Calibration images on which each compiled variant must equal its numpy integer reference bit for
 # bit before it is evaluated (qcal.eval.verify); 0 turns the check off.
 DEFAULT_VERIFY_IMAGES = 2
+# qcal sensitivity: label-free images each variant runs on (numpy, nothing compiled), and the
+# bias precision its "bias" mode gives one layer at a time
+DEFAULT_SENSITIVITY_IMAGES = 64
+DEFAULT_SENSITIVITY_BIAS_BITS = 8
+# On a cluster (qcal sweep --workers/--cluster), a variant evaluating more images than this is cut
+# into tasks of this many (whole batches); each task compiles the variant or reads it from the
+# compile cache, so shards much smaller than an evaluation's compile time do not pay.
+DEFAULT_SHARD_IMAGES = 10000
 
 # Activation calibration methods (qcal.calib.collect's registry holds their implementations).
 ACTIVATION_METHODS = ("global", "max", "power2", "l2", "kl", "kl-mxnet", "percentile")
@@ -48,6 +56,14 @@ MIN_BITS, MAX_BITS = 2, 8
 ROUNDINGS = ("upward", "nearest")
 # Float ops qcal can run in integers (qcal.quant.annotate's handlers); ``quantize_ops`` picks a
 # subset (Relay's debug_enabled_ops), the rest stay float32.
+# How each conv/dense weight is rounded to its level: "nearest" (rint), or "adaround", learned
+# per layer on calibration images (qcal.quant.adaround; Nagel et al. 2020).
+WEIGHT_ROUNDINGS = ("nearest", "adaround")
+DEFAULT_ADAROUND_ITERATIONS = 500  # optimiser steps per layer (the paper used 10,000)
+DEFAULT_ADAROUND_IMAGES = 256  # the first calibration images AdaRound learns from
+# Fields that only AdaRound reads: left out of a variant's description (to_dict) when the
+# weights are rounded to nearest, so that such variants keep their keys and their label.
+ADAROUND_FIELDS = ("weight_rounding", "adaround_iterations", "adaround_images")
 QUANTIZABLE_OPS = ("conv2d", "dense", "channel_affine", "add", "relu", "clip", "max_pool2d",
                    "avg_pool2d", "global_avg_pool2d", "flatten")
 
@@ -92,6 +108,9 @@ class QuantOptions:
     # Evaluate the fake-quantized float model of the integer graph (numpy, no compile) instead of
     # the compiled integer model: fast exploration, its rows labelled "simulated".
     simulate: bool = False
+    weight_rounding: str = WEIGHT_ROUNDINGS[0]
+    adaround_iterations: int = DEFAULT_ADAROUND_ITERATIONS
+    adaround_images: int = DEFAULT_ADAROUND_IMAGES
 
     def __post_init__(self):
         def need(cond, message):
@@ -150,6 +169,16 @@ class QuantOptions:
             value = getattr(self, name)
             need(width(value, optional=name.endswith("layer_bits")),
                  f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, not {value!r}")
+        need(self.weight_rounding in WEIGHT_ROUNDINGS,
+             f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
+             f"not '{self.weight_rounding}'")
+        for name in ("adaround_iterations", "adaround_images"):
+            value = getattr(self, name)
+            need(_is_integer(value) and value >= 1,
+                 f"{name} must be a positive integer, not {value!r}")
+        if self.weight_rounding == WEIGHT_ROUNDINGS[0]:  # nearest reads neither: one variant
+            object.__setattr__(self, "adaround_iterations", DEFAULT_ADAROUND_ITERATIONS)
+            object.__setattr__(self, "adaround_images", DEFAULT_ADAROUND_IMAGES)
         need(self.rounding in ROUNDINGS,
              f"rounding must be one of {', '.join(ROUNDINGS)}, not '{self.rounding}'")
         need(self.float_layers is not None, "float_layers must be a list of layer names")
@@ -171,6 +200,9 @@ class QuantOptions:
         values = asdict(self)
         for name in ADDED_LATER:  # at their default: the dict (and variant keys) of before
             if values[name] == getattr(QuantOptions, name):
+                del values[name]
+        if self.weight_rounding == WEIGHT_ROUNDINGS[0]:
+            for name in ADAROUND_FIELDS:
                 del values[name]
         return values
 
@@ -202,6 +234,9 @@ class QuantOptions:
         parts.extend(ends)
         if self.rounding != ROUNDINGS[0]:
             parts.append(f"round-{self.rounding}")
+        if self.weight_rounding != WEIGHT_ROUNDINGS[0]:
+            parts.append(f"{self.weight_rounding}:{self.adaround_iterations}it/"
+                         f"{self.adaround_images}img")
         if self.quantize_ops is not None:
             parts.append(f"ops:{'+'.join(self.quantize_ops)}")
         if self.float_layers:

@@ -11,7 +11,7 @@ from qcal.config import (DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_CA
                          DEFAULT_VERIFY_IMAGES)
 
 
-def model_options(multiple: bool):
+def model_options(multiple: bool, required: bool = True):
     def decorate(func):
         func = click.option("--pretrained", is_flag=True,
                             help="Load ImageNet weights from MXNet's model store ($MXNET_HOME).")(func)
@@ -22,7 +22,7 @@ def model_options(multiple: bool):
                      "NAME-symbol.json export or an .onnx file"
                      + ("; repeatable." if multiple else "."))
         func = click.option("--model", "models" if multiple else "model", type=ModelType(),
-                            required=True, multiple=multiple, help=help_text)(func)
+                            required=required, multiple=multiple, help=help_text)(func)
         return func
     return decorate
 
@@ -98,14 +98,16 @@ def data_options(func):
 VARIANT_AXES = ("activation_method", "percentile", "global_scale", "weight_scale",
                 "weight_granularity", "bias", "skip_k_conv", "weight_bits", "activation_bits",
                 "first_layer_bits", "last_layer_bits", "rounding", "quantize_ops", "float_layers",
-                "bias_granularity", "bias_correction", "layer_bias_bits")
+                "bias_granularity", "bias_correction", "layer_bias_bits", "weight_rounding",
+                "adaround_iterations", "adaround_images")
 FLAGS = ("skip_dense", "simulate", "equalize")  # on/off options that apply to every variant
 
 
 def quant_options(func):
     """Each option may repeat; evaluate runs the cross product of the values given."""
     from qcal.config import (ACTIVATION_METHODS, BIAS_CORRECTIONS, BIAS_GRANULARITIES, MAX_BITS, MIN_BITS,
-                             QUANTIZABLE_OPS, ROUNDINGS, WEIGHT_GRANULARITIES, WEIGHT_SCALES, QuantOptions)
+                             QUANTIZABLE_OPS, ROUNDINGS, WEIGHT_GRANULARITIES, WEIGHT_ROUNDINGS,
+                             WEIGHT_SCALES, QuantOptions)
 
     d = QuantOptions()
     options = [
@@ -153,6 +155,16 @@ def quant_options(func):
         click.option("--rounding", multiple=True, type=click.Choice(ROUNDINGS),
                      help=f"Ties of every rounding right shift and integer rescale: upward (half "
                           f"up) or nearest (half to even) (default {d.rounding})."),
+        click.option("--weight-rounding", multiple=True, type=click.Choice(WEIGHT_ROUNDINGS),
+                     help=f"How each conv/dense weight rounds to its level: nearest, or adaround "
+                          f"(directions learned per layer on calibration images; Nagel et al. "
+                          f"2020) (default {d.weight_rounding})."),
+        click.option("--adaround-iterations", multiple=True, type=click.IntRange(min=1),
+                     help=f"AdaRound's optimiser steps per layer (default "
+                          f"{d.adaround_iterations})."),
+        click.option("--adaround-images", multiple=True, type=click.IntRange(min=1),
+                     help=f"AdaRound learns from the first N calibration images (default "
+                          f"{d.adaround_images})."),
         click.option("--quantize-ops", multiple=True, metavar="OP,OP,...",
                      help=f"Quantize only these op types, the rest stay float32 (default: all of "
                           f"{', '.join(QUANTIZABLE_OPS)})."),
