@@ -48,6 +48,7 @@ class ModelSession:
         self._calibration = None
         self._subset_calibrations = {}  # subset index -> CalibrationResult
         self._correction = {}
+        self._logits_to = ({}, {}, True)  # see evaluate
         self._equalized = None
 
     # --- load -------------------------------------------------------------------------------
@@ -246,22 +247,37 @@ class ModelSession:
         return self._correction[key]
 
     def _run_selections(self, runner, label, plan):
-        """(evaluation result, fidelity result or None) for one runner."""
+        """(evaluation result, fidelity result or None) for one runner; each selection's logits
+        go where ``self._logits_to`` says (``evaluate``'s ``references`` / ``logits_files``)."""
         outcomes = []
-        for selection in (plan.evaluation, plan.fidelity):
+        for name, selection in (("evaluation", plan.evaluation), ("fidelity", plan.fidelity)):
             if selection is None:
                 outcomes.append(None)
                 continue
+            references, files, keep = self._logits_to
             with self._progress(len(selection), label) as bar:
-                outcomes.append(evaluate(runner, selection, self.batch_size, self.cache, bar))
+                outcomes.append(evaluate(
+                    runner, selection, self.batch_size, self.cache, bar,
+                    reference=references.get(name), logits_file=files.get(name),
+                    fidelity_suffix="_crops" if name == "fidelity" else "", keep_logits=keep))
         return outcomes
 
-    def evaluate(self, options=None, subset: int = 0):
+    def evaluate(self, options=None, subset: int = 0, references=None, logits_files=None,
+                 keep_logits: bool = True):
         """(EvalResult, fidelity EvalResult or None, extra record fields) for float32 (options
         None) or one int8 variant calibrated on calibration subset ``subset``. Nothing the run
-        compiled outlives it."""
-        outcome = (self._evaluate_float() if options is None
-                   else self._evaluate_int8(options, subset))
+        compiled outlives it.
+
+        ``references`` / ``logits_files``: per selection (``"evaluation"``, ``"fidelity"``),
+        float32's logits to compare with batch by batch, or a file to write the logits to (see
+        ``qcal.eval.evaluate.evaluate``); a selection in neither keeps its logits in memory
+        (``EvalResult.logits``) unless ``keep_logits`` is False."""
+        self._logits_to = (references or {}, logits_files or {}, keep_logits)
+        try:
+            outcome = (self._evaluate_float() if options is None
+                       else self._evaluate_int8(options, subset))
+        finally:
+            self._logits_to = ({}, {}, True)
         # TVMScript's ``T.prim_func`` keeps the ``inspect.stack()`` of its caller in a reference
         # cycle (tvm/tirx/script/parser/entry.py), and a frame keeps its locals after it returns:
         # a compile leaves every frame above it (the compiled model, the variant's results, the
