@@ -39,14 +39,6 @@ class TopKAccumulator:
     def all_labels(self) -> np.ndarray:
         return np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
 
-    @property
-    def correct_top1(self) -> np.ndarray:
-        return self.top5_predictions[:, 0] == self.all_labels
-
-    @property
-    def correct_top5(self) -> np.ndarray:
-        return (self.top5_predictions == self.all_labels[:, None]).any(axis=1)
-
 
 @dataclass
 class EvalResult:
@@ -56,7 +48,8 @@ class EvalResult:
     seconds: float
     predictions: np.ndarray = field(repr=False)  # N x 5 class indices
     labels: np.ndarray = field(repr=False)
-    # N x classes float32, when neither a reference nor a logits file was given to ``evaluate``
+    # N x classes float32, unless ``evaluate`` was given a reference, a logits file, or told not
+    # to keep them
     logits: np.ndarray | None = field(repr=False, default=None)
     fidelity: dict | None = None  # ``qcal.eval.fidelity.compare``'s figures against the reference
 
@@ -110,13 +103,46 @@ def evaluate(runner, selection: Selection, batch_size: int, cache: BatchCache | 
         raise
     if writer is not None:
         writer.close()
-    labelled = acc.all_labels >= 0  # label-free images (label -1) count for fidelity only
-    return EvalResult(images=len(acc.all_labels),
-                      top1=float(acc.correct_top1.mean()) if labelled.all() else float("nan"),
-                      top5=float(acc.correct_top5.mean()) if labelled.all() else float("nan"),
-                      seconds=compute_seconds, predictions=acc.top5_predictions,
-                      labels=acc.all_labels, logits=all_logits[:rows] if keep else None,
-                      fidelity=fidelity.result(fidelity_suffix) if fidelity is not None else None)
+    result = _result(acc.top5_predictions, acc.all_labels, all_logits[:rows] if keep else None,
+                     compute_seconds)
+    result.fidelity = fidelity.result(fidelity_suffix) if fidelity is not None else None
+    return result
+
+
+def route_logits(result: EvalResult, reference=None, logits_file=None,
+                 fidelity_suffix: str = "") -> EvalResult:
+    """What ``evaluate`` does with its logits, for a result computed elsewhere whose logits are
+    in memory (merged shards): compared with ``reference``, written to ``logits_file``."""
+    from qcal.eval.fidelity import FidelityAccumulator
+    from qcal.eval.logit_rows import LogitsWriter
+
+    if reference is not None:
+        fidelity = FidelityAccumulator()
+        fidelity.update(reference.take(len(result.logits)), result.logits)
+        result.fidelity = fidelity.result(fidelity_suffix)
+    if logits_file is not None:
+        writer = LogitsWriter(logits_file, len(result.logits))
+        writer.write(result.logits)
+        writer.close()
+    return result
+
+
+def _result(predictions, labels, logits, seconds: float) -> EvalResult:
+    labelled = labels >= 0  # label-free images (label -1) count for fidelity only
+    correct1 = predictions[:, 0] == labels
+    correct5 = (predictions == labels[:, None]).any(axis=1)
+    return EvalResult(images=len(labels),
+                      top1=float(correct1.mean()) if labelled.all() else float("nan"),
+                      top5=float(correct5.mean()) if labelled.all() else float("nan"),
+                      seconds=seconds, predictions=predictions, labels=labels, logits=logits)
+
+
+def merge_results(parts) -> EvalResult:
+    """The results of consecutive image ranges as one: what one pass over them all gives (the
+    same per-image predictions and logits, the same scores; the compute time is their sum)."""
+    return _result(np.concatenate([p.predictions for p in parts]),
+                   np.concatenate([p.labels for p in parts]),
+                   np.concatenate([p.logits for p in parts]), sum(p.seconds for p in parts))
 
 
 class MXNetFloatRunner:

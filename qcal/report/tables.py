@@ -41,8 +41,8 @@ TABLE_WRITERS = {
 }
 
 
-def progress_bar(total: int, description: str, quiet: bool):
+def progress_bar(total: int, description: str, quiet: bool, unit: str = "img"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="img", disable=quiet, leave=False,
+    return tqdm(total=total, desc=description, unit=unit, disable=quiet, leave=False,
                 dynamic_ncols=True)
