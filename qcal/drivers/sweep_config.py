@@ -59,7 +59,7 @@ DATA_KEYS = {
 # Sections other commands read from the same file (``qcal sensitivity``'s settings): each a
 # mapping of values kept as written, with their lines; the command checks them, a sweep ignores
 # them.
-COMMAND_SECTIONS = ("sensitivity",)
+COMMAND_SECTIONS = ("sensitivity", "search")
 TOP_KEYS = {"name", "models", "pretrained", "data", "batch_size", "seed", "float32", "grid",
             "variants", "verify_images", "calib_repeats", *COMMAND_SECTIONS}
 
