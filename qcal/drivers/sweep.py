@@ -322,11 +322,11 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
                 record = {**report.result_row(session.display_name, label, result),
                           "key": key, "description": description,
                           "wall_seconds": round(time.time() - t0, 2), **extra}
-                arrays = {}
-                if options is None:  # int8 variants are compared against these
-                    arrays["logits"] = result.logits
-                    if fidelity_result is not None:
-                        arrays["fidelity_logits"] = fidelity_result.logits
+                # float32's logits are what int8 variants are compared against; every variant's
+                # are kept so that variants can be compared with each other image by image
+                arrays = {"logits": result.logits}
+                if fidelity_result is not None:
+                    arrays["fidelity_logits"] = fidelity_result.logits
                 store.save(key, record, result.predictions, result.labels, **arrays)
                 log.info("%s %s: top-1 %.2f %%, top-5 %.2f %% on %d images (%.1f s)", model, label,
                          100 * result.top1, 100 * result.top5, result.images,
