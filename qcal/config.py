@@ -48,6 +48,14 @@ MIN_BITS, MAX_BITS = 2, 8
 ROUNDINGS = ("upward", "nearest")
 # Float ops qcal can run in integers (qcal.quant.annotate's handlers); ``quantize_ops`` picks a
 # subset (Relay's debug_enabled_ops), the rest stay float32.
+# How each conv/dense weight is rounded to its level: "nearest" (rint), or "adaround", learned
+# per layer on calibration images (qcal.quant.adaround; Nagel et al. 2020).
+WEIGHT_ROUNDINGS = ("nearest", "adaround")
+DEFAULT_ADAROUND_ITERATIONS = 500  # optimiser steps per layer (the paper used 10,000)
+DEFAULT_ADAROUND_IMAGES = 256  # the first calibration images AdaRound learns from
+# Fields that only AdaRound reads: left out of a variant's description (to_dict) when the
+# weights are rounded to nearest, so that such variants keep their keys and their label.
+ADAROUND_FIELDS = ("weight_rounding", "adaround_iterations", "adaround_images")
 QUANTIZABLE_OPS = ("conv2d", "dense", "channel_affine", "add", "relu", "clip", "max_pool2d",
                    "avg_pool2d", "global_avg_pool2d", "flatten")
 
@@ -92,6 +100,9 @@ class QuantOptions:
     # Evaluate the fake-quantized float model of the integer graph (numpy, no compile) instead of
     # the compiled integer model: fast exploration, its rows labelled "simulated".
     simulate: bool = False
+    weight_rounding: str = WEIGHT_ROUNDINGS[0]
+    adaround_iterations: int = DEFAULT_ADAROUND_ITERATIONS
+    adaround_images: int = DEFAULT_ADAROUND_IMAGES
 
     def __post_init__(self):
         def need(cond, message):
@@ -150,6 +161,16 @@ class QuantOptions:
             value = getattr(self, name)
             need(width(value, optional=name.endswith("layer_bits")),
                  f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, not {value!r}")
+        need(self.weight_rounding in WEIGHT_ROUNDINGS,
+             f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
+             f"not '{self.weight_rounding}'")
+        for name in ("adaround_iterations", "adaround_images"):
+            value = getattr(self, name)
+            need(_is_integer(value) and value >= 1,
+                 f"{name} must be a positive integer, not {value!r}")
+        if self.weight_rounding == WEIGHT_ROUNDINGS[0]:  # nearest reads neither: one variant
+            object.__setattr__(self, "adaround_iterations", DEFAULT_ADAROUND_ITERATIONS)
+            object.__setattr__(self, "adaround_images", DEFAULT_ADAROUND_IMAGES)
         need(self.rounding in ROUNDINGS,
              f"rounding must be one of {', '.join(ROUNDINGS)}, not '{self.rounding}'")
         need(self.float_layers is not None, "float_layers must be a list of layer names")
@@ -171,6 +192,9 @@ class QuantOptions:
         values = asdict(self)
         for name in ADDED_LATER:  # at their default: the dict (and variant keys) of before
             if values[name] == getattr(QuantOptions, name):
+                del values[name]
+        if self.weight_rounding == WEIGHT_ROUNDINGS[0]:
+            for name in ADAROUND_FIELDS:
                 del values[name]
         return values
 
@@ -202,6 +226,9 @@ class QuantOptions:
         parts.extend(ends)
         if self.rounding != ROUNDINGS[0]:
             parts.append(f"round-{self.rounding}")
+        if self.weight_rounding != WEIGHT_ROUNDINGS[0]:
+            parts.append(f"{self.weight_rounding}:{self.adaround_iterations}it/"
+                         f"{self.adaround_images}img")
         if self.quantize_ops is not None:
             parts.append(f"ops:{'+'.join(self.quantize_ops)}")
         if self.float_layers:

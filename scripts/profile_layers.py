@@ -42,13 +42,14 @@ def best_time(fn, repeat: int) -> float:
 
 
 def conv_macs(func) -> int | None:
-    """Multiply-accumulates of a VNNI or pair conv PrimFunc, from its buffer shapes."""
+    """Multiply-accumulates of a VNNI or pair conv PrimFunc, from its buffer shapes (the VNNI
+    conv reads (N, C/v, H, W, q) quads and writes channel-blocked (N, O/v, OH, OW, v) int32)."""
     params = list(func.params)
     if len(params) < 3:
         return None
     data, weight = params[0], params[1]
     shape = [int(d) for d in weight.shape]
-    if len(shape) != 5 or len(data.shape) != 4:
+    if len(shape) != 5 or len(data.shape) not in (4, 5):
         return None
     out = [int(d) for d in params[-1].shape]
     f, cq, kh, kw, lanes = shape
@@ -58,6 +59,8 @@ def conv_macs(func) -> int | None:
         channels, outs = 2 * cq, f * lanes // 2
     else:
         return None
+    if len(out) == 5:  # channel-blocked output
+        out = [out[0], out[1] * out[4], out[2], out[3]]
     if len(out) != 4 or out[1] != outs:
         return None
     return out[0] * outs * out[2] * out[3] * channels * kh * kw

@@ -231,6 +231,8 @@ def test_calibration_file_of_another_model_is_refused(tmp_path):
     (["--weight-bits", 9], "--weight-bits"),
     (["--activation-bits", 1], "--activation-bits"),
     (["--rounding", "even"], "'even' is not one of"),
+    (["--weight-rounding", "stochastic"], "'stochastic' is not one of"),
+    (["--adaround-iterations", 0], "--adaround-iterations"),
     (["--quantize-ops", "conv2d,pool"], "quantize_ops: 'pool' is not an op qcal quantizes"),
     (["--float-layers", "conv2d_nosuch", "--num-images", 8],
      "float_layers: model 'fmnist_vgg11_bn' has no layer 'conv2d_nosuch'"),

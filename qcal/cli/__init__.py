@@ -44,9 +44,10 @@ def _register_commands():
     from qcal.cli.calibrate import calibrate
     from qcal.cli.evaluate import evaluate
     from qcal.cli.models import models
+    from qcal.cli.search import search
     from qcal.cli.sweep import sweep
 
-    for command in (models, evaluate, calibrate, sweep):
+    for command in (models, evaluate, calibrate, sweep, search):
         main.add_command(command)
 
 

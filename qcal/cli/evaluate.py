@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
-from qcal.cli.options import (data_options, data_options_dict, model_options, quant_options,
-                              variants_from_options, verify_images_option)
+from qcal.cli.options import (calib_repeats_option, data_options, data_options_dict, model_options,
+                              quant_options, variants_from_options, verify_images_option)
 from qcal.cli.params import translate_errors
 from qcal.files import atomic_write_text
 
@@ -17,6 +17,7 @@ from qcal.files import atomic_write_text
 @data_options
 @quant_options
 @verify_images_option()
+@calib_repeats_option()
 @click.option("--float-only", is_flag=True, help="Evaluate float32 only (no int8 variant).")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write the table here (.csv, .md or .json, by suffix).")
@@ -31,7 +32,7 @@ from qcal.files import atomic_write_text
 @translate_errors
 def evaluate(models, params, pretrained, data, num_images, calib_data, calib_range,
              calib_images, batch_size, preprocessing, cache_dir, variant_values, calibration_file,
-             verify_images, float_only, output, results_dir, wait, force, quiet):
+             verify_images, calib_repeats, float_only, output, results_dir, wait, force, quiet):
     """Quantize through TVM, run the integer model, report top-1/top-5 against float32.
 
     Quantization options may repeat (e.g. --bias-bits 8 --bias-bits 16); every combination is one
@@ -59,7 +60,8 @@ def evaluate(models, params, pretrained, data, num_images, calib_data, calib_ran
         batch_size=batch_size, seed=0, float32=True, pretrained=pretrained, variants=variants,
         params=str(params) if params else None,
         calibration_file=str(calibration_file) if calibration_file else None,
-        verify_images=verify_images, locations=cli_locations(models, data_dict))
+        verify_images=verify_images, calib_repeats=calib_repeats,
+        locations={**cli_locations(models, data_dict), "calib_repeats": "--calib-repeats"})
     outputs = [OutputPath(output, "file", "--output")] if output is not None else []
     if results_dir is not None:
         outputs.append(OutputPath(results_dir, "folder", "--results-dir"))

@@ -41,6 +41,18 @@ def verify_images_option(from_config: bool = False):
              f"{default}). A mismatch names the first differing layer and stops with exit 1.")
 
 
+def calib_repeats_option(from_config: bool = False):
+    """``--calib-repeats R``: every int8 variant calibrated on R calibration subsets
+    (``qcal.data.calib_subsets``), the table showing the spread of its top-1 and agreement."""
+    return click.option(
+        "--calib-repeats", type=click.IntRange(min=1), default=None if from_config else 1,
+        help="Recalibrate every int8 variant on this many calibration subsets of the "
+             "calibration size (disjoint blocks of the calibration source when it has room, else "
+             "bootstrap draws; fresh crops with --calib-crops), one statistics pass each, and "
+             "report the spread (min/max/std) of top-1 and agreement across them (default "
+             + ("the config's calib_repeats, else 1)." if from_config else "1: off)."))
+
+
 def data_options(func):
     """The data options; the preprocessing ones (``PREPROCESSING_FIELDS``, shared with sweep files
     and preprocessing files) reach the command as one ``preprocessing`` dict of those given."""
@@ -86,14 +98,16 @@ def data_options(func):
 VARIANT_AXES = ("activation_method", "percentile", "global_scale", "weight_scale",
                 "weight_granularity", "bias", "skip_k_conv", "weight_bits", "activation_bits",
                 "first_layer_bits", "last_layer_bits", "rounding", "quantize_ops", "float_layers",
-                "bias_granularity", "bias_correction", "layer_bias_bits")
+                "bias_granularity", "bias_correction", "layer_bias_bits", "weight_rounding",
+                "adaround_iterations", "adaround_images")
 FLAGS = ("skip_dense", "simulate", "equalize")  # on/off options that apply to every variant
 
 
 def quant_options(func):
     """Each option may repeat; evaluate runs the cross product of the values given."""
     from qcal.config import (ACTIVATION_METHODS, BIAS_CORRECTIONS, BIAS_GRANULARITIES, MAX_BITS, MIN_BITS,
-                             QUANTIZABLE_OPS, ROUNDINGS, WEIGHT_GRANULARITIES, WEIGHT_SCALES, QuantOptions)
+                             QUANTIZABLE_OPS, ROUNDINGS, WEIGHT_GRANULARITIES, WEIGHT_ROUNDINGS,
+                             WEIGHT_SCALES, QuantOptions)
 
     d = QuantOptions()
     options = [
@@ -141,6 +155,16 @@ def quant_options(func):
         click.option("--rounding", multiple=True, type=click.Choice(ROUNDINGS),
                      help=f"Ties of every rounding right shift and integer rescale: upward (half "
                           f"up) or nearest (half to even) (default {d.rounding})."),
+        click.option("--weight-rounding", multiple=True, type=click.Choice(WEIGHT_ROUNDINGS),
+                     help=f"How each conv/dense weight rounds to its level: nearest, or adaround "
+                          f"(directions learned per layer on calibration images; Nagel et al. "
+                          f"2020) (default {d.weight_rounding})."),
+        click.option("--adaround-iterations", multiple=True, type=click.IntRange(min=1),
+                     help=f"AdaRound's optimiser steps per layer (default "
+                          f"{d.adaround_iterations})."),
+        click.option("--adaround-images", multiple=True, type=click.IntRange(min=1),
+                     help=f"AdaRound learns from the first N calibration images (default "
+                          f"{d.adaround_images})."),
         click.option("--quantize-ops", multiple=True, metavar="OP,OP,...",
                      help=f"Quantize only these op types, the rest stay float32 (default: all of "
                           f"{', '.join(QUANTIZABLE_OPS)})."),

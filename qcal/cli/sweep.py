@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from qcal.cli.options import verify_images_option
+from qcal.cli.options import calib_repeats_option, verify_images_option
 from qcal.cli.params import translate_errors
 
 
@@ -20,6 +20,7 @@ from qcal.cli.params import translate_errors
               help="Calibration images, replacing the config's data.calib_data.")
 @click.option("--num-images", type=click.IntRange(min=1), help="Replace data.num_images.")
 @verify_images_option(from_config=True)
+@calib_repeats_option(from_config=True)
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines on the terminal.")
 @click.option("--wait", is_flag=True,
               help="If another sweep is writing into the output folder, wait for it to finish "
@@ -28,7 +29,8 @@ from qcal.cli.params import translate_errors
               help="Use the output folder even if it holds another config's results (its "
                    "finished variants this config shares are reused).")
 @translate_errors
-def sweep(config, output, data, calib_data, num_images, verify_images, quiet, wait, force):
+def sweep(config, output, data, calib_data, num_images, verify_images, calib_repeats, quiet, wait,
+          force):
     """Run every variant of a YAML sweep CONFIG into one table (resumable: run it again to finish).
 
     The config is checked completely before any work starts (every model, weights file, data
@@ -46,7 +48,7 @@ def sweep(config, output, data, calib_data, num_images, verify_images, quiet, wa
     cfg, problems = parse_sweep_config(config, {
         "data": str(data) if data else None,
         "calib_data": str(calib_data) if calib_data else None, "num_images": num_images},
-        verify_images=verify_images)
+        verify_images=verify_images, calib_repeats=calib_repeats)
     if cfg is None:  # not even a config to check further
         raise_problems(problems)
     named = OutputPath(output, "folder", "--output") if output else OutputPath(

@@ -18,7 +18,7 @@ from qcal.config import DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_VER
 from qcal.data.cache import BatchCache, ImageBatches, iter_batches
 from qcal.data.plan import plan_data
 from qcal.data.preprocessing import PREPROCESSING_KEYS
-from qcal.errors import stop_if_interrupted
+from qcal.errors import UsageProblem, stop_if_interrupted
 from qcal.eval.evaluate import evaluate
 from qcal.families import resolve_model
 
@@ -31,7 +31,7 @@ class ModelSession:
     def __init__(self, model: str, data: dict | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  params=None, pretrained: bool = False, seed: int = 0, quiet: bool = False,
                  cache_dir: Path = DEFAULT_BATCH_CACHE_DIR, calibration_file=None,
-                 verify_images: int = DEFAULT_VERIFY_IMAGES):
+                 verify_images: int = DEFAULT_VERIFY_IMAGES, calib_repeats: int = 1):
         self.model = resolve_model(model, params=params, pretrained=pretrained)
         self.spec = self.model.spec
         self.data = dict(data or {})
@@ -41,9 +41,12 @@ class ModelSession:
         self.cache = BatchCache(cache_dir)
         self.calibration_file = calibration_file
         self.verify_images = verify_images
+        self.calib_repeats = calib_repeats  # calibration subsets (qcal.data.calib_subsets)
+        self.statistics_passes = 0  # statistics passes run (one per calibration subset used)
         self._plans = {}
         self._graph = None
         self._calibration = None
+        self._subset_calibrations = {}  # subset index -> CalibrationResult
         self._correction = {}
         self._equalized = None
 
@@ -81,8 +84,24 @@ class ModelSession:
                 calib_crops=d.get("calib_crops"))
         return self._plans[needs_calibration]
 
-    def plan_description(self, needs_calibration: bool) -> dict:
-        return self.plan(needs_calibration).describe()
+    def plan_description(self, needs_calibration: bool, subset: int = 0) -> dict:
+        """The data plan as results record it, its calibration images those of calibration
+        subset ``subset`` when there are several."""
+        description = self.plan(needs_calibration).describe()
+        # subset 0 of disjoint subsets is the plan's own calibration: the same description
+        if needs_calibration and self.calibration_file is None and self.calib_repeats > 1:
+            description["calibration"] = self.calibration_subsets.subsets[subset].describe()
+        return description
+
+    @functools.cached_property
+    def calibration_subsets(self):
+        """The ``calib_repeats`` calibration subsets (``qcal.data.calib_subsets``); subset 0 is
+        the plan's own calibration images whenever they can be (disjoint, crops)."""
+        from qcal.data.calib_subsets import calibration_subsets
+
+        plan = self.plan(True)
+        return calibration_subsets(plan.calibration, plan.evaluation, self.calib_repeats,
+                                   self.seed)
 
     # --- evaluate ---------------------------------------------------------------------------
     def _progress(self, total, label):
@@ -98,15 +117,17 @@ class ModelSession:
             self._graph = self.model.import_graph(self.input_shape)
         return self._graph
 
-    def collect_statistics(self, bins: int | None = None, graph=None):
+    def collect_statistics(self, bins: int | None = None, graph=None, selection=None):
         """One pass over the calibration images (MXNet's executor for Gluon models, the numpy
         interpreter for ONNX and for a transformed ``graph``): the statistics and the image
-        selection they came from."""
+        selection they came from. ``selection``: other calibration images than the plan's (a
+        calibration subset)."""
         from qcal.calib.collect import collect_statistics
         from qcal.config import DEFAULT_HISTOGRAM_BINS
 
         graph = self.graph if graph is None else graph
-        selection = self.plan(True).calibration
+        selection = selection or self.plan(True).calibration
+        self.statistics_passes += 1
         batches = ImageBatches(selection, self.batch_size, self.cache)  # one batch in memory
         start = time.perf_counter()
         source = self.model.tensor_source(graph)
@@ -127,9 +148,28 @@ class ModelSession:
             if self.calibration_file is not None:
                 self._calibration = CalibrationResult.load(self.calibration_file, graph=self.graph)
             else:
-                self._calibration = CalibrationResult.from_statistics(
-                    self.collect_statistics()[0])
+                self._calibration = self.calibration_for(0)
         return self._calibration
+
+    def calibration_for(self, subset: int = 0):
+        """Every method's ranges from calibration subset ``subset`` (one statistics pass each,
+        the first time it is asked for); subset 0 is ``calibration`` itself."""
+        from qcal.calib.result import CalibrationResult
+
+        if self.calibration_file is not None:
+            if subset:
+                raise UsageProblem("calib_repeats needs calibration images, not a calibration "
+                                   "file (--calib)")
+            return self.calibration
+        if subset not in self._subset_calibrations:
+            self._subset_calibrations[subset] = CalibrationResult.from_statistics(
+                self.collect_statistics(selection=self._subset_selection(subset))[0])
+        return self._subset_calibrations[subset]
+
+    def _subset_selection(self, subset: int):
+        """Calibration subset ``subset``'s images (None: the plan's own, there being one set)."""
+        return self.calibration_subsets.subsets[subset] if (
+            subset or self.calib_repeats > 1) else None
 
     def check_variants(self, variants):
         """Before any work starts: refuse a ``float_layers`` or ``layer_bias_bits`` name the
@@ -151,30 +191,39 @@ class ModelSession:
             self.calibration.require(options.activation_method)
 
     # --- realize, compile, evaluate -----------------------------------------------------------
-    def quantize(self, options):
-        """The integer graph for one variant (realized, not yet compiled)."""
+    def quantize(self, options, subset: int = 0):
+        """The integer graph for one variant (realized, not yet compiled), calibrated on
+        calibration subset ``subset``."""
         from qcal.quant import quantize
 
-        graph, calibration = self.float_model(options)
+        graph, calibration = self.float_model(options, subset)
         correction = self.correction_data(options) if options.bias_correction != "none" else None
-        return quantize(graph, calibration.ranges, options, correction)
+        images = None
+        if options.weight_rounding == "adaround":  # learns from the subset's first images
+            images = self.calibration_images(options.adaround_images, subset)
+        return quantize(graph, calibration.ranges, options, correction, images)
 
-    def float_model(self, options):
-        """(float graph, calibration) a variant quantizes: the imported graph, or with
-        ``equalize`` the cross-layer-equalized one (computed once) with its own statistics pass
-        (its tensors between equalized convs differ from the imported graph's)."""
+    def float_model(self, options, subset: int = 0):
+        """(float graph, calibration on calibration subset ``subset``) a variant quantizes: the
+        imported graph, or with ``equalize`` the cross-layer-equalized one (computed once) with
+        its own statistics pass (its tensors between equalized convs differ from the imported
+        graph's)."""
         if not options.equalize:
-            return self.graph, self.calibration
+            return self.graph, self.calibration_for(subset)
+        from qcal.calib.result import CalibrationResult
+
         if self._equalized is None:
-            from qcal.calib.result import CalibrationResult
             from qcal.quant.equalize import equalize
 
             graph, pairs, sweeps = equalize(self.graph)
             log.info("%s: cross-layer equalization of %d conv pairs in %d sweeps", self.model.name,
                      len(pairs), sweeps)
-            calibration = CalibrationResult.from_statistics(self.collect_statistics(graph=graph)[0])
-            self._equalized = graph, calibration
-        return self._equalized
+            self._equalized = graph, {}
+        graph, calibrations = self._equalized
+        if subset not in calibrations:
+            calibrations[subset] = CalibrationResult.from_statistics(self.collect_statistics(
+                graph=graph, selection=self._subset_selection(subset))[0])
+        return graph, calibrations[subset]
 
     def correction_data(self, options):
         """What empirical bias correction measures on (computed once per float model, see
@@ -207,10 +256,12 @@ class ModelSession:
                 outcomes.append(evaluate(runner, selection, self.batch_size, self.cache, bar))
         return outcomes
 
-    def evaluate(self, options=None):
+    def evaluate(self, options=None, subset: int = 0):
         """(EvalResult, fidelity EvalResult or None, extra record fields) for float32 (options
-        None) or one int8 variant. Nothing the run compiled outlives it."""
-        outcome = self._evaluate_float() if options is None else self._evaluate_int8(options)
+        None) or one int8 variant calibrated on calibration subset ``subset``. Nothing the run
+        compiled outlives it."""
+        outcome = (self._evaluate_float() if options is None
+                   else self._evaluate_int8(options, subset))
         # TVMScript's ``T.prim_func`` keeps the ``inspect.stack()`` of its caller in a reference
         # cycle (tvm/tirx/script/parser/entry.py), and a frame keeps its locals after it returns:
         # a compile leaves every frame above it (the compiled model, the variant's results, the
@@ -256,9 +307,17 @@ class ModelSession:
         """The first ``count`` calibration images (evaluation images when there are none), as
         many as there are."""
         plan = self.plan(True)
-        selection = plan.calibration or plan.evaluation
+        return self._first_images(plan.calibration or plan.evaluation, count)
+
+    def calibration_images(self, count: int, subset: int = 0) -> np.ndarray:
+        """The first ``count`` images of calibration subset ``subset``, as many as there are
+        (none: an empty array)."""
+        return self._first_images(self._subset_selection(subset) or self.plan(True).calibration,
+                                  count)
+
+    def _first_images(self, selection, count: int) -> np.ndarray:
         batches, have = [], 0
-        for x, _ in iter_batches(selection, self.batch_size, self.cache):
+        for x, _ in iter_batches(selection, self.batch_size, self.cache) if selection else ():
             if have >= count:
                 break
             batches.append(x)
@@ -292,23 +351,28 @@ class ModelSession:
         result, fidelity = self._run_selections(runner, options.label, self.plan(True))
         return result, fidelity, {"simulated": True, "verify_images_asked": self.verify_images}
 
-    def _evaluate_int8(self, options):
-        qgraph = self.quantize(options)
+    def _evaluate_int8(self, options, subset: int = 0):
+        qgraph = self.quantize(options, subset)
+        graph, calibration = self.float_model(options, subset)
         for line in qgraph.report():
             log.info("%s", line)
         if options.simulate:
             result, fidelity, extra = self._evaluate_simulated(qgraph, options)
         else:
             result, fidelity, extra = self._evaluate_compiled(qgraph, options)
-        layers = self.layer_sqnr(qgraph, graph=self.float_model(options)[0])
+        layers = self.layer_sqnr(qgraph, graph=graph)
         worst = min(layers, key=lambda r: r["sqnr_db"]) if layers else None
         extra.update({
             "counts": qgraph.counts(), "overflow_adjustments": [str(a) for a in qgraph.adjustments],
-            "calibration": {"source": self.calibration.source,
-                            "images": self.calibration.num_images},
+            "calibration": {"source": calibration.source, "images": calibration.num_images,
+                            **({"subset": subset, **self.calibration_subsets.describe()}
+                               if self.calib_repeats > 1 else {})},
             "layers": layers,
             "metrics": {"sqnr_min_db": worst["sqnr_db"] if worst else float("nan"),
                         "sqnr_min_layer": worst["tensor"] if worst else ""}})
+        if "adaround" in qgraph.notes:  # its time is a column of the tables
+            extra["adaround"] = qgraph.notes["adaround"]
+            extra["metrics"]["adaround_s"] = qgraph.notes["adaround"]["seconds"]
         return result, fidelity, extra
 
     def _evaluate_compiled(self, qgraph, options):
@@ -329,5 +393,6 @@ class ModelSession:
         self.model.close()
         self._graph = None
         self._calibration = None
+        self._subset_calibrations = {}
         self._correction = {}
         self._equalized = None

@@ -14,6 +14,10 @@ Layout of ``OUTPUT/``:
   how many calibration images its compiled model was verified against its numpy integer reference
   (``qcal.eval.verify``; a variant that fails stops the sweep with that error, and nothing of it
   is saved). A finished variant verified on fewer images than asked runs again.
+- With ``calib_repeats`` R > 1 every int8 variant runs once per calibration subset
+  (``qcal.data.calib_subsets``; each subset in its key, its statistics pass run once for all
+  variants): the table's row is subset 0, with the spread across subsets beside it, and
+  ``calibration_subsets.csv`` lists every subset's top-1 and agreement.
 - ``.qcal-lock``: one sweep writes into a folder at a time (``qcal.files.folder_lock``); a second
   one stops naming the folder and the holder's pid, or waits for it (``wait``).
 - ``config.json``: the config the folder belongs to (what its results depend on: models, weights,
@@ -141,7 +145,7 @@ CONFIG_FORMAT = "qcal-folder-config/1"
 # what a sweep writes into its folder: anything else there is someone else's
 FOLDER_FILES = frozenset({LOCK_NAME, CONFIG_NAME, "sweep.log", "variants", "results.csv",
                           "results.md", "results.json", "predictions.csv", "layers.csv",
-                          "top1.png"})
+                          "top1.png", "calibration_subsets.csv"})
 # a config may add these and still resume in a folder (everything else must be equal)
 GROWING_KEYS = ("models", "variants", "float32")
 
@@ -152,6 +156,8 @@ def config_identity(config) -> dict:
                 "pretrained": config.pretrained, "calibration_file": config.calibration_file,
                 "data": config.data, "batch_size": config.batch_size, "seed": config.seed,
                 "float32": config.float32, "variants": [v.to_dict() for v in config.variants]}
+    if config.calib_repeats > 1:  # absent otherwise: folders from before it still resume
+        identity["calib_repeats"] = config.calib_repeats
     return json.loads(json.dumps(identity, default=str))
 
 
@@ -252,21 +258,25 @@ def _setup_logging(output: Path, quiet: bool):
 
 def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
               cache_dir: Path | None = None, wait: bool = False, force: bool = False,
-              sessions: dict | None = None):
+              sessions: dict | None = None, claimed: bool = False, keep_sessions: bool = False):
     """Run (or finish) every variant of ``config``; returns the table written to results.md.
 
     One sweep writes into ``output`` at a time: while another holds it, this one raises
     ``FolderBusy`` (naming the folder and the other's pid), or waits for it when ``wait``.
     ``output`` belongs to one config (``claim_folder``; ``force`` hands it to this one).
-    ``sessions``: {model: ModelSession} already checked (``qcal.drivers.validate``), reused."""
+    ``sessions``: {model: ModelSession} already checked (``qcal.drivers.validate``), reused (and
+    kept open with ``keep_sessions``: their statistics serve the caller's next sweep). With
+    ``claimed`` the caller holds ``output``'s lock and has claimed it (``qcal search``)."""
     output = Path(output)
+    if claimed:
+        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {}, keep_sessions)
     with folder_lock(output, wait=wait):
         claim_folder(output, config, force, command)
-        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {})
+        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {}, keep_sessions)
 
 
 def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path | None,
-               sessions: dict):
+               sessions: dict, keep_sessions: bool = False):
     from qcal.drivers.session import ModelSession
     from qcal.report import sweep_tables as sweep_report
     from qcal.report import tables as report
@@ -276,6 +286,8 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
     started = time.time()
     np.random.seed(config.seed)
     entries = []
+    repeats = {}  # the key of each table row -> the keys of its calibration subsets
+    passes = {}  # model -> statistics passes this run
     log.info("sweep %s started: %d model(s) x %d variant(s), command: %s", config.name,
              len(config.models), len(config.variants) + int(config.float32), command)
     for model in config.models:
@@ -283,16 +295,22 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
             model, config.data, config.batch_size, params=config.params,
             pretrained=config.pretrained, seed=config.seed, quiet=quiet,
             cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
-            calibration_file=config.calibration_file, verify_images=config.verify_images)
+            calibration_file=config.calibration_file, verify_images=config.verify_images,
+            calib_repeats=config.calib_repeats)
         session.check_variants(config.variants)
-        variants = ([None] if config.float32 else []) + list(config.variants)
+        # each int8 variant once per calibration subset (subset 0: the row of the table)
+        work = ([(None, 0)] if config.float32 else []) + [
+            (options, subset) for options in config.variants
+            for subset in range(config.calib_repeats)]
         baseline_key = None
-        for options in variants:
+        for options, subset in work:
             stop_if_interrupted()
             label = "float32" if options is None else options.label
+            if subset:
+                label += f" [calibration subset {subset}]"
             description = {
                 "model": session.identity, "variant": None if options is None else options.to_dict(),
-                "data": session.plan_description(needs_calibration=options is not None),
+                "data": session.plan_description(options is not None, subset),
                 "batch_size": config.batch_size, "qcal": __version__,
                 "calibration_file": (file_digest(config.calibration_file, "calibration file")
                                      if config.calibration_file else None),
@@ -311,7 +329,7 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
                 log.info("%s %s: running", model, label)
                 t0 = time.time()
                 try:
-                    result, fidelity_result, extra = session.evaluate(options)
+                    result, fidelity_result, extra = session.evaluate(options, subset)
                 except VerificationFailed as exc:  # the CLI prints it; the log keeps it too
                     log.info("stopped, not evaluated: %s", exc)
                     raise
@@ -331,13 +349,21 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
                 log.info("%s %s: top-1 %.2f %%, top-5 %.2f %% on %d images (%.1f s)", model, label,
                          100 * result.top1, 100 * result.top5, result.images,
                          record["wall_seconds"])
-            entries.append(key)
+            if subset:
+                repeats[entries[-1]].append(key)
+            else:
+                entries.append(key)
+                repeats[key] = [key]
             if options is None:
                 baseline_key = key
-        session.close()
+        passes[session.display_name] = session.statistics_passes
+        if not keep_sessions:
+            session.close()
     summary = {
         "config": config.raw, "config_path": config.source_path, "command": command,
         "seed": config.seed, **environment(),
         "sweep_seconds_this_run": round(time.time() - started, 2),
+        "statistics_passes_this_run": passes,
     }
-    return sweep_report.write_results(store, entries, output, summary)
+    return sweep_report.write_results(store, entries, output, summary,
+                                      repeats if config.calib_repeats > 1 else None)

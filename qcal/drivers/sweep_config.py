@@ -26,6 +26,8 @@ Length: the whole file format in one place: every key's schema, each check locat
     float32: true                    # evaluate the float32 model too (the baseline of every delta)
     verify_images: 2                 # check each compiled variant on this many calibration images
                                      #   against its numpy integer reference first (0: off)
+    calib_repeats: 1                 # calibrate each variant on this many calibration subsets
+                                     #   (qcal.data.calib_subsets) and report the spread
     grid:                            # the cross product of these lists ...
       activation_method: [power2, kl]
       weight_granularity: [tensor, channel]
@@ -55,7 +57,7 @@ DATA_KEYS = {
     "calib_crops": (int, type(None)),
 }  # and every preprocessing key (PREPROCESSING_KEYS), checked by the CLI's own rule
 TOP_KEYS = {"name", "models", "pretrained", "data", "batch_size", "seed", "float32", "grid",
-            "variants", "verify_images"}
+            "variants", "verify_images", "calib_repeats"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class SweepConfig:
     params: str | None = None  # a local weights file (one model only; the CLI's --params)
     calibration_file: str | None = None  # reuse a `qcal calibrate` file instead of a pass
     verify_images: int = DEFAULT_VERIFY_IMAGES  # qcal.eval.verify before each variant (0: off)
+    calib_repeats: int = 1  # calibration subsets per variant (qcal.data.calib_subsets)
     source_path: str = ""
     raw: dict = field(default_factory=dict, compare=False)
     # where each value was given, for messages: "models[0]", "data.num_images", ... ->
@@ -190,17 +193,19 @@ DATA_OPTIONS = {"data": "--data", "calib_data": "--calib-data", "num_images": "-
 
 
 def load_sweep_config(path, data_overrides: dict | None = None,
-                      verify_images: int | None = None) -> SweepConfig:
+                      verify_images: int | None = None,
+                      calib_repeats: int | None = None) -> SweepConfig:
     """Parse and check ``path``; ``data_overrides`` (from the command line) replace data keys,
-    ``verify_images`` (when not None) the config's. Every problem found is raised at once
-    (``qcal.errors.Problems`` when there are several)."""
-    config, problems = parse_sweep_config(path, data_overrides, verify_images)
+    ``verify_images`` and ``calib_repeats`` (when not None) the config's. Every problem found is
+    raised at once (``qcal.errors.Problems`` when there are several)."""
+    config, problems = parse_sweep_config(path, data_overrides, verify_images, calib_repeats)
     raise_problems(problems)
     return config
 
 
 def parse_sweep_config(path, data_overrides: dict | None = None,
-                       verify_images: int | None = None) -> tuple:
+                       verify_images: int | None = None,
+                       calib_repeats: int | None = None) -> tuple:
     """(config, problems): the config as far as it could be read (items at fault left out), and
     every problem found, each naming its file and line."""
     path = Path(path)
@@ -211,6 +216,10 @@ def parse_sweep_config(path, data_overrides: dict | None = None,
         return None, loc.problems
     if verify_images is not None:
         config = dataclasses.replace(config, verify_images=verify_images)
+    if calib_repeats is not None:
+        config = dataclasses.replace(config, calib_repeats=calib_repeats,
+                                     locations={**config.locations,
+                                                "calib_repeats": "--calib-repeats"})
     if data_overrides:
         given = {k: v for k, v in data_overrides.items() if v is not None}
         config = dataclasses.replace(
@@ -353,6 +362,9 @@ def _load_sweep_config(path: Path, loc: _Located) -> SweepConfig:
     verify_images = DEFAULT_VERIFY_IMAGES
     with loc.each():
         verify_images = integer("verify_images", DEFAULT_VERIFY_IMAGES, 0)
+    calib_repeats = 1
+    with loc.each():
+        calib_repeats = integer("calib_repeats", 1, 1)
 
     variants = []
     if "grid" in top:
@@ -405,5 +417,6 @@ def _load_sweep_config(path: Path, loc: _Located) -> SweepConfig:
         raw = yaml.safe_load(text)  # every node was read above: this cannot fail
     return SweepConfig(name=name, models=tuple(models), data=data, batch_size=batch_size,
                        seed=seed, float32=float32, pretrained=pretrained, variants=unique,
-                       verify_images=verify_images, source_path=str(path), raw=raw,
+                       verify_images=verify_images, calib_repeats=calib_repeats,
+                       source_path=str(path), raw=raw,
                        locations=locations)

@@ -102,7 +102,8 @@ def _check_model(config, index: int, model: str, cache_dir, calibrate: bool, qui
         session = ModelSession(model, config.data, config.batch_size, params=config.params,
                                pretrained=config.pretrained, seed=config.seed, quiet=quiet,
                                cache_dir=cache_dir, calibration_file=config.calibration_file,
-                               verify_images=config.verify_images)
+                               verify_images=config.verify_images,
+                               calib_repeats=config.calib_repeats)
     except QcalError as exc:
         return None, [_located(where, exc)]
     problems = []
@@ -122,6 +123,8 @@ def _check_model(config, index: int, model: str, cache_dir, calibrate: bool, qui
         session.plan(False)
         if needs_calibration:
             session.plan(True)
+            if config.calib_repeats > 1:
+                _check_repeats(config, session)
     except DataProblem as exc:
         problems.append(_data_problem(config, exc))
     except QcalError as exc:
@@ -133,6 +136,15 @@ def _check_model(config, index: int, model: str, cache_dir, calibrate: bool, qui
             problems.append(exc)
     session.close()  # the weights are loaded again when the model runs; the plans are kept
     return (None if problems else session), problems
+
+
+def _check_repeats(config, session):
+    """Calibration subsets need calibration images to draw them from."""
+    if config.calibration_file is not None:
+        raise UsageProblem(f"{config.where('calib_repeats', '--calib-repeats')} "
+                           f"{config.calib_repeats}: calibration subsets need calibration "
+                           f"images, not a calibration file (--calib)")
+    session.calibration_subsets  # noqa: B018 (drawn now: a problem stops the run here)
 
 
 def probe_output(output: OutputPath) -> list:

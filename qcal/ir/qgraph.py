@@ -113,6 +113,9 @@ class QGraph:
     name: str = "model"
     adjustments: list = field(default_factory=list)
     options: QuantOptions | None = None
+    # What quantizing learned or measured on the way, for the results record (AdaRound: its
+    # time and per-layer reconstruction errors, ``qcal.quant.adaround.LearnedRounding.record``).
+    notes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self._index = {n.name: n for n in self.nodes}

@@ -57,15 +57,30 @@ def weight_amax(w: np.ndarray, granularity: str) -> np.ndarray:
     return w.reshape(w.shape[0], -1).max(axis=1, initial=0.0)
 
 
-def quantize_weight(w: np.ndarray, method: str, granularity: str, levels: int = INT8_MAX):
-    """int8 weights within +-``levels`` and their scale (shape () per tensor, (O,) per output
-    channel)."""
+def weight_scale(w: np.ndarray, method: str, granularity: str, levels: int = INT8_MAX):
+    """The scale of int8 weights within +-``levels`` (shape () per tensor, (O,) per output
+    channel), and that scale shaped to broadcast against ``w``."""
     amax = weight_amax(w, granularity)
     if method == "power2":
         amax = np.where(amax == 0, 0.0, power2_ceil(np.where(amax == 0, 1.0, amax)))
     scale = scale_for_amax(amax, levels)
-    shaped = scale.reshape((-1,) + (1,) * (w.ndim - 1)) if scale.ndim else scale
-    return quantize_array(w, shaped, levels).astype(np.int8), scale
+    return scale, (scale.reshape((-1,) + (1,) * (w.ndim - 1)) if scale.ndim else scale)
+
+
+def quantize_weight(w: np.ndarray, method: str, granularity: str, levels: int = INT8_MAX,
+                    round_up=None):
+    """int8 weights within +-``levels`` and their scale (``weight_scale``). Each weight rounds to
+    the nearest level, or, where ``round_up`` (a boolean array shaped like ``w``, AdaRound's
+    learned directions) is given, to floor(w / s) + round_up; both are clipped to +-levels."""
+    scale, shaped = weight_scale(w, method, granularity, levels)
+    if round_up is None:
+        return quantize_array(w, shaped, levels).astype(np.int8), scale
+    round_up = np.asarray(round_up)
+    if round_up.shape != w.shape or round_up.dtype != bool:
+        raise QcalError(f"learned weight rounding of shape {round_up.shape} ({round_up.dtype}) "
+                        f"for weights of shape {w.shape}")
+    q = np.floor(np.asarray(w, np.float64) / shaped) + round_up
+    return np.clip(q, -levels, levels).astype(np.int8), scale
 
 
 def bias_scale(bias: np.ndarray, bits: int, granularity: str = "tensor"):

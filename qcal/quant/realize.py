@@ -43,8 +43,9 @@ from qcal.registry import Registry
 
 
 class _Realizer:
-    def __init__(self, graph, annotation, amax, options):
+    def __init__(self, graph, annotation, amax, options, round_up=None):
         self.graph, self.annotation, self.amax, self.options = graph, annotation, amax, options
+        self.round_up = dict(round_up or {})
         self.shapes = infer_shapes(graph)
         self.nodes, self.adjustments = [], []
         self.value, self.int8_of, self.float_of = {}, {}, {}
@@ -252,9 +253,15 @@ REALIZERS = Registry("integer realization of op")
 realizer = REALIZERS.register
 
 
+def accumulator_name(node: Node) -> str:
+    """The name of the integer node that multiplies ``node``'s weights (its int32 accumulator;
+    the layer's own name is its output's, after the bias)."""
+    return node.name if node.params.get("bias") is None else f"{node.name}:acc"
+
+
 def _weighted(ctx: _Realizer, node: Node, op: str, attrs: dict, x: QNode, wq, s_w, l1) -> QNode:
     bias = node.params.get("bias")
-    name = node.name if bias is None else f"{node.name}:acc"
+    name = accumulator_name(node)
     acc = ctx.emit(QNode(name, op, (x.name,), attrs, {"weight": wq} if op != "qchannel_mul" else
                          {"multiplier": wq}, dtype="int32", shape=ctx.shapes[node.name],
                          scale=x.scale * s_w, bound=int(np.max(x.bound)) * l1))
@@ -263,8 +270,14 @@ def _weighted(ctx: _Realizer, node: Node, op: str, attrs: dict, x: QNode, wq, s_
 
 def _quantized_weight(ctx: _Realizer, node: Node, weight):
     o = ctx.options
-    levels = levels_for_bits(ctx.annotation.weight_bits.get(node.name, o.weight_bits))
-    return quantize_weight(weight, o.weight_scale, o.weight_granularity, levels)
+    return quantize_weight(weight, o.weight_scale, o.weight_granularity,
+                           weight_levels(ctx.annotation, node.name),
+                           ctx.round_up.get(node.name))
+
+
+def weight_levels(annotation: Annotation, layer: str) -> int:
+    """The largest weight level of an integer weighted layer."""
+    return levels_for_bits(annotation.weight_bits.get(layer, annotation.options.weight_bits))
 
 
 @realizer("conv2d")
@@ -368,11 +381,13 @@ def _add(ctx: _Realizer, node: Node) -> QNode:
 
 
 def realize(graph: Graph, amax: Mapping[str, float], options: QuantOptions,
-            annotation: Annotation | None = None) -> QGraph:
+            annotation: Annotation | None = None, round_up: Mapping | None = None) -> QGraph:
     """The integer graph for ``graph`` under ``options``, with activation ranges ``amax``
-    ({tensor name: abs-max}; ``annotation.required_amax`` lists the names needed)."""
+    ({tensor name: abs-max}; ``annotation.required_amax`` lists the names needed).
+    ``round_up`` ({conv/dense layer: boolean array like its weight}) rounds those layers'
+    weights in the learned directions (``qcal.quant.adaround``) instead of to nearest."""
     annotation = annotation or annotate(graph, options)
-    return _Realizer(graph, annotation, amax, options).run()
+    return _Realizer(graph, annotation, amax, options, round_up).run()
 
 
 def qgraph_from_float(graph: Graph) -> QGraph:

@@ -187,7 +187,7 @@ def _rounding(node: QNode):
     return np.rint if rounding_of(node) == "nearest" else _round_half_up
 
 
-def _simulated_op(node: QNode, args, qgraph: QGraph):
+def simulated_op(node: QNode, args, qgraph: QGraph):
     a, p = node.attrs, node.params
     x = args[0]
     rank = x.ndim
@@ -242,5 +242,5 @@ def run_simulated(qgraph: QGraph, x: np.ndarray) -> np.ndarray:
     """The fake-quantized float model of ``qgraph`` (float64 output)."""
     values = {qgraph.input.name: np.asarray(x, dtype=np.float64)}
     for node in qgraph.nodes[1:]:
-        values[node.name] = _simulated_op(node, [values[i] for i in node.inputs], qgraph)
+        values[node.name] = simulated_op(node, [values[i] for i in node.inputs], qgraph)
     return values[qgraph.output.name]

@@ -39,7 +39,40 @@ def _row(record, predictions, labels, baseline):
     return row
 
 
-def build_table(store, keys) -> tuple:
+CALIBRATION_COLUMNS = ["calib_subsets", "calib_top1_min", "calib_top1_max", "calib_top1_std",
+                       "calib_agree_min", "calib_agree_max", "calib_agree_std"]
+
+
+def calibration_spread(store, repeats: dict) -> tuple:
+    """({row key: spread columns}, per-subset rows): top-1 and top-1 agreement with float32 of
+    each variant across its calibration subsets (min, max, sample standard deviation)."""
+    spread, subset_rows = {}, []
+    for key, keys in repeats.items():
+        records = [store.load(k) for k in keys]
+        if records[0][0]["variant"] == "float32":
+            continue
+        top1 = np.array([100 * np.mean(p[:, 0] == labels) for _, p, labels in records])
+        agree = np.array([r.get("metrics", {}).get("agree_top1", np.nan) for r, _, _ in records],
+                         dtype=float)
+        calibration = records[0][0].get("calibration", {})
+        spread[key] = {"calib_subsets": f"{len(keys)} {calibration.get('kind', '')}".strip()}
+        for name, values in (("top1", top1), ("agree", agree)):
+            spread[key].update({f"calib_{name}_min": float(np.min(values)),
+                                f"calib_{name}_max": float(np.max(values)),
+                                f"calib_{name}_std": (float(np.std(values, ddof=1))
+                                                      if len(values) > 1 else np.nan)})
+        for subset, ((record, _, _), value, agreement) in enumerate(zip(records, top1, agree)):
+            subset_rows.append({"model": record["model"], "variant": records[0][0]["variant"],
+                                "subset": subset, "kind": calibration.get("kind", ""),
+                                "calibration_images": record.get("calibration", {}).get("images"),
+                                "top1": value, "agree_top1": agreement, "key": record["key"]})
+    return spread, subset_rows
+
+
+def build_table(store, keys, repeats: dict | None = None) -> tuple:
+    """(the results table, per-image predictions) of the variants ``keys``; with ``repeats``
+    ({key: its calibration subsets' keys}) the table has the ``CALIBRATION_COLUMNS`` too."""
+    spread = calibration_spread(store, repeats)[0] if repeats else {}
     rows, predictions_rows = [], []
     baselines = {}
     loaded = [store.load(k) for k in keys]
@@ -47,7 +80,8 @@ def build_table(store, keys) -> tuple:
         if record["variant"] == "float32":
             baselines[record["model"]] = (predictions, labels)
     for record, predictions, labels in loaded:
-        rows.append(_row(record, predictions, labels, baselines.get(record["model"])))
+        rows.append({**_row(record, predictions, labels, baselines.get(record["model"])),
+                     **spread.get(record["key"], {})})
         frame = pd.DataFrame(predictions, columns=[f"pred{i + 1}" for i in range(5)])
         frame.insert(0, "label", labels)
         frame.insert(0, "image", np.arange(len(labels)))
@@ -55,8 +89,8 @@ def build_table(store, keys) -> tuple:
         frame.insert(0, "model", record["model"])
         predictions_rows.append(frame)
     table = pd.DataFrame(rows)
-    ordered = [c for c in TABLE_COLUMNS if c in table.columns]
-    extra = [c for c in table.columns if c not in TABLE_COLUMNS]
+    ordered = [c for c in TABLE_COLUMNS + CALIBRATION_COLUMNS if c in table.columns]
+    extra = [c for c in table.columns if c not in TABLE_COLUMNS + CALIBRATION_COLUMNS]
     return table[ordered + extra], pd.concat(predictions_rows, ignore_index=True)
 
 
@@ -113,23 +147,40 @@ VERIFIED_NOTE = ("verified: calibration images on which the compiled int8 model'
                  "checked, --verify-images 0).")
 
 
+CALIBRATION_NOTE = ("calib_*: the variant recalibrated on each of the calibration subsets "
+                    "named in calib_subsets (disjoint blocks of calibration images, or bootstrap "
+                    "draws when there are too few for disjoint ones, or fresh random crops): "
+                    "min / max / sample std of its top-1 and of its top-1 agreement with float32 "
+                    "(%). The row's own top-1, interval and paired test are subset 0's. A "
+                    "difference between two variants within calib_top1_max - calib_top1_min is "
+                    "of the size that the choice of calibration images alone makes.")
+
+
 def results_markdown(table: pd.DataFrame) -> str:
-    """The table as Markdown, with what its ``verified`` column means under it."""
+    """The table as Markdown, with what its ``verified`` and calibration columns mean under it."""
     text = format_markdown(table)
     if "verified" in table.columns and table["verified"].notna().any():
         text += "\n" + VERIFIED_NOTE + "\n"
+    if "calib_subsets" in table.columns:
+        text += "\n" + CALIBRATION_NOTE + "\n"
     return text
 
 
-def write_results(store, keys, output: Path, summary: dict):
-    table, predictions = build_table(store, keys)
+def write_results(store, keys, output: Path, summary: dict, repeats: dict | None = None):
+    table, predictions = build_table(store, keys, repeats)
+    if repeats:
+        subset_rows = calibration_spread(store, repeats)[1]
+        atomic_write_text(output / "calibration_subsets.csv",
+                          pd.DataFrame(subset_rows).to_csv(index=False))
     atomic_write_text(output / "results.csv", table.to_csv(index=False))
     atomic_write_text(output / "results.md", results_markdown(table))
     atomic_write_text(output / "predictions.csv", predictions.to_csv(index=False))
     records = [store.load(k)[0] for k in keys]
     summary = {**summary, "rows": json.loads(table.to_json(orient="records")),
                "variants": [{"key": r["key"], "description": r["description"],
-                             "wall_seconds": r["wall_seconds"]} for r in records]}
+                             "wall_seconds": r["wall_seconds"],
+                             **({"adaround": r["adaround"]} if "adaround" in r else {})}
+                            for r in records]}
     atomic_write_text(output / "results.json", json.dumps(summary, indent=2, default=str) + "\n")
     layers = [{"model": r["model"], "variant": r["variant"], **row}
               for r in records for row in r.get("layers", [])]

@@ -35,6 +35,7 @@ LANES = schedules.pair_lanes(TARGET)
 VNNI_LANES = vnni.vnni_lanes(TARGET)
 CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
 CONSTANT = tvm.ir.expr.Constant
 
 
@@ -127,27 +128,43 @@ def test_vnni_rewrite_replaces_exactly_the_eligible_convs(graph_name):
         assert np.array_equal(old.args[1].value.numpy(), new.args[1].value.numpy())
     names = [c.args[0].name_hint for c in _calls(after, CALL_TIR)]
     assert not [n for n in names if "int16_pairs" in n]  # VNNI took every conv pairs could
-    packs = [c for c in _calls(after, CALL_TIR) if c.args[0].name_hint.startswith("pack_u8_quads")]
+    packs = [c for c in _calls(after, CALL_TIR)
+             if c.args[0].name_hint.startswith(("pack_u8_quads", "pack_blocked_u8_quads"))]
     quad_convs = [c for c in _calls(after, CALL_TIR)
                   if c.args[0].name_hint.startswith("conv2d_vnni")]
     assert len(packs) == len(quad_convs) == len(eligible)
+    v = VNNI_LANES
     for old, new in zip(eligible, quad_convs):
         weight = old.args[1].value.numpy()
         _, packed, init = (a.value.numpy() if isinstance(a, CONSTANT) else None
                            for a in new.args[1].fields)
         o, c, kh, kw = weight.shape
-        assert packed.dtype == np.int32 and packed.shape == (
-            o // VNNI_LANES, (c + 3) // 4, kh, kw, VNNI_LANES)
-        expected_packed, expected_init = vnni.pack_vnni_weight(weight, VNNI_LANES)
+        assert packed.dtype == np.int32 and packed.shape == (o // v, (c + 3) // 4, kh, kw, v)
+        expected_packed, expected_init = vnni.pack_vnni_weight(weight, v)
         assert np.array_equal(packed, expected_packed)
         assert np.array_equal(init.reshape(-1), -128 * weight.reshape(o, -1).sum(axis=1))
         assert np.array_equal(init, expected_init)
         pack = packs[quad_convs.index(new)]
         assert tuple(int(d) for d in new.args[1].fields[0].ty.shape) == tuple(
             int(d) for d in pack.ty.shape)
-        assert tuple(int(d) for d in new.ty.shape) == tuple(int(d) for d in old.ty.shape)
+        # the conv writes its accumulators channel-blocked: (N, O/v, OH, OW, v)
+        n, _, oh, ow = (int(d) for d in old.ty.shape)
+        assert tuple(int(d) for d in new.ty.shape) == (n, o // v, oh, ow, v)
+        # an input with whole blocks of channels comes blocked from the op before it (no
+        # conversion in between) unless it is the function's input; the pack keeps it blocked
+        source = pack.args[1].fields[0]
+        if pack.args[0].name_hint.startswith("pack_blocked"):
+            assert c % v == 0 and tuple(int(d) for d in source.ty.shape)[-1] == v
+            assert tuple(int(d) for d in pack.ty.shape)[-1] == v // 4
+        else:
+            assert tuple(int(d) for d in pack.ty.shape)[-1] == 1
     if graph_name == "resnet_v1_w16":
         assert eligible, "the 16-wide fixture must exercise the rewrite"
+        # channel counts of 16 and 32 throughout: every conv but the stem (3 channels) reads a
+        # blocked input, and layouts are converted only at the edges (the stem's input is
+        # NCHW; the classifier's flatten wants NCHW)
+        assert sum(p.args[0].name_hint.startswith("pack_blocked") for p in packs) == len(packs) - 1
+        assert len(_calls(after, PERMUTE_DIMS)) <= 2
 
 
 def test_pair_rewrite_leaves_a_target_without_avx2_alone():

@@ -562,3 +562,103 @@ def test_pooling_and_elementwise(pool, batch, channels, size, kernel, stride, pa
         assert applied["depthwise_conv2d_nchw"] == 1, functions
     elif batch * channels * size * size >= 4096 * kernel * kernel:  # output >= 4096 elements
         assert applied["parallel_outer"] >= 1, functions
+
+
+# -- chains of int8 convs: activations channel-blocked between the VNNI convs -------------------
+
+# A target with AVX-VNNI but not AVX-512 VNNI: 8-lane vpdpbusd and 8-channel blocks.
+AVX_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": str(TARGET.attrs["mcpu"]),
+                              "mattr": ["-avx512vnni"]})
+CHAIN_TARGETS = (TARGET, AVX_VNNI) if vnni.vnni_lanes(AVX_VNNI) == 8 else (TARGET,)
+
+
+def _middle(options):
+    """A hidden layer's epilogue: the drawn one, ending in int8 (the next conv reads int8)."""
+    return dict(options, requantize=options["requantize"] or "shift", residual=False)
+
+
+def int_conv_chain(batch, channels, widths, size, pool, residual, stride, options, seed):
+    """quantize -> 3x3 conv (+ epilogue, int8) [-> 3x3/2 max pool, int8 or on the int32 before
+    the requantize] -> 3x3 conv with stride ``stride`` (+ identity or 1x1 projection shortcut,
+    the drawn epilogue) -> 1x1 conv: a ResNet block's shape of layers."""
+    g = _IntGraph((channels, size, size), np.random.default_rng(seed))
+    x = g.nodes[-1]
+    w1, w2 = widths
+    a = g.conv(x, ConvCase(batch, channels, size, size, w1, (3, 3), (1, 1), (1, 1, 1, 1), 1))
+    middle = _middle(options)
+    if pool == "int32":  # the stem: conv, bias, ReLU, pool on int32, then requantize
+        a = g.add("relu", a.name, a.shape, "int32", a.bound)
+    else:
+        a = g.epilogue(a, middle, None)
+    if pool:
+        hw = (a.shape[1] - 1) // 2 + 1
+        a = g.add("max_pool2d", a.name, (w1, hw, hw), a.dtype, a.bound,
+                  {"pool_size": (3, 3), "strides": (2, 2), "padding": (1, 1, 1, 1)})
+    if pool == "int32":
+        a = g.requantize(a, 2.0 ** -np.ceil(np.log2(max(int(np.max(a.bound)), 1) / 100)), "int8")
+    hw = a.shape[1]
+    block = ConvCase(batch, w1, hw, hw, w2, (3, 3), (stride, stride), (1, 1, 1, 1), 1)
+    b = g.conv(a, block)
+    shortcut = None
+    if residual == "identity" and w1 == w2 and stride == 1:
+        shortcut = a
+    elif residual:
+        shortcut = g.conv(a, ConvCase(batch, w1, hw, hw, w2, (1, 1), (stride, stride),
+                                      (0, 0, 0, 0), 1))
+    b = g.epilogue(b, _middle(options), shortcut)
+    ohw = b.shape[1]
+    c = g.conv(b, ConvCase(batch, w2, ohw, ohw, 16, (1, 1), (1, 1), (0, 0, 0, 0), 1))
+    g.epilogue(c, dict(options, residual=False), None)
+    return g.graph(), a
+
+
+@budget(0.6)
+@given(batch=st.sampled_from((1, 2)), channels=st.sampled_from((3, 5, 16, 32)),
+       widths=st.tuples(st.sampled_from((16, 32, 48, 24)), st.sampled_from((16, 32, 48, 20))),
+       size=_size(3, 24), pool=st.sampled_from((None, None, "int8", "int32")),
+       residual=st.sampled_from((None, "identity", "projection")), stride=st.integers(1, 2),
+       read_twice=st.booleans(), options=EPILOGUES, seed=SEEDS,
+       target=st.sampled_from(CHAIN_TARGETS))
+@example(  # the ResNet shapes: 3 -> 16 stem, int32 max pool, 16 -> 16 identity, 16 -> 32 stride 2
+    batch=2, channels=3, widths=(16, 32), size=13, pool="int32", residual="projection", stride=2,
+    read_twice=True, options={"bias": True, "requantize": "shift", "per_channel": False,
+                              "activation": "relu", "residual": True, "rounding": "upward"},
+    seed=0, target=TARGET)
+def test_int8_conv_chain_channel_blocked(batch, channels, widths, size, pool, residual, stride,
+                                         read_twice, options, seed, target):
+    """Convs feeding convs (through epilogues, max pools on int8 and int32, identity and int32
+    projection shortcuts), where the VNNI path keeps the tensors between them channel-blocked
+    (``qcal.backend.tvm.blocked``) and converts at the edges (the input, out channels that are
+    not whole blocks, the outputs; ``read_twice`` also returns a hidden layer): TVM == numpy."""
+    graph, hidden = int_conv_chain(batch, channels, widths, size, pool, residual, stride,
+                                   options, seed)
+    x = np.random.default_rng(seed + 1).standard_normal(
+        (batch, channels, size, size)).astype(np.float32)
+    names = [hidden.name, graph.output.name] if read_twice else [graph.output.name]
+    mod = emit.emit_relax(graph, batch, outputs=names)
+    reference = run_integer(graph, x, keep="all")
+    lowered = schedules.lower(mod, target)
+    executable = tvm.compile(lowered, target, relax_pipeline=tvm.transform.Sequential([]))
+    out = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x))
+    outs = [out] if len(names) == 1 else list(out)
+    for name, value in zip(names, outs):
+        got = value.numpy().astype(np.int64)
+        diff = np.abs(got - reference[name])
+        assert diff.max(initial=0) == 0, (f"{name}: differs from numpy at "
+                                          f"{int(np.count_nonzero(diff))} of {diff.size} values")
+    lanes = vnni.vnni_lanes(target)
+    if lanes is None:
+        return
+    rules = schedules.scheduled_functions(lowered)
+    functions = [gv.name_hint for gv, f in lowered.functions.items()
+                 if isinstance(f, tvm.tirx.PrimFunc)]
+    # every conv with whole blocks of out channels runs on VNNI; the block's conv, when both its
+    # input (a VNNI conv's output, pooled or not) and its output are whole blocks of channels,
+    # reads its input blocked, and so does the last conv after it
+    assert all(rules.get(name) == "conv2d_vnni" for name in functions if "conv2d_vnni" in name)
+    blocked_packs = [name for name in functions if name.startswith("pack_blocked_u8_quads")]
+    if widths[0] % lanes == 0 and widths[1] % lanes == 0:
+        assert blocked_packs, functions
+    if widths[1] % lanes:  # the block's conv is not VNNI: NCHW after it
+        assert not blocked_packs, functions
+    event(f"blocked packs: {len(blocked_packs)}")

@@ -2,11 +2,14 @@
 
 Where this sits: ``qcal.backend.tvm.schedules.rewrite_int8_convs`` calls ``rewrite_vnni_convs``
 first when the target has AVX-512 VNNI (16 int32 lanes) or AVX-VNNI (8 lanes); the convs it
-leaves go on to the int16-pair rewrite and the s_tir schedules. Like the pair path, the conv is
-replaced by two PrimFuncs written here::
+leaves go on to the int16-pair rewrite and the s_tir schedules. The conv is replaced by two
+PrimFuncs written here, and the tensors between such convs stay channel-blocked
+(``qcal.backend.tvm.blocked``: v channels of a pixel contiguous, v = the lanes)::
 
-    x int8 NCHW --pack_u8_quads--> xq int32 (N, ceil(C/4), H+pads, W+pads)   one int32 = 4 u8
-    xq, w', init --conv2d_vnni--> int32 NCHW                                 (then the epilogue)
+    x int8 (N, C/v, H, W, v) --pack_blocked_u8_quads--> xq int32 (N, C/v, H+pads, W+pads, v/4)
+    x int8 NCHW (C not a multiple of v) --pack_u8_quads--> xq int32 (N, ceil(C/4), .., .., 1)
+                                                        one int32 = 4 u8 of 4 adjacent channels
+    xq, w', init --conv2d_vnni--> int32 (N, O/v, OH, OW, v)             (then the epilogue)
 
 ``vpdpbusd`` multiplies 4 adjacent unsigned bytes of one operand with 4 signed bytes of the other
 and adds the 4 products into one int32 lane, without saturation: 64 MACs an instruction with
@@ -28,8 +31,9 @@ zero weights (zero products, zero correction).
 
 Schedule (``schedule_vnni_conv2d``): the int16-pair conv's tiling at vector granularity -- up to
 ``_PIXEL_TILE`` output pixels of one row x ``_CHANNEL_VECTORS`` vectors of channels accumulate in
-registers with the reduction loops outside, NCHW written back per tile, (batch, row, channel tile)
-in parallel. Measured per conv shape by ``scripts/bench_ops.py``.
+registers with the reduction loops outside, written back per tile as whole vectors (the output
+layout is the accumulator tile's), (batch, row, channel tile) in parallel. Measured per conv shape
+by ``scripts/bench_ops.py``, per layer of a model by ``scripts/profile_layers.py``.
 """
 from __future__ import annotations
 
@@ -41,8 +45,7 @@ from tvm.target import codegen
 
 from qcal.backend.tvm.schedules import (Decline, Scheduled, _extents, _i64, _inline_epilogue,
                                         _largest_divisor, _name, _parallel_outer, _root_blocks,
-                                        _vectorize_tile_epilogue, padded_conv_extents,
-                                        rewrite_matching_int8_convs)
+                                        _vectorize_tile_epilogue, padded_conv_extents)
 
 VNNI_BLOCK = "conv2d_vnni"
 # relax's OpPatternKind kOutEWiseFusable: FuseOps may fuse the elementwise ops after the conv
@@ -64,23 +67,25 @@ def vnni_lanes(target: tvm.target.Target) -> int | None:
 
 
 def _pack_quads_func(n, c, h, w, pads):
+    """NCHW int8 -> (N, ceil(C/4), H+pads, W+pads, 1) u8 quads, +128 each byte."""
     c4, hp, wp = _i64((c + 3) // 4, h + pads[0] + pads[2], w + pads[1] + pads[3])
     n, c, h, w = _i64(n, c, h, w)
     pt, pl = _i64(pads[0], pads[1])
+    zero = _i64(0)[0]
 
     # 0x80808080: XOR with 0x80 adds 128 to each signed byte modulo 256 (int8 -> u8 + 128)
     offset = T.int32(-0x7F7F7F80)
 
     @T.prim_func(private=True, s_tir=True)
     def pack_u8_quads(x: T.Buffer((n, c, h, w), "int8"),  # noqa: F821 (TVMScript dtypes)
-                      xq: T.Buffer((n, c4, hp, wp), "int32")):  # noqa: F821
+                      xq: T.Buffer((n, c4, hp, wp, 1), "int32")):  # noqa: F821
         T.func_attr({"tirx.noalias": True})
         for i, j, y, z in T.grid(n, c4, hp, wp):
             with T.sblock("pack_u8_quads"):
                 vi, vj, vy, vz = T.axis.remap("SSSS", [i, j, y, z])
                 # byte k: channel 4j+k (little-endian) as raw bits, then + 128 each; padding and
                 # missing channels are 0, so 128 once shifted
-                xq[vi, vj, vy, vz] = T.bitwise_xor(T.bitwise_or(T.bitwise_or(
+                xq[vi, vj, vy, vz, zero] = T.bitwise_xor(T.bitwise_or(T.bitwise_or(
                     T.bitwise_and(T.if_then_else(
                         pt <= vy and vy < pt + h and pl <= vz and vz < pl + w,
                         T.Cast("int32", x[vi, vj * 4, vy - pt, vz - pl]), 0), 0xFF),
@@ -99,35 +104,68 @@ def _pack_quads_func(n, c, h, w, pads):
     return pack_u8_quads
 
 
-def _vnni_conv_func(n, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, v):
+def _pack_blocked_quads_func(n, cb, h, w, v, pads):
+    """Channel-blocked int8 (N, C/v, H, W, v) -> (N, C/v, H+pads, W+pads, v/4) u8 quads, +128 each
+    byte: the same bytes, padded; the v channels of a pixel stay one contiguous run."""
+    q, hp, wp = _i64(v // 4, h + pads[0] + pads[2], w + pads[1] + pads[3])
+    n, cb, h, w = _i64(n, cb, h, w)
+    pt, pl = _i64(pads[0], pads[1])
+    offset = T.int32(-0x7F7F7F80)  # 0x80808080, as above
+
+    @T.prim_func(private=True, s_tir=True)
+    def pack_blocked_u8_quads(x: T.Buffer((n, cb, h, w, q * 4), "int8"),  # noqa: F821
+                              xq: T.Buffer((n, cb, hp, wp, q), "int32")):  # noqa: F821
+        T.func_attr({"tirx.noalias": True})
+        for i, j, y, z, k in T.grid(n, cb, hp, wp, q):
+            with T.sblock("pack_u8_quads"):
+                vi, vj, vy, vz, vk = T.axis.remap("SSSSS", [i, j, y, z, k])
+                xq[vi, vj, vy, vz, vk] = T.bitwise_xor(T.if_then_else(
+                    pt <= vy and vy < pt + h and pl <= vz and vz < pl + w,
+                    T.bitwise_or(T.bitwise_or(
+                        T.bitwise_and(T.Cast("int32", x[vi, vj, vy - pt, vz - pl, vk * 4]), 0xFF),
+                        T.shift_left(T.bitwise_and(
+                            T.Cast("int32", x[vi, vj, vy - pt, vz - pl, vk * 4 + 1]), 0xFF), 8)),
+                        T.bitwise_or(
+                            T.shift_left(T.bitwise_and(
+                                T.Cast("int32", x[vi, vj, vy - pt, vz - pl, vk * 4 + 2]), 0xFF), 16),
+                            T.shift_left(
+                                T.Cast("int32", x[vi, vj, vy - pt, vz - pl, vk * 4 + 3]), 24))),
+                    0), offset)
+    return pack_blocked_u8_quads
+
+
+def _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, sh, sw, v):
     # LLVM's vpdpbusd takes its two multiplicands as byte vectors (unsigned, then signed)
     acc_t, bytes_t = f"int32x{v}", f"int8x{4 * v}"
     intrinsic = _VPDPBUSD_INTRINSICS[v]
-    f = o // v
-    n, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, f = _i64(n, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, f)
+    f, c4 = o // v, cb * q
+    n, cb, q, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, f = _i64(
+        n, cb, q, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, f)
     lanes, zero, one = _i64(v, 0, 1)
 
     @T.prim_func(private=True, s_tir=True)
-    def conv2d_vnni(xq: T.Buffer((n, c4, hp, wp), "int32"),  # noqa: F821 (TVMScript dtypes)
+    def conv2d_vnni(xq: T.Buffer((n, cb, hp, wp, q), "int32"),  # noqa: F821 (TVMScript dtypes)
                     wq: T.Buffer((f, c4, kh, kw, lanes), "int32"),  # noqa: F821
                     init: T.Buffer((f, lanes), "int32"),  # noqa: F821
-                    out: T.Buffer((n, o, oh, ow), "int32")):  # noqa: F821
+                    out: T.Buffer((n, f, oh, ow, lanes), "int32")):  # noqa: F821
         T.func_attr({"tirx.noalias": True})
         acc = T.sblock_alloc_buffer((n, f, oh, ow, lanes), "int32")
-        for i, j, y, z, rc, ry, rx in T.grid(n, f, oh, ow, c4, kh, kw):
+        for i, j, y, z, rc, ry, rx, rq in T.grid(n, f, oh, ow, cb, kh, kw, q):
             with T.sblock("conv2d_vnni"):  # VNNI_BLOCK
-                vi, vj, vy, vz, vc, vry, vrx = T.axis.remap("SSSSRRR", [i, j, y, z, rc, ry, rx])
+                vi, vj, vy, vz, vc, vry, vrx, vq = T.axis.remap(
+                    "SSSSRRRR", [i, j, y, z, rc, ry, rx, rq])
                 with T.init():
                     acc[vi, vj, vy, vz, T.ramp(zero, one, v)] = init[vj, T.ramp(zero, one, v)]
                 acc[vi, vj, vy, vz, T.ramp(zero, one, v)] = T.call_llvm_pure_intrin(
                     acc_t, T.llvm_lookup_intrinsic_id(intrinsic),
                     acc[vi, vj, vy, vz, T.ramp(zero, one, v)],
-                    T.reinterpret(bytes_t, T.broadcast(xq[vi, vc, vy * sh + vry, vz * sw + vrx], v)),
-                    T.reinterpret(bytes_t, wq[vj, vc, vry, vrx, T.ramp(zero, one, v)]))
-        for i, j, y, z in T.grid(n, o, oh, ow):
+                    T.reinterpret(bytes_t, T.broadcast(
+                        xq[vi, vc, vy * sh + vry, vz * sw + vrx, vq], v)),
+                    T.reinterpret(bytes_t, wq[vj, vc * q + vq, vry, vrx, T.ramp(zero, one, v)]))
+        for i, j, y, z, c in T.grid(n, f, oh, ow, lanes):
             with T.sblock("unpack"):
-                vi, vj, vy, vz = T.axis.remap("SSSS", [i, j, y, z])
-                out[vi, vj, vy, vz] = acc[vi, vj // lanes, vy, vz, vj % lanes]
+                vi, vj, vy, vz, vl = T.axis.remap("SSSSS", [i, j, y, z, c])
+                out[vi, vj, vy, vz, vl] = acc[vi, vj, vy, vz, vl]
     return conv2d_vnni
 
 
@@ -136,8 +174,8 @@ def schedule_vnni_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
     the elementwise epilogue after it: bias, requantize, ReLU, residual add).
 
     The epilogue (``unpack`` included) is inlined into its last block, which is computed per tile
-    right after the tile's accumulators, while they are in registers: the int32 NCHW tensor of
-    the conv never exists. When the function has more than one output (FuseOps makes such), the
+    right after the tile's accumulators, while they are in registers: the conv's int32 tensor
+    never exists. When the function has more than one output (FuseOps makes such), the
     conv and ``unpack`` are scheduled alone and the other blocks get parallel outer loops."""
     sch = s_tir.Schedule(func)
     blocks = _root_blocks(sch)
@@ -153,11 +191,11 @@ def schedule_vnni_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
         rest = []
     except Decline:
         out, rest = blocks[index + 1], blocks[index + 2:]
-    i, j, y, z, rc, ry, rx = sch.get_loops(conv)
+    i, j, y, z, rc, ry, rx, rq = sch.get_loops(conv)
     f, ow = _extents(sch, [j, z])
     jo, jm = sch.split(j, [None, _largest_divisor(f, _CHANNEL_VECTORS)])
     zo, zi = sch.split(z, [None, _largest_divisor(ow, _PIXEL_TILE)])
-    sch.reorder(i, y, jo, zo, rc, ry, rx, zi, jm)
+    sch.reorder(i, y, jo, zo, rc, ry, rx, rq, zi, jm)
     sch.set_scope(conv, 0, "local")
     sch.reverse_compute_at(out, zo)
     sch.unroll(zi)
@@ -186,27 +224,41 @@ def pack_vnni_weight(weight: np.ndarray, lanes: int) -> tuple[np.ndarray, np.nda
     return packed, init.reshape(o // lanes, lanes)
 
 
-def _replace_with_vnni_conv(builder, call, lanes, shape, pads, strides):
+def emit_vnni_conv(builder, call, lanes, shape, pads, strides, blocked_input=None):
+    """Emit the VNNI PrimFuncs for an int8 conv2d call that ``int8_conv_geometry`` accepted (its
+    NCHW input ``call.args[0]``, or ``blocked_input``: the same tensor channel-blocked,
+    (N, C/lanes, H, W, lanes)); returns the conv's call, whose int32 output is channel-blocked
+    (N, O/lanes, OH, OW, lanes), the layout of its accumulator tiles."""
     n, c, h, w = shape
     weight = call.args[1].value.numpy()
     o, _, kh, kw = weight.shape
-    c4 = (c + 3) // 4
     hp, wp, oh, ow = padded_conv_extents(shape, weight.shape, pads, strides)
-    conv = _vnni_conv_func(n, c4, hp, wp, o, kh, kw, oh, ow, *strides, lanes)
+    if blocked_input is not None:
+        cb, q = c // lanes, lanes // 4
+        pack = _pack_blocked_quads_func(n, cb, h, w, lanes, pads)
+        source, pack_name = blocked_input, "pack_blocked_u8_quads"
+    else:
+        cb, q = (c + 3) // 4, 1
+        pack = _pack_quads_func(n, c, h, w, pads)
+        source, pack_name = call.args[0], "pack_u8_quads"
+    conv = _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, *strides, lanes)
     conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
-    pack_gv = builder.add_func(_pack_quads_func(n, c, h, w, pads), "pack_u8_quads")
+    pack_gv = builder.add_func(pack, pack_name)
     conv_gv = builder.add_func(conv, "conv2d_vnni")
     packed = builder.emit(relax.call_tir(
-        pack_gv, [call.args[0]], relax.TensorType((n, c4, hp, wp), "int32")))
+        pack_gv, [source], relax.TensorType((n, cb, hp, wp, q), "int32")))
     wq, init = pack_vnni_weight(weight, lanes)
     return relax.call_tir(conv_gv, [packed, relax.const(wq, "int32"), relax.const(init, "int32")],
-                          relax.TensorType((n, o, oh, ow), "int32"))
+                          relax.TensorType((n, o // lanes, oh, ow, lanes), "int32"))
 
 
 def rewrite_vnni_convs(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     """Replace each int8 NCHW conv2d with a constant weight (groups 1, dilation 1, out channels a
-    multiple of ``lanes``) by the VNNI PrimFuncs; other convs are left as they are."""
-    return rewrite_matching_int8_convs(mod, lanes, _replace_with_vnni_conv)
+    multiple of ``lanes``) by the VNNI PrimFuncs, with the tensors between them kept
+    channel-blocked (``qcal.backend.tvm.blocked``); other convs are left as they are."""
+    from qcal.backend.tvm import blocked  # it builds on this module
+
+    return blocked.rewrite_blocked(mod, lanes)
 
 
 def without_vnni(target: tvm.target.Target) -> tvm.target.Target:

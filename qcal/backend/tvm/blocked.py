@@ -1,0 +1,261 @@
+"""Channel-blocked activations between VNNI convs: a Relax rewrite that runs before legalization.
+
+Where this sits: ``qcal.backend.tvm.vnni.rewrite_vnni_convs`` (called by
+``schedules.rewrite_int8_convs`` on a VNNI target) runs ``rewrite_blocked``. It replaces every
+int8 conv2d that ``schedules.int8_conv_geometry`` accepts by the VNNI PrimFuncs and keeps the
+tensors around them in a channel-blocked layout, ``(N, C/v, H, W, v)`` with v the int32 lanes of
+``vpdpbusd`` (16 with AVX-512, NCHW16c): the layout of the conv's accumulator tiles (8 pixels x
+v channels, one register a pixel). So
+
+* the conv writes its accumulators (and the epilogue FuseOps fuses into it) as whole vectors,
+  16 channels of one pixel contiguous, instead of gathering each NCHW row of 8 pixels from 8
+  registers (a transpose that cost as much as the multiply-adds of a 1x1 conv with 64 input
+  channels, measured by ``scripts/profile_layers.py``);
+* the epilogue's per-channel constants (bias, shifts, multipliers, clip bounds), the residual
+  add's other operand and the max pool follow the same layout, so an int32 shortcut is written
+  and read back as contiguous vectors;
+* the next conv's input pack reads 16 contiguous bytes a pixel (the u8 quads it writes are the
+  same bytes, +128, with the padding around them).
+
+Only the values' positions change, never an integer operation: every op is the one the emitter
+wrote (``qcal.backend.tvm.emit``, checked against ``qcal.reference``), applied to the same
+values, and the constants are permuted, not recomputed. Layout conversions are emitted where a
+blocked value meets an op this pass does not know (flatten, dense, a conv the VNNI kernel does
+not take, the function's outputs): at the graph's edges, once per tensor.
+
+The pass walks the bindings of each Relax function whose body is one dataflow block (what
+``emit_relax`` makes); any other function keeps NCHW around each VNNI conv (a conversion right
+after it).
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from qcal.backend.tvm import vnni
+from qcal.backend.tvm.schedules import _CONV2D, int8_conv_geometry
+
+# Elementwise ops the emitter's integer epilogues are made of (requantize, bias, ReLU, clip,
+# residual add): each is applied to blocked operands as it is to NCHW ones.
+_ELEMENTWISE = frozenset(f"relax.{name}" for name in (
+    "add", "subtract", "multiply", "right_shift", "left_shift", "bitwise_and", "bitwise_or",
+    "bitwise_xor", "maximum", "minimum", "astype", "clip", "floor_divide", "floor_mod", "equal"))
+_MAX_POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
+_SUM = tvm.ir.Op.get("relax.sum")
+
+
+def _static_shape(expr) -> tuple[int, ...] | None:
+    ty = getattr(expr, "ty", None)
+    shape = getattr(ty, "shape", None)
+    if shape is None or not isinstance(ty, relax.TensorType):
+        return None
+    try:
+        return tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def blocked_array(a: np.ndarray, lanes: int) -> np.ndarray | None:
+    """An NCHW-broadcastable constant in the blocked layout: () stays, (A, C, B, D) with C a
+    multiple of ``lanes`` -> (A, C/lanes, B, D, lanes), with C == 1 -> (A, 1, B, D, 1); else None."""
+    if a.ndim == 0:
+        return a
+    if a.ndim != 4:
+        return None
+    n, c, h, w = a.shape
+    if c == 1:
+        return a.reshape(n, 1, h, w, 1)
+    if c % lanes:
+        return None
+    return np.ascontiguousarray(a.reshape(n, c // lanes, lanes, h, w).transpose(0, 1, 3, 4, 2))
+
+
+def _is_tensor(expr) -> bool:
+    return isinstance(getattr(expr, "ty", None), relax.TensorType)
+
+
+class _Blocker:
+    """One function's rewrite: ``nchw`` / ``blocked`` map each original variable to the new
+    variable holding its value in that layout (made on first use)."""
+
+    def __init__(self, builder: relax.BlockBuilder, lanes: int):
+        self.bb = builder
+        self.lanes = lanes
+        self.nchw: dict = {}
+        self.blocked: dict = {}
+
+    # -- conversions -------------------------------------------------------------------------
+
+    def to_nchw(self, value):
+        n, f, h, w, v = _static_shape(value)
+        moved = self.bb.emit(relax.op.permute_dims(value, [0, 1, 4, 2, 3]))
+        return self.bb.emit(relax.op.reshape(moved, (n, f * v, h, w)))
+
+    def to_blocked(self, value):
+        n, c, h, w = _static_shape(value)
+        v = self.lanes
+        split = self.bb.emit(relax.op.reshape(value, (n, c // v, v, h, w)))
+        return self.bb.emit(relax.op.permute_dims(split, [0, 1, 3, 4, 2]))
+
+    def as_nchw(self, expr):
+        """``expr`` (an original argument) with every variable replaced by its NCHW value."""
+        if isinstance(expr, relax.Var):
+            if expr in self.nchw:
+                return self.nchw[expr]
+            if expr in self.blocked:
+                self.nchw[expr] = self.to_nchw(self.blocked[expr])
+                return self.nchw[expr]
+            return expr  # a parameter of the function
+        if isinstance(expr, relax.Tuple):
+            return relax.Tuple([self.as_nchw(f) for f in expr.fields])
+        return expr
+
+    def as_blocked(self, expr, like: tuple[int, ...]):
+        """``expr`` in the blocked layout, for an elementwise op whose result has shape ``like``
+        (NCHW); None when it cannot be (a shape that is not a broadcast of ``like``'s channels)."""
+        if isinstance(expr, relax.Var):
+            if expr in self.blocked:
+                return self.blocked[expr]
+            if _static_shape(expr) == like and like[1] % self.lanes == 0:
+                self.blocked[expr] = self.to_blocked(self.as_nchw(expr))
+                return self.blocked[expr]
+            return None
+        if isinstance(expr, tvm.ir.expr.Constant):
+            a = expr.value.numpy()
+            shape = a.shape
+            if a.ndim == 4 and any(s not in (1, t) for s, t in zip(shape, like)):
+                return None
+            b = blocked_array(a, self.lanes)
+            return None if b is None else relax.const(b, str(a.dtype))
+        return None
+
+    # -- ops ---------------------------------------------------------------------------------
+
+    def blocked_value(self, value):
+        """The blocked form of a binding's value, or None to keep it in NCHW."""
+        if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
+            return None
+        if value.op.same_as(_CONV2D):
+            geometry = int8_conv_geometry(value, self.lanes)
+            if geometry is None:
+                return None
+            shape, pads, strides = geometry
+            source = value.args[0]
+            blocked_input = self.blocked.get(source) if isinstance(source, relax.Var) else None
+            if blocked_input is None:
+                value = relax.Call(value.op, [self.as_nchw(source), value.args[1]], value.attrs,
+                                   value.ty_args)
+            return vnni.emit_vnni_conv(self.bb, value, self.lanes, shape, pads, strides,
+                                       blocked_input)
+        name = value.op.name
+        like = _static_shape(value)
+        if name in _ELEMENTWISE and like is not None and len(like) == 4:
+            tensors = [a for a in value.args if _is_tensor(a)]
+            if not any(isinstance(a, relax.Var) and a in self.blocked for a in tensors):
+                return None
+            if like[1] % self.lanes:
+                return None
+            args = []
+            for a in value.args:
+                b = self.as_blocked(a, like) if _is_tensor(a) else a
+                if b is None:
+                    return None
+                args.append(b)
+            return relax.Call(value.op, args, value.attrs, value.ty_args)
+        source = value.args[0] if value.args else None
+        if not (isinstance(source, relax.Var) and source in self.blocked):
+            return None
+        x = self.blocked[source]
+        if value.op.same_as(_MAX_POOL) and str(value.attrs.layout) == "NCHW" and (
+                str(value.attrs.out_layout) == "NCHW"):
+            a = value.attrs
+            layout = f"NCHW{self.lanes}c"
+            return relax.op.nn.max_pool2d(x, a.pool_size, a.strides, a.padding, a.dilation,
+                                          bool(a.ceil_mode), bool(a.count_include_pad),
+                                          layout, layout)
+        if value.op.same_as(_SUM) and value.attrs.axis is not None and bool(
+                value.attrs.keepdims) and sorted(int(i) for i in value.attrs.axis) == [2, 3]:
+            return relax.op.sum(x, axis=[2, 3], keepdims=True)
+        return None
+
+    def rebuild(self, value):
+        """A value kept in NCHW, its variables replaced by their NCHW values."""
+        if isinstance(value, relax.Call):
+            return relax.Call(value.op, [self.as_nchw(a) for a in value.args], value.attrs,
+                              value.ty_args)
+        if isinstance(value, relax.TupleGetItem):
+            return relax.TupleGetItem(self.as_nchw(value.tuple_value), value.index)
+        return self.as_nchw(value)
+
+    def binding(self, binding):
+        var, value = binding.var, binding.value
+        output = not isinstance(var, relax.DataflowVar)
+        blocked = self.blocked_value(value)
+        if blocked is not None:
+            self.blocked[var] = self.bb.emit(blocked)
+            if output:
+                self.nchw[var] = self.bb.emit_output(self.to_nchw(self.blocked[var]))
+            return
+        rebuilt = self.rebuild(value)
+        self.nchw[var] = self.bb.emit_output(rebuilt) if output else self.bb.emit(rebuilt)
+
+
+def _single_dataflow_body(func) -> bool:
+    body = func.body
+    return (isinstance(body, relax.SeqExpr) and len(body.blocks) == 1
+            and isinstance(body.blocks[0], relax.DataflowBlock)
+            and all(isinstance(b, relax.VarBinding) for b in body.blocks[0].bindings))
+
+
+@relax.expr_functor.mutator
+class _NchwVnniConvs(relax.PyExprMutator):
+    """Functions the layout walk does not take: each VNNI conv converted back to NCHW at once."""
+
+    def __init__(self, mod, lanes):
+        super().__init__(mod)
+        self.lanes = lanes
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)):
+            return call
+        geometry = int8_conv_geometry(call, self.lanes)
+        if geometry is None:
+            return call
+        conv = self.builder_.emit(vnni.emit_vnni_conv(self.builder_, call, self.lanes, *geometry))
+        n, f, h, w, v = _static_shape(conv)
+        moved = self.builder_.emit(relax.op.permute_dims(conv, [0, 1, 4, 2, 3]))
+        return relax.op.reshape(moved, (n, f * v, h, w))
+
+
+def rewrite_blocked(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+    """``mod`` with every VNNI-eligible int8 conv replaced by the VNNI PrimFuncs and the tensors
+    between them channel-blocked (module docstring)."""
+    walked = {gv: f for gv, f in mod.functions.items()
+              if isinstance(f, relax.Function) and _single_dataflow_body(f)}
+    fallback = _NchwVnniConvs(mod, lanes)
+    for gvar, func in list(mod.functions.items()):
+        if isinstance(func, relax.Function) and gvar not in walked:
+            fallback.builder_.update_func(gvar, fallback.visit_expr(func))
+    mod = fallback.builder_.get()
+    if not walked:
+        return mod
+    builder = relax.BlockBuilder(mod)
+    names = {}
+    for gvar, func in walked.items():
+        blocker = _Blocker(builder, lanes)
+        names[gvar] = f"qcal_blocked_{gvar.name_hint}"
+        with builder.function(names[gvar], list(func.params), private=True):
+            with builder.dataflow():
+                for b in func.body.blocks[0].bindings:
+                    blocker.binding(b)
+            builder.emit_func_output(blocker.as_nchw(func.body.body))
+    result = builder.get()
+    for gvar, func in walked.items():
+        tmp = result.get_global_var(names[gvar])
+        new = result[tmp]
+        result[gvar] = relax.Function(new.params, new.body, new.ret_ty, new.is_pure,
+                                      func.attrs, func.span)
+        del result[tmp]
+    return result
