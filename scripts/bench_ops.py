@@ -78,6 +78,16 @@ CASES = {
     "r50_stem_7x7": ConvCase((3, 224, 224), 64, 7, 2, 3),        # ResNet stem
     "mbv2_dw_3x3": ConvCase((96, 56, 56), 96, 3, 1, 1, 96),      # MobileNet-style depthwise
     "mbv2_dw_3x3_s2": ConvCase((96, 112, 112), 96, 3, 2, 1, 96),  # strided depthwise
+    # EfficientNet-Lite0's heaviest int8 layers at 224 (profile_layers.py): depthwise 3x3 / 5x5,
+    # plain and strided, and the 1x1 projections to 24 and 40 channels (not a multiple of 16)
+    "lite0_dw_3x3_112": ConvCase((32, 112, 112), 32, 3, 1, 1, 32),
+    "lite0_dw_3x3_s2": ConvCase((96, 112, 112), 96, 3, 2, 1, 96),
+    "lite0_dw_5x5_28": ConvCase((240, 28, 28), 240, 5, 1, 2, 240),
+    "lite0_dw_5x5_s2": ConvCase((144, 56, 56), 144, 5, 2, 2, 144),
+    "lite0_dw_5x5_7": ConvCase((1152, 7, 7), 1152, 5, 1, 2, 1152),
+    "lite0_dw_5x5_14": ConvCase((672, 14, 14), 672, 5, 1, 2, 672),
+    "lite0_1x1_144to24": ConvCase((144, 56, 56), 24, 1, 1, 0),
+    "lite0_1x1_240to40": ConvCase((240, 28, 28), 40, 1, 1, 0),
     "r50_fc": DenseCase(2048, 1000),                             # ResNet-50 classifier
 }
 

@@ -3,4 +3,6 @@ import sys
 
 from qcal.cli import main
 
-sys.exit(main())
+# guarded: the worker processes of a local Dask cluster start by importing this module again
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,12 +2,26 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from qcal.cli.options import calib_repeats_option, verify_images_option
 from qcal.cli.params import translate_errors
+from qcal.config import DEFAULT_SHARD_IMAGES
+
+
+@contextmanager
+def distributed(address, workers, shard_images):
+    """The Dask cluster the sweep runs on (``qcal.drivers.cluster``), or None: this process."""
+    if not (address or workers):
+        yield None
+        return
+    from qcal.drivers.cluster import connect
+
+    with connect(address, workers, shard_images) as cluster:
+        yield cluster
 
 
 @click.command()
@@ -28,9 +42,19 @@ from qcal.cli.params import translate_errors
 @click.option("--force", is_flag=True,
               help="Use the output folder even if it holds another config's results (its "
                    "finished variants this config shares are reused).")
+@click.option("--cluster", "cluster_address", metavar="ADDRESS",
+              help="Run the variants as tasks on the Dask scheduler at ADDRESS "
+                   "(tcp://HOST:8786); its workers must reach the data and the output folder "
+                   "at the same paths (docs/cluster.md).")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Run the variants as tasks on a local Dask cluster of N worker processes.")
+@click.option("--shard-images", type=click.IntRange(min=1), default=DEFAULT_SHARD_IMAGES,
+              show_default=True,
+              help="On a cluster, evaluate a variant's images in tasks of at most this many "
+                   "(whole batches).")
 @translate_errors
 def sweep(config, output, data, calib_data, num_images, verify_images, calib_repeats, quiet, wait,
-          force):
+          force, cluster_address, workers, shard_images):
     """Run every variant of a YAML sweep CONFIG into one table (resumable: run it again to finish).
 
     The config is checked completely before any work starts (every model, weights file, data
@@ -38,13 +62,17 @@ def sweep(config, output, data, calib_data, num_images, verify_images, calib_rep
     and line); see configs/ for examples. An output folder belongs to one config: another is
     refused unless it only adds models or variants (then the sweep resumes) or --force is given.
     One sweep writes into an output folder at a time: a second one stops with exit 1, naming the
-    other process, unless --wait is given.
+    other process, unless --wait is given. With --workers N or --cluster ADDRESS the same sweep
+    runs as tasks on Dask workers (the same results, byte for byte, apart from timings).
     """
     from qcal.drivers.sweep import run_sweep
     from qcal.drivers.sweep_config import parse_sweep_config
     from qcal.drivers.validate import OutputPath, check_run
     from qcal.errors import raise_problems
 
+    if cluster_address and workers:
+        raise click.UsageError("--cluster connects to a running cluster, --workers starts a "
+                               "local one: give one of them")
     cfg, problems = parse_sweep_config(config, {
         "data": str(data) if data else None,
         "calib_data": str(calib_data) if calib_data else None, "num_images": num_images},
@@ -56,8 +84,8 @@ def sweep(config, output, data, calib_data, num_images, verify_images, calib_rep
     checked = check_run(cfg, [named], results_folder=named.path, force=force, quiet=quiet,
                         problems=problems)
     output = named.path
-    with checked.undo_on_failure():
+    with checked.undo_on_failure(), distributed(cluster_address, workers, shard_images) as cluster:
         run_sweep(cfg, output, quiet=quiet, command=" ".join(["qcal", *sys.argv[1:]]),
-                  wait=wait, force=force, sessions=checked.sessions)
+                  wait=wait, force=force, sessions=checked.sessions, cluster=cluster)
     click.echo((output / "results.md").read_text(), nl=False)
     click.echo(f"wrote {output}/results.md, results.csv, results.json, predictions.csv, top1.png")

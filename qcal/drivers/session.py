@@ -3,6 +3,9 @@
 ``ModelSession`` holds what every variant of one model shares, each computed at most once and only
 when first needed: the loaded network, its data plan, the imported float graph, the calibration
 statistics (one pass over the calibration images) and the float32 result.
+
+Length: the whole pipeline of one model, the class a newcomer reads first (README); what each
+stage does lives in its own package, this only composes them.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ class ModelSession:
     def __init__(self, model: str, data: dict | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
                  params=None, pretrained: bool = False, seed: int = 0, quiet: bool = False,
                  cache_dir: Path = DEFAULT_BATCH_CACHE_DIR, calibration_file=None,
-                 verify_images: int = DEFAULT_VERIFY_IMAGES, calib_repeats: int = 1):
+                 verify_images: int = DEFAULT_VERIFY_IMAGES, calib_repeats: int = 1,
+                 progress=None):
         self.model = resolve_model(model, params=params, pretrained=pretrained)
         self.spec = self.model.spec
         self.data = dict(data or {})
@@ -43,12 +47,15 @@ class ModelSession:
         self.verify_images = verify_images
         self.calib_repeats = calib_repeats  # calibration subsets (qcal.data.calib_subsets)
         self.statistics_passes = 0  # statistics passes run (one per calibration subset used)
+        # progress(total, description) -> a context manager with update(n); None: tqdm bars
+        self.progress = progress
         self._plans = {}
         self._graph = None
         self._calibration = None
         self._subset_calibrations = {}  # subset index -> CalibrationResult
         self._correction = {}
         self._equalized = None
+        self._given_evaluation = None
 
     # --- load -------------------------------------------------------------------------------
     @property
@@ -107,6 +114,8 @@ class ModelSession:
     def _progress(self, total, label):
         from qcal.report.tables import progress_bar
 
+        if self.progress is not None:
+            return self.progress(total, f"{self.model.name} {label}")
         return progress_bar(total, f"{self.model.name} {label}", self.quiet)
 
     # --- import, calibrate --------------------------------------------------------------------
@@ -171,6 +180,26 @@ class ModelSession:
         return self.calibration_subsets.subsets[subset] if (
             subset or self.calib_repeats > 1) else None
 
+    def save_statistics(self, path, options, subset: int = 0):
+        """The statistics pass of variant ``options`` on calibration subset ``subset``, saved as
+        a calibration file at ``path`` (for ``adopt_statistics`` elsewhere: a cluster ships the
+        file, not the tensors)."""
+        self.float_model(options, subset)[1].save(path)
+
+    def adopt_statistics(self, path, options, subset: int = 0):
+        """Take the pass of this run that ``save_statistics`` wrote to ``path`` as the one of
+        ``options`` on subset ``subset``: it counts as this session's own pass (the records say
+        so, as when it ran here)."""
+        from qcal.calib.result import CalibrationResult
+
+        graph = self.equalized_graph if options.equalize else self.graph
+        calibration = CalibrationResult.load(path, graph=graph)
+        calibration.source = CalibrationResult.source  # not a file the user gave: the pass's
+        if options.equalize:
+            self._equalized[1][subset] = calibration
+        else:
+            self._subset_calibrations[subset] = calibration
+
     def check_variants(self, variants):
         """Before any work starts: refuse a ``float_layers`` or ``layer_bias_bits`` name the
         model lacks, a calibration file for another model, one lacking a method's statistics,
@@ -212,6 +241,15 @@ class ModelSession:
             return self.graph, self.calibration_for(subset)
         from qcal.calib.result import CalibrationResult
 
+        graph, calibrations = self.equalized_graph, self._equalized[1]
+        if subset not in calibrations:
+            calibrations[subset] = CalibrationResult.from_statistics(self.collect_statistics(
+                graph=graph, selection=self._subset_selection(subset))[0])
+        return graph, calibrations[subset]
+
+    @property
+    def equalized_graph(self):
+        """The cross-layer-equalized float graph (computed once)."""
         if self._equalized is None:
             from qcal.quant.equalize import equalize
 
@@ -219,11 +257,7 @@ class ModelSession:
             log.info("%s: cross-layer equalization of %d conv pairs in %d sweeps", self.model.name,
                      len(pairs), sweeps)
             self._equalized = graph, {}
-        graph, calibrations = self._equalized
-        if subset not in calibrations:
-            calibrations[subset] = CalibrationResult.from_statistics(self.collect_statistics(
-                graph=graph, selection=self._subset_selection(subset))[0])
-        return graph, calibrations[subset]
+        return self._equalized[0]
 
     def correction_data(self, options):
         """What empirical bias correction measures on (computed once per float model, see
@@ -246,9 +280,13 @@ class ModelSession:
         return self._correction[key]
 
     def _run_selections(self, runner, label, plan):
-        """(evaluation result, fidelity result or None) for one runner."""
+        """(evaluation result, fidelity result or None) for one runner; the evaluation images'
+        result is not run again when ``evaluate`` was given it (merged shards)."""
         outcomes = []
-        for selection in (plan.evaluation, plan.fidelity):
+        for selection, given in ((plan.evaluation, self._given_evaluation), (plan.fidelity, None)):
+            if given is not None:
+                outcomes.append(given)
+                continue
             if selection is None:
                 outcomes.append(None)
                 continue
@@ -256,12 +294,18 @@ class ModelSession:
                 outcomes.append(evaluate(runner, selection, self.batch_size, self.cache, bar))
         return outcomes
 
-    def evaluate(self, options=None, subset: int = 0):
+    def evaluate(self, options=None, subset: int = 0, evaluation=None):
         """(EvalResult, fidelity EvalResult or None, extra record fields) for float32 (options
         None) or one int8 variant calibrated on calibration subset ``subset``. Nothing the run
-        compiled outlives it."""
-        outcome = (self._evaluate_float() if options is None
-                   else self._evaluate_int8(options, subset))
+        compiled outlives it. ``evaluation``: the result on the evaluation images, computed
+        already by ``evaluate_range`` over its shards and merged
+        (``qcal.eval.evaluate.merge_results``): everything else is done here."""
+        self._given_evaluation = evaluation
+        try:
+            outcome = (self._evaluate_float() if options is None
+                       else self._evaluate_int8(options, subset))
+        finally:
+            self._given_evaluation = None
         # TVMScript's ``T.prim_func`` keeps the ``inspect.stack()`` of its caller in a reference
         # cycle (tvm/tirx/script/parser/entry.py), and a frame keeps its locals after it returns:
         # a compile leaves every frame above it (the compiled model, the variant's results, the
@@ -274,6 +318,29 @@ class ModelSession:
         runner = self.model.float_runner(self.graph, self.batch_size)
         result, fidelity = self._run_selections(runner, "float32", self.plan(False))
         return result, fidelity, {}
+
+    def evaluate_range(self, options, start: int, stop: int, subset: int = 0):
+        """The EvalResult of float32 (``options`` None) or one int8 variant (calibrated on
+        subset ``subset``) on the evaluation images [start, stop) of the fixed order only: one
+        shard of a variant. Nothing is verified here (``evaluate`` does that for the variant)."""
+        from qcal.data.plan import Selection
+
+        evaluation = self.plan(options is not None).evaluation
+        selection = Selection(evaluation.source, evaluation.start + start, evaluation.start + stop)
+        label = "float32" if options is None else options.label
+        if options is None:
+            runner = self.model.float_runner(self.graph, self.batch_size)
+        elif options.simulate:
+            runner = self._simulated_runner(self.quantize(options, subset))
+        else:
+            from qcal.backend.tvm.compile import compile_model
+
+            runner = compile_model(self.quantize(options, subset), self.batch_size).run
+        with self._progress(len(selection), f"{label} [{start}:{stop}]") as bar:
+            result = evaluate(runner, selection, self.batch_size, self.cache, bar)
+        del runner
+        gc.collect()  # as in ``evaluate``: the compile's frames hold the model in a cycle
+        return result
 
     def layer_sqnr(self, qgraph, images: int = SQNR_IMAGES, graph=None) -> list:
         """Per quantized tensor: SQNR of the integer model's value against float (numpy
@@ -340,15 +407,20 @@ class ModelSession:
                  else "not verified (verify_images 0)")
         return verification
 
-    def _evaluate_simulated(self, qgraph, options):
-        """The fake-quantized float model of ``qgraph`` (``run_simulated``): nothing compiled,
-        nothing to verify against."""
+    @staticmethod
+    def _simulated_runner(qgraph):
         from qcal.reference.int_interpreter import run_simulated
 
         def runner(x):
             return run_simulated(qgraph, x).astype(np.float32)
 
-        result, fidelity = self._run_selections(runner, options.label, self.plan(True))
+        return runner
+
+    def _evaluate_simulated(self, qgraph, options):
+        """The fake-quantized float model of ``qgraph`` (``run_simulated``): nothing compiled,
+        nothing to verify against."""
+        result, fidelity = self._run_selections(self._simulated_runner(qgraph), options.label,
+                                                self.plan(True))
         return result, fidelity, {"simulated": True, "verify_images_asked": self.verify_images}
 
     def _evaluate_int8(self, options, subset: int = 0):

@@ -27,6 +27,12 @@ Layout of ``OUTPUT/``:
 
 Work is shared across variants through ``qcal.drivers.session.ModelSession``: float32 evaluated once
 per model, statistics collected once per model, each image decoded once (on-disk batch cache).
+One variant's run (``run_variant``) is the unit that ``qcal.drivers.cluster`` runs on Dask workers
+instead of the loop here; its shards (``ResultStore.save_part``) and statistics passes
+(``OUTPUT/statistics/``) live in the folder too, and each worker's log in ``OUTPUT/workers/``.
+
+Length: the output folder's whole contract (store, ownership, the unit of work and the loop) in
+one module: what a record holds and when it is reused are read in one place.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -75,6 +82,7 @@ def environment() -> dict:
 
 RECORD_KIND = "sweep variant record"
 ARRAYS_KIND = "sweep variant arrays"
+PART_KIND = "sweep variant shard"
 RERUN = "running the variant again"
 
 
@@ -126,6 +134,31 @@ class ResultStore:
         write_checked(self.variants / f"{key}.json", (json.dumps(record, indent=2) + "\n").encode(),
                       RECORD_KIND, key)
 
+    # shards: one image range of a variant's evaluation, evaluated by a cluster worker
+    def part_path(self, key: str, start: int, stop: int) -> Path:
+        return self.variants / f"{key}.part-{start}-{stop}.npz"
+
+    def save_part(self, key: str, start: int, stop: int, result):
+        with checked_open(self.part_path(key, start, stop), PART_KIND, f"{key}:{start}:{stop}") as f:
+            np.savez(f, predictions=result.predictions, labels=result.labels,
+                     logits=result.logits, seconds=np.float64(result.seconds))
+
+    def load_part(self, key: str, start: int, stop: int):
+        """The EvalResult of a finished shard; None when absent or damaged (then removed)."""
+        from qcal.eval.evaluate import merge_results
+
+        arrays = load_checked(self.part_path(key, start, stop), PART_KIND, f"{key}:{start}:{stop}",
+                              _parse_npz, RERUN)
+        if arrays is None:
+            return None
+        part = SimpleNamespace(predictions=arrays["predictions"], labels=arrays["labels"],
+                               logits=arrays["logits"], seconds=float(arrays["seconds"]))
+        return merge_results([part])
+
+    def remove_parts(self, key: str):
+        for path in self.variants.glob(f"{key}.part-*.npz"):
+            path.unlink(missing_ok=True)
+
 
 def _fidelity_metrics(store, baseline_key, result, fidelity_result) -> dict:
     """Label-free agreement with the float32 run of the same images."""
@@ -138,6 +171,101 @@ def _fidelity_metrics(store, baseline_key, result, fidelity_result) -> dict:
     return metrics
 
 
+# --- one variant: the unit of work, run here or on a cluster worker ---------------------------------
+
+def open_session(config, model: str, quiet: bool = False, cache_dir: Path | None = None):
+    from qcal.drivers.session import ModelSession
+
+    return ModelSession(model, config.data, config.batch_size, params=config.params,
+                        pretrained=config.pretrained, seed=config.seed, quiet=quiet,
+                        cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
+                        calibration_file=config.calibration_file,
+                        verify_images=config.verify_images, calib_repeats=config.calib_repeats)
+
+
+def sweep_work(config) -> list:
+    """(options, calibration subset) of each model's runs in table order: float32 (options
+    None) first when evaluated, then each int8 variant once per calibration subset (subset 0:
+    the row of the table)."""
+    return ([(None, 0)] if config.float32 else []) + [
+        (options, subset) for options in config.variants for subset in range(config.calib_repeats)]
+
+
+def variant_label(options, subset: int = 0) -> str:
+    label = "float32" if options is None else options.label
+    return label + (f" [calibration subset {subset}]" if subset else "")
+
+
+def variant_key(store, session, config, options, subset: int = 0) -> tuple:
+    """(key, description): everything the variant's result depends on, and its hash."""
+    description = {
+        "model": session.identity, "variant": None if options is None else options.to_dict(),
+        "data": session.plan_description(options is not None, subset),
+        "batch_size": config.batch_size, "qcal": __version__,
+        "calibration_file": (file_digest(config.calibration_file, "calibration file")
+                             if config.calibration_file else None),
+    }
+    return store.key(description), description
+
+
+def add_entry(entries: list, repeats: dict, key: str, subset: int):
+    """Record a finished run: a row of the table (subset 0), else a repeat of the last row."""
+    if subset:
+        repeats[entries[-1]].append(key)
+    else:
+        entries.append(key)
+        repeats[key] = [key]
+
+
+def reusable(store, key: str, config, model: str, options, subset: int = 0):
+    """The finished variant ``key`` in ``store`` if it can be reused (logged either way), else
+    None: not finished, damaged, or verified on fewer images than ``config`` asks."""
+    label = variant_label(options, subset)
+    finished = store.load(key)
+    if finished is not None and options is not None \
+            and finished[0].get("verify_images_asked", 0) < config.verify_images:
+        log.info("%s %s: finished earlier but verified on %d image(s), fewer than %d; "
+                 "running again", model, label, finished[0].get("verified_images", 0),
+                 config.verify_images)
+        finished = None
+    if finished is not None:
+        log.info("%s %s: finished earlier, reusing %s", model, label, key)
+    return finished
+
+
+def run_variant(session, store, key: str, description: dict, options, subset: int,
+                baseline_key, evaluation=None) -> dict:
+    """Evaluate one variant (float32 when ``options`` is None) on calibration subset ``subset``
+    and save it into ``store``; int8 variants are compared with the finished float32 variant
+    ``baseline_key`` (if any). ``evaluation``: its result on the evaluation images, merged from
+    shards run elsewhere."""
+    from qcal.report import tables as report
+
+    model, label = session.model.name, variant_label(options, subset)
+    log.info("%s %s: running", model, label)
+    t0 = time.time()
+    try:
+        result, fidelity_result, extra = session.evaluate(options, subset, evaluation)
+    except VerificationFailed as exc:  # the CLI prints it; the log keeps it too
+        log.info("stopped, not evaluated: %s", exc)
+        raise
+    if options is not None and baseline_key is not None:
+        extra["metrics"] = {**_fidelity_metrics(store, baseline_key, result, fidelity_result),
+                            **extra.get("metrics", {})}
+    record = {**report.result_row(session.display_name, label, result),
+              "key": key, "description": description,
+              "wall_seconds": round(time.time() - t0, 2), **extra}
+    # float32's logits are what int8 variants are compared against; every variant's are kept so
+    # that variants can be compared with each other image by image
+    arrays = {"logits": result.logits}
+    if fidelity_result is not None:
+        arrays["fidelity_logits"] = fidelity_result.logits
+    store.save(key, record, result.predictions, result.labels, **arrays)
+    log.info("%s %s: top-1 %.2f %%, top-5 %.2f %% on %d images (%.1f s)", model, label,
+             100 * result.top1, 100 * result.top5, result.images, record["wall_seconds"])
+    return record
+
+
 # --- which config a results folder belongs to -----------------------------------------------------
 
 CONFIG_NAME = "config.json"
@@ -145,7 +273,9 @@ CONFIG_FORMAT = "qcal-folder-config/1"
 # what a sweep writes into its folder: anything else there is someone else's
 FOLDER_FILES = frozenset({LOCK_NAME, CONFIG_NAME, "sweep.log", "variants", "results.csv",
                           "results.md", "results.json", "predictions.csv", "layers.csv",
-                          "top1.png", "calibration_subsets.csv"})
+                          "top1.png", "calibration_subsets.csv", "statistics",
+                          "workers", "sensitivity.log", "sensitivity.json", "sensitivity.csv",
+                          "sensitivity.md", "sensitivity.png"})
 # a config may add these and still resume in a folder (everything else must be equal)
 GROWING_KEYS = ("models", "variants", "float32")
 
@@ -224,10 +354,12 @@ def folder_owner(folder: Path, identity: dict, force: bool = False) -> str:
                        f"({difference}; see {path}); {advice}")
 
 
-def claim_folder(folder: Path, config, force: bool = False, command: str = "") -> str:
+def claim_folder(folder: Path, config, force: bool = False, command: str = "",
+                 identity: dict | None = None) -> str:
     """``folder_owner``, then record this config in ``folder/config.json`` (under the folder's
-    lock: two runs never both claim one folder)."""
-    identity = config_identity(config)
+    lock: two runs never both claim one folder). ``identity``: what another command's results
+    depend on (default: the sweep's, ``config_identity``)."""
+    identity = config_identity(config) if identity is None else identity
     status = folder_owner(folder, identity, force)
     if status != "same":
         record = {"format": CONFIG_FORMAT, "identity": identity,
@@ -241,13 +373,14 @@ def claim_folder(folder: Path, config, force: bool = False, command: str = "") -
     return status
 
 
-def _setup_logging(output: Path, quiet: bool):
+def setup_logging(output: Path, quiet: bool, log_name: str = "sweep.log"):
+    """qcal's log lines into ``output/log_name`` and (unless ``quiet``) onto the terminal."""
     output.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("qcal")
     logger.setLevel(logging.INFO)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    file_handler = logging.FileHandler(output / "sweep.log")
+    file_handler = logging.FileHandler(output / log_name)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(file_handler)
     stream = logging.StreamHandler(sys.stderr)  # quiet: warnings only (a preprocessing that
@@ -258,7 +391,8 @@ def _setup_logging(output: Path, quiet: bool):
 
 def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
               cache_dir: Path | None = None, wait: bool = False, force: bool = False,
-              sessions: dict | None = None, claimed: bool = False, keep_sessions: bool = False):
+              sessions: dict | None = None, claimed: bool = False, keep_sessions: bool = False,
+              cluster=None):
     """Run (or finish) every variant of ``config``; returns the table written to results.md.
 
     One sweep writes into ``output`` at a time: while another holds it, this one raises
@@ -266,22 +400,24 @@ def run_sweep(config, output: Path, quiet: bool = False, command: str = "",
     ``output`` belongs to one config (``claim_folder``; ``force`` hands it to this one).
     ``sessions``: {model: ModelSession} already checked (``qcal.drivers.validate``), reused (and
     kept open with ``keep_sessions``: their statistics serve the caller's next sweep). With
-    ``claimed`` the caller holds ``output``'s lock and has claimed it (``qcal search``)."""
+    ``claimed`` the caller holds ``output``'s lock and has claimed it (``qcal search``).
+    ``cluster``: a ``qcal.drivers.cluster.ClusterSweep`` to run the variants as tasks on its
+    Dask cluster instead of one after the other here (the same records, the same tables)."""
     output = Path(output)
     if claimed:
-        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {}, keep_sessions)
+        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {}, keep_sessions,
+                          cluster)
     with folder_lock(output, wait=wait):
         claim_folder(output, config, force, command)
-        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {}, keep_sessions)
+        return _run_sweep(config, output, quiet, command, cache_dir, sessions or {}, keep_sessions,
+                          cluster)
 
 
 def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path | None,
-               sessions: dict, keep_sessions: bool = False):
-    from qcal.drivers.session import ModelSession
+               sessions: dict, keep_sessions: bool = False, cluster=None):
     from qcal.report import sweep_tables as sweep_report
-    from qcal.report import tables as report
 
-    _setup_logging(output, quiet)
+    setup_logging(output, quiet)
     store = ResultStore(output)
     started = time.time()
     np.random.seed(config.seed)
@@ -290,70 +426,18 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
     passes = {}  # model -> statistics passes this run
     log.info("sweep %s started: %d model(s) x %d variant(s), command: %s", config.name,
              len(config.models), len(config.variants) + int(config.float32), command)
-    for model in config.models:
-        session = sessions.get(model) or ModelSession(
-            model, config.data, config.batch_size, params=config.params,
-            pretrained=config.pretrained, seed=config.seed, quiet=quiet,
-            cache_dir=cache_dir or DEFAULT_BATCH_CACHE_DIR,
-            calibration_file=config.calibration_file, verify_images=config.verify_images,
-            calib_repeats=config.calib_repeats)
+    if cluster is not None:  # the same work as tasks on a Dask cluster (qcal.drivers.cluster)
+        entries, repeats, passes = cluster.run(config, store, sessions, cache_dir)
+    for model in config.models if cluster is None else ():
+        session = sessions.get(model) or open_session(config, model, quiet, cache_dir)
         session.check_variants(config.variants)
-        # each int8 variant once per calibration subset (subset 0: the row of the table)
-        work = ([(None, 0)] if config.float32 else []) + [
-            (options, subset) for options in config.variants
-            for subset in range(config.calib_repeats)]
         baseline_key = None
-        for options, subset in work:
+        for options, subset in sweep_work(config):
             stop_if_interrupted()
-            label = "float32" if options is None else options.label
-            if subset:
-                label += f" [calibration subset {subset}]"
-            description = {
-                "model": session.identity, "variant": None if options is None else options.to_dict(),
-                "data": session.plan_description(options is not None, subset),
-                "batch_size": config.batch_size, "qcal": __version__,
-                "calibration_file": (file_digest(config.calibration_file, "calibration file")
-                                     if config.calibration_file else None),
-            }
-            key = store.key(description)
-            finished = store.load(key)
-            if finished is not None and options is not None \
-                    and finished[0].get("verify_images_asked", 0) < config.verify_images:
-                log.info("%s %s: finished earlier but verified on %d image(s), fewer than %d; "
-                         "running again", model, label, finished[0].get("verified_images", 0),
-                         config.verify_images)
-                finished = None
-            if finished is not None:
-                log.info("%s %s: finished earlier, reusing %s", model, label, key)
-            else:
-                log.info("%s %s: running", model, label)
-                t0 = time.time()
-                try:
-                    result, fidelity_result, extra = session.evaluate(options, subset)
-                except VerificationFailed as exc:  # the CLI prints it; the log keeps it too
-                    log.info("stopped, not evaluated: %s", exc)
-                    raise
-                if options is not None and baseline_key is not None:
-                    extra["metrics"] = {**_fidelity_metrics(store, baseline_key, result,
-                                                            fidelity_result),
-                                        **extra.get("metrics", {})}
-                record = {**report.result_row(session.display_name, label, result),
-                          "key": key, "description": description,
-                          "wall_seconds": round(time.time() - t0, 2), **extra}
-                # float32's logits are what int8 variants are compared against; every variant's
-                # are kept so that variants can be compared with each other image by image
-                arrays = {"logits": result.logits}
-                if fidelity_result is not None:
-                    arrays["fidelity_logits"] = fidelity_result.logits
-                store.save(key, record, result.predictions, result.labels, **arrays)
-                log.info("%s %s: top-1 %.2f %%, top-5 %.2f %% on %d images (%.1f s)", model, label,
-                         100 * result.top1, 100 * result.top5, result.images,
-                         record["wall_seconds"])
-            if subset:
-                repeats[entries[-1]].append(key)
-            else:
-                entries.append(key)
-                repeats[key] = [key]
+            key, description = variant_key(store, session, config, options, subset)
+            if reusable(store, key, config, model, options, subset) is None:
+                run_variant(session, store, key, description, options, subset, baseline_key)
+            add_entry(entries, repeats, key, subset)
             if options is None:
                 baseline_key = key
         passes[session.display_name] = session.statistics_passes

@@ -39,14 +39,6 @@ class TopKAccumulator:
     def all_labels(self) -> np.ndarray:
         return np.concatenate(self.labels) if self.labels else np.zeros(0, np.int64)
 
-    @property
-    def correct_top1(self) -> np.ndarray:
-        return self.top5_predictions[:, 0] == self.all_labels
-
-    @property
-    def correct_top5(self) -> np.ndarray:
-        return (self.top5_predictions == self.all_labels[:, None]).any(axis=1)
-
 
 @dataclass
 class EvalResult:
@@ -79,12 +71,25 @@ def evaluate(runner, selection: Selection, batch_size: int, cache: BatchCache | 
         rows += len(logits)
         if progress is not None:
             progress.update(len(labels))
-    labelled = acc.all_labels >= 0  # label-free images (label -1) count for fidelity only
-    return EvalResult(images=len(acc.all_labels),
-                      top1=float(acc.correct_top1.mean()) if labelled.all() else float("nan"),
-                      top5=float(acc.correct_top5.mean()) if labelled.all() else float("nan"),
-                      seconds=compute_seconds, predictions=acc.top5_predictions,
-                      labels=acc.all_labels, logits=all_logits[:rows])
+    return _result(acc.top5_predictions, acc.all_labels, all_logits[:rows], compute_seconds)
+
+
+def _result(predictions, labels, logits, seconds: float) -> EvalResult:
+    labelled = labels >= 0  # label-free images (label -1) count for fidelity only
+    correct1 = predictions[:, 0] == labels
+    correct5 = (predictions == labels[:, None]).any(axis=1)
+    return EvalResult(images=len(labels),
+                      top1=float(correct1.mean()) if labelled.all() else float("nan"),
+                      top5=float(correct5.mean()) if labelled.all() else float("nan"),
+                      seconds=seconds, predictions=predictions, labels=labels, logits=logits)
+
+
+def merge_results(parts) -> EvalResult:
+    """The results of consecutive image ranges as one: what one pass over them all gives (the
+    same per-image predictions and logits, the same scores; the compute time is their sum)."""
+    return _result(np.concatenate([p.predictions for p in parts]),
+                   np.concatenate([p.labels for p in parts]),
+                   np.concatenate([p.logits for p in parts]), sum(p.seconds for p in parts))
 
 
 class MXNetFloatRunner:

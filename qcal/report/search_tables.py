@@ -25,7 +25,10 @@ def search_markdown(info: dict, table: pd.DataFrame) -> str:
              f"confidence bound of its top-1 difference (lower_bound, points) is above "
              f"-{margin:g}.", "",
              f"Stopped: {info['stop_reason']}; {len(table)} configuration(s) evaluated, "
-             f"{len(info['skipped'])} skipped as costlier than one that passed.", ""]
+             f"{len(info['skipped'])} skipped as costlier than one that passed. alpha holds per "
+             f"configuration, not for the search as a whole: for a claim about the chosen one, "
+             f"rerun chosen.yaml on images the search did not see, or use alpha / "
+             f"{max(1, len(table))} (Bonferroni).", ""]
     chosen = info["chosen"]
     if chosen is None:
         lines += ["No configuration passed: none is chosen (no chosen.yaml).", ""]

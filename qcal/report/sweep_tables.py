@@ -40,7 +40,8 @@ def _row(record, predictions, labels, baseline):
 
 
 CALIBRATION_COLUMNS = ["calib_subsets", "calib_top1_min", "calib_top1_max", "calib_top1_std",
-                       "calib_agree_min", "calib_agree_max", "calib_agree_std"]
+                       "calib_agree_min", "calib_agree_max", "calib_agree_std",
+                       "calib_agree_crops_min", "calib_agree_crops_max", "calib_agree_crops_std"]
 
 
 def calibration_spread(store, repeats: dict) -> tuple:
@@ -52,11 +53,15 @@ def calibration_spread(store, repeats: dict) -> tuple:
         if records[0][0]["variant"] == "float32":
             continue
         top1 = np.array([100 * np.mean(p[:, 0] == labels) for _, p, labels in records])
-        agree = np.array([r.get("metrics", {}).get("agree_top1", np.nan) for r, _, _ in records],
-                         dtype=float)
+        agree, agree_crops = (np.array([r.get("metrics", {}).get(name, np.nan)
+                                        for r, _, _ in records], dtype=float)
+                              for name in ("agree_top1", "agree_top1_crops"))
         calibration = records[0][0].get("calibration", {})
         spread[key] = {"calib_subsets": f"{len(keys)} {calibration.get('kind', '')}".strip()}
-        for name, values in (("top1", top1), ("agree", agree)):
+        spreads = [("top1", top1), ("agree", agree)]
+        if not np.isnan(agree_crops).all():  # label-free crops: agreement on many more images
+            spreads.append(("agree_crops", agree_crops))
+        for name, values in spreads:
             spread[key].update({f"calib_{name}_min": float(np.min(values)),
                                 f"calib_{name}_max": float(np.max(values)),
                                 f"calib_{name}_std": (float(np.std(values, ddof=1))
@@ -65,7 +70,9 @@ def calibration_spread(store, repeats: dict) -> tuple:
             subset_rows.append({"model": record["model"], "variant": records[0][0]["variant"],
                                 "subset": subset, "kind": calibration.get("kind", ""),
                                 "calibration_images": record.get("calibration", {}).get("images"),
-                                "top1": value, "agree_top1": agreement, "key": record["key"]})
+                                "top1": value, "agree_top1": agreement,
+                                "agree_top1_crops": record.get("metrics", {}).get(
+                                    "agree_top1_crops", np.nan), "key": record["key"]})
     return spread, subset_rows
 
 
@@ -181,6 +188,8 @@ def write_results(store, keys, output: Path, summary: dict, repeats: dict | None
                              "wall_seconds": r["wall_seconds"],
                              **({"adaround": r["adaround"]} if "adaround" in r else {})}
                             for r in records]}
+    if repeats:  # what `qcal report` rebuilds the calibration spread from
+        summary["calibration_subset_keys"] = repeats
     atomic_write_text(output / "results.json", json.dumps(summary, indent=2, default=str) + "\n")
     layers = [{"model": r["model"], "variant": r["variant"], **row}
               for r in records for row in r.get("layers", [])]

@@ -17,7 +17,7 @@ tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 from tvm.target import codegen  # noqa: E402
 
-from qcal.backend.tvm import schedules, vnni  # noqa: E402
+from qcal.backend.tvm import depthwise, schedules, vnni  # noqa: E402
 from qcal.errors import QcalError  # noqa: E402
 from qcal.reference import kernels as numpy_kernels  # noqa: E402
 
@@ -90,7 +90,8 @@ KERNELS = {"vnni": (TARGET, True), "pairs": (vnni.without_vnni(TARGET), True),
 
 def _expected_rule(kind, kernel):
     if kind in DEPTHWISE:
-        return "depthwise_conv2d_nchw"
+        vnni_depthwise = kernel == "vnni" and depthwise.depthwise_supported(TARGET)
+        return "depthwise_vnni" if vnni_depthwise else "depthwise_conv2d_nchw"
     if kind == "grouped" or kernel == "s_tir":
         return "conv2d_nchw"
     if kernel == "vnni" and VNNI:
@@ -150,7 +151,7 @@ class TestConv:
         if expected == "conv2d_int16_pairs":
             assert "pmadd" in text
             return
-        assert "vpdpbusd" in text if expected == "conv2d_vnni" else "T.vectorized" in text
+        assert "vpdpbusd" in text if expected.endswith("vnni") else "T.vectorized" in text
         # the requantize epilogue was inlined: one block writes the int8 output after the conv
         assert text.count('T.sblock("compute') <= 1
         assert "int8" in str(_primfuncs(lowered)[convs[0]].params[-1].dtype)

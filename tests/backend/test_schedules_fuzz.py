@@ -17,8 +17,10 @@ Each example also asserts which rule scheduled each conv, dense or pool PrimFunc
 rule's documented domain (VNNI where the target has it, else int16 pairs: groups 1 and out
 channels a multiple of the vector lanes;
 s_tir conv: out channels per group a multiple of 4; depthwise: int8 with one in and out channel
-per group), so a rule that silently declines fails the test, and the strategies are weighted so
-that most examples fall in some rule's domain. ``--hypothesis-show-statistics`` prints how often
+per group, as ``depthwise_vnni`` (``qcal.backend.tvm.depthwise``) where the target has AVX-512
+VNNI and VBMI and one load holds a row's windows, else the s_tir rule), so a rule that silently
+declines fails the test, and the strategies are weighted so that most examples fall in some rule's
+domain. ``--hypothesis-show-statistics`` prints how often
 each rule ran.
 
 Budget: the hypothesis profile (``tests/conftest.py``): ``ci`` by default, a fixed number of
@@ -37,7 +39,7 @@ from hypothesis import assume, event, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from tvm import relax  # noqa: E402
 
-from qcal.backend.tvm import emit, schedules, vnni  # noqa: E402
+from qcal.backend.tvm import depthwise, emit, schedules, vnni  # noqa: E402
 from qcal.config import ROUNDINGS  # noqa: E402
 from qcal.ir.graph import Graph, Node  # noqa: E402
 from qcal.ir.qgraph import QGraph, QNode  # noqa: E402
@@ -242,6 +244,9 @@ def expected_conv_rule(case: ConvCase, dtype: str, pairs: bool, target=TARGET):
             if lanes and case.out_channels % lanes == 0:
                 return rule
     if case.groups > 1 and ocg == 1:
+        if (dtype == "int8" and pairs and icg == 1 and depthwise.depthwise_supported(target)
+                and depthwise.fits(case.kernel[1], case.strides[1])):
+            return "depthwise_vnni"
         return "depthwise_conv2d_nchw" if icg == 1 and dtype != "float32" else None
     return "conv2d_nchw" if ocg % 4 == 0 else None
 
@@ -356,7 +361,7 @@ def _assert_conv_rules(functions, case, dtype, pairs, projection, target=TARGET)
         expected.append(expected_conv_rule(
             ConvCase(case.batch, case.channels, case.height, case.width, case.out_channels,
                      (1, 1), case.strides, (0, 0, 0, 0), 1), dtype, pairs, target))
-    applied = _rules_of(functions, "conv2d")
+    applied = _rules_of(functions, "conv2d") + _rules_of(functions, "depthwise_vnni")
     for rule in expected:
         path = " (pair rewrite off)" if dtype == "int8" and not pairs else ""
         event(f"{dtype} conv{path}: {rule or 'may decline'}")
@@ -632,6 +637,7 @@ def test_int8_conv_chain_channel_blocked(batch, channels, widths, size, pool, re
     not whole blocks, the outputs; ``read_twice`` also returns a hidden layer): TVM == numpy."""
     graph, hidden = int_conv_chain(batch, channels, widths, size, pool, residual, stride,
                                    options, seed)
+    w1, w2 = widths
     x = np.random.default_rng(seed + 1).standard_normal(
         (batch, channels, size, size)).astype(np.float32)
     names = [hidden.name, graph.output.name] if read_twice else [graph.output.name]
@@ -661,4 +667,8 @@ def test_int8_conv_chain_channel_blocked(batch, channels, widths, size, pool, re
         assert blocked_packs, functions
     if widths[1] % lanes:  # the block's conv is not VNNI: NCHW after it
         assert not blocked_packs, functions
+    # a projection shortcut of two VNNI convs is computed inside the block conv's tiles
+    fused = [name for name in functions if "conv2d_vnni_shortcut" in name]
+    projection = residual == "projection" or (residual == "identity" and (w1, stride) != (w2, 1))
+    assert len(fused) == (1 if projection and widths[0] % lanes == widths[1] % lanes == 0 else 0)
     event(f"blocked packs: {len(blocked_packs)}")

@@ -156,3 +156,17 @@ def test_bad_repeats_in_a_sweep_file(tmp_path):
     assert result.exit_code == 2
     assert f"{config}:5: calib_repeats must be an integer >= 1, not 'two'" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_crops_are_drawn_afresh_from_the_same_photos():
+    from qcal.data.sources import AugmentedSource, ImageFolderSource
+    from qcal.files import REPO_ROOT
+
+    photos = ImageFolderSource(REPO_ROOT / "data" / "calibration-photos")
+    base = Selection(AugmentedSource(photos, 32, seed=1), 0, 32)
+    subsets = calibration_subsets(base, None, 3)
+    assert subsets.kind == "crops" and subsets.subsets[0] == base
+    assert [s.source.seed for s in subsets.subsets] == [1, 2, 3]
+    assert all(s.source.base is photos and len(s) == 32 for s in subsets.subsets)
+    crops = [s.source.decode([0]) for s in subsets.subsets[:2]]
+    assert crops[0].shape == crops[1].shape and not np.array_equal(crops[0], crops[1])

@@ -86,8 +86,11 @@ def test_a_wrong_schedule_is_caught_and_the_layer_named(monkeypatch):
     (``schedules._vectorize``). A strided 33x33 -> 17x17 depthwise conv tiles 1x1 (17 has no
     divisor from 2 to 16). Put the old step back into the real rule and verification must name
     the depthwise conv."""
+    from qcal.backend.tvm import depthwise as vnni_depthwise
     from qcal.backend.tvm import schedules
 
+    # on a CPU with AVX-512 VNNI + VBMI the depthwise conv would take the VNNI kernel instead
+    monkeypatch.setattr(vnni_depthwise, "depthwise_supported", lambda target: False)
     graph, depthwise = _mobile_block(33)
     qgraph = realized(graph, OPTION_SETS["power2-b16"], images(8, (3, 33, 33), seed=1))
     x = images(2, (3, 33, 33), seed=2)

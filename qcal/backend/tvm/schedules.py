@@ -480,9 +480,18 @@ def schedule_vnni_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
     return vnni.schedule_vnni_conv2d(func, lanes, prepack)
 
 
+def schedule_depthwise_vnni(func, lanes: int, prepack: bool) -> Scheduled:
+    """``qcal.backend.tvm.depthwise.schedule_depthwise_vnni``: the depthwise conv
+    ``rewrite_int8_convs`` wrote for VNNI + VBMI, with the epilogue FuseOps gave it."""
+    from qcal.backend.tvm import depthwise  # it builds on this module's helpers
+
+    return depthwise.schedule_depthwise_vnni(func, lanes, prepack)
+
+
 # Tried in order; the first that does not decline wins.
 SCHEDULE_RULES: dict[str, Callable] = {
     "conv2d_vnni": schedule_vnni_conv2d,
+    "depthwise_vnni": schedule_depthwise_vnni,
     "conv2d_nchw": schedule_conv2d,
     "depthwise_conv2d_nchw": schedule_depthwise_conv2d,
     "dense": schedule_dense,
@@ -821,11 +830,13 @@ def rewrite_int8_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMo
     ``qcal.backend.tvm.vnni`` when the target has AVX-512 VNNI or AVX-VNNI, else the int16-pair
     ones; others stay for the schedules. Runs before legalization; a target without AVX2 gets the
     module back unchanged."""
-    from qcal.backend.tvm import vnni  # it builds on this module's helpers
+    from qcal.backend.tvm import depthwise, vnni  # they build on this module's helpers
 
     quad_lanes = vnni.vnni_lanes(target)
     if quad_lanes is not None:
         mod = vnni.rewrite_vnni_convs(mod, quad_lanes)
+    if depthwise.depthwise_supported(target):
+        mod = depthwise.rewrite_depthwise_convs(mod)
     lanes = pair_lanes(target)
     if lanes is None:
         return mod
