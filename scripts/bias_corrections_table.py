@@ -9,6 +9,10 @@ McNemar tests (images lost / gained, p); label-free fidelity against float32: to
 its Wilson interval, and the agreement's paired McNemar test against b8's; the logit SQNR with a
 95 % bootstrap interval over images, and its paired bootstrap difference against b8. Where the
 sweep has random crops (``fidelity_crops``), the fidelity columns are computed on the crops.
+
+The fidelity columns need every variant's logits in its ``variants/KEY.npz``: docs/bias-study.md's
+folders were written by qcal at the commit that kept them; qcal now streams int8 logits instead of
+keeping them, and for such folders only the top-1 columns are filled.
 """
 from __future__ import annotations
 
@@ -99,6 +103,10 @@ def model_table(variants, rounds: int) -> list:
         if variant is None:
             continue
         correct = arrays["predictions"][:, 0] == labels
+        if "logits" not in arrays:  # a folder whose int8 logits were not kept
+            lines.append(f"| {record['variant']} | {100 * correct.mean():.2f} | "
+                         f"{_test(mcnemar_exact(base_correct, correct))} | | | | | |")
+            continue
         logits = arrays["fidelity_logits" if crops else "logits"]
         agree = logits.argmax(axis=1) == ref_top1
         signal, noise = _energies(ref_logits, logits)
