@@ -25,6 +25,10 @@ DEFAULT_BATCH_CACHE_DIR = Path(".qcal-cache/batches")
 # Calibration images on which each compiled variant must equal its numpy integer reference bit for
 # bit before it is evaluated (qcal.eval.verify); 0 turns the check off.
 DEFAULT_VERIFY_IMAGES = 2
+# qcal sensitivity: label-free images each variant runs on (numpy, nothing compiled), and the
+# bias precision its "bias" mode gives one layer at a time
+DEFAULT_SENSITIVITY_IMAGES = 64
+DEFAULT_SENSITIVITY_BIAS_BITS = 8
 # On a cluster (qcal sweep --workers/--cluster), a variant evaluating more images than this is cut
 # into tasks of this many (whole batches); each task compiles the variant or reads it from the
 # compile cache, so shards much smaller than an evaluation's compile time do not pay.

@@ -43,7 +43,8 @@ def best_time(fn, repeat: int) -> float:
 
 def conv_macs(func) -> int | None:
     """Multiply-accumulates of a VNNI or pair conv PrimFunc, from its buffer shapes (the VNNI
-    conv reads (N, C/v, H, W, q) quads and writes channel-blocked (N, O/v, OH, OW, v) int32)."""
+    conv reads (N, C/v, H, W, q) quads and writes channel-blocked (N, O/v, OH, OW, v) int32; the
+    shortcut-fused one counts both of its convs)."""
     params = list(func.params)
     if len(params) < 3:
         return None
@@ -63,7 +64,11 @@ def conv_macs(func) -> int | None:
         out = [out[0], out[1] * out[4], out[2], out[3]]
     if len(out) != 4 or out[1] != outs:
         return None
-    return out[0] * outs * out[2] * out[3] * channels * kh * kw
+    macs = out[0] * outs * out[2] * out[3] * channels * kh * kw
+    if len(params) == 9:  # conv2d_vnni_shortcut: the projection conv's quads and weight too
+        _, cs, khs, kws, _ = (int(d) for d in params[4].shape)
+        macs += out[0] * outs * out[2] * out[3] * 4 * cs * khs * kws
+    return macs
 
 
 def main(argv=None):

@@ -82,12 +82,21 @@ def ws(tmp_path_factory):
     flipped = bytearray(data)
     flipped[len(data) // 3] ^= 0xFF
     (root / "calib-flipped.npz").write_bytes(bytes(flipped))
+    (root / "damaged-results").mkdir()
+    (root / "damaged-results" / "sensitivity.json").write_text('{"runs": [')
+    (root / "foreign-results").mkdir()
+    (root / "foreign-results" / "sensitivity.json").write_text('{"runs": []}')
     return root
 
 
-def _sweep(name, text):
+def _sweep(name, text, command="sweep"):
     """A sweep case: the config is written into the case's folder, results go there too."""
-    return ("sweep", name, text)
+    return (command, name, text)
+
+
+def _sensitivity(name, text):
+    """A `qcal sensitivity` case on a config written like a sweep's."""
+    return _sweep(name, text, "sensitivity")
 
 
 EVAL = ["evaluate", "--model", "fmnist_resnet20_v1", "--num-images", "16", "--quiet"]
@@ -95,6 +104,7 @@ R18 = ["evaluate", "--model", "resnet18_v1", "--params", "{ws}/r18.params", "--i
        "--quiet"]
 CAL = ["calibrate", "--model", "fmnist_resnet20_v1", "--calib-images", "16", "--bins", "0",
        "--quiet"]
+SENS = ["sensitivity", "--model", "fmnist_resnet20_v1", "--num-images", "16", "--quiet"]
 
 # (id, command line or sweep config, exit code, text the one error line must contain)
 CASES = [
@@ -362,6 +372,40 @@ CASES = [
      "--output /sys/qcal-test/c.npz: cannot write into /sys/qcal-test"),
     ("out-calibrate-data-bad", CAL + ["--output", "c.npz", "--calib-images", "5000"], 2,
      "--calib-images 5000: exceeds the 2000 images"),
+    # --- qcal sensitivity and qcal report ----------------------------------------------------
+    ("sens-images-zero", SENS + ["--images", "0"], 2, "--images"),
+    ("sens-mode", SENS + ["--mode", "bits"], 2, "'bits' is not one of"),
+    ("sens-probe-bits", SENS + ["--probe-bias-bits", "1"], 2, "--probe-bias-bits"),
+    ("sens-nothing", ["sensitivity"], 2, "give a CONFIG file or --model"),
+    ("sens-both", ("sweep-args", ["sensitivity", "{cfg}", "--model", "fmnist_resnet20_v1"]), 2,
+     "give either CONFIG or --model"),
+    ("sens-float-layer", SENS + ["--float-layers", "nosuch"], 2,
+     "float_layers: model 'fmnist_resnet20_v1' has no layer 'nosuch'"),
+    ("sens-layer-bias", SENS + ["--layer-bias-bits", "cifarresnetv10_stage1_relu0_fwd=8"], 2,
+     "layer_bias_bits: layer 'cifarresnetv10_stage1_relu0_fwd' of model 'fmnist_resnet20_v1' "
+     "has no bias"),
+    ("sens-too-many-images", SENS + ["--num-images", "999999"], 2,
+     "--num-images 999999: exceeds the 10000 images"),
+    ("sens-key", _sensitivity("s.yaml", SMALL + "sensitivity: {imgs: 4}\n"), 2,
+     "s.yaml:4: unknown sensitivity key 'imgs'"),
+    ("sens-value", _sensitivity("s.yaml", SMALL + "sensitivity:\n  images: -1\n"), 2,
+     "s.yaml:5: sensitivity.images must be an integer >= 1, not -1"),
+    ("sens-engine", _sensitivity("s.yaml", SMALL + "sensitivity:\n  engine: tvm\n"), 2,
+     "s.yaml:5: sensitivity.engine must be one of integer, simulated, not 'tvm'"),
+    ("sens-modes", _sensitivity("s.yaml", SMALL + "sensitivity: {modes: [float, all]}\n"), 2,
+     "s.yaml:4: sensitivity.modes: 'all' is not a sensitivity mode"),
+    ("sens-section-list", _sensitivity("s.yaml", SMALL + "sensitivity: [4]\n"), 2,
+     "s.yaml:4: sensitivity must be a mapping"),
+    ("sens-out-under-file", SENS + ["--output", "{ws}/a-file.txt/s"], 1,
+     "--output {ws}/a-file.txt/s: {ws}/a-file.txt is a file, not a folder"),
+    ("sens-out-foreign", SENS + ["--output", "{ws}"], 2,
+     "output folder {ws} holds files qcal did not write"),
+    ("report-missing", ["report", "{ws}/nowhere"], 2, "does not exist"),
+    ("report-no-results", ["report", "{ws}"], 1, "{ws} holds no qcal results"),
+    ("report-damaged", ["report", "{ws}/damaged-results"], 1,
+     "{ws}/damaged-results/sensitivity.json cannot be read"),
+    ("report-foreign", ["report", "{ws}/foreign-results"], 1,
+     "{ws}/foreign-results/sensitivity.json is not a summary this qcal writes"),
 ]
 
 
@@ -387,14 +431,14 @@ def test_bad_input_is_refused_in_one_line(case, ws, tmp_path, monkeypatch):
     def fill(text):
         return str(text).replace("{cfg}", str(tmp_path / "cfg.yaml")).replace("{ws}", str(ws))
 
-    if isinstance(spec, tuple) and spec[0] == "sweep":
+    if isinstance(spec, tuple) and spec[0] in ("sweep", "sensitivity"):
         config = work.parent / spec[1]
         text = spec[2]
         if isinstance(text, bytes):
             config.write_bytes(text)
         else:
             config.write_text(fill(text))
-        args = ["sweep", str(config), "--quiet"]
+        args = [spec[0], str(config), "--quiet"]
         culprit = culprit.replace(spec[1], str(config))
     elif isinstance(spec, tuple) and spec[0] == "env":
         env, args = spec[1], spec[2]

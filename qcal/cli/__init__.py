@@ -44,10 +44,12 @@ def _register_commands():
     from qcal.cli.calibrate import calibrate
     from qcal.cli.evaluate import evaluate
     from qcal.cli.models import models
+    from qcal.cli.report import report
     from qcal.cli.search import search
+    from qcal.cli.sensitivity import sensitivity
     from qcal.cli.sweep import sweep
 
-    for command in (models, evaluate, calibrate, sweep, search):
+    for command in (models, evaluate, calibrate, sweep, search, sensitivity, report):
         main.add_command(command)
 
 

@@ -11,7 +11,7 @@ from qcal.config import (DEFAULT_BATCH_CACHE_DIR, DEFAULT_BATCH_SIZE, DEFAULT_CA
                          DEFAULT_VERIFY_IMAGES)
 
 
-def model_options(multiple: bool):
+def model_options(multiple: bool, required: bool = True):
     def decorate(func):
         func = click.option("--pretrained", is_flag=True,
                             help="Load ImageNet weights from MXNet's model store ($MXNET_HOME).")(func)
@@ -22,7 +22,7 @@ def model_options(multiple: bool):
                      "NAME-symbol.json export or an .onnx file"
                      + ("; repeatable." if multiple else "."))
         func = click.option("--model", "models" if multiple else "model", type=ModelType(),
-                            required=True, multiple=multiple, help=help_text)(func)
+                            required=required, multiple=multiple, help=help_text)(func)
         return func
     return decorate
 

@@ -28,34 +28,70 @@ class ListType(click.ParamType):
         return tuple(dict.fromkeys(self.item.convert(v, param, ctx) for v in items))
 
 
+# The search's settings: a command-line option each, or a key of the config's ``search:``
+# section (the option wins); both checked by the same click type. key -> (type, default, help)
+SETTINGS = {
+    "margin": (click.FloatRange(0, 100, max_open=True), 0.3,
+               "Top-1 points a configuration may lose to float32 and still pass the "
+               "non-inferiority test."),
+    "alpha": (click.FloatRange(0, 0.5, min_open=True, max_open=True), 0.05,
+              "Level of the one-sided test (per configuration)."),
+    "budget_variants": (click.IntRange(min=1), None,
+                        "Evaluate at most this many configurations (finished ones a resumed "
+                        "search reuses count too) [default: 24 unless a time budget is given]."),
+    "budget_minutes": (click.FloatRange(0, min_open=True), None,
+                       "Start no new configuration after this many minutes of this run."),
+    "methods": (ListType(click.Choice(ACTIVATION_METHODS)), "power2,l2,percentile",
+                "Activation methods to try."),
+    "granularities": (ListType(click.Choice(WEIGHT_GRANULARITIES)), "tensor,channel",
+                      "Weight granularities to try."),
+    "bias": (ListType(BiasType()), "8,16,int32-acc", "Bias precisions to try (bits or int32-acc)."),
+    "skip_k_conv": (ListType(click.IntRange(min=0)), "0",
+                    "skip_k_conv values to try (first K convs in float32)."),
+    "max_float_layers": (click.IntRange(min=0), 8,
+                         "At most this many layers kept float32 by the greedy step (0: none)."),
+    "ranking_images": (click.IntRange(min=1), 32,
+                       "Label-free images the sensitivity ranking of the greedy step runs on."),
+}
+
+
+def setting_options(func):
+    for key, (kind, default, help_text) in reversed(SETTINGS.items()):
+        shown = "" if default is None else f" [default: {default}]"
+        func = click.option(f"--{key.replace('_', '-')}", key, type=kind, default=None,
+                            help=help_text + shown)(func)
+    return func
+
+
+def settings_values(given: dict, section: dict, where) -> dict:
+    """Each setting from the command line, else the config's section, else its default, checked
+    by its click type; a bad section value is a ``UsageProblem`` naming its FILE:LINE."""
+    from qcal.errors import UsageProblem
+
+    unknown = [k for k in section if k not in SETTINGS]
+    if unknown:
+        raise UsageProblem(f"{where(unknown[0])}: unknown search key '{unknown[0]}' (known: "
+                           f"{', '.join(SETTINGS)})")
+    values = {}
+    for key, (kind, default, _) in SETTINGS.items():
+        if given.get(key) is not None:
+            values[key] = given[key]
+            continue
+        value = section.get(key, default)
+        if isinstance(value, list):
+            value = ",".join(map(str, value))
+        try:
+            values[key] = None if value is None else kind.convert(value, None, None)
+        except click.BadParameter as exc:
+            raise UsageProblem(f"{where(key)}: search.{key}: {exc.message}") from None
+    return values
+
+
 @click.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder (default: results/<config name>-search).")
-@click.option("--margin", type=click.FloatRange(0, 100, max_open=True), default=0.3,
-              show_default=True,
-              help="Top-1 points a configuration may lose to float32 and still pass the "
-                   "non-inferiority test.")
-@click.option("--alpha", type=click.FloatRange(0, 0.5, min_open=True, max_open=True),
-              default=0.05, show_default=True, help="Level of the one-sided test.")
-@click.option("--budget-variants", type=click.IntRange(min=1), default=None,
-              help="Evaluate at most this many configurations (finished ones a resumed search "
-                   "reuses count too) [default: 24 unless --budget-minutes is given].")
-@click.option("--budget-minutes", type=click.FloatRange(0, min_open=True), default=None,
-              help="Start no new configuration after this many minutes of this run.")
-@click.option("--methods", type=ListType(click.Choice(ACTIVATION_METHODS)),
-              default="power2,l2,percentile", show_default=True,
-              help="Activation methods to try.")
-@click.option("--granularities", type=ListType(click.Choice(WEIGHT_GRANULARITIES)),
-              default="tensor,channel", show_default=True, help="Weight granularities to try.")
-@click.option("--bias", type=ListType(BiasType()), default="8,16,int32-acc", show_default=True,
-              help="Bias precisions to try (bits or int32-acc).")
-@click.option("--skip-k-conv", type=ListType(click.IntRange(min=0)), default="0",
-              show_default=True, help="skip_k_conv values to try (first K convs in float32).")
-@click.option("--max-float-layers", type=click.IntRange(min=0), default=8, show_default=True,
-              help="At most this many layers kept float32 by the greedy step (0: no greedy step).")
-@click.option("--ranking-images", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Label-free images the sensitivity ranking of the greedy step runs on.")
+@setting_options
 @verify_images_option(from_config=True)
 @click.option("--quiet", is_flag=True, help="No progress bars or log lines on the terminal.")
 @click.option("--wait", is_flag=True,
@@ -63,14 +99,14 @@ class ListType(click.ParamType):
 @click.option("--force", is_flag=True,
               help="Use the output folder even if it holds another config's results.")
 @translate_errors
-def search(config, output, margin, alpha, budget_variants, budget_minutes, methods,
-           granularities, bias, skip_k_conv, max_float_layers, ranking_images, verify_images,
-           quiet, wait, force):
+def search(config, output, verify_images, quiet, wait, force, **given):
     """Find the cheapest configurations of CONFIG's model whose top-1 is not significantly worse
     than float32's (one-sided paired non-inferiority test at --margin, on the same images).
 
     CONFIG is a sweep file (see configs/) with one model, its data, and at most one variant: the
-    base configuration the search varies. The search tries every combination of --methods,
+    base configuration the search varies; its optional `search:` section takes the settings
+    below by their names (margin, alpha, budget_variants, ..., methods: [l2, percentile]), an
+    option given overriding it. The search tries every combination of --methods,
     --granularities, --bias and --skip-k-conv, cheapest first, then keeps layers in float32 one
     at a time in the order of their sensitivity ranking until the test passes. Every
     configuration lands in the output folder's result store (run it again to resume, or with a
@@ -80,18 +116,24 @@ def search(config, output, margin, alpha, budget_variants, budget_minutes, metho
     from qcal.drivers.search import SearchSettings, run_search
     from qcal.drivers.sweep_config import parse_sweep_config
     from qcal.drivers.validate import OutputPath, check_run
-    from qcal.errors import raise_problems
+    from qcal.errors import UsageProblem, raise_problems
 
-    if budget_variants is None and budget_minutes is None:
-        budget_variants = 24
-    settings = SearchSettings(
-        margin=margin / 100, alpha=alpha, budget_variants=budget_variants,
-        budget_seconds=None if budget_minutes is None else 60 * budget_minutes,
-        methods=methods, granularities=granularities, bias=bias, skip_k_conv=skip_k_conv,
-        max_float_layers=max_float_layers, ranking_images=ranking_images)
     cfg, problems = parse_sweep_config(config, verify_images=verify_images)
     if cfg is None:
         raise_problems(problems)
+    try:
+        v = settings_values(given, cfg.sections.get("search", {}),
+                            lambda key: cfg.where(f"search.{key}", str(config)))
+    except UsageProblem as exc:
+        raise_problems([*problems, exc])
+    if v["budget_variants"] is None and v["budget_minutes"] is None:
+        v["budget_variants"] = 24
+    settings = SearchSettings(
+        margin=v["margin"] / 100, alpha=v["alpha"], budget_variants=v["budget_variants"],
+        budget_seconds=None if v["budget_minutes"] is None else 60 * v["budget_minutes"],
+        methods=v["methods"], granularities=v["granularities"], bias=v["bias"],
+        skip_k_conv=v["skip_k_conv"], max_float_layers=v["max_float_layers"],
+        ranking_images=v["ranking_images"])
     if not problems and len(cfg.models) != 1:
         raise click.UsageError(f"{config}: a search takes one model, not {len(cfg.models)}")
     if not problems and len(cfg.variants) > 1:

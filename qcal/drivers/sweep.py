@@ -274,7 +274,8 @@ CONFIG_FORMAT = "qcal-folder-config/1"
 FOLDER_FILES = frozenset({LOCK_NAME, CONFIG_NAME, "sweep.log", "variants", "results.csv",
                           "results.md", "results.json", "predictions.csv", "layers.csv",
                           "top1.png", "calibration_subsets.csv", "statistics",
-                          "workers"})
+                          "workers", "sensitivity.log", "sensitivity.json", "sensitivity.csv",
+                          "sensitivity.md", "sensitivity.png"})
 # a config may add these and still resume in a folder (everything else must be equal)
 GROWING_KEYS = ("models", "variants", "float32")
 
@@ -353,10 +354,12 @@ def folder_owner(folder: Path, identity: dict, force: bool = False) -> str:
                        f"({difference}; see {path}); {advice}")
 
 
-def claim_folder(folder: Path, config, force: bool = False, command: str = "") -> str:
+def claim_folder(folder: Path, config, force: bool = False, command: str = "",
+                 identity: dict | None = None) -> str:
     """``folder_owner``, then record this config in ``folder/config.json`` (under the folder's
-    lock: two runs never both claim one folder)."""
-    identity = config_identity(config)
+    lock: two runs never both claim one folder). ``identity``: what another command's results
+    depend on (default: the sweep's, ``config_identity``)."""
+    identity = config_identity(config) if identity is None else identity
     status = folder_owner(folder, identity, force)
     if status != "same":
         record = {"format": CONFIG_FORMAT, "identity": identity,
@@ -370,13 +373,14 @@ def claim_folder(folder: Path, config, force: bool = False, command: str = "") -
     return status
 
 
-def _setup_logging(output: Path, quiet: bool):
+def setup_logging(output: Path, quiet: bool, log_name: str = "sweep.log"):
+    """qcal's log lines into ``output/log_name`` and (unless ``quiet``) onto the terminal."""
     output.mkdir(parents=True, exist_ok=True)
     logger = logging.getLogger("qcal")
     logger.setLevel(logging.INFO)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    file_handler = logging.FileHandler(output / "sweep.log")
+    file_handler = logging.FileHandler(output / log_name)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(file_handler)
     stream = logging.StreamHandler(sys.stderr)  # quiet: warnings only (a preprocessing that
@@ -413,7 +417,7 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
                sessions: dict, keep_sessions: bool = False, cluster=None):
     from qcal.report import sweep_tables as sweep_report
 
-    _setup_logging(output, quiet)
+    setup_logging(output, quiet)
     store = ResultStore(output)
     started = time.time()
     np.random.seed(config.seed)

@@ -56,8 +56,12 @@ DATA_KEYS = {
     "fidelity_data": (str, type(None)), "fidelity_crops": (int, type(None)),
     "calib_crops": (int, type(None)),
 }  # and every preprocessing key (PREPROCESSING_KEYS), checked by the CLI's own rule
+# Sections other commands read from the same file (``qcal sensitivity``'s settings): each a
+# mapping of values kept as written, with their lines; the command checks them, a sweep ignores
+# them.
+COMMAND_SECTIONS = ("sensitivity", "search")
 TOP_KEYS = {"name", "models", "pretrained", "data", "batch_size", "seed", "float32", "grid",
-            "variants", "verify_images", "calib_repeats"}
+            "variants", "verify_images", "calib_repeats", *COMMAND_SECTIONS}
 
 
 @dataclass(frozen=True)
@@ -79,6 +83,8 @@ class SweepConfig:
     # where each value was given, for messages: "models[0]", "data.num_images", ... ->
     # "FILE:LINE" (a sweep file) or the command-line option ("--num-images")
     locations: dict = field(default_factory=dict, compare=False)
+    # COMMAND_SECTIONS given: {section: {key: value}}; their places are "SECTION.KEY" locations
+    sections: dict = field(default_factory=dict, compare=False)
 
     def where(self, key: str, default: str = "") -> str:
         return self.locations.get(key, default)
@@ -366,6 +372,16 @@ def _load_sweep_config(path: Path, loc: _Located) -> SweepConfig:
     with loc.each():
         calib_repeats = integer("calib_repeats", 1, 1)
 
+    sections = {}
+    for section in COMMAND_SECTIONS:
+        if section not in top:
+            continue
+        with loc.each():
+            values = sections.setdefault(section, {})
+            for key, (key_node, value_node) in _mapping(loc, top[section][1], section).items():
+                values[key] = yaml.safe_load(yaml.serialize(value_node))  # tags checked above
+                locations[f"{section}.{key}"] = loc.at(key_node)
+
     variants = []
     if "grid" in top:
         with loc.each():
@@ -419,4 +435,4 @@ def _load_sweep_config(path: Path, loc: _Located) -> SweepConfig:
                        seed=seed, float32=float32, pretrained=pretrained, variants=unique,
                        verify_images=verify_images, calib_repeats=calib_repeats,
                        source_path=str(path), raw=raw,
-                       locations=locations)
+                       locations=locations, sections=sections)

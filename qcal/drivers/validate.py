@@ -212,8 +212,11 @@ class CheckedRun:
 
 def check_run(config, outputs=(), results_folder: Path | None = None, force: bool = False,
               cache_dir: Path | None = None, calibrate: bool = False, quiet: bool = True,
-              problems=()) -> CheckedRun:
+              problems=(), identity: dict | None = None) -> CheckedRun:
     """Every check above: a ``CheckedRun``, or every problem found raised at once.
+
+    ``identity``: what the results in ``results_folder`` depend on, when another command than
+    a sweep writes them (default: the sweep's, ``config_identity``).
 
     ``problems``: those found already (a sweep file's own); when there are any, the data checks
     are left out (the config is incomplete, they would report what its fix changes)."""
@@ -231,7 +234,8 @@ def check_run(config, outputs=(), results_folder: Path | None = None, force: boo
         from qcal.drivers.sweep import config_identity, folder_owner
 
         try:
-            folder_owner(Path(results_folder), config_identity(config), force)
+            folder_owner(Path(results_folder),
+                         config_identity(config) if identity is None else identity, force)
         except QcalError as exc:
             problems.append(exc)
     created = []

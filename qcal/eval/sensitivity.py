@@ -37,16 +37,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from qcal.config import QuantOptions
+from qcal.config import DEFAULT_SENSITIVITY_BIAS_BITS, QuantOptions
 from qcal.eval.fidelity import compare
 from qcal.ir.graph import Graph, residual_blocks
 from qcal.quant import quantize
 from qcal.quant.annotate import WEIGHTED_OPS, annotate, has_bias
-from qcal.reference.int_interpreter import run_integer, run_simulated
+from qcal.reference.int_interpreter import run_integer, run_sharing_prefix, run_simulated, shared_prefix
 
 MODES = ("float", "only", "bias")
 ENGINES = ("integer", "simulated")
-DEFAULT_BIAS_BITS = 8  # the bias precision the ``bias`` mode gives one layer at a time
+DEFAULT_BIAS_BITS = DEFAULT_SENSITIVITY_BIAS_BITS  # what ``bias`` gives one layer at a time
 # what each mode's ranking reads, and whether a larger value means a costlier unit
 RANK_KEYS = {"float": ("sqnr_cost_db", True), "only": ("noise_share", True),
              "bias": ("bias_cost_db", True)}
@@ -117,15 +117,15 @@ def probes(graph: Graph, base: QuantOptions, units, modes=MODES,
 
 def simulation_is_exact(qgraph) -> bool:
     """Whether ``run_simulated`` computes the integer model's values exactly: every rescale is a
-    shift (power-of-2 scale ratios) and no float op other than the input's and the output's
-    conversions sits between integer layers."""
+    shift (power-of-2 scale ratios) and no float op but a dequantize runs after an integer op
+    (the float ops before the first one are the ones the tests find equal as well)."""
     rescales_exact = all(n.attrs.get("kind") == "shift" for n in qgraph.nodes
                          if n.op == "requantize")
     seen_int = False
     for node in qgraph.nodes[1:]:
         if node.is_int:
             seen_int = True
-        elif seen_int and node.op != "dequantize" and node is not qgraph.output:
+        elif seen_int and node.op != "dequantize":  # float64 here, float32 in the integer model
             return False
     return rescales_exact
 
@@ -155,6 +155,38 @@ def measure(graph: Graph, ranges, options: QuantOptions, images: np.ndarray,
     images): ``agree_top1`` (%), ``kl``, ``sqnr_logits_db``, and ``exact`` (see ``run_variant``)."""
     logits, exact = run_variant(graph, ranges, options, images, engine, batch_size, progress)
     return {**compare(reference_logits, logits), "exact": exact}
+
+
+def every_layer_float(graph: Graph, base: QuantOptions) -> QuantOptions:
+    """``base`` with every layer kept float32: where the ``only`` variants begin alike."""
+    return replace(base, float_layers=tuple(n.name for n in graph.nodes[1:]))
+
+
+def run_variants(graph: Graph, ranges, variants, images: np.ndarray, engine: str = "integer",
+                 batch_size: int = 64, references=(), progress=None) -> list:
+    """``run_variant`` for several variants at once, the same logits: each variant continues
+    from whichever of ``references`` (options, e.g. the base and ``every_layer_float``) shares
+    the longest start with it, so what variants have in common with a reference is computed
+    once per batch (a variant that keeps a late layer float repeats almost nothing)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    qgraphs = [quantize(graph, ranges, options) for options in variants]
+    refs = [quantize(graph, ranges, options) for options in references] or qgraphs[:1]
+    chosen = [max(range(len(refs)), key=lambda r: shared_prefix(refs[r], q)) for q in qgraphs]
+    logits = [[] for _ in qgraphs]
+    for start in range(0, len(images), batch_size):
+        batch = images[start:start + batch_size]
+        for r, ref in enumerate(refs):
+            members = [i for i, c in enumerate(chosen) if c == r]
+            if not members:
+                continue
+            outs = run_sharing_prefix(ref, [qgraphs[i] for i in members], batch, engine)
+            for i, out in zip(members, outs):
+                logits[i].append(np.asarray(out, dtype=np.float32))
+        if progress is not None:
+            progress.update(len(batch))
+    return [(np.concatenate(parts), engine == "integer" or simulation_is_exact(q))
+            for parts, q in zip(logits, qgraphs)]
 
 
 def sensitivity_rows(units, measured: dict, base_metrics: dict) -> list:
@@ -197,8 +229,9 @@ def layer_sensitivity(graph: Graph, ranges, base: QuantOptions, images: np.ndarr
     serves every variant), ``images`` float32 NCHW, ``reference_logits`` float32's logits of
     them. Drivers that store and resume each variant use ``probes`` and ``measure`` directly."""
     units = sensitivity_units(graph, blocks)
-    base_metrics = measure(graph, ranges, base, images, reference_logits, engine, batch_size)
-    measured = {(p.unit.name, p.mode): measure(graph, ranges, p.options, images,
-                                               reference_logits, engine, batch_size)
-                for p in probes(graph, base, units, modes, bias_bits)}
-    return sensitivity_rows(units, measured, base_metrics), base_metrics
+    made = probes(graph, base, units, modes, bias_bits)
+    runs = run_variants(graph, ranges, [base] + [p.options for p in made], images, engine,
+                        batch_size, references=(base, every_layer_float(graph, base)))
+    scored = [{**compare(reference_logits, logits), "exact": exact} for logits, exact in runs]
+    measured = {(p.unit.name, p.mode): metrics for p, metrics in zip(made, scored[1:])}
+    return sensitivity_rows(units, measured, scored[0]), scored[0]

@@ -244,3 +244,93 @@ def run_simulated(qgraph: QGraph, x: np.ndarray) -> np.ndarray:
     for node in qgraph.nodes[1:]:
         values[node.name] = simulated_op(node, [values[i] for i in node.inputs], qgraph)
     return values[qgraph.output.name]
+
+
+# -- several graphs that begin alike ------------------------------------------------------------
+
+def same_node(a: QNode, b: QNode) -> bool:
+    """Whether two nodes compute the same value from the same inputs."""
+    if (a.name, a.op, a.inputs, a.dtype, a.attrs) != (b.name, b.op, b.inputs, b.dtype, b.attrs):
+        return False
+    if a.params.keys() != b.params.keys() or any(not np.array_equal(a.params[k], b.params[k])
+                                                 for k in a.params):
+        return False
+    return all((u is None and v is None)
+               or (u is not None and v is not None and np.array_equal(u, v))
+               for u, v in ((a.scale, b.scale), (a.bound, b.bound)))
+
+
+def shared_prefix(a: QGraph, b: QGraph) -> int:
+    """How many leading nodes ``a`` and ``b`` have in common (their values are then equal)."""
+    count = 0
+    for m, n in zip(a.nodes, b.nodes):
+        if not same_node(m, n):
+            break
+        count += 1
+    return count
+
+
+SEMANTICS = ("integer", "simulated")
+
+
+def _step(semantics: str, qgraph: QGraph):
+    if semantics == "integer":
+        return lambda node, args: run_node(node, args)
+    return lambda node, args: simulated_op(node, args, qgraph)
+
+
+def run_sharing_prefix(reference: QGraph, graphs: list, x: np.ndarray,
+                       semantics: str = "integer") -> list:
+    """Each of ``graphs``' outputs on ``x`` (``run_integer``'s, or with ``semantics='simulated'``
+    ``run_simulated``'s, the same values), computing the nodes a graph shares with the start of
+    ``reference`` once: the reference runs once, node by node, and each graph continues from
+    the reference's values at the first node where it differs. Memory holds the reference's
+    live values (and those a graph that has not run yet will read), plus one graph's."""
+    if semantics not in SEMANTICS:
+        raise ValueError(f"semantics must be one of {', '.join(SEMANTICS)}, not {semantics!r}")
+    x = np.asarray(x, dtype=np.float32 if semantics == "integer" else np.float64)
+    starts = [max(1, shared_prefix(reference, g)) for g in graphs]
+    position = {n.name: i for i, n in enumerate(reference.nodes)}
+    keep = {}  # reference value -> the last reference step at which something still reads it
+    for step, node in enumerate(reference.nodes):
+        for name in node.inputs:
+            keep[name] = step
+    keep[reference.output.name] = len(reference.nodes)
+    for graph, start in zip(graphs, starts):
+        for node in graph.nodes[start:]:
+            for name in node.inputs:
+                if position.get(name, len(reference.nodes)) < start:
+                    keep[name] = max(keep.get(name, -1), start)
+    step_of = _step(semantics, reference)
+    values = {reference.input.name: x}
+    done = 1  # reference nodes computed
+    outputs = [None] * len(graphs)
+    for index in sorted(range(len(graphs)), key=starts.__getitem__):
+        start = starts[index]
+        while done < start:
+            node = reference.nodes[done]
+            values[node.name] = step_of(node, [values[i] for i in node.inputs])
+            for name in [n for n in values if keep.get(n, -1) < done + 1]:
+                del values[name]
+            done += 1
+        outputs[index] = _continue(graphs[index], start, values, semantics)
+    return outputs
+
+
+def _continue(qgraph: QGraph, start: int, known: dict, semantics: str):
+    """``qgraph``'s output from its nodes ``start`` on, the values before them in ``known``."""
+    last_use = {}
+    for step, node in enumerate(qgraph.nodes[start:], start):
+        for name in node.inputs:
+            last_use[name] = step
+    step_of = _step(semantics, qgraph)
+    values = {name: known[name] for name in last_use if name in known}
+    output = qgraph.output.name
+    if start >= len(qgraph.nodes):
+        return known[output]
+    for step, node in enumerate(qgraph.nodes[start:], start):
+        values[node.name] = step_of(node, [values[i] for i in node.inputs])
+        for name in set(node.inputs):
+            if last_use[name] == step and name != output:
+                del values[name]
+    return values[output]

@@ -188,6 +188,8 @@ def write_results(store, keys, output: Path, summary: dict, repeats: dict | None
                              "wall_seconds": r["wall_seconds"],
                              **({"adaround": r["adaround"]} if "adaround" in r else {})}
                             for r in records]}
+    if repeats:  # what `qcal report` rebuilds the calibration spread from
+        summary["calibration_subset_keys"] = repeats
     atomic_write_text(output / "results.json", json.dumps(summary, indent=2, default=str) + "\n")
     layers = [{"model": r["model"], "variant": r["variant"], **row}
               for r in records for row in r.get("layers", [])]

@@ -637,6 +637,7 @@ def test_int8_conv_chain_channel_blocked(batch, channels, widths, size, pool, re
     not whole blocks, the outputs; ``read_twice`` also returns a hidden layer): TVM == numpy."""
     graph, hidden = int_conv_chain(batch, channels, widths, size, pool, residual, stride,
                                    options, seed)
+    w1, w2 = widths
     x = np.random.default_rng(seed + 1).standard_normal(
         (batch, channels, size, size)).astype(np.float32)
     names = [hidden.name, graph.output.name] if read_twice else [graph.output.name]
@@ -666,4 +667,8 @@ def test_int8_conv_chain_channel_blocked(batch, channels, widths, size, pool, re
         assert blocked_packs, functions
     if widths[1] % lanes:  # the block's conv is not VNNI: NCHW after it
         assert not blocked_packs, functions
+    # a projection shortcut of two VNNI convs is computed inside the block conv's tiles
+    fused = [name for name in functions if "conv2d_vnni_shortcut" in name]
+    projection = residual == "projection" or (residual == "identity" and (w1, stride) != (w2, 1))
+    assert len(fused) == (1 if projection and widths[0] % lanes == widths[1] % lanes == 0 else 0)
     event(f"blocked packs: {len(blocked_packs)}")

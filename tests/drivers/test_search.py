@@ -42,10 +42,11 @@ data: {num_images: 120, calib_images: 48}
 batch_size: 60
 variants:
   - {simulate: true, activation_bits: 4}
+search: {methods: [power2, max], granularities: tensor, margin: 9}
 """
 # W8A4, simulated (numpy, nothing compiled): power2 loses ~40 points and max ~9 on these images,
 # so the greedy step has to keep layers in float32 before the test passes at a 5-point margin
-ARGS = ["--methods", "power2,max", "--granularities", "tensor", "--bias", "16", "--margin", "5",
+ARGS = ["--bias", "16", "--margin", "5",  # the section's methods, granularities; this margin
         "--ranking-images", "8", "--quiet"]
 
 
@@ -104,9 +105,11 @@ def test_search_stops_by_budget_then_resumes_to_the_test_and_its_yaml_reruns(tmp
     (["--margin", "100"], CONFIG, "Invalid value for '--margin'"),
     (["--bias", "8,40"], CONFIG, "bias bits must be from 2 to 32, not 40"),
     (["--methods", "power2,,l2"], CONFIG, "an empty item in 'power2,,l2'"),
+    ([], CONFIG.replace("margin: 9", "margin: lots"), "s.yaml:7: search.margin: 'lots' is not"),
+    ([], CONFIG.replace("margin: 9", "budget: 9"), "s.yaml:7: unknown search key 'budget'"),
     ([], CONFIG.replace("[fmnist_vgg11_bn]", "[fmnist_vgg11_bn, fmnist_resnet20_v1]"),
      "a search takes one model, not 2"),
-    ([], CONFIG + "  - {activation_method: l2}\n",
+    ([], CONFIG.replace("search:", "  - {activation_method: l2}\nsearch:"),
      "a search takes at most one variant (the base configuration), not 2"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, config_text, message):
@@ -130,3 +133,8 @@ def test_shipped_configs_parse(name):
     config, problems = parse_sweep_config(REPO_ROOT / "configs" / f"{name}.yaml")
     assert not problems and len(config.models) == 1
     assert config.calib_repeats == (5 if name.startswith("calib") else 1)
+    if name.startswith("search"):
+        from qcal.cli.search import settings_values
+
+        values = settings_values({}, config.sections["search"], lambda key: key)
+        assert values["margin"] == 0.3 and values["budget_variants"] in (5, 12)

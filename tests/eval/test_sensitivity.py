@@ -12,7 +12,7 @@ from qcal.eval.sensitivity import (layer_sensitivity, measure, probes, ranked, r
 from qcal.ir.graph import residual_blocks
 from qcal.quant import quantize
 from qcal.quant.realize import qgraph_from_float
-from qcal.reference.int_interpreter import run_integer
+from qcal.reference.int_interpreter import run_integer, shared_prefix
 from tests.fixtures import images, resnet_v1, resnet_v2, vgg
 
 
@@ -125,3 +125,23 @@ def test_simulation_exactness_is_told_and_holds_when_claimed(options, exact):
     if exact:
         assert np.array_equal(simulated, integer)
     assert np.array_equal(simulated.argmax(1), integer.argmax(1))
+
+
+@pytest.mark.parametrize("engine", ["integer", "simulated"])
+def test_variants_run_together_give_each_ones_own_logits(engine):
+    from qcal.eval.sensitivity import every_layer_float, run_variants
+
+    graph = resnet_v2(seed=6)
+    calib, x = images(16, (3, 16, 16), seed=1), images(5, (3, 16, 16), seed=7)
+    ranges = _ranges(graph, calib)
+    base = QuantOptions(bias_bits=8)
+    made = probes(graph, base, sensitivity_units(graph), bias_bits=4)
+    variants = [base] + [p.options for p in made]
+    together = run_variants(graph, ranges, variants, x, engine, batch_size=3,
+                            references=(base, every_layer_float(graph, base)))
+    late = next(p.options for p in made if (p.unit.name, p.mode) == ("dense20", "float"))
+    q_base, q_late = quantize(graph, ranges, base), quantize(graph, ranges, late)
+    assert shared_prefix(q_base, q_late) > len(q_base.nodes) // 2  # computed once, shared
+    for options, (logits, exact) in zip(variants, together):
+        alone, exact_alone = run_variant(graph, ranges, options, x, engine, batch_size=3)
+        assert np.array_equal(logits, alone) and exact == exact_alone, options.label

@@ -79,11 +79,136 @@ class _Blocker:
     """One function's rewrite: ``nchw`` / ``blocked`` map each original variable to the new
     variable holding its value in that layout (made on first use)."""
 
-    def __init__(self, builder: relax.BlockBuilder, lanes: int):
+    def __init__(self, builder: relax.BlockBuilder, lanes: int, func=None):
         self.bb = builder
         self.lanes = lanes
         self.nchw: dict = {}
         self.blocked: dict = {}
+        # residual adds done by one shortcut-fused conv: add's var -> (main, shortcut, bias,
+        # shift, main's bias); the bindings they absorb are skipped
+        self.fused: dict = {}
+        self.absorbed: set = set()
+        if func is not None:
+            self._plan_shortcuts(func)
+
+    # -- residual blocks: the projection shortcut computed inside the last conv's tiles --------
+
+    def _plan_shortcuts(self, func):
+        bindings = func.body.blocks[0].bindings
+        self.values = {b.var: b.value for b in bindings}
+        self.uses: dict = {}
+
+        def count(expr):
+            if isinstance(expr, relax.Var):
+                self.uses[expr] = self.uses.get(expr, 0) + 1
+            elif isinstance(expr, relax.Tuple):
+                for f in expr.fields:
+                    count(f)
+            elif isinstance(expr, relax.TupleGetItem):
+                count(expr.tuple_value)
+            elif isinstance(expr, relax.Call):
+                for a in expr.args:
+                    count(a)
+
+        for b in bindings:
+            count(b.value)
+        count(func.body.body)
+        outputs = {b.var for b in bindings if not isinstance(b.var, relax.DataflowVar)}
+        for b in bindings:
+            value = b.value
+            if not (isinstance(value, relax.Call) and value.op.name == "relax.add"
+                    and all(isinstance(a, relax.Var) for a in value.args)):
+                continue
+            for a, m in (value.args, value.args[::-1]):
+                plan = self._match_shortcut(a, m, outputs)
+                if plan is not None:
+                    self.fused[b.var] = plan[0]
+                    self.absorbed.update(plan[1])
+                    break
+
+    def _single_use(self, var, outputs) -> bool:
+        return var in self.values and self.uses.get(var) == 1 and var not in outputs
+
+    def _conv(self, var, outputs):
+        value = self.values.get(var)
+        if not (self._single_use(var, outputs) and isinstance(value, relax.Call)
+                and value.op.same_as(_CONV2D)):
+            return None
+        geometry = int8_conv_geometry(value, self.lanes)
+        return None if geometry is None else (value, *geometry)
+
+    def _constant(self, expr, channels):
+        """An int32 constant per output channel (scalar or (1, C, 1, 1)) as a (C,) array."""
+        if not isinstance(expr, tvm.ir.expr.Constant) or str(expr.value.dtype) != "int32":
+            return None
+        a = expr.value.numpy()
+        if a.ndim == 0 or a.shape == (1, channels, 1, 1) or a.shape == (1, 1, 1, 1):
+            return np.broadcast_to(a.reshape(-1), (channels,)).astype(np.int32)
+        return None
+
+    def _match_shortcut(self, a, m, outputs):
+        """``a`` = (conv + bias) << shift (casts to int32 between) and ``m`` = conv [+ bias] of
+        two VNNI convs of the same output shape, each used only here: the plan, else None."""
+        absorbed, ops, var = [a, m], [], a
+        while True:
+            value = self.values.get(var)
+            if not self._single_use(var, outputs) or not isinstance(value, relax.Call):
+                return None
+            if value.op.same_as(_CONV2D):
+                break
+            if value.op.name not in ("relax.add", "relax.left_shift", "relax.astype"):
+                return None
+            if value.op.name == "relax.astype" and str(value.attrs.dtype) != "int32":
+                return None
+            ops.append(value)
+            var = value.args[0]
+            absorbed.append(var)
+        short = self._conv(var, outputs)
+        main_var, main_bias = m, None
+        value = self.values.get(m)
+        if isinstance(value, relax.Call) and value.op.name == "relax.add":
+            main_var, main_bias = value.args[0], value.args[1]
+            absorbed.append(main_var)
+        main = self._conv(main_var, outputs) if isinstance(main_var, relax.Var) else None
+        if short is None or main is None:
+            return None
+        if _static_shape(short[0]) != _static_shape(main[0]):
+            return None
+        channels = _static_shape(main[0])[1]
+        if main_bias is not None and self._constant(main_bias, channels) is None:
+            return None
+        bias, shift = np.zeros(channels, np.int32), np.zeros(channels, np.int32)
+        stage = 0  # the order realize emits: bias add, then the alignment's left shift
+        for op in reversed(ops):
+            if op.op.name == "relax.astype":
+                continue
+            c = self._constant(op.args[1], channels)
+            if c is None:
+                return None
+            if op.op.name == "relax.add" and stage == 0:
+                bias, stage = c, 1
+            elif op.op.name == "relax.left_shift" and stage <= 1 and np.all((c >= 0) & (c < 32)):
+                shift, stage = c, 2
+            else:
+                return None
+        return (main, short, bias, shift, main_bias), absorbed
+
+    def emit_fused(self, var, plan):
+        main, short, bias, shift, main_bias = plan
+        sides = []
+        for call, shape, pads, strides in (main, short):
+            source = call.args[0]
+            blocked_input = self.blocked.get(source) if isinstance(source, relax.Var) else None
+            if blocked_input is None:
+                call = relax.Call(call.op, [self.as_nchw(source), call.args[1]], call.attrs,
+                                  call.ty_args)
+            sides.append((call, shape, pads, strides, blocked_input))
+        out = self.bb.emit(vnni.emit_vnni_shortcut_conv(self.bb, self.lanes, sides[0], sides[1],
+                                                        bias, shift))
+        if main_bias is not None:
+            like = _static_shape(main[0])
+            out = self.bb.emit(relax.op.add(out, self.as_blocked(main_bias, like)))
+        return out
 
     # -- conversions -------------------------------------------------------------------------
 
@@ -191,6 +316,13 @@ class _Blocker:
     def binding(self, binding):
         var, value = binding.var, binding.value
         output = not isinstance(var, relax.DataflowVar)
+        if var in self.absorbed:
+            return
+        if var in self.fused:
+            self.blocked[var] = self.emit_fused(var, self.fused[var])
+            if output:
+                self.nchw[var] = self.bb.emit_output(self.to_nchw(self.blocked[var]))
+            return
         blocked = self.blocked_value(value)
         if blocked is not None:
             self.blocked[var] = self.bb.emit(blocked)
@@ -244,7 +376,7 @@ def rewrite_blocked(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     builder = relax.BlockBuilder(mod)
     names = {}
     for gvar, func in walked.items():
-        blocker = _Blocker(builder, lanes)
+        blocker = _Blocker(builder, lanes, func)
         names[gvar] = f"qcal_blocked_{gvar.name_hint}"
         with builder.function(names[gvar], list(func.params), private=True):
             with builder.dataflow():

@@ -169,6 +169,92 @@ def _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, sh, sw, v):
     return conv2d_vnni
 
 
+def _vnni_shortcut_conv_func(main, short, o, oh, ow, v):
+    """conv2d_vnni with a projection shortcut computed in the same tile: the shortcut conv's
+    accumulators, (acc + bias) << shift (the residual add's alignment, per channel), start the
+    main conv's accumulators. ``main`` / ``short``: (n, cb, q, hp, wp, kh, kw, sh, sw) of each.
+
+    Written already tiled -- one block per tile of ``pixels`` output pixels x ``vectors``
+    channel vectors, its two reductions as loops inside -- because s_tir's compute_at cannot
+    place a block whose writes are whole vectors (its lane dimension has no iterator)."""
+    acc_t, bytes_t = f"int32x{v}", f"int8x{4 * v}"
+    intrinsic = _VPDPBUSD_INTRINSICS[v]
+    f = o // v
+    pixels, vectors = _largest_divisor(ow, _PIXEL_TILE), _largest_divisor(f, _CHANNEL_VECTORS)
+    n, cb, q, hp, wp, kh, kw, sh, sw = _i64(*main)
+    _, cbs, qs, hps, wps, khs, kws, shs, sws = _i64(*short)
+    c4, c4s = _i64(main[1] * main[2], short[1] * short[2])
+    fo, zt = _i64(f // vectors, ow // pixels)
+    f, oh, ow, px, vc = _i64(f, oh, ow, pixels, vectors)
+    lanes, zero, one = _i64(v, 0, 1)
+
+    @T.prim_func(private=True, s_tir=True)
+    def conv2d_vnni_shortcut(xq: T.Buffer((n, cb, hp, wp, q), "int32"),  # noqa: F821
+                             wq: T.Buffer((f, c4, kh, kw, lanes), "int32"),  # noqa: F821
+                             init: T.Buffer((f, lanes), "int32"),  # noqa: F821
+                             xs: T.Buffer((n, cbs, hps, wps, qs), "int32"),  # noqa: F821
+                             ws: T.Buffer((f, c4s, khs, kws, lanes), "int32"),  # noqa: F821
+                             inits: T.Buffer((f, lanes), "int32"),  # noqa: F821
+                             bias: T.Buffer((f, lanes), "int32"),  # noqa: F821
+                             shift: T.Buffer((f, lanes), "int32"),  # noqa: F821
+                             out: T.Buffer((n, f, oh, ow, lanes), "int32")):  # noqa: F821
+        T.func_attr({"tirx.noalias": True})
+        acc = T.sblock_alloc_buffer((n, f, oh, ow, lanes), "int32", scope="local")
+        for i, y, jo, zo in T.grid(n, oh, fo, zt):
+            with T.sblock("conv2d_vnni"):  # VNNI_BLOCK, the whole tile
+                vi, vy, vjo, vzo = T.axis.remap("SSSS", [i, y, jo, zo])
+                T.reads(xq[vi, 0:cb, vy * sh:vy * sh + kh,
+                           vzo * px * sw:vzo * px * sw + (px - 1) * sw + kw, 0:q],
+                        wq[vjo * vc:vjo * vc + vc, 0:c4, 0:kh, 0:kw, 0:lanes],
+                        init[vjo * vc:vjo * vc + vc, 0:lanes],
+                        xs[vi, 0:cbs, vy * shs:vy * shs + khs,
+                           vzo * px * sws:vzo * px * sws + (px - 1) * sws + kws, 0:qs],
+                        ws[vjo * vc:vjo * vc + vc, 0:c4s, 0:khs, 0:kws, 0:lanes],
+                        inits[vjo * vc:vjo * vc + vc, 0:lanes],
+                        bias[vjo * vc:vjo * vc + vc, 0:lanes], shift[vjo * vc:vjo * vc + vc, 0:lanes])
+                T.writes(acc[vi, vjo * vc:vjo * vc + vc, vy, vzo * px:vzo * px + px, 0:lanes])
+                accs = T.sblock_alloc_buffer((vc, px, lanes), "int32", scope="local")
+                for jm in T.unroll(vc):
+                    for zi in T.unroll(px):
+                        accs[jm, zi, T.ramp(zero, one, v)] = inits[
+                            vjo * vc + jm, T.ramp(zero, one, v)]
+                for rc, ry, rx, rq in T.grid(cbs, khs, kws, qs):
+                    for zi in T.unroll(px):
+                        for jm in T.unroll(vc):
+                            accs[jm, zi, T.ramp(zero, one, v)] = T.call_llvm_pure_intrin(
+                                acc_t, T.llvm_lookup_intrinsic_id(intrinsic),
+                                accs[jm, zi, T.ramp(zero, one, v)],
+                                T.reinterpret(bytes_t, T.broadcast(xs[
+                                    vi, rc, vy * shs + ry, (vzo * px + zi) * sws + rx, rq], v)),
+                                T.reinterpret(bytes_t, ws[
+                                    vjo * vc + jm, rc * qs + rq, ry, rx, T.ramp(zero, one, v)]))
+                for jm in T.unroll(vc):
+                    for zi in T.unroll(px):
+                        # the residual add's alignment of the shortcut, then the main conv's start
+                        acc[vi, vjo * vc + jm, vy, vzo * px + zi, T.ramp(zero, one, v)] = (
+                            T.shift_left(accs[jm, zi, T.ramp(zero, one, v)]
+                                         + bias[vjo * vc + jm, T.ramp(zero, one, v)],
+                                         shift[vjo * vc + jm, T.ramp(zero, one, v)])
+                            + init[vjo * vc + jm, T.ramp(zero, one, v)])
+                for rc, ry, rx, rq in T.grid(cb, kh, kw, q):
+                    for zi in T.unroll(px):
+                        for jm in T.unroll(vc):
+                            acc[vi, vjo * vc + jm, vy, vzo * px + zi, T.ramp(zero, one, v)] = (
+                                T.call_llvm_pure_intrin(
+                                    acc_t, T.llvm_lookup_intrinsic_id(intrinsic),
+                                    acc[vi, vjo * vc + jm, vy, vzo * px + zi,
+                                        T.ramp(zero, one, v)],
+                                    T.reinterpret(bytes_t, T.broadcast(xq[
+                                        vi, rc, vy * sh + ry, (vzo * px + zi) * sw + rx, rq], v)),
+                                    T.reinterpret(bytes_t, wq[
+                                        vjo * vc + jm, rc * q + rq, ry, rx, T.ramp(zero, one, v)])))
+        for i, j, y, z, c in T.grid(n, f, oh, ow, lanes):
+            with T.sblock("unpack"):
+                vi, vj, vy, vz, vl = T.axis.remap("SSSSS", [i, j, y, z, c])
+                out[vi, vj, vy, vz, vl] = acc[vi, vj, vy, vz, vl]
+    return conv2d_vnni_shortcut
+
+
 def schedule_vnni_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
     """The schedule rule for a PrimFunc holding ``conv2d_vnni`` (alone, or fused by FuseOps with
     the elementwise epilogue after it: bias, requantize, ReLU, residual add).
@@ -191,7 +277,16 @@ def schedule_vnni_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
         rest = []
     except Decline:
         out, rest = blocks[index + 1], blocks[index + 2:]
-    i, j, y, z, rc, ry, rx, rq = sch.get_loops(conv)
+    loops = sch.get_loops(conv)
+    if len(loops) == 4:  # the shortcut-fused conv, written as one block per tile
+        i, y, jo, zo = loops
+        sch.reverse_compute_at(out, zo)
+        _vectorize_tile_epilogue(sch, out, zo)
+        sch.parallel(sch.fuse(i, y, jo))
+        for b in rest:
+            _parallel_outer(sch, b)
+        return Scheduled(sch.mod["main"])
+    i, j, y, z, rc, ry, rx, rq = loops
     f, ow = _extents(sch, [j, z])
     jo, jm = sch.split(j, [None, _largest_divisor(f, _CHANNEL_VECTORS)])
     zo, zi = sch.split(z, [None, _largest_divisor(ow, _PIXEL_TILE)])
@@ -224,15 +319,10 @@ def pack_vnni_weight(weight: np.ndarray, lanes: int) -> tuple[np.ndarray, np.nda
     return packed, init.reshape(o // lanes, lanes)
 
 
-def emit_vnni_conv(builder, call, lanes, shape, pads, strides, blocked_input=None):
-    """Emit the VNNI PrimFuncs for an int8 conv2d call that ``int8_conv_geometry`` accepted (its
-    NCHW input ``call.args[0]``, or ``blocked_input``: the same tensor channel-blocked,
-    (N, C/lanes, H, W, lanes)); returns the conv's call, whose int32 output is channel-blocked
-    (N, O/lanes, OH, OW, lanes), the layout of its accumulator tiles."""
+def _emit_pack(builder, call, lanes, shape, pads, blocked_input):
+    """The pack of one conv's input: ((n, cb, q, hp, wp) of the quads, the pack's call)."""
     n, c, h, w = shape
-    weight = call.args[1].value.numpy()
-    o, _, kh, kw = weight.shape
-    hp, wp, oh, ow = padded_conv_extents(shape, weight.shape, pads, strides)
+    hp, wp = h + pads[0] + pads[2], w + pads[1] + pads[3]
     if blocked_input is not None:
         cb, q = c // lanes, lanes // 4
         pack = _pack_blocked_quads_func(n, cb, h, w, lanes, pads)
@@ -241,14 +331,55 @@ def emit_vnni_conv(builder, call, lanes, shape, pads, strides, blocked_input=Non
         cb, q = (c + 3) // 4, 1
         pack = _pack_quads_func(n, c, h, w, pads)
         source, pack_name = call.args[0], "pack_u8_quads"
-    conv = _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, *strides, lanes)
-    conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
     pack_gv = builder.add_func(pack, pack_name)
-    conv_gv = builder.add_func(conv, "conv2d_vnni")
     packed = builder.emit(relax.call_tir(
         pack_gv, [source], relax.TensorType((n, cb, hp, wp, q), "int32")))
+    return (n, cb, q, hp, wp), packed
+
+
+def emit_vnni_conv(builder, call, lanes, shape, pads, strides, blocked_input=None):
+    """Emit the VNNI PrimFuncs for an int8 conv2d call that ``int8_conv_geometry`` accepted (its
+    NCHW input ``call.args[0]``, or ``blocked_input``: the same tensor channel-blocked,
+    (N, C/lanes, H, W, lanes)); returns the conv's call, whose int32 output is channel-blocked
+    (N, O/lanes, OH, OW, lanes), the layout of its accumulator tiles."""
+    weight = call.args[1].value.numpy()
+    o, _, kh, kw = weight.shape
+    _, _, oh, ow = padded_conv_extents(shape, weight.shape, pads, strides)
+    (n, cb, q, hp, wp), packed = _emit_pack(builder, call, lanes, shape, pads, blocked_input)
+    conv = _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, *strides, lanes)
+    conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
+    conv_gv = builder.add_func(conv, "conv2d_vnni")
     wq, init = pack_vnni_weight(weight, lanes)
     return relax.call_tir(conv_gv, [packed, relax.const(wq, "int32"), relax.const(init, "int32")],
+                          relax.TensorType((n, o // lanes, oh, ow, lanes), "int32"))
+
+
+def emit_vnni_shortcut_conv(builder, lanes, main, shortcut, bias, shift):
+    """One PrimFunc for ``main + ((shortcut + bias) << shift)`` of two int8 convs with the same
+    output shape (a residual block's last conv and its projection shortcut): ``main`` and
+    ``shortcut`` are (call, shape, pads, strides, blocked input or None) as for
+    ``emit_vnni_conv``; ``bias`` and ``shift`` int32 per output channel. The shortcut's int32
+    tensor is never written: each tile computes it in registers first. Returns the call (its
+    output channel-blocked int32)."""
+    geometry, packed, weights = [], [], []
+    for call, shape, pads, strides, blocked_input in (main, shortcut):
+        weight = call.args[1].value.numpy()
+        o, _, kh, kw = weight.shape
+        _, _, oh, ow = padded_conv_extents(shape, weight.shape, pads, strides)
+        (n, cb, q, hp, wp), xq = _emit_pack(builder, call, lanes, shape, pads, blocked_input)
+        geometry.append((n, cb, q, hp, wp, kh, kw) + tuple(strides))
+        packed.append(xq)
+        weights.append(pack_vnni_weight(weight, lanes))
+    conv = _vnni_shortcut_conv_func(geometry[0], geometry[1], o, oh, ow, lanes)
+    conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
+    conv_gv = builder.add_func(conv, "conv2d_vnni_shortcut")
+    per_lane = [relax.const(np.ascontiguousarray(np.broadcast_to(
+        np.asarray(a, np.int32).reshape(-1), (o,))).reshape(o // lanes, lanes), "int32")
+        for a in (bias, shift)]
+    (wq, init), (ws, inits) = weights
+    args = [packed[0], relax.const(wq, "int32"), relax.const(init, "int32"),
+            packed[1], relax.const(ws, "int32"), relax.const(inits, "int32")] + per_lane
+    return relax.call_tir(conv_gv, args,
                           relax.TensorType((n, o // lanes, oh, ow, lanes), "int32"))
 
 
