@@ -16,7 +16,7 @@ def format_markdown(table: pd.DataFrame) -> str:
         if isinstance(value, float):
             if np.isnan(value):
                 return ""
-            if column == "mcnemar_p" or column.startswith("kl"):
+            if column in ("mcnemar_p", "p_value") or column.startswith("kl"):
                 return f"{value:.3g}"
             if column in ("lost", "gained", "verified"):
                 return f"{value:.0f}"

@@ -34,9 +34,15 @@ def sweep(config, output, *extra, wait=True):
         [sys.executable, "-m", "qcal.cli", "sweep", str(config), "--output", str(output),
          "--quiet", *extra], env=env, cwd=config.parent, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
-    if not wait:
-        return proc
-    out, _ = proc.communicate(timeout=600)
+    return proc if not wait else finish(proc)
+
+
+def finish(proc):
+    try:
+        out, _ = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # with its worker processes' parent, they end too
+        raise
     return proc.returncode, out
 
 
@@ -114,8 +120,8 @@ def test_a_worker_killed_mid_task_loses_only_that_task(reference):
     pid, log = found
     assert not list((output / "statistics").glob("*.npz"))  # the pass is still running
     os.kill(pid, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
+    code, out = finish(proc)
+    assert code == 0, out
     assert_same_results(single, output)
     passes = sum((output / "workers" / p.name).read_text().count("statistics pass into")
                  for p in (output / "workers").glob("*.log"))
