@@ -171,9 +171,9 @@ class ModelSession:
                 raise UsageProblem("calib_repeats needs calibration images, not a calibration "
                                    "file (--calib)")
             return self.calibration
-        if subset not in self._subset_calibrations:
+        if subset not in self._subset_calibrations:  # a method's ranges: when a variant asks
             self._subset_calibrations[subset] = CalibrationResult.from_statistics(
-                self.collect_statistics(selection=self._subset_selection(subset))[0])
+                self.collect_statistics(selection=self._subset_selection(subset))[0], methods=())
         return self._subset_calibrations[subset]
 
     def _subset_selection(self, subset: int):
@@ -245,7 +245,7 @@ class ModelSession:
         graph, calibrations = self.equalized_graph, self._equalized[1]
         if subset not in calibrations:
             calibrations[subset] = CalibrationResult.from_statistics(self.collect_statistics(
-                graph=graph, selection=self._subset_selection(subset))[0])
+                graph=graph, selection=self._subset_selection(subset))[0], methods=())
         return graph, calibrations[subset]
 
     @property
