@@ -61,13 +61,15 @@ class CalibrationResult(TensorStatistics):
     chosen_options: dict = field(default_factory=dict)  # method -> {option -> value}
     source: str = "<memory>"  # the file it was read from
     file_format: str = FILE_FORMAT  # the format of the file it was read from
+    # amax chosen on request beyond ``chosen`` (other options or levels, methods not chosen ahead)
+    _computed: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_statistics(cls, statistics: TensorStatistics, options: QuantOptions | None = None,
                         methods=None) -> "CalibrationResult":
         options = options or QuantOptions()
         result = cls(**{f.name: getattr(statistics, f.name) for f in fields(TensorStatistics)})
-        for method in methods or result.methods:
+        for method in result.methods if methods is None else methods:
             opts = method_options(method, options)
             result.chosen[method] = {name: choose_amax(method, stats, **opts)
                                      for name, stats in statistics.tensors.items()}
@@ -110,7 +112,10 @@ class CalibrationResult(TensorStatistics):
         stored = levels == INT8_LEVELS or method not in LEVEL_METHODS
         if stored and self.chosen_options.get(method) == opts and tensor in self.chosen.get(method, {}):
             return self.chosen[method][tensor]
-        return choose_amax(method, self.tensors[tensor], levels, **opts)
+        key = (tensor, method, levels, tuple(sorted(opts.items())))
+        if key not in self._computed:  # chosen once, as every variant asks again (kl: ~80 ms)
+            self._computed[key] = choose_amax(method, self.tensors[tensor], levels, **opts)
+        return self._computed[key]
 
     def amax_for(self, tensor: str, options: QuantOptions, levels: int = INT8_LEVELS) -> float:
         """The amax ``options.activation_method`` picks, with that method's options."""

@@ -202,7 +202,12 @@ def _run(config, settings, output, quiet, command, cache_dir, sessions) -> dict:
             log.info("%s %s: %d units, %d variants on %d %s (%s engine)", model, base.label,
                      len(units), len(work), len(x), source, settings.engine)
             found = [_stored(store, session, config, settings, options) for options, _ in work]
-            todo = [i for i, (_, _, metrics) in enumerate(found) if metrics is None]
+            # by mode, then network order: the ranking (float) first, and a group's variants
+            # share the most with one reference
+            rank = {mode: i for i, mode in enumerate(MODES)}
+            todo = sorted((i for i, (_, _, metrics) in enumerate(found) if metrics is None),
+                          key=lambda i: (0, 0, 0) if i == 0 else
+                          (1, rank[made[i - 1].mode], made[i - 1].unit.position))
             with progress_bar(len(work), f"{session.model.name} sensitivity", quiet,
                               unit="variant") as bar:
                 bar.update(len(work) - len(todo))

@@ -56,6 +56,7 @@ class ModelSession:
         self._correction = {}
         self._equalized = None
         self._given_evaluation = None
+        self._logits_to = ({}, {}, True)  # see evaluate
 
     # --- load -------------------------------------------------------------------------------
     @property
@@ -170,9 +171,9 @@ class ModelSession:
                 raise UsageProblem("calib_repeats needs calibration images, not a calibration "
                                    "file (--calib)")
             return self.calibration
-        if subset not in self._subset_calibrations:
+        if subset not in self._subset_calibrations:  # a method's ranges: when a variant asks
             self._subset_calibrations[subset] = CalibrationResult.from_statistics(
-                self.collect_statistics(selection=self._subset_selection(subset))[0])
+                self.collect_statistics(selection=self._subset_selection(subset))[0], methods=())
         return self._subset_calibrations[subset]
 
     def _subset_selection(self, subset: int):
@@ -244,7 +245,7 @@ class ModelSession:
         graph, calibrations = self.equalized_graph, self._equalized[1]
         if subset not in calibrations:
             calibrations[subset] = CalibrationResult.from_statistics(self.collect_statistics(
-                graph=graph, selection=self._subset_selection(subset))[0])
+                graph=graph, selection=self._subset_selection(subset))[0], methods=())
         return graph, calibrations[subset]
 
     @property
@@ -281,31 +282,49 @@ class ModelSession:
 
     def _run_selections(self, runner, label, plan):
         """(evaluation result, fidelity result or None) for one runner; the evaluation images'
-        result is not run again when ``evaluate`` was given it (merged shards)."""
+        result is not run again when ``evaluate`` was given it (merged shards). Each selection's
+        logits go where ``self._logits_to`` says (``evaluate``'s ``references`` /
+        ``logits_files``)."""
+        from qcal.eval.evaluate import route_logits
+
+        references, files, keep = self._logits_to
         outcomes = []
-        for selection, given in ((plan.evaluation, self._given_evaluation), (plan.fidelity, None)):
+        for name, selection, given in (("evaluation", plan.evaluation, self._given_evaluation),
+                                       ("fidelity", plan.fidelity, None)):
+            suffix = "_crops" if name == "fidelity" else ""
             if given is not None:
-                outcomes.append(given)
+                outcomes.append(route_logits(given, references.get(name), files.get(name), suffix))
                 continue
             if selection is None:
                 outcomes.append(None)
                 continue
             with self._progress(len(selection), label) as bar:
-                outcomes.append(evaluate(runner, selection, self.batch_size, self.cache, bar))
+                outcomes.append(evaluate(
+                    runner, selection, self.batch_size, self.cache, bar,
+                    reference=references.get(name), logits_file=files.get(name),
+                    fidelity_suffix=suffix, keep_logits=keep))
         return outcomes
 
-    def evaluate(self, options=None, subset: int = 0, evaluation=None):
+    def evaluate(self, options=None, subset: int = 0, evaluation=None, references=None,
+                 logits_files=None, keep_logits: bool = True):
         """(EvalResult, fidelity EvalResult or None, extra record fields) for float32 (options
         None) or one int8 variant calibrated on calibration subset ``subset``. Nothing the run
         compiled outlives it. ``evaluation``: the result on the evaluation images, computed
         already by ``evaluate_range`` over its shards and merged
-        (``qcal.eval.evaluate.merge_results``): everything else is done here."""
+        (``qcal.eval.evaluate.merge_results``): everything else is done here.
+
+        ``references`` / ``logits_files``: per selection (``"evaluation"``, ``"fidelity"``),
+        float32's logits to compare with batch by batch, or a file to write the logits to (see
+        ``qcal.eval.evaluate.evaluate``); a selection in neither keeps its logits in memory
+        (``EvalResult.logits``) unless ``keep_logits`` is False."""
         self._given_evaluation = evaluation
+        self._logits_to = (references or {}, logits_files or {}, keep_logits)
         try:
             outcome = (self._evaluate_float() if options is None
                        else self._evaluate_int8(options, subset))
         finally:
             self._given_evaluation = None
+            self._logits_to = ({}, {}, True)
         # TVMScript's ``T.prim_func`` keeps the ``inspect.stack()`` of its caller in a reference
         # cycle (tvm/tirx/script/parser/entry.py), and a frame keeps its locals after it returns:
         # a compile leaves every frame above it (the compiled model, the variant's results, the

@@ -44,6 +44,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -53,8 +54,8 @@ from qcal import __version__
 from qcal.config import DEFAULT_BATCH_CACHE_DIR, QuantOptions
 from qcal.errors import QcalError, UsageProblem, stop_if_interrupted
 from qcal.eval.verify import VerificationFailed
-from qcal.files import (LOCK_NAME, atomic_write_text, checked_open, file_digest, folder_lock, is_temporary,
-                        load_checked, write_checked)
+from qcal.files import (LOCK_NAME, DamagedFile, atomic_write_text, checked_open, checked_path, file_digest,
+                        folder_lock, is_temporary, load_checked, verify_checked, write_checked)
 
 log = logging.getLogger("qcal.drivers.sweep")
 
@@ -82,8 +83,24 @@ def environment() -> dict:
 
 RECORD_KIND = "sweep variant record"
 ARRAYS_KIND = "sweep variant arrays"
+LOGITS_KIND = "sweep float32 logits"
+# float32's logits per selection: the int8 variants' fidelity metrics read them back batch by batch
+LOGITS_FILES = {"evaluation": "logits", "fidelity": "fidelity_logits"}
 PART_KIND = "sweep variant shard"
 RERUN = "running the variant again"
+
+
+class _closing:
+    """A reader as a context manager (``close`` on exit)."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __enter__(self):
+        return self.reader
+
+    def __exit__(self, *exc):
+        self.reader.close()
 
 
 def _parse_npz(payload) -> dict:
@@ -127,6 +144,37 @@ class ResultStore:
                             "again to recompute it")
         return arrays
 
+    def logits_path(self, key: str, selection: str) -> Path:
+        return self.variants / f"{key}.{LOGITS_FILES[selection]}.npy"
+
+    def logits_files(self, key: str, selections, stack: ExitStack) -> dict:
+        """Temporary paths for float32's logits of each selection, kept as checked files under
+        ``logits_path`` when ``stack`` closes without an error (dropped otherwise)."""
+        return {name: stack.enter_context(checked_path(self.logits_path(key, name), LOGITS_KIND,
+                                                       key, suffix=".npy"))
+                for name in selections}
+
+    def references(self, key: str, stack: ExitStack) -> dict:
+        """Readers of float32's logits per selection, closed with ``stack``: its logits files
+        (checked first), or for a folder written before them the arrays in its ``.npz``."""
+        from qcal.eval.logit_rows import ArrayRows, LogitsReader
+
+        readers, arrays = {}, None
+        for name, member in LOGITS_FILES.items():
+            path = self.logits_path(key, name)
+            if path.is_file():
+                try:
+                    verify_checked(path, LOGITS_KIND, key)
+                except DamagedFile as exc:
+                    raise QcalError(f"{exc}; delete {self.variants / key}.* and run the sweep "
+                                    "again to recompute float32") from None
+                readers[name] = stack.enter_context(_closing(LogitsReader(path)))
+                continue
+            arrays = self.arrays(key) if arrays is None else arrays
+            if member in arrays:
+                readers[name] = ArrayRows(arrays[member])
+        return readers
+
     def save(self, key: str, record: dict, predictions: np.ndarray, labels: np.ndarray,
              **arrays):
         with checked_open(self.variants / f"{key}.npz", ARRAYS_KIND, key) as f:
@@ -160,14 +208,12 @@ class ResultStore:
             path.unlink(missing_ok=True)
 
 
-def _fidelity_metrics(store, baseline_key, result, fidelity_result) -> dict:
-    """Label-free agreement with the float32 run of the same images."""
-    from qcal.eval.fidelity import compare
-
-    baseline = store.arrays(baseline_key)
-    metrics = compare(baseline["logits"], result.logits)
-    if fidelity_result is not None and "fidelity_logits" in baseline:
-        metrics.update(compare(baseline["fidelity_logits"], fidelity_result.logits, "_crops"))
+def _fidelity_metrics(result, fidelity_result) -> dict:
+    """Label-free agreement with the float32 run of the same images (computed batch by batch
+    while the variant ran: ``ResultStore.references``)."""
+    metrics = dict(result.fidelity or {})
+    if fidelity_result is not None and fidelity_result.fidelity is not None:
+        metrics.update(fidelity_result.fidelity)
     return metrics
 
 
@@ -244,23 +290,32 @@ def run_variant(session, store, key: str, description: dict, options, subset: in
     model, label = session.model.name, variant_label(options, subset)
     log.info("%s %s: running", model, label)
     t0 = time.time()
-    try:
-        result, fidelity_result, extra = session.evaluate(options, subset, evaluation)
-    except VerificationFailed as exc:  # the CLI prints it; the log keeps it too
-        log.info("stopped, not evaluated: %s", exc)
-        raise
+    # per-image logits never stay in memory: float32's go to files as they come, int8
+    # variants compare theirs with those files batch by batch
+    with ExitStack() as logits_stack:
+        references, logits_files = {}, {}
+        if options is None:
+            plan = session.plan(False)
+            logits_files = store.logits_files(key, [
+                name for name, selection in (("evaluation", plan.evaluation),
+                                             ("fidelity", plan.fidelity)) if selection is not None],
+                logits_stack)
+        elif baseline_key is not None:
+            references = store.references(baseline_key, logits_stack)
+        try:
+            result, fidelity_result, extra = session.evaluate(
+                options, subset, evaluation, references=references, logits_files=logits_files,
+                keep_logits=False)
+        except VerificationFailed as exc:  # the CLI prints it; the log keeps it too
+            log.info("stopped, not evaluated: %s", exc)
+            raise
     if options is not None and baseline_key is not None:
-        extra["metrics"] = {**_fidelity_metrics(store, baseline_key, result, fidelity_result),
+        extra["metrics"] = {**_fidelity_metrics(result, fidelity_result),
                             **extra.get("metrics", {})}
     record = {**report.result_row(session.display_name, label, result),
               "key": key, "description": description,
               "wall_seconds": round(time.time() - t0, 2), **extra}
-    arrays = {}
-    if options is None:  # int8 variants are compared against these
-        arrays["logits"] = result.logits
-        if fidelity_result is not None:
-            arrays["fidelity_logits"] = fidelity_result.logits
-    store.save(key, record, result.predictions, result.labels, **arrays)
+    store.save(key, record, result.predictions, result.labels)
     log.info("%s %s: top-1 %.2f %%, top-5 %.2f %% on %d images (%.1f s)", model, label,
              100 * result.top1, 100 * result.top5, result.images, record["wall_seconds"])
     return record

@@ -48,7 +48,10 @@ class EvalResult:
     seconds: float
     predictions: np.ndarray = field(repr=False)  # N x 5 class indices
     labels: np.ndarray = field(repr=False)
-    logits: np.ndarray = field(repr=False)  # N x classes, float32 (fidelity metrics need them)
+    # N x classes float32, unless ``evaluate`` was given a reference, a logits file, or told not
+    # to keep them
+    logits: np.ndarray | None = field(repr=False, default=None)
+    fidelity: dict | None = None  # ``qcal.eval.fidelity.compare``'s figures against the reference
 
     @property
     def images_per_second(self) -> float:
@@ -56,22 +59,72 @@ class EvalResult:
 
 
 def evaluate(runner, selection: Selection, batch_size: int, cache: BatchCache | None = None,
-             progress=None) -> EvalResult:
+             progress=None, reference=None, logits_file=None, fidelity_suffix: str = "",
+             keep_logits: bool = True) -> EvalResult:
+    """Top-1 / top-5 of ``runner`` on ``selection``; what happens to the logits:
+
+    * ``reference`` (a ``qcal.eval.logit_rows.LogitsReader`` or ``ArrayRows`` of float32's logits
+      on the same images, in order): compared batch by batch (``EvalResult.fidelity``), not kept;
+    * ``logits_file``: written there as ``.npy`` batch by batch (``LogitsWriter``), not kept;
+    * neither: kept in ``EvalResult.logits`` (N x classes) unless ``keep_logits`` is False.
+    Either of the first two keeps memory to one batch whatever the number of images."""
+    from qcal.eval.fidelity import FidelityAccumulator
+    from qcal.eval.logit_rows import LogitsWriter
+
+    if reference is not None and reference.rows != len(selection):
+        raise ValueError(f"fidelity needs the same images: {reference.rows} reference rows for "
+                         f"{len(selection)} images")
     acc = TopKAccumulator()
     compute_seconds = 0.0
+    fidelity = FidelityAccumulator() if reference is not None else None
+    writer = LogitsWriter(logits_file, len(selection)) if logits_file is not None else None
+    keep = keep_logits and fidelity is None and writer is None
     all_logits, rows = None, 0  # filled in place: no list of batches to concatenate (twice the memory)
-    for images, labels in iter_batches(selection, batch_size, cache):
-        start = time.perf_counter()
-        logits = runner(images)
-        compute_seconds += time.perf_counter() - start
-        acc.update(logits, labels)
-        if all_logits is None:
-            all_logits = np.empty((len(selection),) + np.shape(logits)[1:], np.float32)
-        all_logits[rows:rows + len(logits)] = logits
-        rows += len(logits)
-        if progress is not None:
-            progress.update(len(labels))
-    return _result(acc.top5_predictions, acc.all_labels, all_logits[:rows], compute_seconds)
+    try:
+        for images, labels in iter_batches(selection, batch_size, cache):
+            start = time.perf_counter()
+            logits = runner(images)
+            compute_seconds += time.perf_counter() - start
+            acc.update(logits, labels)
+            if fidelity is not None:
+                fidelity.update(reference.take(len(logits)), np.asarray(logits, np.float32))
+            if writer is not None:
+                writer.write(logits)
+            if keep:
+                if all_logits is None:
+                    all_logits = np.empty((len(selection),) + np.shape(logits)[1:], np.float32)
+                all_logits[rows:rows + len(logits)] = logits
+            rows += len(logits)
+            if progress is not None:
+                progress.update(len(labels))
+    except BaseException:
+        if writer is not None:
+            writer.close(complete=False)
+        raise
+    if writer is not None:
+        writer.close()
+    result = _result(acc.top5_predictions, acc.all_labels, all_logits[:rows] if keep else None,
+                     compute_seconds)
+    result.fidelity = fidelity.result(fidelity_suffix) if fidelity is not None else None
+    return result
+
+
+def route_logits(result: EvalResult, reference=None, logits_file=None,
+                 fidelity_suffix: str = "") -> EvalResult:
+    """What ``evaluate`` does with its logits, for a result computed elsewhere whose logits are
+    in memory (merged shards): compared with ``reference``, written to ``logits_file``."""
+    from qcal.eval.fidelity import FidelityAccumulator
+    from qcal.eval.logit_rows import LogitsWriter
+
+    if reference is not None:
+        fidelity = FidelityAccumulator()
+        fidelity.update(reference.take(len(result.logits)), result.logits)
+        result.fidelity = fidelity.result(fidelity_suffix)
+    if logits_file is not None:
+        writer = LogitsWriter(logits_file, len(result.logits))
+        writer.write(result.logits)
+        writer.close()
+    return result
 
 
 def _result(predictions, labels, logits, seconds: float) -> EvalResult:

@@ -65,18 +65,58 @@ def compare(reference_logits: np.ndarray, logits: np.ndarray, suffix: str = "",
     if reference_logits.shape != logits.shape:
         raise ValueError(f"fidelity needs the same images: {reference_logits.shape} vs "
                          f"{logits.shape}")
-    images = len(reference_logits)
-    agree, kl_sum, signal, noise = 0, 0.0, 0.0, 0.0
-    for start in range(0, images, rows_per_pass):
-        ref = reference_logits[start:start + rows_per_pass]
-        out = logits[start:start + rows_per_pass]
-        agree += int(np.sum(np.argmax(ref, axis=1) == np.argmax(out, axis=1)))
-        kl_sum += float(np.sum(_kl_rows(ref, out)))
+    accumulator = FidelityAccumulator(rows_per_pass)
+    accumulator.update(reference_logits, logits)
+    return accumulator.result(suffix)
+
+
+class FidelityAccumulator:
+    """``compare`` fed batch by batch (the variant's logits need not be kept). Rows are gathered
+    into passes of ``rows_per_pass`` cut where ``compare`` cuts them, so the figures are
+    ``compare``'s over the whole arrays to the last bit, in any batch size."""
+
+    def __init__(self, rows_per_pass: int = ROWS_PER_PASS):
+        self.rows_per_pass = rows_per_pass
+        self.images, self.agree, self.kl_sum, self.signal, self.noise = 0, 0, 0.0, 0.0, 0.0
+        self._pending = []  # (reference rows, rows) not yet a whole pass
+        self._pending_rows = 0
+
+    def update(self, reference_logits: np.ndarray, logits: np.ndarray):
+        if reference_logits.shape != logits.shape:
+            raise ValueError(f"fidelity needs the same images: {reference_logits.shape} vs "
+                             f"{logits.shape}")
+        self._pending.append((reference_logits, logits))
+        self._pending_rows += len(logits)
+        while self._pending_rows >= self.rows_per_pass:
+            self._pass(self.rows_per_pass)
+
+    def _pass(self, rows: int):
+        # the first ``rows`` pending rows, copied only when they span several updates (a whole
+        # array given at once is read through views, pass by pass)
+        taken, left, rest = [], rows, []
+        for ref, out in self._pending:
+            if left:
+                taken.append((ref[:left], out[:left]))
+                if len(ref) > left:
+                    rest.append((ref[left:], out[left:]))
+                left -= min(left, len(ref))
+            else:
+                rest.append((ref, out))
+        self._pending, self._pending_rows = rest, self._pending_rows - rows
+        ref, out = taken[0] if len(taken) == 1 else (np.concatenate(p) for p in zip(*taken))
+        self.images += rows
+        self.agree += int(np.sum(np.argmax(ref, axis=1) == np.argmax(out, axis=1)))
+        self.kl_sum += float(np.sum(_kl_rows(ref, out)))
         ref = ref.astype(np.float64)
-        signal += float(np.sum(ref ** 2))
-        noise += float(np.sum((ref - out.astype(np.float64)) ** 2))
-    if images == 0:
-        return {f"agree_top1{suffix}": float("nan"), f"kl{suffix}": float("nan"),
-                f"sqnr_logits_db{suffix}": float("nan")}
-    return {f"agree_top1{suffix}": 100.0 * agree / images, f"kl{suffix}": kl_sum / images,
-            f"sqnr_logits_db{suffix}": sqnr_from_energies(signal, noise)}
+        self.signal += float(np.sum(ref ** 2))
+        self.noise += float(np.sum((ref - out.astype(np.float64)) ** 2))
+
+    def result(self, suffix: str = "") -> dict:
+        if self._pending_rows:
+            self._pass(self._pending_rows)
+        if self.images == 0:
+            return {f"agree_top1{suffix}": float("nan"), f"kl{suffix}": float("nan"),
+                    f"sqnr_logits_db{suffix}": float("nan")}
+        return {f"agree_top1{suffix}": 100.0 * self.agree / self.images,
+                f"kl{suffix}": self.kl_sum / self.images,
+                f"sqnr_logits_db{suffix}": sqnr_from_energies(self.signal, self.noise)}

@@ -88,6 +88,13 @@ def _ranked_table(rows, kind: str, mode: str, modes) -> list:
     return lines
 
 
+def _calibration(calibration: dict) -> str:
+    """Where the ranges came from: this run's pass, or a calibration file (its path)."""
+    images = f"{calibration['images']} calibration images"
+    source = calibration["source"]
+    return images if source.startswith("<") else f"{images}, read from {source}"
+
+
 def run_markdown(store, run: dict, settings: dict, table: pd.DataFrame) -> str:
     modes = [m for m in MODES if m in settings["modes"]]
     rank_mode = modes[0]
@@ -102,8 +109,7 @@ def run_markdown(store, run: dict, settings: dict, table: pd.DataFrame) -> str:
     lines = [f"## {run['model']}: sensitivity of {run['base']}", "",
              f"Each variant ran on the first {run['images']} {run['image_source']} "
              f"(label-free, against float32's logits of them) with {engine}. One statistics "
-             f"pass ({run['calibration']['source']}, {run['calibration']['images']} images) "
-             f"serves every variant.", "",
+             f"pass serves every variant ({_calibration(run['calibration'])}).", "",
              f"Base: logit SQNR {_number(base['sqnr_logits_db'])} dB, top-1 agreement "
              f"{_number(base['agree_top1'])} %, KL {_share(base['kl'])}.", ""]
     lines += [f"- {MODE_TITLES[m].format(bits=settings['bias_bits'])}" for m in modes]

@@ -34,9 +34,15 @@ def sweep(config, output, *extra, wait=True):
         [sys.executable, "-m", "qcal.cli", "sweep", str(config), "--output", str(output),
          "--quiet", *extra], env=env, cwd=config.parent, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
-    if not wait:
-        return proc
-    out, _ = proc.communicate(timeout=600)
+    return proc if not wait else finish(proc)
+
+
+def finish(proc):
+    try:
+        out, _ = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # with its worker processes' parent, they end too
+        raise
     return proc.returncode, out
 
 
@@ -51,8 +57,9 @@ def records(output):
 
 def assert_same_results(reference, output):
     assert records(output) == records(reference)
-    arrays = sorted(p.name for p in (reference / "variants").glob("*.npz"))
-    assert arrays == sorted(p.name for p in (output / "variants").glob("*.npz"))  # no shards left
+    arrays = sorted(p.name for p in (reference / "variants").glob("*.np[yz]"))
+    assert arrays == sorted(p.name for p in (output / "variants").glob("*.np[yz]"))  # no shards left
+    assert any(name.endswith(".npy") for name in arrays)  # float32's logits
     for name in arrays:  # per-image predictions, labels and float32 logits, merged from shards
         assert (output / "variants" / name).read_bytes() == (reference / "variants" / name).read_bytes()
     for name in ("predictions.csv", "layers.csv"):
@@ -114,8 +121,8 @@ def test_a_worker_killed_mid_task_loses_only_that_task(reference):
     pid, log = found
     assert not list((output / "statistics").glob("*.npz"))  # the pass is still running
     os.kill(pid, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
+    code, out = finish(proc)
+    assert code == 0, out
     assert_same_results(single, output)
     passes = sum((output / "workers" / p.name).read_text().count("statistics pass into")
                  for p in (output / "workers").glob("*.log"))

@@ -225,3 +225,31 @@ def test_evaluate_records_adaround_and_its_time(tmp_path):
     label = "a:power2 w:power2/tensor b16 W4A8 adaround:5it/16img simulated"
     row = next(r for r in summary["rows"] if r["variant"] == label)
     assert row["adaround_s"] == record["adaround"]["seconds"] > 0
+
+
+def test_bias_correction_measures_the_model_with_the_learned_rounding():
+    """AdaRound then empirical bias correction: the corrected graph keeps the learned weights,
+    and its per-channel output means are float32's to within about an accumulator LSB."""
+    from qcal.calib.sources import GraphInterpreter
+    from qcal.quant.bias_correction import CorrectionData, biased_layers, float_output_means
+
+    graph = _graph()
+    calib = _smooth_images(24, seed=5)
+    amax = calibrate_amax(graph, calib)
+
+    def ranges(options, tensors, levels):
+        return {t: amax[t] for t in tensors}
+
+    values = {"weight_bits": 4, "bias": "int32-acc", "weight_rounding": "adaround",
+              "adaround_iterations": 40, "adaround_images": 24}
+    learned = quantize(graph, ranges, options_from_values(values), images=calib)
+    means = float_output_means(graph, biased_layers(graph), [calib], GraphInterpreter(graph))
+    corrected = quantize(graph, ranges, options_from_values({**values, "bias_correction": "empirical"}),
+                         CorrectionData(calib, means, len(calib)), images=calib)
+    ints = run_integer(corrected, calib, keep="all")
+    for layer in biased_layers(graph):
+        assert np.array_equal(_conv_weights(corrected, layer), _conv_weights(learned, layer))
+        node = corrected.node(layer)
+        axes = (0,) + tuple(range(2, ints[layer].ndim))
+        got = ints[layer].astype(np.float64).mean(axis=axes) * np.asarray(node.scale)
+        assert np.abs(got - means[layer]).max() <= 1.01 * np.max(node.scale) + 1e-6, layer

@@ -40,7 +40,9 @@ numpy reference, bit for bit.
 int8 conv, VNNI path (groups 1, dilation 1, out channels a multiple of 16 (AVX-512 VNNI) or 8
 (AVX-VNNI), constant weight; chosen when the target has those features): ``qcal.backend.tvm.vnni``,
 u8 x s8 ``vpdpbusd`` with the +128 shift corrected in the accumulator start, its epilogue fused
-by FuseOps and computed per tile by the ``conv2d_vnni`` rule; 2-4x the pair path per conv.
+by FuseOps and computed per tile by the ``conv2d_vnni`` rule; 2-4x the pair path per conv. The
+tensors between such convs stay channel-blocked (``qcal.backend.tvm.blocked``), and a residual
+block's projection shortcut is computed inside its last conv's tiles (``conv2d_vnni_shortcut``).
 int8 conv, int16-pair path (same convs, out channels a multiple of 16 (AVX-512BW) or 8 (AVX2), on
 a target without VNNI): see the section comment below; ~200 GOP/s, 2-3x the s_tir conv.
 Everything else goes through the rules:
