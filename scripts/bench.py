@@ -367,7 +367,7 @@ def machine() -> dict:
                        f"{fields.get('CPU family', '?').strip()}, model "
                        f"{fields.get('Model', '?').strip()})")
         flags = fields.get("Flags", "").split()
-        info["isa"] = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni")
+        info["isa"] = [f for f in ("avx2", "avx512f", "avx512bw", "avx512vbmi", "avx512_vnni", "avx_vnni")
                        if f in flags]
     except OSError:
         pass

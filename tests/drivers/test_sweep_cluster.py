@@ -57,8 +57,9 @@ def records(output):
 
 def assert_same_results(reference, output):
     assert records(output) == records(reference)
-    arrays = sorted(p.name for p in (reference / "variants").glob("*.npz"))
-    assert arrays == sorted(p.name for p in (output / "variants").glob("*.npz"))  # no shards left
+    arrays = sorted(p.name for p in (reference / "variants").glob("*.np[yz]"))
+    assert arrays == sorted(p.name for p in (output / "variants").glob("*.np[yz]"))  # no shards left
+    assert any(name.endswith(".npy") for name in arrays)  # float32's logits
     for name in arrays:  # per-image predictions, labels and float32 logits, merged from shards
         assert (output / "variants" / name).read_bytes() == (reference / "variants" / name).read_bytes()
     for name in ("predictions.csv", "layers.csv"):
