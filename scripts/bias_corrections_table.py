@@ -10,9 +10,10 @@ its Wilson interval, and the agreement's paired McNemar test against b8's; the l
 95 % bootstrap interval over images, and its paired bootstrap difference against b8. Where the
 sweep has random crops (``fidelity_crops``), the fidelity columns are computed on the crops.
 
-The fidelity columns need every variant's logits in its ``variants/KEY.npz``: docs/bias-study.md's
-folders were written by qcal at the commit that kept them; qcal now streams int8 logits instead of
-keeping them, and for such folders only the top-1 columns are filled.
+The fidelity columns need every variant's logits: the study configs set ``keep_logits: true``, so
+the sweep writes them to ``variants/KEY.logits.npy`` (and ``KEY.fidelity_logits.npy`` for crops),
+as it does float32's; folders of older qcal versions kept them in ``variants/KEY.npz``. A folder
+without either gets the top-1 columns only.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qcal.drivers.sweep import ResultStore  # noqa: E402
+from qcal.drivers.sweep import LOGITS_FILES, ResultStore  # noqa: E402
 from qcal.report.statistics import mcnemar_exact, wilson_interval  # noqa: E402
 
 SEED = 0
@@ -39,7 +40,12 @@ def load_variants(folder: Path) -> list:
         if store.load(key) is None:
             continue
         record = store.load(key)[0]
-        out.append((record, store.arrays(key)))
+        arrays = dict(store.arrays(key))
+        for selection, member in LOGITS_FILES.items():
+            path = store.logits_path(key, selection)
+            if member not in arrays and path.is_file():
+                arrays[member] = np.load(path)
+        out.append((record, arrays))
     return out
 
 

@@ -241,7 +241,8 @@ def variant_task(job: WorkerJob, model: str, options, subset: int, key: str, des
             evaluation = merge_results(results)
         session = _session(job, model, options, statistics)
         session.progress = reporter
-        run_variant(session, store, key, description, options, subset, baseline, evaluation)
+        run_variant(session, store, key, description, options, subset, baseline, evaluation,
+                    keep_logits=job.config.keep_logits)
         store.remove_parts(key)
         return key
     return _task(job, key, label, work)

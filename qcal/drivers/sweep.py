@@ -274,17 +274,23 @@ def reusable(store, key: str, config, model: str, options, subset: int = 0):
                  "running again", model, label, finished[0].get("verified_images", 0),
                  config.verify_images)
         finished = None
+    if finished is not None and options is not None and config.keep_logits \
+            and not store.logits_path(key, "evaluation").is_file():
+        log.info("%s %s: finished earlier without its logits file; running again to keep it",
+                 model, label)
+        finished = None
     if finished is not None:
         log.info("%s %s: finished earlier, reusing %s", model, label, key)
     return finished
 
 
 def run_variant(session, store, key: str, description: dict, options, subset: int,
-                baseline_key, evaluation=None) -> dict:
+                baseline_key, evaluation=None, keep_logits: bool = False) -> dict:
     """Evaluate one variant (float32 when ``options`` is None) on calibration subset ``subset``
     and save it into ``store``; int8 variants are compared with the finished float32 variant
     ``baseline_key`` (if any). ``evaluation``: its result on the evaluation images, merged from
-    shards run elsewhere."""
+    shards run elsewhere. ``keep_logits``: an int8 variant's logits are written to its own files
+    (``ResultStore.logits_path``) as float32's always are."""
     from qcal.report import tables as report
 
     model, label = session.model.name, variant_label(options, subset)
@@ -294,13 +300,13 @@ def run_variant(session, store, key: str, description: dict, options, subset: in
     # variants compare theirs with those files batch by batch
     with ExitStack() as logits_stack:
         references, logits_files = {}, {}
-        if options is None:
-            plan = session.plan(False)
+        if options is None or keep_logits:
+            plan = session.plan(options is not None)
             logits_files = store.logits_files(key, [
                 name for name, selection in (("evaluation", plan.evaluation),
                                              ("fidelity", plan.fidelity)) if selection is not None],
                 logits_stack)
-        elif baseline_key is not None:
+        if options is not None and baseline_key is not None:
             references = store.references(baseline_key, logits_stack)
         try:
             result, fidelity_result, extra = session.evaluate(
@@ -491,7 +497,8 @@ def _run_sweep(config, output: Path, quiet: bool, command: str, cache_dir: Path 
             stop_if_interrupted()
             key, description = variant_key(store, session, config, options, subset)
             if reusable(store, key, config, model, options, subset) is None:
-                run_variant(session, store, key, description, options, subset, baseline_key)
+                run_variant(session, store, key, description, options, subset, baseline_key,
+                            keep_logits=config.keep_logits)
             add_entry(entries, repeats, key, subset)
             if options is None:
                 baseline_key = key

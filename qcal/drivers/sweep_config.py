@@ -28,6 +28,8 @@ Length: the whole file format in one place: every key's schema, each check locat
                                      #   against its numpy integer reference first (0: off)
     calib_repeats: 1                 # calibrate each variant on this many calibration subsets
                                      #   (qcal.data.calib_subsets) and report the spread
+    keep_logits: false               # also keep every int8 variant's logits on disk
+                                     #   (variants/KEY.logits.npy), for analyses of your own
     grid:                            # the cross product of these lists ...
       activation_method: [power2, kl]
       weight_granularity: [tensor, channel]
@@ -61,7 +63,7 @@ DATA_KEYS = {
 # them.
 COMMAND_SECTIONS = ("sensitivity", "search")
 TOP_KEYS = {"name", "models", "pretrained", "data", "batch_size", "seed", "float32", "grid",
-            "variants", "verify_images", "calib_repeats", *COMMAND_SECTIONS}
+            "variants", "verify_images", "calib_repeats", "keep_logits", *COMMAND_SECTIONS}
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,8 @@ class SweepConfig:
     calibration_file: str | None = None  # reuse a `qcal calibrate` file instead of a pass
     verify_images: int = DEFAULT_VERIFY_IMAGES  # qcal.eval.verify before each variant (0: off)
     calib_repeats: int = 1  # calibration subsets per variant (qcal.data.calib_subsets)
+    # int8 variants' logits streamed to files beside float32's (results do not depend on it)
+    keep_logits: bool = False
     source_path: str = ""
     raw: dict = field(default_factory=dict, compare=False)
     # where each value was given, for messages: "models[0]", "data.num_images", ... ->
@@ -371,6 +375,9 @@ def _load_sweep_config(path: Path, loc: _Located) -> SweepConfig:
     calib_repeats = 1
     with loc.each():
         calib_repeats = integer("calib_repeats", 1, 1)
+    keep_logits = False
+    with loc.each():
+        keep_logits = boolean("keep_logits", False)
 
     sections = {}
     for section in COMMAND_SECTIONS:
@@ -434,5 +441,5 @@ def _load_sweep_config(path: Path, loc: _Located) -> SweepConfig:
     return SweepConfig(name=name, models=tuple(models), data=data, batch_size=batch_size,
                        seed=seed, float32=float32, pretrained=pretrained, variants=unique,
                        verify_images=verify_images, calib_repeats=calib_repeats,
-                       source_path=str(path), raw=raw,
+                       keep_logits=keep_logits, source_path=str(path), raw=raw,
                        locations=locations, sections=sections)
