@@ -37,8 +37,9 @@ property tests in ``tests/backend/test_schedules_fuzz.py`` run every rule, and t
 (hand-written TIR calling ``pmaddwd``), on random shapes against the unscheduled pipeline and the
 numpy reference, bit for bit.
 
-int8 conv, VNNI path (groups 1, dilation 1, out channels a multiple of 16 (AVX-512 VNNI) or 8
-(AVX-VNNI), constant weight; chosen when the target has those features): ``qcal.backend.tvm.vnni``,
+int8 conv, VNNI path (groups 1, dilation 1, constant weight, any out channel count, padded with
+zero weights to whole vectors of 16 (AVX-512 VNNI) or 8 (AVX-VNNI); chosen when the target has
+those features): ``qcal.backend.tvm.vnni``,
 u8 x s8 ``vpdpbusd`` with the +128 shift corrected in the accumulator start, its epilogue fused
 by FuseOps and computed per tile by the ``conv2d_vnni`` rule; 2-4x the pair path per conv. The
 tensors between such convs stay channel-blocked (``qcal.backend.tvm.blocked``), and a residual
