@@ -15,9 +15,11 @@ does not depend on the values), best of ``--repeat`` calls after a warm-up, time
 calls ``main`` makes to it; the whole forward is timed too (it is slower than the sum: alone,
 a kernel finds its inputs in cache). Each row is one PrimFunc: the schedule rule that produced
 it, its calls, total time, the share of the sum and, for convs written for VNNI or int16 pairs,
-GOP/s (2 ops a multiply-accumulate, counted on the channels as the kernel pads them: to 4 for
-VNNI, 2 for pairs; only the 3-channel stem differs). The last line prints the VNNI peak of this
-CPU as TIR sees it (``scripts/bench_ops.py --peak``) in the same run, to read the rates against.
+GOP/s (2 ops a multiply-accumulate, counted on the channels as the kernel pads them: in channels
+to 4 and out channels to whole vectors of v for VNNI (the 24- and 40-channel projections count
+32 and 48), 2 for pairs; only the 3-channel stem and those projections differ). The last line
+prints the VNNI peak of this CPU as TIR sees it (``scripts/bench_ops.py --peak``) in the same run,
+to read the rates against.
 """
 from __future__ import annotations
 

@@ -3,10 +3,11 @@
 ``tests/backend/test_schedules.py`` shows that the rewritten modules compute the same integers; these
 tests show that the rewrites did what they claim to the module itself:
 
-- ``rewrite_int8_convs``: every eligible int8 conv2d (constant weight, groups 1, out channels a
-  multiple of the vector lanes) is gone, replaced by one pack call and one conv call whose
-  constant is the weight in the kernel's layout -- ``pack_u8_quads`` / ``conv2d_vnni`` (weight
-  quads and the -128 * weight-sum accumulator start) on a VNNI target, ``pack_int16_pairs`` /
+- ``rewrite_int8_convs``: every eligible int8 conv2d (constant weight, groups 1, and for the
+  int16 pairs out channels a multiple of the vector lanes) is gone, replaced by one pack call
+  and one conv call whose constant is the weight in the kernel's layout -- ``pack_u8_quads`` /
+  ``conv2d_vnni`` (weight quads and the -128 * weight-sum accumulator start, out channels padded
+  to whole vectors with zero weights) on a VNNI target, ``pack_int16_pairs`` /
   ``conv2d_int16_pairs`` on the same target without VNNI; every other conv is left as it was; a
   target without AVX2 gets its module back unchanged.
 - ``apply_cpu_schedules``' weight prepack: a conv whose every caller passes a constant weight is
@@ -58,11 +59,12 @@ def _call_tir_to(mod, name):
 
 
 def _pair_eligible(call, lanes) -> bool:
-    """The rewrite's contract, restated from its docstring rather than from its code."""
+    """The rewrite's contract, restated from its docstring rather than from its code; ``lanes``
+    None: the VNNI rewrite's, any out channel count."""
     data, weight = call.args
     return (isinstance(weight, CONSTANT) and int(call.attrs.groups) == 1
             and str(data.ty.dtype) == "int8" and str(weight.ty.dtype) == "int8"
-            and int(weight.ty.shape[0]) % lanes == 0)
+            and (lanes is None or int(weight.ty.shape[0]) % lanes == 0))
 
 
 def _int8_module(graph, batch=2):
@@ -116,8 +118,8 @@ def test_pair_rewrite_replaces_exactly_the_eligible_convs(graph_name):
 def test_vnni_rewrite_replaces_exactly_the_eligible_convs(graph_name):
     before = _int8_module(GRAPHS[graph_name]())
     convs = _calls(before, CONV2D)
-    eligible = [c for c in convs if _pair_eligible(c, VNNI_LANES)]
-    kept = [c for c in convs if not _pair_eligible(c, VNNI_LANES)]
+    eligible = [c for c in convs if _pair_eligible(c, None)]
+    kept = [c for c in convs if not _pair_eligible(c, None)]
 
     # the VNNI rewrite alone: the depthwise rewrite that follows it takes some of the kept convs
     after = vnni.rewrite_vnni_convs(before, VNNI_LANES)
@@ -140,22 +142,31 @@ def test_vnni_rewrite_replaces_exactly_the_eligible_convs(graph_name):
         _, packed, init = (a.value.numpy() if isinstance(a, CONSTANT) else None
                            for a in new.args[1].fields)
         o, c, kh, kw = weight.shape
-        assert packed.dtype == np.int32 and packed.shape == (o // v, (c + 3) // 4, kh, kw, v)
-        expected_packed, expected_init = vnni.pack_vnni_weight(weight, v)
-        assert np.array_equal(packed, expected_packed)
-        assert np.array_equal(init.reshape(-1), -128 * weight.reshape(o, -1).sum(axis=1))
-        assert np.array_equal(init, expected_init)
+        f = -(-o // v)  # out channels padded to whole vectors
         pack = packs[quad_convs.index(new)]
+        blocked_input = pack.args[0].name_hint.startswith("pack_blocked")
+        # in quads: ceil(c / 4), or whole blocks of v channels when the input comes blocked
+        c4 = -(-c // v) * v // 4 if blocked_input else (c + 3) // 4
+        assert packed.dtype == np.int32 and packed.shape == (f, c4, kh, kw, v)
+        expected_packed, expected_init = vnni.pack_vnni_weight(weight, v, c4)
+        assert np.array_equal(packed, expected_packed)
+        # padded out channels and padded in channels: zero weights, zero accumulator start
+        assert not packed.reshape(f, c4, kh, kw, v).transpose(0, 4, 1, 2, 3).reshape(
+            f * v, -1)[o:].any()
+        assert np.array_equal(init.reshape(-1)[:o], -128 * weight.reshape(o, -1).sum(axis=1))
+        assert not init.reshape(-1)[o:].any()
+        assert np.array_equal(init, expected_init)
         assert tuple(int(d) for d in new.args[1].fields[0].ty.shape) == tuple(
             int(d) for d in pack.ty.shape)
-        # the conv writes its accumulators channel-blocked: (N, O/v, OH, OW, v)
+        # the conv writes its accumulators channel-blocked: (N, ceil(O/v), OH, OW, v)
         n, _, oh, ow = (int(d) for d in old.ty.shape)
-        assert tuple(int(d) for d in new.ty.shape) == (n, o // v, oh, ow, v)
-        # an input with whole blocks of channels comes blocked from the op before it (no
-        # conversion in between) unless it is the function's input; the pack keeps it blocked
+        assert tuple(int(d) for d in new.ty.shape) == (n, f, oh, ow, v)
+        # an input made by a VNNI conv comes blocked from the op before it (no conversion in
+        # between) unless it is the function's input; the pack keeps it blocked
         source = pack.args[1].fields[0]
-        if pack.args[0].name_hint.startswith("pack_blocked"):
-            assert c % v == 0 and tuple(int(d) for d in source.ty.shape)[-1] == v
+        if blocked_input:
+            assert tuple(int(d) for d in source.ty.shape)[1:2] == (-(-c // v),)
+            assert tuple(int(d) for d in source.ty.shape)[-1] == v
             assert tuple(int(d) for d in pack.ty.shape)[-1] == v // 4
         else:
             assert tuple(int(d) for d in pack.ty.shape)[-1] == 1

@@ -71,6 +71,9 @@ CONVS = {
     "1x1": ((1, 32, 10, 10), 32, 1, 1, 0, 1),
     "3x3": ((1, 16, 12, 12), 32, 3, 1, 1, 1),
     "3x3_stride2": ((2, 16, 13, 13), 32, 3, 2, 1, 1),
+    # out channels not a multiple of 16 (EfficientNet-Lite0's projections): VNNI pads them
+    "1x1_24_out": ((2, 40, 9, 9), 24, 1, 1, 0, 1),
+    "3x3_20_out": ((1, 13, 7, 7), 20, 3, 1, 1, 1),
     "7x7_stem": ((1, 3, 32, 32), 16, 7, 2, 3, 1),
     "grouped": ((1, 32, 8, 8), 64, 3, 1, 1, 2),
     "depthwise": ((1, 24, 12, 12), 24, 3, 1, 1, 24),
@@ -95,8 +98,9 @@ def _expected_rule(kind, kernel):
     if kind == "grouped" or kernel == "s_tir":
         return "conv2d_nchw"
     if kernel == "vnni" and VNNI:
-        return "conv2d_vnni"
-    return "conv2d_int16_pairs" if PAIRS else "conv2d_nchw"
+        return "conv2d_vnni"  # any out channel count
+    pairs = PAIRS and CONVS[kind][1] % schedules.pair_lanes(vnni.without_vnni(TARGET)) == 0
+    return "conv2d_int16_pairs" if pairs else "conv2d_nchw"
 
 
 def _conv_module(kind, epilogue, weight_as_input=False):
@@ -321,6 +325,24 @@ class TestVnni:
         assert np.array_equal(lane, [weight[5, 4, 0, 1], 0, 0, 0])
         assert init.shape == (2, 8) and init.dtype == np.int32
         assert init[1, 3] == -128 * int(weight[11].astype(np.int64).sum())
+
+    def test_pack_vnni_weight_pads_channels_with_zero_weights(self):
+        """20 out channels on 8 lanes: 3 vectors, lanes 4..7 of the last zero weights with a zero
+        accumulator start; 6 in channels read from a padded blocked input of 4 quads (16
+        channels): quads 2 and 3 zero."""
+        rng = np.random.default_rng(15)
+        weight = _int8(rng, (20, 6, 3, 1))
+        packed, init = vnni.pack_vnni_weight(weight, 8, in_quads=4)
+        assert packed.shape == (3, 4, 3, 1, 8) and init.shape == (3, 8)
+        lane = packed[2, 1, 2, 0, 3:4].view(np.int8)  # out channel 19, in channels 4, 5 + 2 zeros
+        assert np.array_equal(lane, [weight[19, 4, 2, 0], weight[19, 5, 2, 0], 0, 0])
+        assert not packed[2, :, :, :, 4:].any() and not packed[:, 2:].any()
+        assert not init[2, 4:].any()
+        assert init[2, 3] == -128 * int(weight[19].astype(np.int64).sum())
+        unpadded, _ = vnni.pack_vnni_weight(weight, 8)
+        assert np.array_equal(packed[:, :2], unpadded)
+        with pytest.raises(ValueError, match="cannot hold 6 input channels"):
+            vnni.pack_vnni_weight(weight, 8, in_quads=1)
 
 
 class TestDense:

@@ -14,8 +14,8 @@ two), so there the two are held to float32 rounding. The numpy reference sums th
 another order, so it is held to a tolerance scaled by sum |x||w| (the same graph on |x|, |w|).
 
 Each example also asserts which rule scheduled each conv, dense or pool PrimFunc, predicted from the
-rule's documented domain (VNNI where the target has it, else int16 pairs: groups 1 and out
-channels a multiple of the vector lanes;
+rule's documented domain (VNNI where the target has it: groups 1, any out channel count, padded
+to whole vectors; else int16 pairs: groups 1 and out channels a multiple of the vector lanes;
 s_tir conv: out channels per group a multiple of 4; depthwise: int8 with one in and out channel
 per group, as ``depthwise_vnni`` (``qcal.backend.tvm.depthwise``) where the target has AVX-512
 VNNI and VBMI and one load holds a row's windows, else the s_tir rule), so a rule that silently
@@ -205,8 +205,10 @@ def _geometry(draw, same_size):
 
 CHANNELS = (1, 2, 3, 4, 5, 7, 8, 11, 13, 16, 17, 24, 29, 32, 37)
 PAIR_OUT = (16, 32, 48)  # multiples of 16: the pair rewrite's domain (AVX-512BW and AVX2)
-STIR_OUT = (4, 8, 12, 20, 24, 36, 40)  # multiples of 4 only: the s_tir conv's domain
-ODD_OUT = (1, 3, 5, 7, 13, 17, 31)  # no rule vectorizes these: the fallback path
+# multiples of 4 only: the s_tir conv's domain, and VNNI's with padded out channels (24, 40:
+# EfficientNet-Lite0's projections)
+STIR_OUT = (4, 8, 12, 20, 24, 36, 40)
+ODD_OUT = (1, 3, 5, 7, 13, 17, 31)  # VNNI pads these too; without it, the fallback path
 
 
 @st.composite
@@ -239,10 +241,11 @@ def expected_conv_rule(case: ConvCase, dtype: str, pairs: bool, target=TARGET):
     """The rule that must schedule this conv's PrimFunc; None: the rules may decline it."""
     ocg, icg = case.out_channels // case.groups, case.channels // case.groups
     if dtype == "int8" and pairs and case.groups == 1:
-        for rule, lanes in (("conv2d_vnni", vnni.vnni_lanes(target)),
-                            ("conv2d_int16_pairs", schedules.pair_lanes(target))):
-            if lanes and case.out_channels % lanes == 0:
-                return rule
+        if vnni.vnni_lanes(target):
+            return "conv2d_vnni"  # any out channel count: padded to whole vectors
+        lanes = schedules.pair_lanes(target)
+        if lanes and case.out_channels % lanes == 0:
+            return "conv2d_int16_pairs"
     if case.groups > 1 and ocg == 1:
         if (dtype == "int8" and pairs and icg == 1 and depthwise.depthwise_supported(target)
                 and depthwise.fits(case.kernel[1], case.strides[1])):
@@ -585,10 +588,11 @@ def _middle(options):
 def int_conv_chain(batch, channels, widths, size, pool, residual, stride, options, seed):
     """quantize -> 3x3 conv (+ epilogue, int8) [-> 3x3/2 max pool, int8 or on the int32 before
     the requantize] -> 3x3 conv with stride ``stride`` (+ identity or 1x1 projection shortcut,
-    the drawn epilogue) -> 1x1 conv: a ResNet block's shape of layers."""
+    the drawn epilogue) -> 1x1 conv: a ResNet block's shape of layers. ``widths``: the out
+    channels of the three convs."""
     g = _IntGraph((channels, size, size), np.random.default_rng(seed))
     x = g.nodes[-1]
-    w1, w2 = widths
+    w1, w2, w3 = widths
     a = g.conv(x, ConvCase(batch, channels, size, size, w1, (3, 3), (1, 1), (1, 1, 1, 1), 1))
     middle = _middle(options)
     if pool == "int32":  # the stem: conv, bias, ReLU, pool on int32, then requantize
@@ -612,20 +616,21 @@ def int_conv_chain(batch, channels, widths, size, pool, residual, stride, option
                                       (0, 0, 0, 0), 1))
     b = g.epilogue(b, _middle(options), shortcut)
     ohw = b.shape[1]
-    c = g.conv(b, ConvCase(batch, w2, ohw, ohw, 16, (1, 1), (1, 1), (0, 0, 0, 0), 1))
+    c = g.conv(b, ConvCase(batch, w2, ohw, ohw, w3, (1, 1), (1, 1), (0, 0, 0, 0), 1))
     g.epilogue(c, dict(options, residual=False), None)
     return g.graph(), a
 
 
 @budget(0.6)
 @given(batch=st.sampled_from((1, 2)), channels=st.sampled_from((3, 5, 16, 32)),
-       widths=st.tuples(st.sampled_from((16, 32, 48, 24)), st.sampled_from((16, 32, 48, 20))),
+       widths=st.tuples(st.sampled_from((16, 32, 48, 24, 40)), st.sampled_from((16, 32, 24, 20, 7)),
+                        st.sampled_from((16, 24, 10))),
        size=_size(3, 24), pool=st.sampled_from((None, None, "int8", "int32")),
        residual=st.sampled_from((None, "identity", "projection")), stride=st.integers(1, 2),
        read_twice=st.booleans(), options=EPILOGUES, seed=SEEDS,
        target=st.sampled_from(CHAIN_TARGETS))
 @example(  # the ResNet shapes: 3 -> 16 stem, int32 max pool, 16 -> 16 identity, 16 -> 32 stride 2
-    batch=2, channels=3, widths=(16, 32), size=13, pool="int32", residual="projection", stride=2,
+    batch=2, channels=3, widths=(16, 32, 16), size=13, pool="int32", residual="projection", stride=2,
     read_twice=True, options={"bias": True, "requantize": "shift", "per_channel": False,
                               "activation": "relu", "residual": True, "rounding": "upward"},
     seed=0, target=TARGET)
@@ -633,11 +638,12 @@ def test_int8_conv_chain_channel_blocked(batch, channels, widths, size, pool, re
                                          read_twice, options, seed, target):
     """Convs feeding convs (through epilogues, max pools on int8 and int32, identity and int32
     projection shortcuts), where the VNNI path keeps the tensors between them channel-blocked
-    (``qcal.backend.tvm.blocked``) and converts at the edges (the input, out channels that are
-    not whole blocks, the outputs; ``read_twice`` also returns a hidden layer): TVM == numpy."""
+    (``qcal.backend.tvm.blocked``), out channels that are not whole blocks padded, and converts
+    at the edges (the input, the outputs; ``read_twice`` also returns a hidden layer, whose
+    padded lanes must not show): TVM == numpy."""
     graph, hidden = int_conv_chain(batch, channels, widths, size, pool, residual, stride,
                                    options, seed)
-    w1, w2 = widths
+    w1, w2, _ = widths
     x = np.random.default_rng(seed + 1).standard_normal(
         (batch, channels, size, size)).astype(np.float32)
     names = [hidden.name, graph.output.name] if read_twice else [graph.output.name]
@@ -658,17 +664,15 @@ def test_int8_conv_chain_channel_blocked(batch, channels, widths, size, pool, re
     rules = schedules.scheduled_functions(lowered)
     functions = [gv.name_hint for gv, f in lowered.functions.items()
                  if isinstance(f, tvm.tirx.PrimFunc)]
-    # every conv with whole blocks of out channels runs on VNNI; the block's conv, when both its
-    # input (a VNNI conv's output, pooled or not) and its output are whole blocks of channels,
-    # reads its input blocked, and so does the last conv after it
+    # every conv runs on VNNI, whole blocks of out channels or not; the block's conv reads its
+    # input (a VNNI conv's output, pooled or not) blocked, padded lanes and all, and so does the
+    # last conv after it
     assert all(rules.get(name) == "conv2d_vnni" for name in functions if "conv2d_vnni" in name)
+    assert "conv2d_nchw" not in rules.values(), rules
     blocked_packs = [name for name in functions if name.startswith("pack_blocked_u8_quads")]
-    if widths[0] % lanes == 0 and widths[1] % lanes == 0:
-        assert blocked_packs, functions
-    if widths[1] % lanes:  # the block's conv is not VNNI: NCHW after it
-        assert not blocked_packs, functions
+    assert blocked_packs, functions
     # a projection shortcut of two VNNI convs is computed inside the block conv's tiles
     fused = [name for name in functions if "conv2d_vnni_shortcut" in name]
     projection = residual == "projection" or (residual == "identity" and (w1, stride) != (w2, 1))
-    assert len(fused) == (1 if projection and widths[0] % lanes == widths[1] % lanes == 0 else 0)
+    assert len(fused) == (1 if projection else 0)
     event(f"blocked packs: {len(blocked_packs)}")

@@ -17,6 +17,12 @@ v channels, one register a pixel). So
 * the next conv's input pack reads 16 contiguous bytes a pixel (the u8 quads it writes are the
   same bytes, +128, with the padding around them).
 
+A channel count that is not a multiple of v (a VNNI conv's out channels, ``qcal.backend.tvm.vnni``)
+is padded to whole blocks: the padded lanes hold values no real channel ever reads. The ops here
+are lane-wise (elementwise, pools over pixels) and never move a value to another channel, a conv
+multiplies those lanes by zero weights, and the conversion to NCHW drops them; a blocked tensor
+is never broadcast along its channels (a 1-channel one is converted instead).
+
 Only the values' positions change, never an integer operation: every op is the one the emitter
 wrote (``qcal.backend.tvm.emit``, checked against ``qcal.reference``), applied to the same
 values, and the constants are permuted, not recomputed. Layout conversions are emitted where a
@@ -35,6 +41,7 @@ from tvm import relax
 
 from qcal.backend.tvm import vnni
 from qcal.backend.tvm.schedules import _CONV2D, int8_conv_geometry
+from qcal.backend.tvm.vnni import vector_blocks
 
 # Elementwise ops the emitter's integer epilogues are made of (requantize, bias, ReLU, clip,
 # residual add): each is applied to blocked operands as it is to NCHW ones.
@@ -57,8 +64,10 @@ def _static_shape(expr) -> tuple[int, ...] | None:
 
 
 def blocked_array(a: np.ndarray, lanes: int) -> np.ndarray | None:
-    """An NCHW-broadcastable constant in the blocked layout: () stays, (A, C, B, D) with C a
-    multiple of ``lanes`` -> (A, C/lanes, B, D, lanes), with C == 1 -> (A, 1, B, D, 1); else None."""
+    """An NCHW-broadcastable constant in the blocked layout: () stays, (A, C, B, D) ->
+    (A, ceil(C/lanes), B, D, lanes), with C == 1 -> (A, 1, B, D, 1); other ranks None. Padded
+    channels repeat the last real one: whatever op takes the constant is as valid in a padded
+    lane as in a real one (a divisor stays non-zero, a shift in range)."""
     if a.ndim == 0:
         return a
     if a.ndim != 4:
@@ -66,9 +75,9 @@ def blocked_array(a: np.ndarray, lanes: int) -> np.ndarray | None:
     n, c, h, w = a.shape
     if c == 1:
         return a.reshape(n, 1, h, w, 1)
-    if c % lanes:
-        return None
-    return np.ascontiguousarray(a.reshape(n, c // lanes, lanes, h, w).transpose(0, 1, 3, 4, 2))
+    f = vector_blocks(c, lanes)
+    a = np.pad(a, ((0, 0), (0, f * lanes - c), (0, 0), (0, 0)), mode="edge")
+    return np.ascontiguousarray(a.reshape(n, f, lanes, h, w).transpose(0, 1, 3, 4, 2))
 
 
 def _is_tensor(expr) -> bool:
@@ -134,7 +143,7 @@ class _Blocker:
         if not (self._single_use(var, outputs) and isinstance(value, relax.Call)
                 and value.op.same_as(_CONV2D)):
             return None
-        geometry = int8_conv_geometry(value, self.lanes)
+        geometry = int8_conv_geometry(value)
         return None if geometry is None else (value, *geometry)
 
     def _constant(self, expr, channels):
@@ -212,10 +221,10 @@ class _Blocker:
 
     # -- conversions -------------------------------------------------------------------------
 
-    def to_nchw(self, value):
-        n, f, h, w, v = _static_shape(value)
-        moved = self.bb.emit(relax.op.permute_dims(value, [0, 1, 4, 2, 3]))
-        return self.bb.emit(relax.op.reshape(moved, (n, f * v, h, w)))
+    def to_nchw(self, value, channels: int):
+        """The blocked ``value`` in NCHW with its first ``channels`` channels (the padded lanes
+        of the last block dropped)."""
+        return self.bb.emit(nchw_of_blocked(value, channels, self.bb))
 
     def to_blocked(self, value):
         n, c, h, w = _static_shape(value)
@@ -229,7 +238,7 @@ class _Blocker:
             if expr in self.nchw:
                 return self.nchw[expr]
             if expr in self.blocked:
-                self.nchw[expr] = self.to_nchw(self.blocked[expr])
+                self.nchw[expr] = self.to_nchw(self.blocked[expr], _static_shape(expr)[1])
                 return self.nchw[expr]
             return expr  # a parameter of the function
         if isinstance(expr, relax.Tuple):
@@ -238,10 +247,11 @@ class _Blocker:
 
     def as_blocked(self, expr, like: tuple[int, ...]):
         """``expr`` in the blocked layout, for an elementwise op whose result has shape ``like``
-        (NCHW); None when it cannot be (a shape that is not a broadcast of ``like``'s channels)."""
+        (NCHW); None when it cannot be (a shape that is not a broadcast of ``like``'s channels,
+        a blocked variable broadcast along its channels: its padded lanes would be read)."""
         if isinstance(expr, relax.Var):
             if expr in self.blocked:
-                return self.blocked[expr]
+                return self.blocked[expr] if _static_shape(expr)[1] == like[1] else None
             if _static_shape(expr) == like and like[1] % self.lanes == 0:
                 self.blocked[expr] = self.to_blocked(self.as_nchw(expr))
                 return self.blocked[expr]
@@ -262,7 +272,7 @@ class _Blocker:
         if not isinstance(value, relax.Call) or not isinstance(value.op, tvm.ir.Op):
             return None
         if value.op.same_as(_CONV2D):
-            geometry = int8_conv_geometry(value, self.lanes)
+            geometry = int8_conv_geometry(value)
             if geometry is None:
                 return None
             shape, pads, strides = geometry
@@ -278,8 +288,6 @@ class _Blocker:
         if name in _ELEMENTWISE and like is not None and len(like) == 4:
             tensors = [a for a in value.args if _is_tensor(a)]
             if not any(isinstance(a, relax.Var) and a in self.blocked for a in tensors):
-                return None
-            if like[1] % self.lanes:
                 return None
             args = []
             for a in value.args:
@@ -321,16 +329,29 @@ class _Blocker:
         if var in self.fused:
             self.blocked[var] = self.emit_fused(var, self.fused[var])
             if output:
-                self.nchw[var] = self.bb.emit_output(self.to_nchw(self.blocked[var]))
+                self.nchw[var] = self.bb.emit_output(
+                    self.to_nchw(self.blocked[var], _static_shape(var)[1]))
             return
         blocked = self.blocked_value(value)
         if blocked is not None:
             self.blocked[var] = self.bb.emit(blocked)
             if output:
-                self.nchw[var] = self.bb.emit_output(self.to_nchw(self.blocked[var]))
+                self.nchw[var] = self.bb.emit_output(
+                    self.to_nchw(self.blocked[var], _static_shape(var)[1]))
             return
         rebuilt = self.rebuild(value)
         self.nchw[var] = self.bb.emit_output(rebuilt) if output else self.bb.emit(rebuilt)
+
+
+def nchw_of_blocked(value, channels: int, builder: relax.BlockBuilder):
+    """(N, F, H, W, v) -> (N, channels, H, W): the layout conversion back to NCHW, dropping the
+    padded lanes of the last block when ``channels`` < F * v (the last expression unemitted)."""
+    n, f, h, w, v = _static_shape(value)
+    moved = builder.emit(relax.op.permute_dims(value, [0, 1, 4, 2, 3]))
+    if f * v == channels:
+        return relax.op.reshape(moved, (n, channels, h, w))
+    flat = builder.emit(relax.op.reshape(moved, (n, f * v, h, w)))
+    return relax.op.strided_slice(flat, axes=[1], begin=[0], end=[channels])
 
 
 def _single_dataflow_body(func) -> bool:
@@ -352,13 +373,11 @@ class _NchwVnniConvs(relax.PyExprMutator):
         call = super().visit_call_(call)
         if not (isinstance(call, relax.Call) and call.op.same_as(_CONV2D)):
             return call
-        geometry = int8_conv_geometry(call, self.lanes)
+        geometry = int8_conv_geometry(call)
         if geometry is None:
             return call
         conv = self.builder_.emit(vnni.emit_vnni_conv(self.builder_, call, self.lanes, *geometry))
-        n, f, h, w, v = _static_shape(conv)
-        moved = self.builder_.emit(relax.op.permute_dims(conv, [0, 1, 4, 2, 3]))
-        return relax.op.reshape(moved, (n, f * v, h, w))
+        return nchw_of_blocked(conv, int(call.args[1].ty.shape[0]), self.builder_)
 
 
 def rewrite_blocked(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:

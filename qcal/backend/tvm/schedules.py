@@ -37,8 +37,9 @@ property tests in ``tests/backend/test_schedules_fuzz.py`` run every rule, and t
 (hand-written TIR calling ``pmaddwd``), on random shapes against the unscheduled pipeline and the
 numpy reference, bit for bit.
 
-int8 conv, VNNI path (groups 1, dilation 1, out channels a multiple of 16 (AVX-512 VNNI) or 8
-(AVX-VNNI), constant weight; chosen when the target has those features): ``qcal.backend.tvm.vnni``,
+int8 conv, VNNI path (groups 1, dilation 1, constant weight, any out channel count, padded with
+zero weights to whole vectors of 16 (AVX-512 VNNI) or 8 (AVX-VNNI); chosen when the target has
+those features): ``qcal.backend.tvm.vnni``,
 u8 x s8 ``vpdpbusd`` with the +128 shift corrected in the accumulator start, its epilogue fused
 by FuseOps and computed per tile by the ``conv2d_vnni`` rule; 2-4x the pair path per conv. The
 tensors between such convs stay channel-blocked (``qcal.backend.tvm.blocked``), and a residual
@@ -750,10 +751,11 @@ def pack_pair_weight(weight: np.ndarray, lanes: int) -> np.ndarray:
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 
 
-def int8_conv_geometry(call, lanes):
+def int8_conv_geometry(call, lanes=None):
     """(N, C, H, W), pads, strides of an int8 NCHW conv2d call with a constant OIHW weight, groups
-    and dilation 1, int32 out and ``lanes`` dividing its output channels (what both the pair and
-    the VNNI rewrites handle), else None."""
+    and dilation 1, int32 out and, when ``lanes`` is given, ``lanes`` dividing its output channels
+    (the pair rewrite's domain; the VNNI rewrite pads its output channels to whole vectors and
+    takes any count), else None."""
     attrs = call.attrs
     data, weight = call.args
     if not isinstance(weight, tvm.ir.expr.Constant):
@@ -768,7 +770,7 @@ def int8_conv_geometry(call, lanes):
         shape = tuple(int(d) for d in data.ty.shape)
     except (TypeError, ValueError):  # symbolic batch: not handled
         return None
-    if int(weight.ty.shape[0]) % lanes:
+    if lanes is not None and int(weight.ty.shape[0]) % lanes:
         return None
     return shape, tuple(int(p) for p in attrs.padding), tuple(int(s) for s in attrs.strides)
 
@@ -827,11 +829,11 @@ def _replace_with_pair_conv(builder, call, lanes, shape, pads, strides):
 
 
 def rewrite_int8_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Replace each int8 NCHW conv2d with a constant weight (groups 1, dilation 1, out channels a
-    multiple of the vector lanes) by hand-written PrimFuncs: the u8 x s8 ``vpdpbusd`` ones of
-    ``qcal.backend.tvm.vnni`` when the target has AVX-512 VNNI or AVX-VNNI, else the int16-pair
-    ones; others stay for the schedules. Runs before legalization; a target without AVX2 gets the
-    module back unchanged."""
+    """Replace each int8 NCHW conv2d with a constant weight (groups 1, dilation 1) by hand-written
+    PrimFuncs: the u8 x s8 ``vpdpbusd`` ones of ``qcal.backend.tvm.vnni`` when the target has
+    AVX-512 VNNI or AVX-VNNI (any out channel count), else the int16-pair ones (out channels a
+    multiple of the vector lanes); others stay for the schedules. Runs before legalization; a
+    target without AVX2 gets the module back unchanged."""
     from qcal.backend.tvm import depthwise, vnni  # they build on this module's helpers
 
     quad_lanes = vnni.vnni_lanes(target)

@@ -7,9 +7,11 @@ PrimFuncs written here, and the tensors between such convs stay channel-blocked
 (``qcal.backend.tvm.blocked``: v channels of a pixel contiguous, v = the lanes)::
 
     x int8 (N, C/v, H, W, v) --pack_blocked_u8_quads--> xq int32 (N, C/v, H+pads, W+pads, v/4)
-    x int8 NCHW (C not a multiple of v) --pack_u8_quads--> xq int32 (N, ceil(C/4), .., .., 1)
+    x int8 NCHW (not made blocked) --pack_u8_quads--> xq int32 (N, ceil(C/4), .., .., 1)
                                                         one int32 = 4 u8 of 4 adjacent channels
     xq, w', init --conv2d_vnni--> int32 (N, O/v, OH, OW, v)             (then the epilogue)
+
+(C/v and O/v rounded up: see "Channel counts that are not a multiple of v" below.)
 
 ``vpdpbusd`` multiplies 4 adjacent unsigned bytes of one operand with 4 signed bytes of the other
 and adds the 4 products into one int32 lane, without saturation: 64 MACs an instruction with
@@ -28,6 +30,15 @@ w' is the constant weight repacked in numpy to (O/v, ceil(C/4), kh, kw, v) int32
 4 int8 of one output channel and 4 consecutive input channels (little-endian), so one v-lane load
 is the ``vpdpbusd`` weight operand. Channel counts that are not a multiple of 4 are padded with
 zero weights (zero products, zero correction).
+
+Channel counts that are not a multiple of v (EfficientNet-Lite0's 1x1 projections to 24 and 40
+channels): the out channels are padded to ``vector_blocks(O, v) * v`` with zero weights, whose
+accumulator start is 0 (no weight to correct for), so a padded lane of the conv's output is 0 and
+the epilogue's per-channel constants there are the last real channel's (``blocked.blocked_array``:
+any op valid on a real channel is valid there, a divisor stays non-zero). Those lanes are never
+read as a real channel: the conversion back to NCHW drops them, and a conv reading a padded
+blocked input multiplies them by zero weights (its in channels padded the same way), with the
++128 correction unchanged because it sums the real weights only.
 
 Schedule (``schedule_vnni_conv2d``): the int16-pair conv's tiling at vector granularity -- up to
 ``_PIXEL_TILE`` output pixels of one row x ``_CHANNEL_VECTORS`` vectors of channels accumulate in
@@ -55,6 +66,12 @@ _VPDPBUSD_INTRINSICS = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.
 # Output pixels x channel vectors of accumulators held in registers (of 32 with AVX-512).
 _PIXEL_TILE = 8
 _CHANNEL_VECTORS = 2
+
+
+def vector_blocks(channels: int, lanes: int) -> int:
+    """Blocks of ``lanes`` channels holding ``channels``: the last one padded when they do not
+    divide (the blocked layout's second dimension, the VNNI conv's vectors of out channels)."""
+    return -(-channels // lanes)
 
 
 def vnni_lanes(target: tvm.target.Target) -> int | None:
@@ -138,7 +155,7 @@ def _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, sh, sw, v):
     # LLVM's vpdpbusd takes its two multiplicands as byte vectors (unsigned, then signed)
     acc_t, bytes_t = f"int32x{v}", f"int8x{4 * v}"
     intrinsic = _VPDPBUSD_INTRINSICS[v]
-    f, c4 = o // v, cb * q
+    f, c4 = vector_blocks(o, v), cb * q
     n, cb, q, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, f = _i64(
         n, cb, q, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, f)
     lanes, zero, one = _i64(v, 0, 1)
@@ -179,7 +196,7 @@ def _vnni_shortcut_conv_func(main, short, o, oh, ow, v):
     place a block whose writes are whole vectors (its lane dimension has no iterator)."""
     acc_t, bytes_t = f"int32x{v}", f"int8x{4 * v}"
     intrinsic = _VPDPBUSD_INTRINSICS[v]
-    f = o // v
+    f = vector_blocks(o, v)
     pixels, vectors = _largest_divisor(ow, _PIXEL_TILE), _largest_divisor(f, _CHANNEL_VECTORS)
     n, cb, q, hp, wp, kh, kw, sh, sw = _i64(*main)
     _, cbs, qs, hps, wps, khs, kws, shs, sws = _i64(*short)
@@ -304,19 +321,27 @@ def schedule_vnni_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
     return Scheduled(sch.mod["main"])
 
 
-def pack_vnni_weight(weight: np.ndarray, lanes: int) -> tuple[np.ndarray, np.ndarray]:
-    """OIHW int8 -> (the (O/lanes, ceil(I/4), kh, kw, lanes) int32 layout ``vpdpbusd`` reads,
-    the (O/lanes, lanes) int32 accumulator start ``-128 * sum(weight[o])``)."""
+def pack_vnni_weight(weight: np.ndarray, lanes: int,
+                     in_quads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """OIHW int8 -> (the (ceil(O/lanes), in_quads, kh, kw, lanes) int32 layout ``vpdpbusd`` reads,
+    the (ceil(O/lanes), lanes) int32 accumulator start ``-128 * sum(weight[o])``). ``in_quads``
+    (default ceil(I/4)) is the packed input's quads a pixel, more than ceil(I/4) when it is
+    blocked with padded channels; padded in and out channels get zero weights, and a padded out
+    channel's start is 0."""
     o, c, kh, kw = weight.shape
-    c4 = (c + 3) // 4
-    w8 = np.zeros((o, 4 * c4, kh, kw), np.int8)
-    w8[:, :c] = weight
-    # (O/l, l, c4, 4, kh, kw) -> (O/l, c4, kh, kw, l, 4): the 4 bytes of one int32 lane adjacent
-    quads = np.ascontiguousarray(w8.reshape(o // lanes, lanes, c4, 4, kh, kw)
+    c4 = (c + 3) // 4 if in_quads is None else in_quads
+    if 4 * c4 < c:
+        raise ValueError(f"{c4} quads cannot hold {c} input channels")
+    f = vector_blocks(o, lanes)
+    w8 = np.zeros((f * lanes, 4 * c4, kh, kw), np.int8)
+    w8[:o, :c] = weight
+    # (F, l, c4, 4, kh, kw) -> (F, c4, kh, kw, l, 4): the 4 bytes of one int32 lane adjacent
+    quads = np.ascontiguousarray(w8.reshape(f, lanes, c4, 4, kh, kw)
                                  .transpose(0, 2, 4, 5, 1, 3))
-    packed = quads.view("<i4").reshape(o // lanes, c4, kh, kw, lanes).astype(np.int32)
-    init = (-128 * weight.reshape(o, -1).astype(np.int64).sum(axis=1)).astype(np.int32)
-    return packed, init.reshape(o // lanes, lanes)
+    packed = quads.view("<i4").reshape(f, c4, kh, kw, lanes).astype(np.int32)
+    init = np.zeros(f * lanes, np.int32)
+    init[:o] = -128 * weight.reshape(o, -1).astype(np.int64).sum(axis=1)
+    return packed, init.reshape(f, lanes)
 
 
 def _emit_pack(builder, call, lanes, shape, pads, blocked_input):
@@ -324,7 +349,7 @@ def _emit_pack(builder, call, lanes, shape, pads, blocked_input):
     n, c, h, w = shape
     hp, wp = h + pads[0] + pads[2], w + pads[1] + pads[3]
     if blocked_input is not None:
-        cb, q = c // lanes, lanes // 4
+        cb, q = vector_blocks(c, lanes), lanes // 4
         pack = _pack_blocked_quads_func(n, cb, h, w, lanes, pads)
         source, pack_name = blocked_input, "pack_blocked_u8_quads"
     else:
@@ -341,7 +366,8 @@ def emit_vnni_conv(builder, call, lanes, shape, pads, strides, blocked_input=Non
     """Emit the VNNI PrimFuncs for an int8 conv2d call that ``int8_conv_geometry`` accepted (its
     NCHW input ``call.args[0]``, or ``blocked_input``: the same tensor channel-blocked,
     (N, C/lanes, H, W, lanes)); returns the conv's call, whose int32 output is channel-blocked
-    (N, O/lanes, OH, OW, lanes), the layout of its accumulator tiles."""
+    (N, O/lanes, OH, OW, lanes), the layout of its accumulator tiles (O/lanes rounded up, the
+    padded lanes 0)."""
     weight = call.args[1].value.numpy()
     o, _, kh, kw = weight.shape
     _, _, oh, ow = padded_conv_extents(shape, weight.shape, pads, strides)
@@ -349,9 +375,9 @@ def emit_vnni_conv(builder, call, lanes, shape, pads, strides, blocked_input=Non
     conv = _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, *strides, lanes)
     conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
     conv_gv = builder.add_func(conv, "conv2d_vnni")
-    wq, init = pack_vnni_weight(weight, lanes)
+    wq, init = pack_vnni_weight(weight, lanes, cb * q)
     return relax.call_tir(conv_gv, [packed, relax.const(wq, "int32"), relax.const(init, "int32")],
-                          relax.TensorType((n, o // lanes, oh, ow, lanes), "int32"))
+                          relax.TensorType((n, vector_blocks(o, lanes), oh, ow, lanes), "int32"))
 
 
 def emit_vnni_shortcut_conv(builder, lanes, main, shortcut, bias, shift):
@@ -369,24 +395,25 @@ def emit_vnni_shortcut_conv(builder, lanes, main, shortcut, bias, shift):
         (n, cb, q, hp, wp), xq = _emit_pack(builder, call, lanes, shape, pads, blocked_input)
         geometry.append((n, cb, q, hp, wp, kh, kw) + tuple(strides))
         packed.append(xq)
-        weights.append(pack_vnni_weight(weight, lanes))
+        weights.append(pack_vnni_weight(weight, lanes, cb * q))
     conv = _vnni_shortcut_conv_func(geometry[0], geometry[1], o, oh, ow, lanes)
     conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
     conv_gv = builder.add_func(conv, "conv2d_vnni_shortcut")
-    per_lane = [relax.const(np.ascontiguousarray(np.broadcast_to(
-        np.asarray(a, np.int32).reshape(-1), (o,))).reshape(o // lanes, lanes), "int32")
-        for a in (bias, shift)]
+    f = vector_blocks(o, lanes)
+    # padded channels repeat the last real one's bias and shift (a shift that stays in range)
+    per_lane = [relax.const(np.pad(np.broadcast_to(np.asarray(a, np.int32).reshape(-1), (o,)),
+                                   (0, f * lanes - o), mode="edge").reshape(f, lanes), "int32")
+                for a in (bias, shift)]
     (wq, init), (ws, inits) = weights
     args = [packed[0], relax.const(wq, "int32"), relax.const(init, "int32"),
             packed[1], relax.const(ws, "int32"), relax.const(inits, "int32")] + per_lane
-    return relax.call_tir(conv_gv, args,
-                          relax.TensorType((n, o // lanes, oh, ow, lanes), "int32"))
+    return relax.call_tir(conv_gv, args, relax.TensorType((n, f, oh, ow, lanes), "int32"))
 
 
 def rewrite_vnni_convs(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
-    """Replace each int8 NCHW conv2d with a constant weight (groups 1, dilation 1, out channels a
-    multiple of ``lanes``) by the VNNI PrimFuncs, with the tensors between them kept
-    channel-blocked (``qcal.backend.tvm.blocked``); other convs are left as they are."""
+    """Replace each int8 NCHW conv2d with a constant weight (groups 1, dilation 1, any out channel
+    count: padded to whole vectors of ``lanes``) by the VNNI PrimFuncs, with the tensors between
+    them kept channel-blocked (``qcal.backend.tvm.blocked``); other convs are left as they are."""
     from qcal.backend.tvm import blocked  # it builds on this module
 
     return blocked.rewrite_blocked(mod, lanes)
