@@ -51,6 +51,12 @@ BIAS_CORRECTIONS = ("none", "empirical")
 # Integer widths of weights and activations: symmetric levels -(2**(b-1)-1)..2**(b-1)-1, always
 # stored in int8 (the kernels stay int8; only the clipping bounds and scales change).
 MIN_BITS, MAX_BITS = 2, 8
+# Width of the int32 tensors that one integer op hands to another (residual-add operands and sums,
+# int32 shortcuts, pooling inputs): Relay's qconfig ``nbit_activation`` (its QAnnotateKind.ACTIVATION
+# simulated quantizes, python/tvm/relay/quantize/_calibrate.py). 32 keeps them exact; B < 32
+# requantizes each to symmetric B-bit levels at a power-of-2 scale from its abs-max.
+EXACT_INTERMEDIATE_BITS = 32
+MIN_INTERMEDIATE_BITS = 9
 # How every rounding right shift and integer rescale rounds a tie: "upward" adds half and floors
 # (Relay's UPWARD, ties towards +inf), "nearest" rounds ties to even (Relay's TONEAREST).
 ROUNDINGS = ("upward", "nearest")
@@ -99,6 +105,7 @@ class QuantOptions:
     first_layer_bits: int | None = None
     last_layer_bits: int | None = None
     rounding: str = ROUNDINGS[0]
+    intermediate_bits: int = EXACT_INTERMEDIATE_BITS
     # None: every op of QUANTIZABLE_OPS; else only these (a tuple, or "conv2d,dense" in a file).
     quantize_ops: tuple | None = None
     float_layers: tuple = ()  # layer (node) names kept float32, e.g. what layers.csv points at
@@ -169,6 +176,10 @@ class QuantOptions:
             value = getattr(self, name)
             need(width(value, optional=name.endswith("layer_bits")),
                  f"{name} must be an integer from {MIN_BITS} to {MAX_BITS}, not {value!r}")
+        need(_is_integer(self.intermediate_bits)
+             and MIN_INTERMEDIATE_BITS <= self.intermediate_bits <= EXACT_INTERMEDIATE_BITS,
+             f"intermediate_bits must be an integer from {MIN_INTERMEDIATE_BITS} to "
+             f"{EXACT_INTERMEDIATE_BITS}, not {self.intermediate_bits!r}")
         need(self.weight_rounding in WEIGHT_ROUNDINGS,
              f"weight_rounding must be one of {', '.join(WEIGHT_ROUNDINGS)}, "
              f"not '{self.weight_rounding}'")
@@ -234,6 +245,8 @@ class QuantOptions:
         parts.extend(ends)
         if self.rounding != ROUNDINGS[0]:
             parts.append(f"round-{self.rounding}")
+        if self.intermediate_bits != EXACT_INTERMEDIATE_BITS:
+            parts.append(f"intermediates:{self.intermediate_bits}b")
         if self.weight_rounding != WEIGHT_ROUNDINGS[0]:
             parts.append(f"{self.weight_rounding}:{self.adaround_iterations}it/"
                          f"{self.adaround_images}img")
@@ -266,7 +279,7 @@ class QuantOptions:
 
 # Fields added after results folders existed: left out of ``to_dict`` at their default, so a
 # variant that does not use them keeps the key (and folder config) it had before.
-ADDED_LATER = ("layer_bias_bits",)
+ADDED_LATER = ("layer_bias_bits", "intermediate_bits")
 
 
 def _name_list(what: str, value) -> tuple:

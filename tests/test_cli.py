@@ -103,6 +103,7 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
                     "--skip-k-conv", 1, "--skip-dense",
                     "--weight-bits", 6, "--activation-bits", 7, "--last-layer-bits", 8,
                     "--rounding", "nearest", "--quantize-ops", "conv2d,dense,relu,max_pool2d",
+                    "--intermediate-bits", 16,
                     "--results-dir", results, "--cache-dir", tmp_path / "cache", "--quiet")
     assert result.exit_code == 0, result.output
     summary = json.loads((results / "results.json").read_text())
@@ -116,11 +117,11 @@ def test_evaluate_int8_options_reach_the_pipeline(tmp_path):
         "weight_bits": 6,
         "activation_bits": 7, "first_layer_bits": None, "last_layer_bits": 8,
         "rounding": "nearest", "quantize_ops": ["conv2d", "dense", "relu", "max_pool2d"],
-        "float_layers": [], "simulate": False, "equalize": True}
+        "float_layers": [], "simulate": False, "equalize": True, "intermediate_bits": 16}
     assert int8[0]["description"]["data"]["calibration"]["range"] == [0, 64]
     rows = {r["variant"]: r for r in summary["rows"]}
     label = ("a:p99.9 w:max/channel b9/channel cle bcorr-empirical skip1 fdense W6A7 last8 round-nearest "
-             "ops:conv2d+dense+relu+max_pool2d")
+             "intermediates:16b ops:conv2d+dense+relu+max_pool2d")
     assert set(rows) == {"float32", label}
     assert f"| fmnist_vgg11_bn | {label} | 64 | 2 |" in result.output
     # float layers (skip1, fdense) sum in another order: checked layer by layer
@@ -233,6 +234,8 @@ def test_calibration_file_of_another_model_is_refused(tmp_path):
     (["--rounding", "even"], "'even' is not one of"),
     (["--weight-rounding", "stochastic"], "'stochastic' is not one of"),
     (["--adaround-iterations", 0], "--adaround-iterations"),
+    (["--intermediate-bits", 8], "'--intermediate-bits': 8 is not in the range 9<=x<=32"),
+    (["--intermediate-bits", 33], "'--intermediate-bits': 33 is not in the range 9<=x<=32"),
     (["--quantize-ops", "conv2d,pool"], "quantize_ops: 'pool' is not an op qcal quantizes"),
     (["--float-layers", "conv2d_nosuch", "--num-images", 8],
      "float_layers: model 'fmnist_vgg11_bn' has no layer 'conv2d_nosuch'"),

@@ -99,13 +99,14 @@ VARIANT_AXES = ("activation_method", "percentile", "global_scale", "weight_scale
                 "weight_granularity", "bias", "skip_k_conv", "weight_bits", "activation_bits",
                 "first_layer_bits", "last_layer_bits", "rounding", "quantize_ops", "float_layers",
                 "bias_granularity", "bias_correction", "layer_bias_bits", "weight_rounding",
-                "adaround_iterations", "adaround_images")
+                "adaround_iterations", "adaround_images", "intermediate_bits")
 FLAGS = ("skip_dense", "simulate", "equalize")  # on/off options that apply to every variant
 
 
 def quant_options(func):
     """Each option may repeat; evaluate runs the cross product of the values given."""
-    from qcal.config import (ACTIVATION_METHODS, BIAS_CORRECTIONS, BIAS_GRANULARITIES, MAX_BITS, MIN_BITS,
+    from qcal.config import (ACTIVATION_METHODS, BIAS_CORRECTIONS, BIAS_GRANULARITIES,
+                             EXACT_INTERMEDIATE_BITS, MAX_BITS, MIN_BITS, MIN_INTERMEDIATE_BITS,
                              QUANTIZABLE_OPS, ROUNDINGS, WEIGHT_GRANULARITIES, WEIGHT_ROUNDINGS,
                              WEIGHT_SCALES, QuantOptions)
 
@@ -155,6 +156,13 @@ def quant_options(func):
         click.option("--rounding", multiple=True, type=click.Choice(ROUNDINGS),
                      help=f"Ties of every rounding right shift and integer rescale: upward (half "
                           f"up) or nearest (half to even) (default {d.rounding})."),
+        click.option("--intermediate-bits", multiple=True,
+                     type=click.IntRange(MIN_INTERMEDIATE_BITS, EXACT_INTERMEDIATE_BITS),
+                     help="Width of the int32 tensors one integer op hands to another (residual "
+                          "adds' operands and sums, int32 shortcuts, pooling inputs): B < 32 "
+                          "requantizes each to +-(2^(B-1)-1) at a power-of-2 scale from its "
+                          "abs-max, as Relay's nbit_activation; conv accumulators stay int32 "
+                          f"(default {d.intermediate_bits}: exact)."),
         click.option("--weight-rounding", multiple=True, type=click.Choice(WEIGHT_ROUNDINGS),
                      help=f"How each conv/dense weight rounds to its level: nearest, or adaround "
                           f"(directions learned per layer on calibration images; Nagel et al. "

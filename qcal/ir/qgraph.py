@@ -5,6 +5,10 @@ Widths. An int8 tensor of b bits (2..8) holds the levels -L..L, L = 2**(b-1) - 1
 attribute of its ``quantize`` / ``requantize``; 127 when absent); weights narrower than 8 bits are
 int8 constants within +-L. The kernels do not change with the width, only the clips and bounds.
 
+Narrowed intermediates (``intermediate_bits`` B < 32, Relay's ``nbit_activation``): an int32
+tensor that one integer op hands to another is requantized to int32 values within +-L,
+L = 2**(B-1) - 1: an int32 ``requantize`` with a ``levels`` attribute clips as an int8 one does.
+
 Rounding (``rounding`` attribute, "upward" when absent). ``rshr(v, R)``, the rounding right shift,
 is ``(v + (1 << R >> 1)) >> R`` under "upward" (ties towards +inf, Relay's UPWARD) and
 ``(v + (1 << R >> 1) - 1 + ((v >> R) & 1)) >> R`` for R > 0 under "nearest" (ties to even, Relay's
@@ -29,8 +33,8 @@ dequantize             int -> f32: float32(v) * scale         scale (float32, ()
 requantize             int -> int8/int32, rounding rescale:   kind "shift": lshift, rshift (C,) ints:
                        shift: rshr(v << L, R)                 kind "multiply": multiplier, rshift:
                        multiply: rshr(v * m, R)               (int64 math); compute (int32|int64);
-                       then clip +-L when out is int8         out dtype in QNode.dtype; levels L;
-                                                              rounding
+                       then clip +-L when out is int8 or      out dtype in QNode.dtype; levels L;
+                       levels is given (a narrowing)          rounding
 qconv2d                int8 x int8 -> int32, zero padding     conv attrs of graph.py; weight int8
 qdense                 int8 (N, I) x int8 (O, I)^T -> int32   weight int8
 qchannel_mul           int8 * int8[c] -> int32                multiplier int8 (C,)
@@ -137,16 +141,20 @@ class QGraph:
     def counts(self) -> dict:
         ops = [n.op for n in self.nodes]
         requant = [n for n in self.nodes if n.op == "requantize"]
-        return {
+        narrowed = sum(1 for n in requant if is_narrowing(n))
+        counts = {
             "quantize": ops.count("quantize"),
             "requantize": sum(1 for n in requant if n.dtype == "int8"),
-            "align": sum(1 for n in requant if n.dtype != "int8"),
+            "align": sum(1 for n in requant if n.dtype != "int8" and not is_narrowing(n)),
             "dequantize": ops.count("dequantize"),
             "integer_intermediates": sum(1 for n in self.nodes if n.is_int),
             "float_ops": sum(1 for n in self.nodes if not n.is_int and n.op not in
                              ("input", "dequantize")),
             "overflow_adjustments": len(self.adjustments),
         }
+        if narrowed:  # only where intermediate_bits < 32: the counts of exact graphs stay as they were
+            counts["narrowed_intermediates"] = narrowed
+        return counts
 
     def report(self) -> list:
         """Human-readable lines: the op counts, then every overflow adjustment."""
@@ -157,6 +165,17 @@ class QGraph:
 def int8_levels(node: QNode) -> int:
     """The largest level L of a ``quantize`` or int8 ``requantize`` node's output (clip to +-L)."""
     return int(node.attrs.get("levels", INT8_MAX))
+
+
+def is_narrowing(node: QNode) -> bool:
+    """An int32 ``requantize`` that clips to B-bit levels (``intermediate_bits`` < 32)."""
+    return node.op == "requantize" and node.dtype == "int32" and "levels" in node.attrs
+
+
+def clip_levels(node: QNode) -> int | None:
+    """The level L a ``requantize`` clips its result to (+-L), or None for an exact int32
+    rescale (an alignment)."""
+    return int8_levels(node) if node.dtype == "int8" or is_narrowing(node) else None
 
 
 def rounding_of(node: QNode) -> str:

@@ -218,16 +218,16 @@ def _float_activation(activation, y):
 
 
 def learn_rounding(graph: Graph, amax, options, annotation, images: np.ndarray,
-                   progress=None) -> LearnedRounding:
+                   progress=None, wide_amax=None) -> LearnedRounding:
     """AdaRound's directions for every integer conv/dense layer of ``graph`` under ``options``
     (activation ranges ``amax``, ``annotation`` as ``quantize`` made them), learned on
-    ``images`` (the first ``options.adaround_images`` are used)."""
+    ``images`` (the first ``options.adaround_images`` are used); ``wide_amax`` as ``realize``'s."""
     if images is None or len(images) == 0:
         raise UsageProblem("weight_rounding adaround needs calibration images, and this run has "
                            "none")
     start = time.perf_counter()
     x = np.asarray(images[:options.adaround_images], dtype=np.float32)
-    nearest = realize(graph, amax, options, annotation)
+    nearest = realize(graph, amax, options, annotation, wide_amax=wide_amax)
     layers = {accumulator_name(n): n for n in graph.nodes
               if n.op in LEARNED_OPS and annotation.is_integer(n.name)}
     targets = {n.name for n in layers.values()}

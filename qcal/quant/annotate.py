@@ -143,6 +143,11 @@ class Annotation:
         return [t for t in self.int8_needed if self.domain[t] == INT32]
 
     @property
+    def int32_tensors(self) -> list:
+        """Tensors held in int32 (what ``intermediate_bits`` < 32 may narrow)."""
+        return [t for t, d in self.domain.items() if d == INT32]
+
+    @property
     def required_amax(self) -> list:
         """Tensors whose calibrated range the realizer needs (int8 tensors derived from another
         int8 tensor inherit its scale)."""

@@ -83,13 +83,20 @@ def quantize_weight(w: np.ndarray, method: str, granularity: str, levels: int = 
     return np.clip(q, -levels, levels).astype(np.int8), scale
 
 
+def power2_scale(amax, bits: int) -> np.ndarray:
+    """Relay's power-of-2 scale of a B-bit value whose range is ``amax``:
+    2**ceil(log2 amax) / 2**(B-1) (python/tvm/relay/quantize/_calibrate.py, ``scale / 2**valid_bit``).
+    A zero range gets scale 1: its values are 0 at any scale."""
+    amax = np.asarray(amax, dtype=np.float64)
+    return np.where(amax == 0, 1.0, power2_ceil(np.where(amax == 0, 1.0, amax)) / 2.0 ** (bits - 1))
+
+
 def bias_scale(bias: np.ndarray, bits: int, granularity: str = "tensor"):
-    """The bias's own power-of-2 scale for B bits: 2**ceil(log2 max|b|) / 2**(B-1), the max over
-    the layer (a float) or, for ``granularity`` "channel", over each channel alone (a (C,) array).
-    A zero bias (or channel) gets scale 1: its values are 0 at any scale."""
+    """The bias's own power-of-2 scale for B bits (``power2_scale`` of max|b|), the max over
+    the layer (a float) or, for ``granularity`` "channel", over each channel alone (a (C,) array)."""
     b = np.abs(np.asarray(bias, dtype=np.float64))
     amax = b if granularity == "channel" else np.asarray(b.max(initial=0.0))
-    scale = np.where(amax == 0, 1.0, power2_ceil(np.where(amax == 0, 1.0, amax)) / 2.0 ** (bits - 1))
+    scale = power2_scale(amax, bits)
     return scale if granularity == "channel" else float(scale)
 
 

@@ -19,6 +19,15 @@ smallest k that is at least as fine as the bias scale, so the run-time shift sta
 ``layer_bias_bits`` gives single layers another bias precision than the network's.
 Both go through the same overflow check: per channel the accumulator shift k is lowered (down to a
 rounding right shift) until ``bound(acc << k) + |bias| <= 2**31 - 1``; each lowering is recorded.
+
+Intermediates. With ``intermediate_bits`` B < 32 (Relay's ``nbit_activation``) an int32 value is
+narrowed where one integer op hands it to another that computes on it in int32: each int32 operand
+of an add and every add's sum, and the int32 input of a pooling sum. ``narrow`` requantizes it (the
+same rescale and ``rounding`` as every other requantize) to the power-of-2 scale of the tensor's
+calibrated abs-max at B bits, clipped to +-(2**(B-1) - 1), which becomes its ``bound`` for the
+overflow proofs after it. ReLU, clip, max-pool and flatten pass a narrowed value on as it is. A
+conv's accumulator, its bias add and its requantize to int8 are untouched, and so is the
+dequantize to float32. At B = 32 nothing is narrowed.
 """
 from __future__ import annotations
 
@@ -26,14 +35,14 @@ from typing import Mapping
 
 import numpy as np
 
-from qcal.config import QuantOptions, levels_for_bits
+from qcal.config import EXACT_INTERMEDIATE_BITS, QuantOptions, levels_for_bits
 from qcal.errors import QcalError
 from qcal.ir.graph import Graph, Node
 from qcal.ir.qgraph import INT8_MAX, INT32_MAX, Adjustment, QGraph, QNode, channels_of, collapse, per_channel
 from qcal.ir.shapes import infer_shapes
 from qcal.quant.annotate import Annotation, annotate
-from qcal.quant.fixed_point import (MAX_LEFT_SHIFT, bias_scale, ceil_log2, quantize_array, quantize_weight,
-                                    rescale_plan, rounding_shift_bound, scale_for_amax)
+from qcal.quant.fixed_point import (MAX_LEFT_SHIFT, bias_scale, ceil_log2, power2_scale, quantize_array,
+                                    quantize_weight, rescale_plan, rounding_shift_bound, scale_for_amax)
 from qcal.reference.kernels import pool_sum_and_count
 from qcal.registry import Registry
 
@@ -43,9 +52,11 @@ from qcal.registry import Registry
 
 
 class _Realizer:
-    def __init__(self, graph, annotation, amax, options, round_up=None):
+    def __init__(self, graph, annotation, amax, options, round_up=None, wide_amax=None):
         self.graph, self.annotation, self.amax, self.options = graph, annotation, amax, options
         self.round_up = dict(round_up or {})
+        self.wide_amax = dict(wide_amax or {})
+        self.narrow_of, self.narrowed = {}, set()  # tensor -> its narrowed node; B-bit node names
         self.shapes = infer_shapes(graph)
         self.nodes, self.adjustments = [], []
         self.value, self.int8_of, self.float_of = {}, {}, {}
@@ -62,6 +73,8 @@ class _Realizer:
             if np.any(node.bound > limit):
                 raise QcalError(f"realize: '{node.name}' could reach {int(node.bound.max())}, "
                                 f"beyond {node.dtype} (a realizer bug; please report it)")
+        if node.op in _PASS_ON and node.inputs and node.inputs[0] in self.narrowed:
+            self.narrowed.add(node.name)
         self.names.add(node.name)
         self.nodes.append(node)
         return node
@@ -113,20 +126,42 @@ class _Realizer:
         self.float_of[tensor] = node
         return node
 
-    def requantize(self, src: QNode, name, out_scale, out_dtype, levels=INT8_MAX) -> QNode:
+    def requantize(self, src: QNode, name, out_scale, out_dtype, levels=None) -> QNode:
+        """``src`` rescaled to ``out_scale``; clipped to +-``levels`` (int8: 127 when not given;
+        int32: only a narrowing gives levels, an alignment is exact)."""
+        if out_dtype == "int8" and levels is None:
+            levels = INT8_MAX
         channels = channels_of(src.shape)
         ratio = per_channel(src.scale, channels) / per_channel(out_scale, channels)
         plan = rescale_plan(collapse(ratio), src.bound)
-        bound = np.minimum(plan.out_bound, levels) if out_dtype == "int8" else plan.out_bound
+        bound = plan.out_bound if levels is None else np.minimum(plan.out_bound, levels)
         params = {"lshift": collapse(plan.lshift), "rshift": collapse(plan.rshift)}
         if plan.kind == "multiply":
             params["multiplier"] = collapse(plan.multiplier)
         attrs = {"kind": plan.kind, "compute": plan.compute, "rounding": self.options.rounding}
-        if out_dtype == "int8":
+        if levels is not None:
             attrs["levels"] = levels
         return self.emit(QNode(name, "requantize", (src.name,), attrs=attrs,
                                params=params, dtype=out_dtype, shape=src.shape,
                                scale=out_scale, bound=bound))
+
+    def narrow(self, tensor, src: QNode | None = None) -> QNode:
+        """``tensor``'s value (``src``, else its realized node) as one integer op hands it to
+        another: as it is, or under ``intermediate_bits`` B < 32 an exact int32 value requantized
+        to B-bit levels at ``power2_scale(abs-max, B)`` (module docstring)."""
+        src = self.value[tensor] if src is None else src
+        bits = self.options.intermediate_bits
+        if bits == EXACT_INTERMEDIATE_BITS or src.dtype != "int32" or src.name in self.narrowed:
+            return src
+        if tensor not in self.narrow_of:
+            if tensor not in self.wide_amax:
+                raise QcalError(f"no abs-max for the int32 tensor '{tensor}' (intermediate_bits "
+                                f"{bits} narrows it; the calibration result lacks it)")
+            scale = power2_scale(float(self.wide_amax[tensor]), bits)
+            node = self.requantize(src, f"{tensor}:narrow", scale, "int32", levels_for_bits(bits))
+            self.narrowed.add(node.name)
+            self.narrow_of[tensor] = node
+        return self.narrow_of[tensor]
 
     # -- shared integer building blocks --
     def add_bias(self, acc: QNode, bias: np.ndarray, layer: str) -> QNode:
@@ -250,6 +285,8 @@ def _fit_bias_shift(bound, s_acc, k0, bias_at):
 # ---------------------------------------------------------------------------------------------
 
 REALIZERS = Registry("integer realization of op")
+# Integer ops whose output holds values of their input (or fewer): a narrowed input stays narrowed.
+_PASS_ON = frozenset({"relu", "max_pool2d", "flatten", "qclip"})
 realizer = REALIZERS.register
 
 
@@ -342,7 +379,7 @@ def _clip(ctx: _Realizer, node: Node) -> QNode:
 def _avg_pool2d(ctx: _Realizer, node: Node) -> QNode:
     a = node.attrs
     count = int(np.prod(a["pool_size"]))
-    x = ctx.fit_for_sum(ctx.value[node.inputs[0]], count, node.name)
+    x = ctx.fit_for_sum(ctx.narrow(node.inputs[0]), count, node.name)
     attrs = {"pool_size": tuple(a["pool_size"]), "strides": tuple(a["strides"]),
              "padding": tuple(a.get("padding", (0, 0, 0, 0)))}
     shape = ctx.shapes[node.name]
@@ -359,7 +396,7 @@ def _avg_pool2d(ctx: _Realizer, node: Node) -> QNode:
 
 @realizer("global_avg_pool2d")
 def _global_avg_pool2d(ctx: _Realizer, node: Node) -> QNode:
-    src = ctx.value[node.inputs[0]]
+    src = ctx.narrow(node.inputs[0])
     count = int(src.shape[1] * src.shape[2])
     x = ctx.fit_for_sum(src, count, node.name)
     return ctx.emit(QNode(node.name, "qglobal_sum_pool2d", (x.name,), dtype="int32",
@@ -371,23 +408,28 @@ def _global_avg_pool2d(ctx: _Realizer, node: Node) -> QNode:
 def _add(ctx: _Realizer, node: Node) -> QNode:
     # An operand that is quantized to int8 anyway (it also feeds a conv) is read as int8, so the
     # tensor has one quantized value for all its consumers (Relay did the same); an operand
-    # nobody else quantizes keeps its exact int32 value; a float operand is quantized.
+    # nobody else quantizes keeps its int32 value (exact, or narrowed); a float operand is
+    # quantized.
     shared = set(ctx.annotation.int8_needed)
-    operands = [ctx.int8(i) if i in shared or not ctx.value[i].is_int else ctx.value[i]
+    operands = [ctx.int8(i) if i in shared or not ctx.value[i].is_int else ctx.narrow(i)
                 for i in node.inputs]
     a, b = ctx.align(operands, node.name)
-    return ctx.emit(QNode(node.name, "qadd", (a.name, b.name), dtype="int32",
-                          shape=ctx.shapes[node.name], scale=a.scale, bound=a.bound + b.bound))
+    total = ctx.emit(QNode(node.name, "qadd", (a.name, b.name), dtype="int32",
+                           shape=ctx.shapes[node.name], scale=a.scale, bound=a.bound + b.bound))
+    return ctx.narrow(node.name, total)
 
 
 def realize(graph: Graph, amax: Mapping[str, float], options: QuantOptions,
-            annotation: Annotation | None = None, round_up: Mapping | None = None) -> QGraph:
+            annotation: Annotation | None = None, round_up: Mapping | None = None,
+            wide_amax: Mapping[str, float] | None = None) -> QGraph:
     """The integer graph for ``graph`` under ``options``, with activation ranges ``amax``
     ({tensor name: abs-max}; ``annotation.required_amax`` lists the names needed).
     ``round_up`` ({conv/dense layer: boolean array like its weight}) rounds those layers'
-    weights in the learned directions (``qcal.quant.adaround``) instead of to nearest."""
+    weights in the learned directions (``qcal.quant.adaround``) instead of to nearest.
+    ``wide_amax`` ({tensor: calibrated abs-max} of ``annotation.int32_tensors``) scales the
+    narrowed intermediates when ``options.intermediate_bits`` < 32."""
     annotation = annotation or annotate(graph, options)
-    return _Realizer(graph, annotation, amax, options, round_up).run()
+    return _Realizer(graph, annotation, amax, options, round_up, wide_amax).run()
 
 
 def qgraph_from_float(graph: Graph) -> QGraph:

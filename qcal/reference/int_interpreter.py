@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from qcal.errors import QcalError
-from qcal.ir.qgraph import INT8_MAX, QGraph, QNode, int8_levels, rounding_of
+from qcal.ir.qgraph import INT8_MAX, QGraph, QNode, clip_levels, int8_levels, rounding_of
 from qcal.reference import kernels as K
 from qcal.reference.float_interpreter import channel_view, float_op
 
@@ -55,9 +55,8 @@ def _requantize_int(node: QNode, v):
         v = rounding_right_shift(np.left_shift(v, channel_view(p["lshift"], rank)), rshift, rounding)
     else:
         v = rounding_right_shift(v * channel_view(p["multiplier"], rank), rshift, rounding)
-    if node.dtype == "int8":
-        return np.clip(v, -int8_levels(node), int8_levels(node))
-    return v
+    levels = clip_levels(node)
+    return v if levels is None else np.clip(v, -levels, levels)
 
 
 def _int_op(node: QNode, args):
@@ -197,7 +196,8 @@ def simulated_op(node: QNode, args, qgraph: QGraph):
     # lose their low bits here too: with power-of-2 scales every simulated value is a dyadic
     # rational that float64 holds exactly, so the simulation then equals the integer model.
     if node.op == "requantize":
-        limit = int8_levels(node) if node.dtype == "int8" else np.inf
+        levels = clip_levels(node)
+        limit = np.inf if levels is None else levels
         return _fake_quant(x, _real_scale(node, rank), limit, _rounding(node))
     if node.op == "dequantize":
         return x

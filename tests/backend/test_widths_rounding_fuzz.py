@@ -58,7 +58,8 @@ def test_tvm_equals_numpy_at_every_width_and_rounding(seed, cin, size, width, k,
 def _realize(graph, options, calib):
     from qcal.quant.realize import realize
 
-    return realize(graph, calibrate_amax(graph, calib, options.activation_method), options)
+    return realize(graph, calibrate_amax(graph, calib, options.activation_method), options,
+                   wide_amax=calibrate_amax(graph, calib, "max"))
 
 
 def test_nearest_rounding_changes_ties_in_tvm_too():
@@ -74,3 +75,59 @@ def test_nearest_rounding_changes_ties_in_tvm_too():
         outs[rounding] = {n: v for n, v in tvm_values.items() if qgraph.node(n).is_int}
     differ = [n for n in outs["upward"] if not np.array_equal(outs["upward"][n], outs["nearest"][n])]
     assert differ, "no tie was rounded differently"
+
+
+def _residual_network(seed, cin, size, width, k, stride, classes, pooled=True):
+    """Residual adds whose operands and sums stay int32 (what intermediate_bits narrows)::
+
+        conv k/s -> relu --+--> conv 1x1 ----------------+--> add --+--> add -> relu -> gap -> dense
+                           +--> avgpool 3/1 excl. pad ---'          |
+                           '--> conv 3x3 -----------------------------'
+    The first add's sum reaches the second add as an int32 shortcut. ``pooled=False``: a 3x3 conv
+    instead of the pool.
+    """
+    g = GraphMaker((cin, size, size), seed, "residual")
+    x = g.relu(g.conv("data", width, k=k, s=stride))
+    other = g.avgpool(x, 3, 1, 1, count_include_pad=False) if pooled else g.conv(x, width, k=3)
+    first = g.add(g.conv(x, width, k=1, p=0), other)
+    y = g.relu(g.add(first, g.conv(x, width, k=3)))
+    g.dense(g.flatten(g.gap(y)), classes)
+    return g.graph()
+
+
+@given(seed=st.integers(0, 2 ** 16), cin=st.integers(1, 5), size=st.integers(5, 11),
+       width=st.sampled_from([3, 8, 16]), k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2),
+       classes=st.integers(2, 7), intermediate_bits=st.sampled_from([12, 16, 24]),
+       rounding=st.sampled_from(["upward", "nearest"]), method=st.sampled_from(["power2", "max"]),
+       granularity=st.sampled_from(["tensor", "channel"]), bias=st.sampled_from([8, 16, "acc"]))
+def test_tvm_equals_numpy_with_narrowed_intermediates(seed, cin, size, width, k, stride, classes,
+                                                      intermediate_bits, rounding, method,
+                                                      granularity, bias):
+    graph = _residual_network(seed, cin, size, width, k, stride, classes)
+    options = QuantOptions(activation_method=method, weight_scale=method,
+                           weight_granularity=granularity, rounding=rounding,
+                           intermediate_bits=intermediate_bits,
+                           **({"bias_mode": "int32-acc"} if bias == "acc" else {"bias_bits": bias}))
+    calib = images(4, (cin, size, size), seed=seed + 1)
+    qgraph = _realize(graph, options, calib)
+    # both adds' operands and the first add's sum (its second operand is the pooled mean)
+    assert qgraph.counts()["narrowed_intermediates"] >= 4
+    x = images(3, (cin, size, size), seed=seed + 2, std=1.5)  # beyond calibration: clips occur
+    tvm_values, ref_values = _every_node(qgraph, x)
+    assert not _mismatches(qgraph, tvm_values, ref_values)
+
+
+@pytest.mark.parametrize("intermediate_bits", [12, 16, 24, 32])
+@pytest.mark.parametrize("rounding", ["upward", "nearest"])
+def test_whole_model_with_narrowed_intermediates_equals_numpy(intermediate_bits, rounding):
+    """Only the logits are outputs, so the backend fuses each conv with what follows it (VNNI
+    kernels for the 16-channel convs): the narrowed model still equals numpy bit for bit."""
+    from qcal.backend.tvm import emit
+    from qcal.reference.int_interpreter import run_integer
+
+    graph = _residual_network(7, 3, 10, 16, 3, 1, 5, pooled=False)
+    calib, x = images(4, (3, 10, 10), seed=8), images(3, (3, 10, 10), seed=9, std=1.5)
+    qgraph = _realize(graph, QuantOptions(intermediate_bits=intermediate_bits,
+                                          rounding=rounding), calib)
+    logits = emit.run(emit.build(emit.emit_relax(qgraph, len(x))), x)
+    assert np.array_equal(logits, run_integer(qgraph, x))

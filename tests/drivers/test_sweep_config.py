@@ -58,6 +58,10 @@ def test_verify_images_defaults_once_and_the_command_line_overrides_it(tmp_path)
     ("models: [fmnist_vgg11_bn]\ngrid:\n  bias: [8, int16]\n", 3, "bias must be a bit count"),
     ("models: [fmnist_vgg11_bn]\ngrid:\n  weight_bits: [8, 4, 1]\n", 3,
      "weight_bits must be an integer from 2 to 8"),
+    ("models: [fmnist_vgg11_bn]\ngrid:\n  intermediate_bits: [16, 8]\n", 3,
+     "intermediate_bits must be an integer from 9 to 32, not 8"),
+    ("models: [fmnist_vgg11_bn]\nvariants:\n  - {intermediate_bits: \"16\"}\n", 3,
+     "intermediate_bits must be an integer from 9 to 32, not '16'"),
     ("models: [fmnist_vgg11_bn]\ngrid:\n  activation_method:\n    - power2\n    - entropy\n", 5,
      "activation_method must be one of"),
     ("models: [fmnist_vgg11_bn]\nvariants:\n  - {weight_scale: max, granularity: channel}\n", 3,
@@ -102,3 +106,10 @@ def test_widths_are_grid_axes(tmp_path):
         (8, 8), (8, 6), (4, 8), (4, 6), (4, 8)]
     assert cfg.variants[-1].first_layer_bits == cfg.variants[-1].last_layer_bits == 8
     assert cfg.variants[2].first_layer_bits is None
+
+
+def test_intermediate_bits_is_a_grid_axis(tmp_path):
+    cfg = load_sweep_config(write(tmp_path, "models: [fmnist_resnet20_v1]\ngrid:\n"
+                                            "  intermediate_bits: [32, 16, 12]\n"))
+    assert [v.intermediate_bits for v in cfg.variants] == [32, 16, 12]
+    assert cfg.variants[0] == QuantOptions()

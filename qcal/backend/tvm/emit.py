@@ -21,7 +21,7 @@ import tvm
 from tvm import relax
 
 from qcal.backend.tvm import schedules
-from qcal.ir.qgraph import QGraph, QNode, int8_levels, rounding_of
+from qcal.ir.qgraph import QGraph, QNode, clip_levels, int8_levels, rounding_of
 from qcal.registry import Registry
 
 # -- target and compile ------------------------------------------------------------------------
@@ -133,8 +133,8 @@ def _requantize(node, x, batch):
         else:
             v = relax.op.add(v, channel_const(rnd, rank, compute))
         v = relax.op.right_shift(v, shift)
-    if node.dtype == "int8":
-        levels = int8_levels(node)
+    levels = clip_levels(node)
+    if levels is not None:  # in the compute dtype, before the cast: int8, or a B-bit int32
         v = relax.op.minimum(relax.op.maximum(v, const(-levels, compute)), const(levels, compute))
     return relax.op.astype(v, node.dtype)
 
