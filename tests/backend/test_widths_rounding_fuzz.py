@@ -77,19 +77,17 @@ def test_nearest_rounding_changes_ties_in_tvm_too():
     assert differ, "no tie was rounded differently"
 
 
-def _residual_network(seed, cin, size, width, k, stride, classes, pooled=True):
+def _residual_network(seed, cin, size, width, k, stride, classes):
     """Residual adds whose operands and sums stay int32 (what intermediate_bits narrows)::
 
         conv k/s -> relu --+--> conv 1x1 ----------------+--> add --+--> add -> relu -> gap -> dense
                            +--> avgpool 3/1 excl. pad ---'          |
                            '--> conv 3x3 -----------------------------'
-    The first add's sum reaches the second add as an int32 shortcut. ``pooled=False``: a 3x3 conv
-    instead of the pool.
+    The first add's sum reaches the second add as an int32 shortcut.
     """
     g = GraphMaker((cin, size, size), seed, "residual")
     x = g.relu(g.conv("data", width, k=k, s=stride))
-    other = g.avgpool(x, 3, 1, 1, count_include_pad=False) if pooled else g.conv(x, width, k=3)
-    first = g.add(g.conv(x, width, k=1, p=0), other)
+    first = g.add(g.conv(x, width, k=1, p=0), g.avgpool(x, 3, 1, 1, count_include_pad=False))
     y = g.relu(g.add(first, g.conv(x, width, k=3)))
     g.dense(g.flatten(g.gap(y)), classes)
     return g.graph()
@@ -121,11 +119,13 @@ def test_tvm_equals_numpy_with_narrowed_intermediates(seed, cin, size, width, k,
 @pytest.mark.parametrize("rounding", ["upward", "nearest"])
 def test_whole_model_with_narrowed_intermediates_equals_numpy(intermediate_bits, rounding):
     """Only the logits are outputs, so the backend fuses each conv with what follows it (VNNI
-    kernels for the 16-channel convs): the narrowed model still equals numpy bit for bit."""
+    kernels for the 16-channel convs) and the excl.-pad average pool's window sum with the add
+    before it (a fused prologue the depthwise schedule rule declines; it failed on such a
+    PrimFunc before): the narrowed model still equals numpy bit for bit."""
     from qcal.backend.tvm import emit
     from qcal.reference.int_interpreter import run_integer
 
-    graph = _residual_network(7, 3, 10, 16, 3, 1, 5, pooled=False)
+    graph = _residual_network(7, 3, 10, 16, 3, 1, 5)
     calib, x = images(4, (3, 10, 10), seed=8), images(3, (3, 10, 10), seed=9, std=1.5)
     qgraph = _realize(graph, QuantOptions(intermediate_bits=intermediate_bits,
                                           rounding=rounding), calib)

@@ -352,6 +352,11 @@ def schedule_depthwise_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
         raise Decline("not depthwise")
     if _iter_kinds(sch, conv) != "SSSSRRR":
         raise Decline("unexpected iterators")
+    for b in blocks[:index]:
+        # an elementwise prologue fused in front (an int32 window sum of a shifted residual
+        # operand) would have to follow the tile that reverse_compute_at places: not handled
+        if _name(sch, b) != "pad_temp":
+            raise Decline("unexpected producer before the depthwise conv")
     if not str(sch.get(conv).writes[0].source.dtype).startswith("int"):
         # float32 depthwise: LLVM's own vectorization of the unscheduled loops measured 2-4x
         # faster than this tiling (0.16 ms against 0.6 ms on mbv2_dw_3x3); keep the default
