@@ -126,6 +126,26 @@ def test_key_names_target_schedules_and_batch():
                 qcompile.cache_key("00ff", tvm_adapter.tvm.target.Target("llvm"), 4, True)}) == 5
 
 
+def test_key_names_emulated_vnni(monkeypatch):
+    """$QCAL_VNNI_EMULATE compiles an AVX2 target's convs to another library (emulated
+    vpdpbusd): another key, per lane count; a VNNI target, or no schedules, compiles the same."""
+    from qcal.backend.tvm import vnni
+
+    targets = {cpu: tvm_adapter.tvm.target.Target({"kind": "llvm", "mcpu": cpu})
+               for cpu in ("haswell", "icelake-server")}
+    monkeypatch.delenv(vnni.EMULATE_ENV, raising=False)
+    real = {(cpu, s): qcompile.cache_key("00ff", t, 4, s) for cpu, t in targets.items()
+            for s in (True, False)}
+    keys = {}
+    for lanes in ("16", "8"):
+        monkeypatch.setenv(vnni.EMULATE_ENV, lanes)
+        keys[lanes] = qcompile.cache_key("00ff", targets["haswell"], 4, True)
+        assert qcompile.cache_key("00ff", targets["haswell"], 4, False) == real["haswell", False]
+        assert qcompile.cache_key("00ff", targets["icelake-server"], 4, True) == real[
+            "icelake-server", True]
+    assert len({keys["16"], keys["8"], real["haswell", True]}) == 3
+
+
 def test_module_hash_covers_constant_contents(qgraph):
     mod = tvm_adapter.emit_relax(qgraph, BATCH)
     assert tvm_adapter.module_hash(mod) == tvm_adapter.module_hash(

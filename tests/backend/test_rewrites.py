@@ -14,7 +14,8 @@ tests show that the rewrites did what they claim to the module itself:
   replaced by a ``*_prepacked`` PrimFunc that receives the weight already repacked
   (``pack_oihw``), and the OIHW version is gone; a weight passed as a parameter is not prepacked.
 
-The modules are the TVM adapter's own output (``emit_relax``) for the shared fixture graphs.
+The modules are the TVM adapter's own output (``emit_relax``) for the shared fixture graphs. On a
+host without VNNI the VNNI rewrite is that of the emulated kernel (tests/backend/vnni_emulation.py).
 """
 from __future__ import annotations
 
@@ -28,12 +29,15 @@ from tvm_ffi import structural_equal  # noqa: E402
 
 from qcal.backend.tvm import schedules, vnni  # noqa: E402
 from qcal.backend.tvm.emit import emit_relax  # noqa: E402
+from tests.backend.vnni_emulation import assert_vnni_kernel, vnni_kernels  # noqa: E402
 from tests.fixtures import OPTION_SETS, every_op, images, realized, resnet_v1  # noqa: E402
 
 TARGET = schedules.cpu_target()
 NO_VNNI = vnni.without_vnni(TARGET)
 LANES = schedules.pair_lanes(TARGET)
-VNNI_LANES = vnni.vnni_lanes(TARGET)
+with vnni_kernels():  # real or emulated
+    VNNI_LANES = vnni.vnni_lanes(TARGET)
+    VNNI_EMULATED = vnni.vnni_emulated(TARGET)
 CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
 PERMUTE_DIMS = tvm.ir.Op.get("relax.permute_dims")
@@ -113,7 +117,8 @@ def test_pair_rewrite_replaces_exactly_the_eligible_convs(graph_name):
         assert eligible, "the 16-wide fixture must exercise the rewrite"
 
 
-@pytest.mark.skipif(VNNI_LANES is None, reason="this CPU has no AVX-512 VNNI / AVX-VNNI")
+@pytest.mark.skipif(VNNI_LANES is None, reason="this CPU has neither VNNI nor AVX2 to emulate it")
+@pytest.mark.usefixtures("vnni_kernels")
 @pytest.mark.parametrize("graph_name", sorted(GRAPHS))
 def test_vnni_rewrite_replaces_exactly_the_eligible_convs(graph_name):
     before = _int8_module(GRAPHS[graph_name]())
@@ -122,7 +127,7 @@ def test_vnni_rewrite_replaces_exactly_the_eligible_convs(graph_name):
     kept = [c for c in convs if not _pair_eligible(c, None)]
 
     # the VNNI rewrite alone: the depthwise rewrite that follows it takes some of the kept convs
-    after = vnni.rewrite_vnni_convs(before, VNNI_LANES)
+    after = vnni.rewrite_vnni_convs(before, VNNI_LANES, VNNI_EMULATED)
 
     remaining = _calls(after, CONV2D)
     assert len(remaining) == len(kept)
@@ -136,6 +141,8 @@ def test_vnni_rewrite_replaces_exactly_the_eligible_convs(graph_name):
     quad_convs = [c for c in _calls(after, CALL_TIR)
                   if c.args[0].name_hint.startswith("conv2d_vnni")]
     assert len(packs) == len(quad_convs) == len(eligible)
+    for conv in quad_convs:  # vpdpbusd, or its emulation where the host has no VNNI
+        assert_vnni_kernel(after[conv.args[0]].script())
     v = VNNI_LANES
     for old, new in zip(eligible, quad_convs):
         weight = old.args[1].value.numpy()

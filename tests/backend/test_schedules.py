@@ -4,7 +4,8 @@ Every module here is a small hand-built Relax graph of the kind the TVM adapter 
 dense with int32 accumulation, requantize epilogue, pooling). Each is compiled through the same CPU
 pipeline with and without qcal's schedules (and, for int8 convs, with the VNNI rewrite the host
 target picks, with the int16-pair rewrite of the same target without VNNI, and without either)
-and run on the same input; integer results must be equal bit for bit.
+and run on the same input; integer results must be equal bit for bit. On a host without VNNI the
+VNNI tests compile the VNNI conv with ``vpdpbusd`` emulated (tests/backend/vnni_emulation.py).
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
-from tvm.target import codegen  # noqa: E402
 
 from qcal.backend.tvm import depthwise, schedules, vnni  # noqa: E402
-from qcal.errors import QcalError  # noqa: E402
+from qcal.errors import QcalError, UsageProblem  # noqa: E402
 from qcal.reference import kernels as numpy_kernels  # noqa: E402
+from tests.backend.vnni_emulation import assert_vnni_kernel, vnni_kernels  # noqa: E402
 
 TARGET = schedules.cpu_target()
 RNG_SEED = 7
@@ -85,7 +86,12 @@ CONVS = {
 }
 DEPTHWISE = {kind for kind in CONVS if kind.startswith("depthwise")}
 PAIRS = schedules.pair_lanes(TARGET) is not None
-VNNI = vnni.vnni_lanes(TARGET) is not None
+with vnni_kernels():  # real or emulated: the VNNI tests' lanes
+    VNNI_LANES = vnni.vnni_lanes(TARGET)
+    AVX_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": TARGET.attrs["mcpu"],
+                                  "mattr": ["-avx512vnni"]})
+    AVX_VNNI_LANES = vnni.vnni_lanes(AVX_VNNI)
+VNNI = VNNI_LANES is not None
 # the int8 conv kernel a test compiles for: (target, whether the conv rewrite runs)
 KERNELS = {"vnni": (TARGET, True), "pairs": (vnni.without_vnni(TARGET), True),
            "s_tir": (TARGET, False)}
@@ -122,6 +128,7 @@ def _primfuncs(mod):
     return {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
 
 
+@pytest.mark.usefixtures("vnni_kernels")
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 class TestConv:
     """Every int8 conv path: VNNI (the default on a VNNI CPU), the int16-pair rewrite (the default
@@ -155,7 +162,10 @@ class TestConv:
         if expected == "conv2d_int16_pairs":
             assert "pmadd" in text
             return
-        assert "vpdpbusd" in text if expected.endswith("vnni") else "T.vectorized" in text
+        if expected == "conv2d_vnni":
+            assert_vnni_kernel(text, target)
+        else:
+            assert "vpdpbusd" in text if expected == "depthwise_vnni" else "T.vectorized" in text
         # the requantize epilogue was inlined: one block writes the int8 output after the conv
         assert text.count('T.sblock("compute') <= 1
         assert "int8" in str(_primfuncs(lowered)[convs[0]].params[-1].dtype)
@@ -226,12 +236,16 @@ class TestInt16Pairs:
 def _vnni_conv(x, weight, strides, pads, target):
     mod = _module(x.shape, lambda bb, v: bb.emit(relax.op.nn.conv2d(
         v, _const(weight), strides=strides, padding=pads, out_dtype="int32")))
-    rules = schedules.scheduled_functions(schedules.lower(mod, target))
+    lowered = schedules.lower(mod, target)
+    rules = schedules.scheduled_functions(lowered)
+    for name, rule in rules.items():
+        if rule == "conv2d_vnni":
+            assert_vnni_kernel(_primfuncs(lowered)[name].script(), target)
     return _run(mod, x, target=target), rules
 
 
 class TestVnni:
-    @pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI / AVX-VNNI")
+    @pytest.mark.skipif(not VNNI, reason="this CPU has neither VNNI nor AVX2 to emulate it")
     @hypothesis.settings(max_examples=14, deadline=None, derandomize=True, database=None)
     @hypothesis.given(
         batch=st.integers(1, 2), in_channels=st.integers(1, 13), vectors=st.integers(1, 3),
@@ -242,22 +256,27 @@ class TestVnni:
         """Odd channel counts (zero-padded to quads), strides, 1x1 to 7x7, asymmetric padding,
         the whole int8 range (-128 included): the u8 + 128 shift and its weight-sum correction
         are exact."""
-        lanes = vnni.vnni_lanes(TARGET)
+        lanes = VNNI_LANES
         hypothesis.assume(size + pads[0] + pads[2] >= kernel and size + pads[1] + pads[3] >= kernel)
         rng = np.random.default_rng(seed)
         x = _int8(rng, (batch, in_channels, size, size + 1))
         weight = _int8(rng, (vectors * lanes, in_channels, kernel, kernel))
-        out, rules = _vnni_conv(x, weight, (stride, stride), pads, TARGET)
-        assert list(rules.values()) == ["conv2d_vnni"]
+        with vnni_kernels():
+            out, rules = _vnni_conv(x, weight, (stride, stride), pads, TARGET)
+        # the conv, and the conversion of its channel-blocked output to NCHW when it is large
+        # enough for threads
+        assert set(rules.values()) <= {"conv2d_vnni", "parallel_outer"}, rules
+        assert list(rules.values()).count("conv2d_vnni") == 1
         ref = numpy_kernels.conv2d(x, weight, (stride, stride), pads)
         assert out.dtype == np.int32 and np.array_equal(out, ref)
 
-    @pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI / AVX-VNNI")
+    @pytest.mark.skipif(not VNNI, reason="this CPU has neither VNNI nor AVX2 to emulate it")
+    @pytest.mark.usefixtures("vnni_kernels")
     def test_extreme_values_do_not_saturate(self):
         """-128 activations against -128 weights over 64 channels x 3x3: the largest sums a
         ResNet conv can make; vpdpbusd (unlike vpdpbusds) wraps, and nothing here reaches int32's
         limits, so the result is the plain sum."""
-        lanes = vnni.vnni_lanes(TARGET)
+        lanes = VNNI_LANES
         x = np.full((1, 64, 6, 6), -128, np.int8)
         weight = np.full((lanes, 64, 3, 3), -128, np.int8)
         weight[1::2] = 127
@@ -265,27 +284,29 @@ class TestVnni:
         assert np.array_equal(out, numpy_kernels.conv2d(x, weight, (1, 1), (1, 1, 1, 1)))
         assert out[0, 0, 2, 2] == 64 * 9 * 128 * 128
 
-    @pytest.mark.skipif(not codegen.llvm_cpu_has_features(["avxvnni"], TARGET),
-                        reason="this CPU has no AVX-VNNI")
+    @pytest.mark.skipif(AVX_VNNI_LANES != 8, reason="this CPU has neither AVX-VNNI nor AVX2 to "
+                        "emulate it")
+    @pytest.mark.usefixtures("vnni_kernels")
     @pytest.mark.parametrize("kind", ["3x3_stride2", "7x7_stem", "1x1"])
     def test_avx_vnni_eight_lane_path_bit_exact(self, kind):
         """A target with AVX-VNNI but not AVX-512 VNNI takes the 8-lane 256-bit vpdpbusd."""
-        avx_vnni = tvm.target.Target({"kind": "llvm", "mcpu": TARGET.attrs["mcpu"],
-                                      "mattr": ["-avx512vnni"]})
-        assert vnni.vnni_lanes(avx_vnni) == 8
+        assert vnni.vnni_lanes(AVX_VNNI) == 8
         mod, _ = _conv_module(kind, epilogue=True)
         x = _int8(np.random.default_rng(13), CONVS[kind][0])
-        assert np.array_equal(_run(mod, x, target=avx_vnni), _run(mod, x, schedule=False))
-        rules = schedules.scheduled_functions(schedules.lower(mod, avx_vnni))
-        assert "conv2d_vnni" in rules.values()
+        assert np.array_equal(_run(mod, x, target=AVX_VNNI), _run(mod, x, schedule=False))
+        lowered = schedules.lower(mod, AVX_VNNI)
+        (name,) = [n for n, r in schedules.scheduled_functions(lowered).items()
+                   if r == "conv2d_vnni"]
+        assert_vnni_kernel(_primfuncs(lowered)[name].script(), AVX_VNNI)
 
-    @pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI / AVX-VNNI")
+    @pytest.mark.skipif(not VNNI, reason="this CPU has neither VNNI nor AVX2 to emulate it")
+    @pytest.mark.usefixtures("vnni_kernels")
     def test_conv_output_read_twice_bit_exact(self):
         """The conv's int32 output feeds its requantize and, beside it, a sum with the
         requantized value: FuseOps then leaves the conv alone in its PrimFunc, and the rule
         schedules it without an epilogue (the int32 tensor is written out)."""
         rng = np.random.default_rng(15)
-        shape, lanes = (1, 8, 9, 9), vnni.vnni_lanes(TARGET)
+        shape, lanes = (1, 8, 9, 9), VNNI_LANES
         weight = _int8(rng, (lanes, 8, 3, 3))
 
         def emit(bb, x):
@@ -311,6 +332,27 @@ class TestVnni:
         assert vnni.vnni_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})) is None
         assert vnni.vnni_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})) == 16
         assert vnni.vnni_lanes(tvm.target.Target({"kind": "llvm", "mcpu": "alderlake"})) == 8
+
+    def test_emulation_answers_for_avx2_targets_without_vnni(self, monkeypatch):
+        """$QCAL_VNNI_EMULATE: the lanes asked for on an AVX2 target without VNNI, less a VNNI
+        feature its mattr switches off; a VNNI target and a target without AVX2 keep their own
+        answer; a bad value is a one-line error naming the variable."""
+        haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+        no_avx512_vnni = tvm.target.Target({"kind": "llvm", "mcpu": "haswell",
+                                            "mattr": ["-avx512vnni"]})
+        icelake = tvm.target.Target({"kind": "llvm", "mcpu": "icelake-server"})
+        plain = tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})
+        assert not vnni.vnni_emulated(haswell)
+        monkeypatch.setenv(vnni.EMULATE_ENV, "16")
+        assert [vnni.vnni_lanes(t) for t in (haswell, no_avx512_vnni, icelake, plain)] == [
+            16, 8, 16, None]
+        assert vnni.vnni_lanes(vnni.without_vnni(haswell)) is None
+        assert [vnni.vnni_emulated(t) for t in (haswell, icelake, plain)] == [True, False, False]
+        monkeypatch.setenv(vnni.EMULATE_ENV, "8")
+        assert [vnni.vnni_lanes(t) for t in (haswell, icelake)] == [8, 16]
+        monkeypatch.setenv(vnni.EMULATE_ENV, "32")
+        with pytest.raises(UsageProblem, match="QCAL_VNNI_EMULATE must be 16 or 8.*not '32'"):
+            vnni.vnni_lanes(haswell)
 
     def test_pack_vnni_weight_layout_and_correction(self):
         """Lane l of vector (f, c4, ky, kx) holds out channel f*v + l, in channels 4*c4 .. +3 as
@@ -469,6 +511,7 @@ class TestModulePass:
         # applying twice changes nothing: scheduled PrimFuncs are marked and skipped
         tvm.ir.assert_structural_equal(schedules.apply_cpu_schedules(scheduled, TARGET), scheduled)
 
+    @pytest.mark.usefixtures("vnni_kernels")
     def test_small_residual_network_bit_exact(self):
         """Two same-shape convs (their fused PrimFuncs may be shared by two call sites, each with
         its own weight constant), a residual join, max pool and a dense head, end to end.

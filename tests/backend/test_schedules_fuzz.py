@@ -23,6 +23,10 @@ declines fails the test, and the strategies are weighted so that most examples f
 domain. ``--hypothesis-show-statistics`` prints how often
 each rule ran.
 
+On a host without VNNI, the VNNI conv runs with ``vpdpbusd`` emulated (tests/backend/vnni_emulation.py):
+in the groups-1 int8 conv property beside the host's own int16-pair conv (a drawn choice), and in
+the chains of convs throughout.
+
 Budget: the hypothesis profile (``tests/conftest.py``): ``ci`` by default, a fixed number of
 derandomized examples per test; ``QCAL_HYPOTHESIS_PROFILE=long`` for many more, by hand.
 """
@@ -47,6 +51,7 @@ from qcal.quant.fixed_point import rescale_plan  # noqa: E402
 from qcal.quant.realize import qgraph_from_float  # noqa: E402
 from qcal.reference.int_interpreter import run_integer  # noqa: E402
 from qcal.reference.kernels import pool_sum_and_count  # noqa: E402
+from tests.backend.vnni_emulation import EMULATED_LANES, assert_vnni_kernel, vnni_kernels  # noqa: E402
 
 TARGET = schedules.cpu_target()
 # CPUs older than the host run on it too: on an AVX-512 host int8 convs are also fuzzed for
@@ -55,6 +60,8 @@ TARGET = schedules.cpu_target()
 AVX512 = tvm.target.Target({"kind": "llvm", "mcpu": "skylake-avx512"})
 AVX2 = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
 INT_TARGETS = ((TARGET, AVX512, AVX2) if schedules.pair_lanes(TARGET) == 16 else (TARGET,))
+# without VNNI on the host: the host target's groups-1 int8 convs also drawn as emulated VNNI
+EMULATE_VNNI = (False, True) if EMULATED_LANES else (False,)
 PRIMES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67)
 # Multiply-accumulates of one example at most: keeps the unscheduled conv and numpy fast.
 MAX_MACS = 10_000_000
@@ -386,17 +393,20 @@ def budget(share):
 
 @budget(1.0)
 @given(case=conv_cases("dense"), options=EPILOGUES, seed=SEEDS,
-       target=st.sampled_from(INT_TARGETS))
+       target=st.sampled_from(INT_TARGETS), emulate_vnni=st.sampled_from(EMULATE_VNNI))
 @example(  # a 1x1 conv on one pixel: a tile of one output
     case=ConvCase(1, 3, 1, 1, 16, (1, 1), (1, 1), (0, 0, 0, 0), 1),
     options={"bias": True, "requantize": "multiply", "per_channel": True, "activation": "relu",
-             "residual": False, "rounding": "upward"}, seed=0, target=TARGET)
-def test_int8_conv_pairs_and_stir(case, options, seed, target):
-    """groups 1: the int16-pair conv and (pair rewrite off) the s_tir conv schedule."""
+             "residual": False, "rounding": "upward"}, seed=0, target=TARGET,
+    emulate_vnni=EMULATE_VNNI[-1])
+def test_int8_conv_pairs_and_stir(case, options, seed, target, emulate_vnni):
+    """groups 1: the VNNI conv where the target has VNNI (``emulate_vnni``: emulated, on the host
+    target), else the int16-pair conv, and (pair rewrite off) the s_tir conv schedule."""
     graph, projection = int_conv_graph(case, options, seed)
-    builds = _check_int(graph, _inputs(case, seed), pair_path=True, target=target)
-    _assert_conv_rules(builds["pairs"], case, "int8", True, projection, target)
-    _assert_conv_rules(builds["s_tir"], case, "int8", False, projection, target)
+    with vnni_kernels(emulate_vnni and target is TARGET):
+        builds = _check_int(graph, _inputs(case, seed), pair_path=True, target=target)
+        _assert_conv_rules(builds["pairs"], case, "int8", True, projection, target)
+        _assert_conv_rules(builds["s_tir"], case, "int8", False, projection, target)
 
 
 @budget(1.0)
@@ -577,7 +587,8 @@ def test_pooling_and_elementwise(pool, batch, channels, size, kernel, stride, pa
 # A target with AVX-VNNI but not AVX-512 VNNI: 8-lane vpdpbusd and 8-channel blocks.
 AVX_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": str(TARGET.attrs["mcpu"]),
                               "mattr": ["-avx512vnni"]})
-CHAIN_TARGETS = (TARGET, AVX_VNNI) if vnni.vnni_lanes(AVX_VNNI) == 8 else (TARGET,)
+with vnni_kernels():  # real or emulated
+    CHAIN_TARGETS = (TARGET, AVX_VNNI) if vnni.vnni_lanes(AVX_VNNI) == 8 else (TARGET,)
 
 
 def _middle(options):
@@ -640,7 +651,14 @@ def test_int8_conv_chain_channel_blocked(batch, channels, widths, size, pool, re
     projection shortcuts), where the VNNI path keeps the tensors between them channel-blocked
     (``qcal.backend.tvm.blocked``), out channels that are not whole blocks padded, and converts
     at the edges (the input, the outputs; ``read_twice`` also returns a hidden layer, whose
-    padded lanes must not show): TVM == numpy."""
+    padded lanes must not show): TVM == numpy. On a host without VNNI: the emulated VNNI conv."""
+    with vnni_kernels():
+        _check_conv_chain(batch, channels, widths, size, pool, residual, stride, read_twice,
+                          options, seed, target)
+
+
+def _check_conv_chain(batch, channels, widths, size, pool, residual, stride, read_twice, options,
+                      seed, target):
     graph, hidden = int_conv_chain(batch, channels, widths, size, pool, residual, stride,
                                    options, seed)
     w1, w2, _ = widths
@@ -675,4 +693,7 @@ def test_int8_conv_chain_channel_blocked(batch, channels, widths, size, pool, re
     fused = [name for name in functions if "conv2d_vnni_shortcut" in name]
     projection = residual == "projection" or (residual == "identity" and (w1, stride) != (w2, 1))
     assert len(fused) == (1 if projection else 0)
+    for gv, f in lowered.functions.items():
+        if rules.get(gv.name_hint) == "conv2d_vnni":
+            assert_vnni_kernel(f.script(), target)
     event(f"blocked packs: {len(blocked_packs)}")

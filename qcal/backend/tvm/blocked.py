@@ -88,9 +88,10 @@ class _Blocker:
     """One function's rewrite: ``nchw`` / ``blocked`` map each original variable to the new
     variable holding its value in that layout (made on first use)."""
 
-    def __init__(self, builder: relax.BlockBuilder, lanes: int, func=None):
+    def __init__(self, builder: relax.BlockBuilder, lanes: int, func=None, emulate=False):
         self.bb = builder
         self.lanes = lanes
+        self.emulate = emulate  # vpdpbusd emulated (vnni.rewrite_vnni_convs)
         self.nchw: dict = {}
         self.blocked: dict = {}
         # residual adds done by one shortcut-fused conv: add's var -> (main, shortcut, bias,
@@ -213,7 +214,7 @@ class _Blocker:
                                   call.ty_args)
             sides.append((call, shape, pads, strides, blocked_input))
         out = self.bb.emit(vnni.emit_vnni_shortcut_conv(self.bb, self.lanes, sides[0], sides[1],
-                                                        bias, shift))
+                                                        bias, shift, self.emulate))
         if main_bias is not None:
             like = _static_shape(main[0])
             out = self.bb.emit(relax.op.add(out, self.as_blocked(main_bias, like)))
@@ -282,7 +283,7 @@ class _Blocker:
                 value = relax.Call(value.op, [self.as_nchw(source), value.args[1]], value.attrs,
                                    value.ty_args)
             return vnni.emit_vnni_conv(self.bb, value, self.lanes, shape, pads, strides,
-                                       blocked_input)
+                                       blocked_input, self.emulate)
         name = value.op.name
         like = _static_shape(value)
         if name in _ELEMENTWISE and like is not None and len(like) == 4:
@@ -365,9 +366,10 @@ def _single_dataflow_body(func) -> bool:
 class _NchwVnniConvs(relax.PyExprMutator):
     """Functions the layout walk does not take: each VNNI conv converted back to NCHW at once."""
 
-    def __init__(self, mod, lanes):
+    def __init__(self, mod, lanes, emulate):
         super().__init__(mod)
         self.lanes = lanes
+        self.emulate = emulate  # vpdpbusd emulated (vnni.rewrite_vnni_convs)
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
@@ -376,16 +378,18 @@ class _NchwVnniConvs(relax.PyExprMutator):
         geometry = int8_conv_geometry(call)
         if geometry is None:
             return call
-        conv = self.builder_.emit(vnni.emit_vnni_conv(self.builder_, call, self.lanes, *geometry))
+        conv = self.builder_.emit(vnni.emit_vnni_conv(self.builder_, call, self.lanes, *geometry,
+                                                      emulate=self.emulate))
         return nchw_of_blocked(conv, int(call.args[1].ty.shape[0]), self.builder_)
 
 
-def rewrite_blocked(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+def rewrite_blocked(mod: tvm.IRModule, lanes: int, emulate: bool = False) -> tvm.IRModule:
     """``mod`` with every VNNI-eligible int8 conv replaced by the VNNI PrimFuncs and the tensors
-    between them channel-blocked (module docstring)."""
+    between them channel-blocked (module docstring); ``emulate``: as for
+    ``vnni.rewrite_vnni_convs``."""
     walked = {gv: f for gv, f in mod.functions.items()
               if isinstance(f, relax.Function) and _single_dataflow_body(f)}
-    fallback = _NchwVnniConvs(mod, lanes)
+    fallback = _NchwVnniConvs(mod, lanes, emulate)
     for gvar, func in list(mod.functions.items()):
         if isinstance(func, relax.Function) and gvar not in walked:
             fallback.builder_.update_func(gvar, fallback.visit_expr(func))
@@ -395,7 +399,7 @@ def rewrite_blocked(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
     builder = relax.BlockBuilder(mod)
     names = {}
     for gvar, func in walked.items():
-        blocker = _Blocker(builder, lanes, func)
+        blocker = _Blocker(builder, lanes, func, emulate)
         names[gvar] = f"qcal_blocked_{gvar.name_hint}"
         with builder.function(names[gvar], list(func.params), private=True):
             with builder.dataflow():

@@ -10,7 +10,8 @@ Compile cache: a compiled library is kept on disk (``$QCAL_CACHE_DIR``, else
 covers the constants' contents, so one changed weight is another module), the target, the batch
 size (part of the module's shapes, and in the key explicitly), whether qcal's schedules are used,
 and the versions of qcal and TVM with a digest of the code of this whole package (every module of
-``qcal.backend.tvm``: a changed schedule must not be served from an old library).
+``qcal.backend.tvm``: a changed schedule must not be served from an old library), and the lanes
+of ``vpdpbusd`` when ``$QCAL_VNNI_EMULATE`` emulates it (``qcal.backend.tvm.vnni``).
 A hit loads the ``.so`` and skips ``tvm.compile`` altogether; files are written atomically
 (a temporary file in the same folder, then ``os.replace``), so a crash or a concurrent compile never
 leaves a half-written library under a real key. Each library is a checked file (``qcal.files``:
@@ -73,10 +74,14 @@ def _lowering_code_digest() -> str:
 
 def cache_key(mod_hash: str, target, batch_size: int, use_schedules: bool) -> str:
     from qcal.backend.tvm import emit as tvm_adapter
+    from qcal.backend.tvm import vnni
 
     fields = {"module": mod_hash, "target": str(target), "batch_size": batch_size,
               "use_schedules": bool(use_schedules), "qcal": __version__,
               "tvm": tvm_adapter.tvm.__version__, "lowering_code": _lowering_code_digest()}
+    if use_schedules and vnni.vnni_emulated(target):
+        # $QCAL_VNNI_EMULATE: the same module and target compile to another library
+        fields["vnni_emulated_lanes"] = vnni.vnni_lanes(target)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -843,7 +843,7 @@ def rewrite_int8_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMo
 
     quad_lanes = vnni.vnni_lanes(target)
     if quad_lanes is not None:
-        mod = vnni.rewrite_vnni_convs(mod, quad_lanes)
+        mod = vnni.rewrite_vnni_convs(mod, quad_lanes, vnni.vnni_emulated(target))
     if depthwise.depthwise_supported(target):
         mod = depthwise.rewrite_depthwise_convs(mod)
     lanes = pair_lanes(target)

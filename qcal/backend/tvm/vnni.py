@@ -40,6 +40,19 @@ read as a real channel: the conversion back to NCHW drops them, and a conv readi
 blocked input multiplies them by zero weights (its in channels padded the same way), with the
 +128 correction unchanged because it sums the real weights only.
 
+Emulation, for verification only (``$QCAL_VNNI_EMULATE``, ``EMULATE_ENV``): set to 16 or 8, it
+makes ``vnni_lanes`` answer that lane count for a target that has AVX2 but no VNNI, and the
+convs then compute each ``vpdpbusd`` in plain int32 vector ops, the same arithmetic exactly
+(``_quad_dot``): the layouts, packs, corrections, padding and schedule are the real kernel's, so
+tests on a CPU without VNNI check them bit for bit against numpy. It is far slower than the
+int16-pair convs such a CPU otherwise gets, and is logged as a warning when it is used; a
+target with VNNI ignores it, and a target whose ``mattr`` switches a VNNI feature off
+(``-avx512vnni``, ``-avxvnni``) has that feature emulated neither. Its conv blocks carry the
+annotation ``EMULATED_ANNOTATION`` (the real ones call ``vpdpbusd``), and the compile cache keys
+an emulated library apart (``qcal.backend.tvm.compile.cache_key``). The depthwise VNNI conv
+(``qcal.backend.tvm.depthwise``, which also needs VBMI's ``vpermb``) is not emulated: without
+VNNI and VBMI it stays on the s_tir depthwise rule.
+
 Schedule (``schedule_vnni_conv2d``): the int16-pair conv's tiling at vector granularity -- up to
 ``_PIXEL_TILE`` output pixels of one row x ``_CHANNEL_VECTORS`` vectors of channels accumulate in
 registers with the reduction loops outside, written back per tile as whole vectors (the output
@@ -47,6 +60,9 @@ layout is the accumulator tile's), (batch, row, channel tile) in parallel. Measu
 by ``scripts/bench_ops.py``, per layer of a model by ``scripts/profile_layers.py``.
 """
 from __future__ import annotations
+
+import logging
+import os
 
 import numpy as np
 import tvm
@@ -57,6 +73,9 @@ from tvm.target import codegen
 from qcal.backend.tvm.schedules import (Decline, Scheduled, _extents, _i64, _inline_epilogue,
                                         _largest_divisor, _name, _parallel_outer, _root_blocks,
                                         _vectorize_tile_epilogue, padded_conv_extents)
+from qcal.errors import UsageProblem
+
+log = logging.getLogger("qcal.backend.tvm.vnni")
 
 VNNI_BLOCK = "conv2d_vnni"
 # relax's OpPatternKind kOutEWiseFusable: FuseOps may fuse the elementwise ops after the conv
@@ -66,6 +85,12 @@ _VPDPBUSD_INTRINSICS = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.
 # Output pixels x channel vectors of accumulators held in registers (of 32 with AVX-512).
 _PIXEL_TILE = 8
 _CHANNEL_VECTORS = 2
+EMULATE_ENV = "QCAL_VNNI_EMULATE"
+# the VNNI features an emulated lane count stands for, as llvm_cpu_has_features names them
+_EMULATED_FEATURES = {16: ("avx512vnni", "avxvnni"), 8: ("avxvnni",)}
+# block annotation of an emulated conv2d_vnni block (visible in the lowered TIR's script)
+EMULATED_ANNOTATION = "qcal_vnni_emulated"
+_warned = set()
 
 
 def vector_blocks(channels: int, lanes: int) -> int:
@@ -74,13 +99,78 @@ def vector_blocks(channels: int, lanes: int) -> int:
     return -(-channels // lanes)
 
 
-def vnni_lanes(target: tvm.target.Target) -> int | None:
-    """int32 lanes of the target's ``vpdpbusd`` (16 with AVX-512 VNNI, 8 with AVX-VNNI), or None."""
+def _hardware_lanes(target: tvm.target.Target) -> int | None:
     if codegen.llvm_cpu_has_features(["avx512vnni", "avx512bw"], target):
         return 16
     if codegen.llvm_cpu_has_features(["avxvnni"], target):
         return 8
     return None
+
+
+def emulated_lanes() -> int | None:
+    """The ``vpdpbusd`` lanes ``$QCAL_VNNI_EMULATE`` asks to emulate (16 or 8), None when unset."""
+    value = os.environ.get(EMULATE_ENV, "").strip()
+    if not value:
+        return None
+    if value not in ("16", "8"):
+        raise UsageProblem(f"{EMULATE_ENV} must be 16 or 8 (the vpdpbusd lanes to emulate), "
+                           f"not {value!r}")
+    return int(value)
+
+
+def _emulated_target_lanes(target: tvm.target.Target) -> int | None:
+    """The lanes emulated for a target without VNNI (module docstring), or None."""
+    requested = emulated_lanes()
+    if requested is None or not codegen.llvm_cpu_has_features(["avx2"], target):
+        return None
+    switched_off = {str(a)[1:] for a in target.attrs.get("mattr", []) if str(a).startswith("-")}
+    features = [f for f in _EMULATED_FEATURES[requested] if f not in switched_off]
+    lanes = 16 if "avx512vnni" in features else 8 if features else None
+    if lanes is not None and lanes not in _warned:
+        _warned.add(lanes)
+        log.warning("%s=%d: the VNNI convs emulate %d-lane vpdpbusd in plain int32 vector ops, "
+                    "for verification only (much slower than this CPU's int16-pair convs)",
+                    EMULATE_ENV, requested, lanes)
+    return lanes
+
+
+def vnni_lanes(target: tvm.target.Target) -> int | None:
+    """int32 lanes of the target's ``vpdpbusd`` (16 with AVX-512 VNNI, 8 with AVX-VNNI), or
+    None; on a target without VNNI, the emulated lanes when ``$QCAL_VNNI_EMULATE`` is set."""
+    lanes = _hardware_lanes(target)
+    return lanes if lanes is not None else _emulated_target_lanes(target)
+
+
+def vnni_emulated(target: tvm.target.Target) -> bool:
+    """Whether the target's VNNI convs are the portable emulation of ``vpdpbusd`` (for
+    verification only: module docstring)."""
+    return _hardware_lanes(target) is None and _emulated_target_lanes(target) is not None
+
+
+def _quad_dot(v: int, emulate: bool):
+    """``dot(acc, x, w)``: ``acc`` (int32 x v) plus, in each lane, the 4 products of the lane's
+    bytes of ``x`` (unsigned) and of ``w`` (signed), summed: ``vpdpbusd``, or with ``emulate`` the
+    same in plain int32 vector ops (no product or sum can wrap: module docstring)."""
+    acc_t, bytes_t = f"int32x{v}", f"int8x{4 * v}"
+    intrinsic = _VPDPBUSD_INTRINSICS[v]
+
+    def vpdpbusd(acc, x, w):
+        # LLVM's vpdpbusd takes its two multiplicands as byte vectors (unsigned, then signed)
+        return T.call_llvm_pure_intrin(acc_t, T.llvm_lookup_intrinsic_id(intrinsic), acc,
+                                       T.reinterpret(bytes_t, x), T.reinterpret(bytes_t, w))
+
+    def lanes(value):
+        return T.broadcast(T.int32(value), v)
+
+    def emulated(acc, x, w):
+        for k in range(4):
+            # byte k of x zero-extended, byte k of w sign-extended (an arithmetic right shift)
+            unsigned = T.bitwise_and(T.shift_right(x, lanes(8 * k)), lanes(0xFF))
+            signed = T.shift_right(T.shift_left(w, lanes(24 - 8 * k)), lanes(24))
+            acc = acc + unsigned * signed
+        return acc
+
+    return emulated if emulate else vpdpbusd
 
 
 def _pack_quads_func(n, c, h, w, pads):
@@ -151,10 +241,9 @@ def _pack_blocked_quads_func(n, cb, h, w, v, pads):
     return pack_blocked_u8_quads
 
 
-def _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, sh, sw, v):
-    # LLVM's vpdpbusd takes its two multiplicands as byte vectors (unsigned, then signed)
-    acc_t, bytes_t = f"int32x{v}", f"int8x{4 * v}"
-    intrinsic = _VPDPBUSD_INTRINSICS[v]
+def _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, sh, sw, v, emulate):
+    dot = _quad_dot(v, emulate)
+    annotations = {EMULATED_ANNOTATION: 1} if emulate else {}
     f, c4 = vector_blocks(o, v), cb * q
     n, cb, q, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, f = _i64(
         n, cb, q, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, f)
@@ -171,14 +260,13 @@ def _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, sh, sw, v):
             with T.sblock("conv2d_vnni"):  # VNNI_BLOCK
                 vi, vj, vy, vz, vc, vry, vrx, vq = T.axis.remap(
                     "SSSSRRRR", [i, j, y, z, rc, ry, rx, rq])
+                T.sblock_attr(annotations)
                 with T.init():
                     acc[vi, vj, vy, vz, T.ramp(zero, one, v)] = init[vj, T.ramp(zero, one, v)]
-                acc[vi, vj, vy, vz, T.ramp(zero, one, v)] = T.call_llvm_pure_intrin(
-                    acc_t, T.llvm_lookup_intrinsic_id(intrinsic),
+                acc[vi, vj, vy, vz, T.ramp(zero, one, v)] = dot(
                     acc[vi, vj, vy, vz, T.ramp(zero, one, v)],
-                    T.reinterpret(bytes_t, T.broadcast(
-                        xq[vi, vc, vy * sh + vry, vz * sw + vrx, vq], v)),
-                    T.reinterpret(bytes_t, wq[vj, vc * q + vq, vry, vrx, T.ramp(zero, one, v)]))
+                    T.broadcast(xq[vi, vc, vy * sh + vry, vz * sw + vrx, vq], v),
+                    wq[vj, vc * q + vq, vry, vrx, T.ramp(zero, one, v)])
         for i, j, y, z, c in T.grid(n, f, oh, ow, lanes):
             with T.sblock("unpack"):
                 vi, vj, vy, vz, vl = T.axis.remap("SSSSS", [i, j, y, z, c])
@@ -186,7 +274,7 @@ def _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, sh, sw, v):
     return conv2d_vnni
 
 
-def _vnni_shortcut_conv_func(main, short, o, oh, ow, v):
+def _vnni_shortcut_conv_func(main, short, o, oh, ow, v, emulate):
     """conv2d_vnni with a projection shortcut computed in the same tile: the shortcut conv's
     accumulators, (acc + bias) << shift (the residual add's alignment, per channel), start the
     main conv's accumulators. ``main`` / ``short``: (n, cb, q, hp, wp, kh, kw, sh, sw) of each.
@@ -194,8 +282,8 @@ def _vnni_shortcut_conv_func(main, short, o, oh, ow, v):
     Written already tiled -- one block per tile of ``pixels`` output pixels x ``vectors``
     channel vectors, its two reductions as loops inside -- because s_tir's compute_at cannot
     place a block whose writes are whole vectors (its lane dimension has no iterator)."""
-    acc_t, bytes_t = f"int32x{v}", f"int8x{4 * v}"
-    intrinsic = _VPDPBUSD_INTRINSICS[v]
+    dot = _quad_dot(v, emulate)
+    annotations = {EMULATED_ANNOTATION: 1} if emulate else {}
     f = vector_blocks(o, v)
     pixels, vectors = _largest_divisor(ow, _PIXEL_TILE), _largest_divisor(f, _CHANNEL_VECTORS)
     n, cb, q, hp, wp, kh, kw, sh, sw = _i64(*main)
@@ -220,6 +308,7 @@ def _vnni_shortcut_conv_func(main, short, o, oh, ow, v):
         for i, y, jo, zo in T.grid(n, oh, fo, zt):
             with T.sblock("conv2d_vnni"):  # VNNI_BLOCK, the whole tile
                 vi, vy, vjo, vzo = T.axis.remap("SSSS", [i, y, jo, zo])
+                T.sblock_attr(annotations)
                 T.reads(xq[vi, 0:cb, vy * sh:vy * sh + kh,
                            vzo * px * sw:vzo * px * sw + (px - 1) * sw + kw, 0:q],
                         wq[vjo * vc:vjo * vc + vc, 0:c4, 0:kh, 0:kw, 0:lanes],
@@ -238,13 +327,11 @@ def _vnni_shortcut_conv_func(main, short, o, oh, ow, v):
                 for rc, ry, rx, rq in T.grid(cbs, khs, kws, qs):
                     for zi in T.unroll(px):
                         for jm in T.unroll(vc):
-                            accs[jm, zi, T.ramp(zero, one, v)] = T.call_llvm_pure_intrin(
-                                acc_t, T.llvm_lookup_intrinsic_id(intrinsic),
+                            accs[jm, zi, T.ramp(zero, one, v)] = dot(
                                 accs[jm, zi, T.ramp(zero, one, v)],
-                                T.reinterpret(bytes_t, T.broadcast(xs[
-                                    vi, rc, vy * shs + ry, (vzo * px + zi) * sws + rx, rq], v)),
-                                T.reinterpret(bytes_t, ws[
-                                    vjo * vc + jm, rc * qs + rq, ry, rx, T.ramp(zero, one, v)]))
+                                T.broadcast(xs[
+                                    vi, rc, vy * shs + ry, (vzo * px + zi) * sws + rx, rq], v),
+                                ws[vjo * vc + jm, rc * qs + rq, ry, rx, T.ramp(zero, one, v)])
                 for jm in T.unroll(vc):
                     for zi in T.unroll(px):
                         # the residual add's alignment of the shortcut, then the main conv's start
@@ -256,15 +343,11 @@ def _vnni_shortcut_conv_func(main, short, o, oh, ow, v):
                 for rc, ry, rx, rq in T.grid(cb, kh, kw, q):
                     for zi in T.unroll(px):
                         for jm in T.unroll(vc):
-                            acc[vi, vjo * vc + jm, vy, vzo * px + zi, T.ramp(zero, one, v)] = (
-                                T.call_llvm_pure_intrin(
-                                    acc_t, T.llvm_lookup_intrinsic_id(intrinsic),
-                                    acc[vi, vjo * vc + jm, vy, vzo * px + zi,
-                                        T.ramp(zero, one, v)],
-                                    T.reinterpret(bytes_t, T.broadcast(xq[
-                                        vi, rc, vy * sh + ry, (vzo * px + zi) * sw + rx, rq], v)),
-                                    T.reinterpret(bytes_t, wq[
-                                        vjo * vc + jm, rc * q + rq, ry, rx, T.ramp(zero, one, v)])))
+                            acc[vi, vjo * vc + jm, vy, vzo * px + zi, T.ramp(zero, one, v)] = dot(
+                                acc[vi, vjo * vc + jm, vy, vzo * px + zi, T.ramp(zero, one, v)],
+                                T.broadcast(xq[
+                                    vi, rc, vy * sh + ry, (vzo * px + zi) * sw + rx, rq], v),
+                                wq[vjo * vc + jm, rc * q + rq, ry, rx, T.ramp(zero, one, v)])
         for i, j, y, z, c in T.grid(n, f, oh, ow, lanes):
             with T.sblock("unpack"):
                 vi, vj, vy, vz, vl = T.axis.remap("SSSSS", [i, j, y, z, c])
@@ -362,17 +445,18 @@ def _emit_pack(builder, call, lanes, shape, pads, blocked_input):
     return (n, cb, q, hp, wp), packed
 
 
-def emit_vnni_conv(builder, call, lanes, shape, pads, strides, blocked_input=None):
+def emit_vnni_conv(builder, call, lanes, shape, pads, strides, blocked_input=None,
+                   emulate=False):
     """Emit the VNNI PrimFuncs for an int8 conv2d call that ``int8_conv_geometry`` accepted (its
     NCHW input ``call.args[0]``, or ``blocked_input``: the same tensor channel-blocked,
     (N, C/lanes, H, W, lanes)); returns the conv's call, whose int32 output is channel-blocked
     (N, O/lanes, OH, OW, lanes), the layout of its accumulator tiles (O/lanes rounded up, the
-    padded lanes 0)."""
+    padded lanes 0). ``emulate``: ``vpdpbusd`` in plain int32 ops (verification only)."""
     weight = call.args[1].value.numpy()
     o, _, kh, kw = weight.shape
     _, _, oh, ow = padded_conv_extents(shape, weight.shape, pads, strides)
     (n, cb, q, hp, wp), packed = _emit_pack(builder, call, lanes, shape, pads, blocked_input)
-    conv = _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, *strides, lanes)
+    conv = _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, *strides, lanes, emulate)
     conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
     conv_gv = builder.add_func(conv, "conv2d_vnni")
     wq, init = pack_vnni_weight(weight, lanes, cb * q)
@@ -380,13 +464,13 @@ def emit_vnni_conv(builder, call, lanes, shape, pads, strides, blocked_input=Non
                           relax.TensorType((n, vector_blocks(o, lanes), oh, ow, lanes), "int32"))
 
 
-def emit_vnni_shortcut_conv(builder, lanes, main, shortcut, bias, shift):
+def emit_vnni_shortcut_conv(builder, lanes, main, shortcut, bias, shift, emulate=False):
     """One PrimFunc for ``main + ((shortcut + bias) << shift)`` of two int8 convs with the same
     output shape (a residual block's last conv and its projection shortcut): ``main`` and
     ``shortcut`` are (call, shape, pads, strides, blocked input or None) as for
     ``emit_vnni_conv``; ``bias`` and ``shift`` int32 per output channel. The shortcut's int32
     tensor is never written: each tile computes it in registers first. Returns the call (its
-    output channel-blocked int32)."""
+    output channel-blocked int32). ``emulate``: as for ``emit_vnni_conv``."""
     geometry, packed, weights = [], [], []
     for call, shape, pads, strides, blocked_input in (main, shortcut):
         weight = call.args[1].value.numpy()
@@ -396,7 +480,7 @@ def emit_vnni_shortcut_conv(builder, lanes, main, shortcut, bias, shift):
         geometry.append((n, cb, q, hp, wp, kh, kw) + tuple(strides))
         packed.append(xq)
         weights.append(pack_vnni_weight(weight, lanes, cb * q))
-    conv = _vnni_shortcut_conv_func(geometry[0], geometry[1], o, oh, ow, lanes)
+    conv = _vnni_shortcut_conv_func(geometry[0], geometry[1], o, oh, ow, lanes, emulate)
     conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
     conv_gv = builder.add_func(conv, "conv2d_vnni_shortcut")
     f = vector_blocks(o, lanes)
@@ -410,13 +494,15 @@ def emit_vnni_shortcut_conv(builder, lanes, main, shortcut, bias, shift):
     return relax.call_tir(conv_gv, args, relax.TensorType((n, f, oh, ow, lanes), "int32"))
 
 
-def rewrite_vnni_convs(mod: tvm.IRModule, lanes: int) -> tvm.IRModule:
+def rewrite_vnni_convs(mod: tvm.IRModule, lanes: int, emulate: bool = False) -> tvm.IRModule:
     """Replace each int8 NCHW conv2d with a constant weight (groups 1, dilation 1, any out channel
     count: padded to whole vectors of ``lanes``) by the VNNI PrimFuncs, with the tensors between
-    them kept channel-blocked (``qcal.backend.tvm.blocked``); other convs are left as they are."""
+    them kept channel-blocked (``qcal.backend.tvm.blocked``); other convs are left as they are.
+    ``emulate``: ``vpdpbusd`` computed in plain int32 ops, for verification only (module
+    docstring; ``vnni_emulated`` says when a target gets it)."""
     from qcal.backend.tvm import blocked  # it builds on this module
 
-    return blocked.rewrite_blocked(mod, lanes)
+    return blocked.rewrite_blocked(mod, lanes, emulate)
 
 
 def without_vnni(target: tvm.target.Target) -> tvm.target.Target:
