@@ -85,10 +85,41 @@ def embedded(request):
     return graph, net, batches
 
 
+# how far float32 rounding may move a value of a tensor whose abs-max is A: the tolerance the
+# abs-max itself is held to below (MXNet runs conv then BatchNorm; the graph the folded conv)
+ROUNDING_REL, ROUNDING_ABS = 1e-5, 1e-6
+
+
+def _values_near_edges(graph, batches, reference, names):
+    """Per tensor of ``names``: for each edge of its reference histogram, how many of the
+    interpreter's values lie within rounding distance of it (the values a rounding can carry
+    across that edge)."""
+    near = {name: np.zeros(len(reference.tensors[name].edges), dtype=np.int64) for name in names}
+
+    def observe(name, value):
+        if name not in near:
+            return
+        edges = reference.tensors[name].edges
+        width = edges[1] - edges[0]
+        slack = ROUNDING_REL * reference.summaries[name]["amax"] + ROUNDING_ABS
+        position = np.abs(np.asarray(value, dtype=np.float64)).ravel() / width
+        edge = np.rint(position)
+        close = (np.abs(position - edge) * width <= slack) & (edge < len(edges))
+        near[name] += np.bincount(edge[close].astype(np.int64), minlength=len(edges))
+
+    interpreter = GraphInterpreter(graph)
+    for batch in batches:
+        interpreter.run(batch, observe)
+    return near
+
+
 def test_mxnet_statistics_agree_with_the_interpreter(embedded):
-    """Same tensors, same counts, ranges equal to float32 rounding (MXNet runs conv then
-    BatchNorm; the graph runs the folded conv), histograms that differ by the few values a
-    rounding moves across a bin edge."""
+    """Same tensors, same counts, ranges equal to float32 rounding, histograms that differ only
+    by values a rounding can move across a bin edge: at every edge, the two histograms' counts
+    below it differ by at most the number of values within rounding distance of it. (Many equal
+    values can sit next to one edge, e.g. a constant image background after a conv: on an AVX2
+    CPU, whose oneDNN kernels sum in another order than on AVX-512 ones, 798 values of one
+    fmnist_resnet56_v2 tensor of 1.57 M cross a single edge.)"""
     graph, net, batches = embedded
     source = MXNetInternals(graph, net)
     ours = collect_statistics(graph, batches, progress=False, source=source)
@@ -96,15 +127,22 @@ def test_mxnet_statistics_agree_with_the_interpreter(embedded):
                                    source=GraphInterpreter(graph))
     assert ours.engine.startswith("MXNet") and reference.engine == "qcal numpy float interpreter"
     assert set(ours.tensors) == set(reference.tensors) == {n.name for n in graph.nodes}
+    binned_alike = []
     for name in reference.tensors:
         a, b = ours.summaries[name], reference.summaries[name]
         assert a["count"] == b["count"], name
-        assert a["amax"] == pytest.approx(b["amax"], rel=1e-5, abs=1e-6), name
-        assert a["min"] == pytest.approx(b["min"], rel=1e-5, abs=1e-6), name
+        assert a["amax"] == pytest.approx(b["amax"], rel=ROUNDING_REL, abs=ROUNDING_ABS), name
+        assert a["min"] == pytest.approx(b["min"], rel=ROUNDING_REL, abs=ROUNDING_ABS), name
         assert abs(a["zeros"] - b["zeros"]) <= 1e-4 * b["count"] + 2, name
-        ca, cb = ours.tensors[name].counts, reference.tensors[name].counts
         if ours.tensors[name].edges[-1] == reference.tensors[name].edges[-1]:
-            assert np.abs(ca - cb).sum() <= 1e-3 * b["count"], name
+            binned_alike.append(name)
+    assert len(binned_alike) >= 0.9 * len(reference.tensors)
+    near = _values_near_edges(graph, batches, reference, binned_alike)
+    for name in binned_alike:
+        moved = np.abs(np.cumsum(ours.tensors[name].counts - reference.tensors[name].counts))
+        # cumsum[k]: the values below edge k + 1
+        crossing = near[name][1:]
+        assert np.all(moved <= crossing), (name, int(np.argmax(moved - crossing)))
     # the ranges every method picks, as the realizer gets them. l2 and kl take the argmin of an
     # error that is flat near its minimum, so a few values across a bin edge can move it: on
     # these models 95 % of tensors agree to 1e-7 and the worst (one kl range of ResNet-56 v2)
@@ -112,10 +150,11 @@ def test_mxnet_statistics_agree_with_the_interpreter(embedded):
     # (median) and up to 25 %: the source is far inside the sampling noise. kl (even groups) has
     # no lattice of preferred k to pin it: on ResNet-56 v2 two tensors have minima 16-20 % apart
     # whose divergences differ by 2e-4 (relative), and 104 of 395469 values that moved across a
-    # bin edge swap them (moved 19.6 %).
+    # bin edge swap them (moved 19.6 %). On an AVX2-only CPU (Zen 3), where more values cross
+    # edges (above), the worst kl-mxnet range of ResNet-56 v2 moved 6.3 % (4.6 % with AVX-512).
     mine, theirs = (CalibrationResult.from_statistics(s) for s in (ours, reference))
     for method, worst in (("max", 1e-5), ("power2", 0), ("percentile", 1e-3), ("l2", 1e-2),
-                          ("kl", 0.25), ("kl-mxnet", 5e-2)):
+                          ("kl", 0.25), ("kl-mxnet", 0.1)):
         opts = {"percentile": 99.99} if method == "percentile" else {}
         moved = np.array([abs(mine.amax(t, method, **opts) / theirs.amax(t, method, **opts) - 1)
                           for t in reference.tensors])
