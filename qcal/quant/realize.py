@@ -28,6 +28,9 @@ calibrated abs-max at B bits, clipped to +-(2**(B-1) - 1), which becomes its ``b
 overflow proofs after it. ReLU, clip, max-pool and flatten pass a narrowed value on as it is. A
 conv's accumulator, its bias add and its requantize to int8 are untouched, and so is the
 dequantize to float32. At B = 32 nothing is narrowed.
+
+Length: one pass over the graph whose shared integer building blocks (bias, alignment,
+narrowing, pooling pre-shift) carry the overflow proof that every op's rule relies on.
 """
 from __future__ import annotations
 

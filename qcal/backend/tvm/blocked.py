@@ -32,6 +32,9 @@ not take, the function's outputs): at the graph's edges, once per tensor.
 The pass walks the bindings of each Relax function whose body is one dataflow block (what
 ``emit_relax`` makes); any other function keeps NCHW around each VNNI conv (a conversion right
 after it).
+
+Length: the layout walk and its fallback for functions it does not take share one table of
+layout-following ops and the conversions at the region's edges; they change together.
 """
 from __future__ import annotations
 

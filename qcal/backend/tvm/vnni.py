@@ -58,6 +58,9 @@ Schedule (``schedule_vnni_conv2d``): the int16-pair conv's tiling at vector gran
 registers with the reduction loops outside, written back per tile as whole vectors (the output
 layout is the accumulator tile's), (batch, row, channel tile) in parallel. Measured per conv shape
 by ``scripts/bench_ops.py``, per layer of a model by ``scripts/profile_layers.py``.
+
+Length: the pack, conv and shortcut-fused conv PrimFuncs, the weight packing, the schedule rule
+and the emulation of ``vpdpbusd`` share one kernel's layouts and constants and change together.
 """
 from __future__ import annotations
 
