@@ -618,6 +618,11 @@ def parse_args(argv=None):
     args.models = args.models or [*IMAGENET_MODELS, *ONNX_MODELS, *EMBEDDED_MODELS]
     if args.ort_python and not Path(args.ort_python).is_file():
         p.error(f"--ort-python: {args.ort_python} is not a file (make ort-venv builds one)")
+    if os.environ.get("QCAL_VNNI_EMULATE", "").strip():
+        # vnni.EMULATE_ENV (not imported: TVM must load after the thread settings): the emulated
+        # kernel is exact but slow, and its timings would be printed as VNNI's
+        p.error("QCAL_VNNI_EMULATE is set: it emulates vpdpbusd for verification only; unset it "
+                "to benchmark (qcal/backend/tvm/vnni.py)")
     return args
 
 
