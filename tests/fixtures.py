@@ -198,6 +198,21 @@ def realized(graph, options, calib):
     return realize(graph, calibrate_amax(graph, calib, method), options)
 
 
+def sweep_in_process(config, out, *extra):
+    """``qcal sweep CONFIG --output OUT --quiet EXTRA...`` through the CLI in this process; it must
+    exit 0. Returns (the folder's results.json, the command's output)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from qcal.cli import main
+
+    result = CliRunner().invoke(main, ["sweep", str(config), "--output", str(out), "--quiet",
+                                       *extra], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads((out / "results.json").read_text()), result.output
+
+
 def write_jpeg(path, rng, size=(40, 56)):
     import cv2
 

@@ -14,6 +14,7 @@ from qcal.data.calib_subsets import calibration_subsets
 from qcal.data.plan import Selection
 from qcal.data.sources import FashionMNISTSource
 from qcal.errors import UsageProblem
+from tests.fixtures import sweep_in_process
 
 
 @pytest.fixture(scope="module")
@@ -81,18 +82,11 @@ grid:
 """
 
 
-def _sweep(config, out, *extra):
-    result = CliRunner().invoke(main, ["sweep", str(config), "--output", str(out), "--quiet",
-                                       *extra], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return json.loads((out / "results.json").read_text()), result.output
-
-
 def test_statistics_pass_runs_once_per_subset_and_the_spread_is_reported(tmp_path):
     config = tmp_path / "repeats.yaml"
     config.write_text(CONFIG)
     out = tmp_path / "out"
-    summary, output = _sweep(config, out)
+    summary, output = sweep_in_process(config, out)
     # 2 variants x 3 subsets evaluated, 3 statistics passes (counted by the session, and logged)
     assert summary["statistics_passes_this_run"] == {"fmnist_vgg11_bn": 3}
     assert (out / "sweep.log").read_text().count("statistics over 48 calibration images") == 3
@@ -117,14 +111,14 @@ def test_statistics_pass_runs_once_per_subset_and_the_spread_is_reported(tmp_pat
     assert {r["calibration"]["subset"] for r in records} == {0, 1, 2}
 
     # resumed: everything is in the store, no statistics pass, the same table
-    again, _ = _sweep(config, out)
+    again, _ = sweep_in_process(config, out)
     assert again["statistics_passes_this_run"] == {"fmnist_vgg11_bn": 0}
     pd.testing.assert_frame_equal(pd.read_csv(out / "results.csv").drop(
         columns=["images_per_s", "wall_s"]), table.drop(columns=["images_per_s", "wall_s"]))
 
     # without repeats, a fresh folder: subset 0's results are its results (same cache key)
     plain = tmp_path / "plain"
-    single, _ = _sweep(config, plain, "--calib-repeats", "1")
+    single, _ = sweep_in_process(config, plain, "--calib-repeats", "1")
     assert single["statistics_passes_this_run"] == {"fmnist_vgg11_bn": 1}
     first = set(subsets[subsets["subset"] == 0]["key"])
     assert first == {v["key"] for v in single["variants"]} - {summary["variants"][0]["key"]}

@@ -3,7 +3,6 @@ beside float32's, the very logits its fidelity figures were computed on; a folde
 computes only the variants whose file is missing."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from click.testing import CliRunner
 from qcal.cli import main
 from qcal.drivers.sweep import ResultStore
 from qcal.eval.fidelity import compare
+from tests.fixtures import sweep_in_process
 
 CONFIG = """\
 name: logits
@@ -26,24 +26,17 @@ grid:
 """
 
 
-def _sweep(config, out):
-    result = CliRunner().invoke(main, ["sweep", str(config), "--output", str(out), "--quiet"],
-                                catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return json.loads((out / "results.json").read_text())
-
-
 def test_int8_logits_kept_on_disk_are_the_ones_measured(tmp_path):
     config, out = tmp_path / "logits.yaml", tmp_path / "out"
     config.write_text(CONFIG)
-    summary = _sweep(config, out)
+    summary, _ = sweep_in_process(config, out)
     float_key, int8_key = (v["key"] for v in summary["variants"])
     store = ResultStore(out)
     assert store.logits_path(float_key, "evaluation").is_file()
     assert not store.logits_path(int8_key, "evaluation").exists()  # off by default
 
     config.write_text(CONFIG + "keep_logits: true\n")
-    again = _sweep(config, out)
+    again, _ = sweep_in_process(config, out)
     assert [v["key"] for v in again["variants"]] == [float_key, int8_key]  # same variants
     log = (out / "sweep.log").read_text()
     assert log.count("without its logits file; running again") == 1  # the int8 variant only
@@ -56,7 +49,7 @@ def test_int8_logits_kept_on_disk_are_the_ones_measured(tmp_path):
     for name, value in measured.items():  # the record's figures come from these very logits
         assert record["metrics"][name] == value, name
 
-    _sweep(config, out)  # everything is there now: nothing runs again
+    sweep_in_process(config, out)  # everything is there now: nothing runs again
     assert (out / "sweep.log").read_text().count("running again") == 1
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
