@@ -37,9 +37,10 @@ def load_variants(folder: Path) -> list:
     out = []
     for path in sorted(store.variants.glob("*.json"), key=lambda p: p.stat().st_mtime):
         key = path.stem
-        if store.load(key) is None:
+        loaded = store.load(key)  # checks the record and its arrays
+        if loaded is None:
             continue
-        record = store.load(key)[0]
+        record = loaded[0]
         arrays = dict(store.arrays(key))
         for selection, member in LOGITS_FILES.items():
             path = store.logits_path(key, selection)
