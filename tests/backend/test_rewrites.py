@@ -58,6 +58,16 @@ def _calls(mod, op):
     return found
 
 
+def _bound_values(mod):
+    """Every variable of the module's Relax functions -> the value bound to it."""
+    bound = {}
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            for block in func.body.blocks:
+                bound.update({b.var: b.value for b in block.bindings})
+    return bound
+
+
 def _call_tir_to(mod, name):
     return [c for c in _calls(mod, CALL_TIR) if c.args[0].name_hint == name]
 
@@ -136,38 +146,52 @@ def test_vnni_rewrite_replaces_exactly_the_eligible_convs(graph_name):
         assert np.array_equal(old.args[1].value.numpy(), new.args[1].value.numpy())
     names = [c.args[0].name_hint for c in _calls(after, CALL_TIR)]
     assert not [n for n in names if "int16_pairs" in n]  # VNNI took every conv pairs could
+    bound = _bound_values(after)
     packs = [c for c in _calls(after, CALL_TIR)
              if c.args[0].name_hint.startswith(("pack_u8_quads", "pack_blocked_u8_quads"))]
     quad_convs = [c for c in _calls(after, CALL_TIR)
                   if c.args[0].name_hint.startswith("conv2d_vnni")]
-    assert len(packs) == len(quad_convs) == len(eligible)
+    assert len(quad_convs) == len(eligible)
     for conv in quad_convs:  # vpdpbusd, or its emulation where the host has no VNNI
         assert_vnni_kernel(after[conv.args[0]].script())
     v = VNNI_LANES
+    in_place = []
     for old, new in zip(eligible, quad_convs):
         weight = old.args[1].value.numpy()
-        _, packed, init = (a.value.numpy() if isinstance(a, CONSTANT) else None
-                           for a in new.args[1].fields)
+        source, packed, init = (a.value.numpy() if isinstance(a, CONSTANT) else a
+                                for a in new.args[1].fields)
         o, c, kh, kw = weight.shape
         f = -(-o // v)  # out channels padded to whole vectors
-        pack = packs[quad_convs.index(new)]
-        blocked_input = pack.args[0].name_hint.startswith("pack_blocked")
+        pack = bound.get(source)
+        read_in_place = pack not in packs
+        in_place.append(read_in_place)
+        blocked_input = read_in_place or pack.args[0].name_hint.startswith("pack_blocked")
         # in quads: ceil(c / 4), or whole blocks of v channels when the input comes blocked
         c4 = -(-c // v) * v // 4 if blocked_input else (c + 3) // 4
         assert packed.dtype == np.int32 and packed.shape == (f, c4, kh, kw, v)
-        expected_packed, expected_init = vnni.pack_vnni_weight(weight, v, c4)
+        expected_packed, expected_init = vnni.pack_vnni_weight(weight, v, c4,
+                                                               shifted=not read_in_place)
         assert np.array_equal(packed, expected_packed)
         # padded out channels and padded in channels: zero weights, zero accumulator start
         assert not packed.reshape(f, c4, kh, kw, v).transpose(0, 4, 1, 2, 3).reshape(
             f * v, -1)[o:].any()
-        assert np.array_equal(init.reshape(-1)[:o], -128 * weight.reshape(o, -1).sum(axis=1))
+        # +128 on every input byte, corrected at the start; none when the bytes are read as
+        # they are
+        correction = 0 if read_in_place else -128
+        assert np.array_equal(init.reshape(-1)[:o], correction * weight.reshape(o, -1).sum(axis=1))
         assert not init.reshape(-1)[o:].any()
         assert np.array_equal(init, expected_init)
-        assert tuple(int(d) for d in new.args[1].fields[0].ty.shape) == tuple(
-            int(d) for d in pack.ty.shape)
         # the conv writes its accumulators channel-blocked: (N, ceil(O/v), OH, OW, v)
         n, _, oh, ow = (int(d) for d in old.ty.shape)
         assert tuple(int(d) for d in new.ty.shape) == (n, f, oh, ow, v)
+        if read_in_place:
+            # only a 1x1 unpadded conv, on the blocked int8 tensor itself, proved >= 0
+            assert (kh, kw) == (1, 1) and not any(int(p) for p in old.attrs.padding)
+            assert str(source.ty.dtype) == "int8"
+            _, _, h, w = (int(d) for d in old.args[0].ty.shape)
+            assert tuple(int(d) for d in source.ty.shape) == (n, -(-c // v), h, w, v)
+            continue
+        assert tuple(int(d) for d in source.ty.shape) == tuple(int(d) for d in pack.ty.shape)
         # an input made by a VNNI conv comes blocked from the op before it (no conversion in
         # between) unless it is the function's input; the pack keeps it blocked
         source = pack.args[1].fields[0]
@@ -177,6 +201,7 @@ def test_vnni_rewrite_replaces_exactly_the_eligible_convs(graph_name):
             assert tuple(int(d) for d in pack.ty.shape)[-1] == v // 4
         else:
             assert tuple(int(d) for d in pack.ty.shape)[-1] == 1
+    assert len(packs) == in_place.count(False)
     if graph_name == "resnet_v1_w16":
         assert eligible, "the 16-wide fixture must exercise the rewrite"
         # channel counts of 16 and 32 throughout: every conv but the stem (3 channels) reads a
@@ -184,6 +209,8 @@ def test_vnni_rewrite_replaces_exactly_the_eligible_convs(graph_name):
         # NCHW; the classifier's flatten wants NCHW)
         assert sum(p.args[0].name_hint.startswith("pack_blocked") for p in packs) == len(packs) - 1
         assert len(_calls(after, PERMUTE_DIMS)) <= 2
+        # its 1x1 projection shortcuts read a ReLU's output: in place
+        assert any(in_place)
 
 
 def test_pair_rewrite_leaves_a_target_without_avx2_alone():

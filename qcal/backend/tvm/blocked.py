@@ -44,6 +44,7 @@ from tvm import relax
 
 from qcal.backend.tvm import vnni
 from qcal.backend.tvm.schedules import _CONV2D, int8_conv_geometry
+from qcal.backend.tvm.value_bounds import ValueBounds
 from qcal.backend.tvm.vnni import vector_blocks
 
 # Elementwise ops the emitter's integer epilogues are made of (requantize, bias, ReLU, clip,
@@ -101,6 +102,8 @@ class _Blocker:
         # shift, main's bias); the bindings they absorb are skipped
         self.fused: dict = {}
         self.absorbed: set = set()
+        self.values: dict = {}  # original var -> its bound value
+        self.bounds = ValueBounds(self.values)
         if func is not None:
             self._plan_shortcuts(func)
 
@@ -108,7 +111,7 @@ class _Blocker:
 
     def _plan_shortcuts(self, func):
         bindings = func.body.blocks[0].bindings
-        self.values = {b.var: b.value for b in bindings}
+        self.values.update({b.var: b.value for b in bindings})
         self.uses: dict = {}
 
         def count(expr):
@@ -138,6 +141,10 @@ class _Blocker:
                     self.fused[b.var] = plan[0]
                     self.absorbed.update(plan[1])
                     break
+
+    def _nonnegative(self, source) -> bool:
+        """Whether every value of a conv's (original) input is proved >= 0."""
+        return self.bounds.nonnegative(source)
 
     def _single_use(self, var, outputs) -> bool:
         return var in self.values and self.uses.get(var) == 1 and var not in outputs
@@ -215,7 +222,7 @@ class _Blocker:
             if blocked_input is None:
                 call = relax.Call(call.op, [self.as_nchw(source), call.args[1]], call.attrs,
                                   call.ty_args)
-            sides.append((call, shape, pads, strides, blocked_input))
+            sides.append((call, shape, pads, strides, blocked_input, self._nonnegative(source)))
         out = self.bb.emit(vnni.emit_vnni_shortcut_conv(self.bb, self.lanes, sides[0], sides[1],
                                                         bias, shift, self.emulate))
         if main_bias is not None:
@@ -286,7 +293,7 @@ class _Blocker:
                 value = relax.Call(value.op, [self.as_nchw(source), value.args[1]], value.attrs,
                                    value.ty_args)
             return vnni.emit_vnni_conv(self.bb, value, self.lanes, shape, pads, strides,
-                                       blocked_input, self.emulate)
+                                       blocked_input, self.emulate, self._nonnegative(source))
         name = value.op.name
         like = _static_shape(value)
         if name in _ELEMENTWISE and like is not None and len(like) == 4:

@@ -26,6 +26,15 @@ The second term depends on the output channel only: the accumulators start at
 No product or sum can wrap: |(x + 128) * w| <= 255 * 128 and a conv would need more than 65000
 reduction terms to leave int32 (the numpy reference accumulates in int64 and agrees).
 
+Inputs read in place: a 1x1 conv without padding whose input is channel-blocked and provably
+>= 0 everywhere (a ReLU's output: ``qcal.backend.tvm.value_bounds`` proves it from the graph)
+needs no pack at all. Its int8 bytes are already the unsigned bytes ``vpdpbusd`` wants (0..127
+has the same bits either way) and already in the quads' order, 4 channels of a pixel adjacent,
+so the conv reads 4 bytes of the blocked tensor as one int32 and its accumulators start at 0
+(nothing to correct). No padding: the pack is also what writes a padded conv's border. For
+resnet50_v1 this removes 8 of its 12 packs, each a full pass over a large activation
+(``scripts/profile_layers.py``).
+
 w' is the constant weight repacked in numpy to (O/v, ceil(C/4), kh, kw, v) int32, each int32 holding
 4 int8 of one output channel and 4 consecutive input channels (little-endian), so one v-lane load
 is the ``vpdpbusd`` weight operand. Channel counts that are not a multiple of 4 are padded with
@@ -244,16 +253,33 @@ def _pack_blocked_quads_func(n, cb, h, w, v, pads):
     return pack_blocked_u8_quads
 
 
-def _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, sh, sw, v, emulate):
-    dot = _quad_dot(v, emulate)
+def _quad_load(in_place: bool):
+    """``load(x, i, c, y, z, k)``: the int32 of u8 quad ``k`` of pixel (y, z) of block ``c``;
+    ``x`` is the pack's int32 quads, or with ``in_place`` the channel-blocked int8 tensor itself,
+    whose 4 bytes of channels 4k..4k+3 are the quad's (little-endian, as the pack orders them)."""
+    if not in_place:
+        return lambda x, i, c, y, z, k: x[i, c, y, z, k]
+    return lambda x, i, c, y, z, k: T.reinterpret("int32", x[i, c, y, z, T.ramp(k * 4, 1, 4)])
+
+
+def _quad_buffer(n, cb, q, hp, wp, in_place: bool):
+    """The shape and dtype of a conv's input: the pack's quads, or the blocked int8 tensor."""
+    if in_place:
+        return tuple(_i64(n, cb, hp, wp, q * 4)), "int8"
+    return tuple(_i64(n, cb, hp, wp, q)), "int32"
+
+
+def _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, sh, sw, v, emulate, in_place=False):
+    dot, load = _quad_dot(v, emulate), _quad_load(in_place)
     annotations = {EMULATED_ANNOTATION: 1} if emulate else {}
     f, c4 = vector_blocks(o, v), cb * q
+    x_shape, x_dtype = _quad_buffer(n, cb, q, hp, wp, in_place)
     n, cb, q, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, f = _i64(
         n, cb, q, c4, hp, wp, o, kh, kw, oh, ow, sh, sw, f)
     lanes, zero, one = _i64(v, 0, 1)
 
     @T.prim_func(private=True, s_tir=True)
-    def conv2d_vnni(xq: T.Buffer((n, cb, hp, wp, q), "int32"),  # noqa: F821 (TVMScript dtypes)
+    def conv2d_vnni(xq: T.Buffer(x_shape, x_dtype),
                     wq: T.Buffer((f, c4, kh, kw, lanes), "int32"),  # noqa: F821
                     init: T.Buffer((f, lanes), "int32"),  # noqa: F821
                     out: T.Buffer((n, f, oh, ow, lanes), "int32")):  # noqa: F821
@@ -268,7 +294,7 @@ def _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, sh, sw, v, emulate):
                     acc[vi, vj, vy, vz, T.ramp(zero, one, v)] = init[vj, T.ramp(zero, one, v)]
                 acc[vi, vj, vy, vz, T.ramp(zero, one, v)] = dot(
                     acc[vi, vj, vy, vz, T.ramp(zero, one, v)],
-                    T.broadcast(xq[vi, vc, vy * sh + vry, vz * sw + vrx, vq], v),
+                    T.broadcast(load(xq, vi, vc, vy * sh + vry, vz * sw + vrx, vq), v),
                     wq[vj, vc * q + vq, vry, vrx, T.ramp(zero, one, v)])
         for i, j, y, z, c in T.grid(n, f, oh, ow, lanes):
             with T.sblock("unpack"):
@@ -277,18 +303,23 @@ def _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, sh, sw, v, emulate):
     return conv2d_vnni
 
 
-def _vnni_shortcut_conv_func(main, short, o, oh, ow, v, emulate):
+def _vnni_shortcut_conv_func(main, short, o, oh, ow, v, emulate, in_place=(False, False)):
     """conv2d_vnni with a projection shortcut computed in the same tile: the shortcut conv's
     accumulators, (acc + bias) << shift (the residual add's alignment, per channel), start the
-    main conv's accumulators. ``main`` / ``short``: (n, cb, q, hp, wp, kh, kw, sh, sw) of each.
+    main conv's accumulators. ``main`` / ``short``: (n, cb, q, hp, wp, kh, kw, sh, sw) of each;
+    ``in_place``: whether each reads its blocked int8 input itself (``reads_in_place``).
 
     Written already tiled -- one block per tile of ``pixels`` output pixels x ``vectors``
     channel vectors, its two reductions as loops inside -- because s_tir's compute_at cannot
     place a block whose writes are whole vectors (its lane dimension has no iterator)."""
-    dot = _quad_dot(v, emulate)
+    dot, load, load_s = _quad_dot(v, emulate), _quad_load(in_place[0]), _quad_load(in_place[1])
     annotations = {EMULATED_ANNOTATION: 1} if emulate else {}
     f = vector_blocks(o, v)
     pixels, vectors = _largest_divisor(ow, _PIXEL_TILE), _largest_divisor(f, _CHANNEL_VECTORS)
+    x_shape, x_dtype = _quad_buffer(*main[:5], in_place[0])
+    xs_shape, xs_dtype = _quad_buffer(*short[:5], in_place[1])
+    # the tile's reads of each input, in its buffer's last axis
+    xw, xsw = _i64(x_shape[4], xs_shape[4])
     n, cb, q, hp, wp, kh, kw, sh, sw = _i64(*main)
     _, cbs, qs, hps, wps, khs, kws, shs, sws = _i64(*short)
     c4, c4s = _i64(main[1] * main[2], short[1] * short[2])
@@ -297,10 +328,10 @@ def _vnni_shortcut_conv_func(main, short, o, oh, ow, v, emulate):
     lanes, zero, one = _i64(v, 0, 1)
 
     @T.prim_func(private=True, s_tir=True)
-    def conv2d_vnni_shortcut(xq: T.Buffer((n, cb, hp, wp, q), "int32"),  # noqa: F821
+    def conv2d_vnni_shortcut(xq: T.Buffer(x_shape, x_dtype),
                              wq: T.Buffer((f, c4, kh, kw, lanes), "int32"),  # noqa: F821
                              init: T.Buffer((f, lanes), "int32"),  # noqa: F821
-                             xs: T.Buffer((n, cbs, hps, wps, qs), "int32"),  # noqa: F821
+                             xs: T.Buffer(xs_shape, xs_dtype),
                              ws: T.Buffer((f, c4s, khs, kws, lanes), "int32"),  # noqa: F821
                              inits: T.Buffer((f, lanes), "int32"),  # noqa: F821
                              bias: T.Buffer((f, lanes), "int32"),  # noqa: F821
@@ -313,11 +344,11 @@ def _vnni_shortcut_conv_func(main, short, o, oh, ow, v, emulate):
                 vi, vy, vjo, vzo = T.axis.remap("SSSS", [i, y, jo, zo])
                 T.sblock_attr(annotations)
                 T.reads(xq[vi, 0:cb, vy * sh:vy * sh + kh,
-                           vzo * px * sw:vzo * px * sw + (px - 1) * sw + kw, 0:q],
+                           vzo * px * sw:vzo * px * sw + (px - 1) * sw + kw, 0:xw],
                         wq[vjo * vc:vjo * vc + vc, 0:c4, 0:kh, 0:kw, 0:lanes],
                         init[vjo * vc:vjo * vc + vc, 0:lanes],
                         xs[vi, 0:cbs, vy * shs:vy * shs + khs,
-                           vzo * px * sws:vzo * px * sws + (px - 1) * sws + kws, 0:qs],
+                           vzo * px * sws:vzo * px * sws + (px - 1) * sws + kws, 0:xsw],
                         ws[vjo * vc:vjo * vc + vc, 0:c4s, 0:khs, 0:kws, 0:lanes],
                         inits[vjo * vc:vjo * vc + vc, 0:lanes],
                         bias[vjo * vc:vjo * vc + vc, 0:lanes], shift[vjo * vc:vjo * vc + vc, 0:lanes])
@@ -332,8 +363,8 @@ def _vnni_shortcut_conv_func(main, short, o, oh, ow, v, emulate):
                         for jm in T.unroll(vc):
                             accs[jm, zi, T.ramp(zero, one, v)] = dot(
                                 accs[jm, zi, T.ramp(zero, one, v)],
-                                T.broadcast(xs[
-                                    vi, rc, vy * shs + ry, (vzo * px + zi) * sws + rx, rq], v),
+                                T.broadcast(load_s(
+                                    xs, vi, rc, vy * shs + ry, (vzo * px + zi) * sws + rx, rq), v),
                                 ws[vjo * vc + jm, rc * qs + rq, ry, rx, T.ramp(zero, one, v)])
                 for jm in T.unroll(vc):
                     for zi in T.unroll(px):
@@ -348,8 +379,8 @@ def _vnni_shortcut_conv_func(main, short, o, oh, ow, v, emulate):
                         for jm in T.unroll(vc):
                             acc[vi, vjo * vc + jm, vy, vzo * px + zi, T.ramp(zero, one, v)] = dot(
                                 acc[vi, vjo * vc + jm, vy, vzo * px + zi, T.ramp(zero, one, v)],
-                                T.broadcast(xq[
-                                    vi, rc, vy * sh + ry, (vzo * px + zi) * sw + rx, rq], v),
+                                T.broadcast(load(
+                                    xq, vi, rc, vy * sh + ry, (vzo * px + zi) * sw + rx, rq), v),
                                 wq[vjo * vc + jm, rc * q + rq, ry, rx, T.ramp(zero, one, v)])
         for i, j, y, z, c in T.grid(n, f, oh, ow, lanes):
             with T.sblock("unpack"):
@@ -407,13 +438,13 @@ def schedule_vnni_conv2d(func, lanes: int, prepack: bool) -> Scheduled:
     return Scheduled(sch.mod["main"])
 
 
-def pack_vnni_weight(weight: np.ndarray, lanes: int,
-                     in_quads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pack_vnni_weight(weight: np.ndarray, lanes: int, in_quads: int | None = None,
+                     shifted: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """OIHW int8 -> (the (ceil(O/lanes), in_quads, kh, kw, lanes) int32 layout ``vpdpbusd`` reads,
-    the (ceil(O/lanes), lanes) int32 accumulator start ``-128 * sum(weight[o])``). ``in_quads``
-    (default ceil(I/4)) is the packed input's quads a pixel, more than ceil(I/4) when it is
-    blocked with padded channels; padded in and out channels get zero weights, and a padded out
-    channel's start is 0."""
+    the (ceil(O/lanes), lanes) int32 accumulator start ``-128 * sum(weight[o])``, or 0 when the
+    input is not ``shifted`` by 128: read in place). ``in_quads`` (default ceil(I/4)) is the
+    packed input's quads a pixel, more than ceil(I/4) when it is blocked with padded channels;
+    padded in and out channels get zero weights, and a padded out channel's start is 0."""
     o, c, kh, kw = weight.shape
     c4 = (c + 3) // 4 if in_quads is None else in_quads
     if 4 * c4 < c:
@@ -426,14 +457,26 @@ def pack_vnni_weight(weight: np.ndarray, lanes: int,
                                  .transpose(0, 2, 4, 5, 1, 3))
     packed = quads.view("<i4").reshape(f, c4, kh, kw, lanes).astype(np.int32)
     init = np.zeros(f * lanes, np.int32)
-    init[:o] = -128 * weight.reshape(o, -1).astype(np.int64).sum(axis=1)
+    if shifted:
+        init[:o] = -128 * weight.reshape(o, -1).astype(np.int64).sum(axis=1)
     return packed, init.reshape(f, lanes)
 
 
-def _emit_pack(builder, call, lanes, shape, pads, blocked_input):
-    """The pack of one conv's input: ((n, cb, q, hp, wp) of the quads, the pack's call)."""
+def reads_in_place(kernel: tuple[int, int], pads, blocked_input, nonnegative: bool) -> bool:
+    """Whether a conv reads its input's bytes as they are, with no pack (module docstring,
+    "Inputs read in place"): a 1x1 conv, unpadded, on a channel-blocked input whose values are
+    all >= 0 (``nonnegative``: proved by ``qcal.backend.tvm.value_bounds``)."""
+    return (tuple(kernel) == (1, 1) and not any(pads) and blocked_input is not None
+            and nonnegative)
+
+
+def _emit_pack(builder, call, lanes, shape, pads, blocked_input, in_place=False):
+    """The pack of one conv's input: ((n, cb, q, hp, wp) of the quads, the pack's call), or with
+    ``in_place`` the blocked int8 input itself in the pack's place."""
     n, c, h, w = shape
     hp, wp = h + pads[0] + pads[2], w + pads[1] + pads[3]
+    if in_place:
+        return (n, vector_blocks(c, lanes), lanes // 4, hp, wp), blocked_input
     if blocked_input is not None:
         cb, q = vector_blocks(c, lanes), lanes // 4
         pack = _pack_blocked_quads_func(n, cb, h, w, lanes, pads)
@@ -449,20 +492,24 @@ def _emit_pack(builder, call, lanes, shape, pads, blocked_input):
 
 
 def emit_vnni_conv(builder, call, lanes, shape, pads, strides, blocked_input=None,
-                   emulate=False):
+                   emulate=False, nonnegative=False):
     """Emit the VNNI PrimFuncs for an int8 conv2d call that ``int8_conv_geometry`` accepted (its
     NCHW input ``call.args[0]``, or ``blocked_input``: the same tensor channel-blocked,
     (N, C/lanes, H, W, lanes)); returns the conv's call, whose int32 output is channel-blocked
     (N, O/lanes, OH, OW, lanes), the layout of its accumulator tiles (O/lanes rounded up, the
-    padded lanes 0). ``emulate``: ``vpdpbusd`` in plain int32 ops (verification only)."""
+    padded lanes 0). ``emulate``: ``vpdpbusd`` in plain int32 ops (verification only).
+    ``nonnegative``: every input value is proved >= 0, so a 1x1 conv may read it in place."""
     weight = call.args[1].value.numpy()
     o, _, kh, kw = weight.shape
     _, _, oh, ow = padded_conv_extents(shape, weight.shape, pads, strides)
-    (n, cb, q, hp, wp), packed = _emit_pack(builder, call, lanes, shape, pads, blocked_input)
-    conv = _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, *strides, lanes, emulate)
+    in_place = reads_in_place((kh, kw), pads, blocked_input, nonnegative)
+    (n, cb, q, hp, wp), packed = _emit_pack(builder, call, lanes, shape, pads, blocked_input,
+                                            in_place)
+    conv = _vnni_conv_func(n, cb, q, hp, wp, o, kh, kw, oh, ow, *strides, lanes, emulate,
+                           in_place)
     conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
     conv_gv = builder.add_func(conv, "conv2d_vnni")
-    wq, init = pack_vnni_weight(weight, lanes, cb * q)
+    wq, init = pack_vnni_weight(weight, lanes, cb * q, shifted=not in_place)
     return relax.call_tir(conv_gv, [packed, relax.const(wq, "int32"), relax.const(init, "int32")],
                           relax.TensorType((n, vector_blocks(o, lanes), oh, ow, lanes), "int32"))
 
@@ -470,20 +517,23 @@ def emit_vnni_conv(builder, call, lanes, shape, pads, strides, blocked_input=Non
 def emit_vnni_shortcut_conv(builder, lanes, main, shortcut, bias, shift, emulate=False):
     """One PrimFunc for ``main + ((shortcut + bias) << shift)`` of two int8 convs with the same
     output shape (a residual block's last conv and its projection shortcut): ``main`` and
-    ``shortcut`` are (call, shape, pads, strides, blocked input or None) as for
+    ``shortcut`` are (call, shape, pads, strides, blocked input or None, nonnegative) as for
     ``emit_vnni_conv``; ``bias`` and ``shift`` int32 per output channel. The shortcut's int32
     tensor is never written: each tile computes it in registers first. Returns the call (its
     output channel-blocked int32). ``emulate``: as for ``emit_vnni_conv``."""
-    geometry, packed, weights = [], [], []
-    for call, shape, pads, strides, blocked_input in (main, shortcut):
+    geometry, packed, weights, in_place = [], [], [], []
+    for call, shape, pads, strides, blocked_input, nonnegative in (main, shortcut):
         weight = call.args[1].value.numpy()
         o, _, kh, kw = weight.shape
         _, _, oh, ow = padded_conv_extents(shape, weight.shape, pads, strides)
-        (n, cb, q, hp, wp), xq = _emit_pack(builder, call, lanes, shape, pads, blocked_input)
+        in_place.append(reads_in_place((kh, kw), pads, blocked_input, nonnegative))
+        (n, cb, q, hp, wp), xq = _emit_pack(builder, call, lanes, shape, pads, blocked_input,
+                                            in_place[-1])
         geometry.append((n, cb, q, hp, wp, kh, kw) + tuple(strides))
         packed.append(xq)
-        weights.append(pack_vnni_weight(weight, lanes, cb * q))
-    conv = _vnni_shortcut_conv_func(geometry[0], geometry[1], o, oh, ow, lanes, emulate)
+        weights.append(pack_vnni_weight(weight, lanes, cb * q, shifted=not in_place[-1]))
+    conv = _vnni_shortcut_conv_func(geometry[0], geometry[1], o, oh, ow, lanes, emulate,
+                                    tuple(in_place))
     conv = conv.with_attr("op_pattern", _OUT_ELEMWISE_FUSABLE)
     conv_gv = builder.add_func(conv, "conv2d_vnni_shortcut")
     f = vector_blocks(o, lanes)
