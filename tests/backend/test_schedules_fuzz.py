@@ -697,3 +697,14 @@ def _check_conv_chain(batch, channels, widths, size, pool, residual, stride, rea
         if rules.get(gv.name_hint) == "conv2d_vnni":
             assert_vnni_kernel(f.script(), target)
     event(f"blocked packs: {len(blocked_packs)}")
+    # a 1x1 conv whose blocked input is a ReLU's or ReLU6's output reads it in place, with no
+    # pack (vnni.reads_in_place): the last conv, and a projection shortcut of such an input; a
+    # conv reading signed values never does (it would read them as unsigned, and TVM != numpy)
+    packs = [name for name in functions if name.startswith(("pack_u8_quads",
+                                                            "pack_blocked_u8_quads"))]
+    in_place = 3 + projection - len(packs)
+    if options["activation"] is not None:
+        assert in_place == 1 + projection, (in_place, functions)
+    elif pool != "int32":
+        assert in_place == 0, (in_place, functions)
+    event(f"inputs read in place: {in_place}")

@@ -47,9 +47,12 @@ def _dtype(expr) -> str | None:
 
 
 def _prim_int(expr) -> int | None:
-    """The integer of a ``relax.PrimValue`` argument (clip's bounds), else None."""
+    """The integer of a clip bound (an ``IntImm``, or a ``relax.PrimValue`` holding one), else
+    None (a float bound)."""
     value = getattr(expr, "value", None)
-    return int(value.value) if isinstance(value, tvm.tirx.IntImm) else None
+    if isinstance(value, tvm.tirx.IntImm):
+        value = value.value
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _products(a: Interval, b: Interval) -> Interval:
