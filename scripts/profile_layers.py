@@ -43,10 +43,10 @@ def best_time(fn, repeat: int) -> float:
     return min(times)
 
 
-def conv_macs(func) -> int | None:
-    """Multiply-accumulates of a VNNI or pair conv PrimFunc, from its buffer shapes (the VNNI
-    conv reads (N, C/v, H, W, q) quads and writes channel-blocked (N, O/v, OH, OW, v) int32; the
-    shortcut-fused one counts both of its convs)."""
+def conv_macs(func, name: str) -> int | None:
+    """Multiply-accumulates of a VNNI or pair conv PrimFunc ``name``, from its buffer shapes (the
+    VNNI conv reads (N, C/v, H, W, q) quads and writes channel-blocked (N, O/v, OH, OW, v) int32;
+    the shortcut-fused one counts both of its convs, whatever epilogue FuseOps added)."""
     params = list(func.params)
     if len(params) < 3:
         return None
@@ -67,7 +67,7 @@ def conv_macs(func) -> int | None:
     if len(out) != 4 or out[1] != outs:
         return None
     macs = out[0] * outs * out[2] * out[3] * channels * kh * kw
-    if len(params) == 9:  # conv2d_vnni_shortcut: the projection conv's quads and weight too
+    if "conv2d_vnni_shortcut" in name:  # (x, w, init, xs, ws, ...): the projection conv too
         _, cs, khs, kws, _ = (int(d) for d in params[4].shape)
         macs += out[0] * outs * out[2] * out[3] * 4 * cs * khs * kws
     return macs
@@ -135,7 +135,7 @@ def main(argv=None):
           f"each timed alone {forward / 1e3:.1f} ms")
     print(f"{'PrimFunc':<58} {'rule':<22} {'calls':>5} {'ms':>8} {'share':>6} {'GOP/s':>7}")
     for name, (count, total) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
-        macs = conv_macs(funcs[name])
+        macs = conv_macs(funcs[name], name)
         rate = f"{2 * macs * count / total / 1e3:>7.1f}" if macs else f"{'-':>7}"
         print(f"{name[:58]:<58} {rules.get(name, '(unscheduled)'):<22} {count:>5} "
               f"{total / 1e3:>8.2f} {total / forward:>6.1%} {rate}")

@@ -32,6 +32,7 @@ derandomized examples per test; ``QCAL_HYPOTHESIS_PROFILE=long`` for many more, 
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -700,11 +701,18 @@ def _check_conv_chain(batch, channels, widths, size, pool, residual, stride, rea
     # a 1x1 conv whose blocked input is a ReLU's or ReLU6's output reads it in place, with no
     # pack (vnni.reads_in_place): the last conv, and a projection shortcut of such an input; a
     # conv reading signed values never does (it would read them as unsigned, and TVM != numpy)
-    packs = [name for name in functions if name.startswith(("pack_u8_quads",
-                                                            "pack_blocked_u8_quads"))]
+    # calls, not PrimFuncs: two packs of the same shape share one
+    packs = re.findall(r"\b(?:pack_u8_quads|pack_blocked_u8_quads)\w*\(",
+                       lowered["main"].script())
     in_place = 3 + projection - len(packs)
     if options["activation"] is not None:
         assert in_place == 1 + projection, (in_place, functions)
     elif pool != "int32":
         assert in_place == 0, (in_place, functions)
     event(f"inputs read in place: {in_place}")
+    if pool == "int32":
+        # the stem's requantize (rounding upward: a chain of monotone ops) runs before the max
+        # pool, which reads its int8 result (qcal.backend.tvm.pool_order)
+        pools = [f for gv, f in lowered.functions.items()
+                 if isinstance(f, tvm.tirx.PrimFunc) and "max_pool2d" in gv.name_hint]
+        assert [str(f.params[0].dtype) for f in pools] == ["int8"], functions

@@ -837,11 +837,15 @@ def rewrite_int8_convs(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRMo
     """Replace each int8 NCHW conv2d with a constant weight (groups 1, dilation 1) by hand-written
     PrimFuncs: the u8 x s8 ``vpdpbusd`` ones of ``qcal.backend.tvm.vnni`` when the target has
     AVX-512 VNNI or AVX-VNNI (any out channel count), else the int16-pair ones (out channels a
-    multiple of the vector lanes); others stay for the schedules. Runs before legalization; a
-    target without AVX2 gets the module back unchanged."""
-    from qcal.backend.tvm import depthwise, vnni  # they build on this module's helpers
+    multiple of the vector lanes); others stay for the schedules. First, a max pool whose
+    result is only requantized moves after the requantize (``qcal.backend.tvm.pool_order``:
+    exact, and the pool reads int8). Runs before legalization; a target without AVX2 gets the
+    module back unchanged."""
+    from qcal.backend.tvm import depthwise, pool_order, vnni  # they build on this module
 
     quad_lanes = vnni.vnni_lanes(target)
+    if quad_lanes is not None or pair_lanes(target) is not None:
+        mod = pool_order.requantize_before_max_pools(mod)
     if quad_lanes is not None:
         mod = vnni.rewrite_vnni_convs(mod, quad_lanes, vnni.vnni_emulated(target))
     if depthwise.depthwise_supported(target):

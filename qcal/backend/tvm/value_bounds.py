@@ -72,6 +72,17 @@ class ValueBounds:
         interval = self.of(expr)
         return interval is not None and interval[0] >= 0
 
+    def exact(self, var) -> bool:
+        """Whether the op bound to ``var`` computes its exact result: its operands' intervals
+        map into its dtype, so nothing wraps, truncates or shifts out of range."""
+        value = self.values.get(var)
+        whole = dtype_range(_dtype(var))
+        if whole is None or not (isinstance(value, relax.Call)
+                                 and isinstance(value.op, tvm.ir.Op)):
+            return False
+        interval = self._call(value, _dtype(var))
+        return interval is not None and whole[0] <= interval[0] and interval[1] <= whole[1]
+
     def of(self, expr) -> Interval | None:
         """[lo, hi] holding every value of the integer tensor ``expr``; None for a non-integer
         one."""
