@@ -70,6 +70,8 @@ FLOOR_WARM_S = 1.0  # resnet50_v1 compile, cache hit
 FLOOR_MODEL = "resnet50_v1"
 FLOOR_LITE0_MODEL = "efficientnet-lite0"  # qcal int8 / ONNX Runtime int8 at batch 16 >= 1.0x
 FLOOR_SWEEP_PEAK_MB = 4096.0  # the Lite0 sweep's peak resident memory (scripts/sweep_memory.py)
+FLOOR_PEER_RATIO = 1.0  # qcal int8 images/s over the fastest int8 peer's, every model and batch
+FLOOR_THREAD_SCALING = 1.8  # qcal int8 images/s at 2 threads over the same at 1 thread
 
 
 # --- the child: one model ----------------------------------------------------------------------
@@ -391,7 +393,10 @@ def run_child(model: str, args) -> dict:
                str(args.stat_images_embedded if model in EMBEDDED_MODELS else args.stat_images),
                "--stat-batch", str(args.stat_batch), "--rounds", str(args.rounds),
                "--round-seconds", str(args.round_seconds), "--seed", str(args.seed),
-               "--min-stat-seconds", str(args.min_stat_seconds)]
+               "--min-stat-seconds", str(args.min_stat_seconds),
+               # the environment sets MXNet's and TVM's threads; ONNX Runtime's session takes
+               # this (without it the child's default, 1, timed ORT at 1 thread in 2-thread runs)
+               "--threads", str(args.threads)]
         cmd += ["--no-kernel-compare"] if args.no_kernel_compare else []
         cmd += ["--no-mxnet-int8"] if args.no_mxnet_int8 else []
         cmd += ["--ort-python", args.ort_python] if args.ort_python else []
@@ -519,6 +524,16 @@ def floors(results: list) -> list:
                      f"(floor <= {FLOOR_COLD_S:g} s): {verdict(worst_cold, FLOOR_COLD_S, False)}")
         lines.append(f"- {FLOOR_MODEL} warm compile, slowest batch size: {worst_warm:.2f} s "
                      f"(floor <= {FLOOR_WARM_S:g} s): {verdict(worst_warm, FLOOR_WARM_S, False)}")
+    for r in results:
+        if r["model"] == FLOOR_LITE0_MODEL:
+            continue  # its floor is against ONNX Runtime, below
+        for batch, b in r["batches"].items():
+            peer, peer_name = best_int8_peer(b)
+            if peer is not None:
+                ratio = b["tvm_int8"]["images_per_s"] / peer["images_per_s"]
+                lines.append(f"- {r['model']} b{batch} qcal int8 / {peer_name} images/s: "
+                             f"{ratio:.2f}x (floor >= {FLOOR_PEER_RATIO}x): "
+                             f"{verdict(ratio, FLOOR_PEER_RATIO, True)}")
     lite0 = by_name.get(FLOOR_LITE0_MODEL)
     if lite0 and "ort_int8" in lite0["batches"].get("16", {}):
         b = lite0["batches"]["16"]
@@ -533,6 +548,30 @@ def floors(results: list) -> list:
         lines.append(f"- {r['model']} statistics pass ({r['statistics_engine']}) / MXNet fp32 "
                      f"forward: {ratio:.2f}x (floor <= {FLOOR_STATS_RATIO}x): "
                      f"{verdict(ratio, FLOOR_STATS_RATIO, False)}")
+    return lines
+
+
+def scaling_lines(results: list, meta: dict, baseline: dict) -> list:
+    """qcal int8 images/s of this run over the same model and batch in ``baseline`` (another
+    run's ``--json``, at fewer threads): the thread-scaling floor when this run has 2 threads and
+    the baseline 1. Read them only when both ran on the same idle machine."""
+    before = {(r["model"], batch): b["tvm_int8"]["images_per_s"]
+              for r in baseline["results"] for batch, b in r["batches"].items()}
+    threads, base_threads = meta["threads"], baseline["meta"]["threads"]
+    lines = ["", f"Thread scaling: qcal int8 images/s at {threads} threads over {base_threads} "
+             f"({baseline['meta']['date']}, {baseline['meta']['machine'].get('cpu', '?')})", ""]
+    if baseline["meta"]["machine"].get("cpu") != meta["machine"].get("cpu"):
+        lines += ["note: the two runs were on different CPUs; the ratios mean nothing", ""]
+    for r in results:
+        for batch, b in r["batches"].items():
+            if (r["model"], batch) not in before:
+                continue
+            ratio = b["tvm_int8"]["images_per_s"] / before[(r["model"], batch)]
+            verdict = ""
+            if (threads, base_threads) == (2, 1):
+                good = ratio >= FLOOR_THREAD_SCALING
+                verdict = f" (floor >= {FLOOR_THREAD_SCALING}x): {'met' if good else 'NOT met'}"
+            lines.append(f"- {r['model']} b{batch}: {ratio:.2f}x{verdict}")
     return lines
 
 
@@ -604,6 +643,9 @@ def parse_args(argv=None):
                    help="python of an ONNX Runtime environment (make ort-venv): time ONNX Runtime "
                         "fp32 and int8 of each model in the same rounds (scripts/ort_peer.py)")
     p.add_argument("--json", type=Path, help="also write every measurement here")
+    p.add_argument("--scaling-from", type=Path, metavar="JSON",
+                   help="another run's --json at fewer threads (same machine): print this run's "
+                        "qcal int8 throughput over it, and the 2-over-1-thread scaling floor")
     p.add_argument("--sweep-variants", type=int, default=12,
                    help="int8 variants of the Lite0 sweep whose peak memory is measured (0: none)")
     p.add_argument("--sweep-size", type=int, default=260, help="input size of that sweep")
@@ -616,6 +658,8 @@ def parse_args(argv=None):
         args.stat_images_embedded = 128
         args.sweep_variants = min(args.sweep_variants, 2)
     args.models = args.models or [*IMAGENET_MODELS, *ONNX_MODELS, *EMBEDDED_MODELS]
+    if args.scaling_from and not args.scaling_from.is_file():
+        p.error(f"--scaling-from: {args.scaling_from} is not a file (a --json of bench.py)")
     if args.ort_python and not Path(args.ort_python).is_file():
         p.error(f"--ort-python: {args.ort_python} is not a file (make ort-venv builds one)")
     if os.environ.get("QCAL_VNNI_EMULATE", "").strip():
@@ -652,6 +696,8 @@ def main(argv=None):
     lines = report(results, notes, meta)
     if sweep is not None:
         lines += sweep_memory_lines(sweep)
+    if args.scaling_from:
+        lines += scaling_lines(results, meta, json.loads(args.scaling_from.read_text()))
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
