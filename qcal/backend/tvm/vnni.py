@@ -31,9 +31,9 @@ Inputs read in place: a 1x1 conv without padding whose input is channel-blocked 
 needs no pack at all. Its int8 bytes are already the unsigned bytes ``vpdpbusd`` wants (0..127
 has the same bits either way) and already in the quads' order, 4 channels of a pixel adjacent,
 so the conv reads 4 bytes of the blocked tensor as one int32 and its accumulators start at 0
-(nothing to correct). No padding: the pack is also what writes a padded conv's border. For
-resnet50_v1 this removes 8 of its 12 packs, each a full pass over a large activation
-(``scripts/profile_layers.py``).
+(nothing to correct). No padding: the pack is also what writes a padded conv's border. In
+resnet50_v1 every 1x1 conv reads in place; of its 53 convs only the 17 with a 3x3 or 7x7 kernel
+keep a pack, a pass over their input (``scripts/profile_layers.py``).
 
 w' is the constant weight repacked in numpy to (O/v, ceil(C/4), kh, kw, v) int32, each int32 holding
 4 int8 of one output channel and 4 consecutive input channels (little-endian), so one v-lane load
