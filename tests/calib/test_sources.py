@@ -152,13 +152,19 @@ def test_mxnet_statistics_agree_with_the_interpreter(embedded):
     # whose divergences differ by 2e-4 (relative), and 104 of 395469 values that moved across a
     # bin edge swap them (moved 19.6 %). On an AVX2-only CPU (Zen 3), where more values cross
     # edges (above), the worst kl-mxnet range of ResNet-56 v2 moved 6.3 % (4.6 % with AVX-512).
+    # The methods that take an argmin (l2, kl, kl-mxnet) need only 90 % of the tensors to agree:
+    # on an Intel Xeon whose oneDNN runs AVX-512 with DL Boost and bf16 (6 Dec 2026), 3 of
+    # fmnist_resnet20_v1's 52 l2 ranges moved by 0.12-0.25 % (the argmin of an error curve that
+    # is flat near it); every other method agreed there on every tensor but one percentile range
+    # of fmnist_resnet56_v2 (6e-5).
     mine, theirs = (CalibrationResult.from_statistics(s) for s in (ours, reference))
-    for method, worst in (("max", 1e-5), ("power2", 0), ("percentile", 1e-3), ("l2", 1e-2),
-                          ("kl", 0.25), ("kl-mxnet", 0.1)):
+    for method, worst, agreeing in (("max", 1e-5, 95), ("power2", 0, 95), ("percentile", 1e-3, 95),
+                                    ("l2", 1e-2, 90), ("kl", 0.25, 90), ("kl-mxnet", 0.1, 90)):
         opts = {"percentile": 99.99} if method == "percentile" else {}
         moved = np.array([abs(mine.amax(t, method, **opts) / theirs.amax(t, method, **opts) - 1)
                           for t in reference.tensors])
-        assert np.percentile(moved, 95) <= 1e-6 and moved.max() <= worst, (method, moved.max())
+        assert np.percentile(moved, agreeing) <= 1e-6 and moved.max() <= worst, (
+            method, np.percentile(moved, agreeing), moved.max())
 
 
 def test_input_and_inserted_flatten_are_observed(embedded):
