@@ -19,10 +19,20 @@ def _input_shape(graph):
     return tuple(graph.input.attrs["shape"])
 
 
-def kept_rows(qgraph, graph, x):
-    """The figures from every activation of both interpreters kept at once (the definition)."""
-    ints = run_integer(qgraph, x, keep="all")
-    floats = run_integer(qgraph_from_float(graph), x, keep="all")
+def _kept(qgraph, x, images_per_pass):
+    """Every activation of ``qgraph`` on ``x``, run in batches of ``images_per_pass`` images and
+    joined: the float32 interpreter's BLAS may round a conv differently with the batch shape."""
+    passes = [run_integer(qgraph, x[i:i + images_per_pass], keep="all")
+              for i in range(0, len(x), images_per_pass)]
+    return {name: np.concatenate([p[name] for p in passes]) for name in passes[0]}
+
+
+def kept_rows(qgraph, graph, x, images_per_pass=None):
+    """The figures from every activation of both interpreters kept at once (the definition), the
+    images run ``images_per_pass`` at a time (default all at once)."""
+    per_pass = images_per_pass or len(x)
+    ints = _kept(qgraph, x, per_pass)
+    floats = _kept(qgraph_from_float(graph), x, per_pass)
     rows = {}
     for fnode in graph.nodes[1:]:
         if fnode.name in ints and qgraph.node(fnode.name).is_int:
@@ -48,11 +58,15 @@ def test_streamed_layer_errors_equal_the_figures_of_every_activation_kept(model,
         sqnr, max_abs = expected[row["tensor"]]
         assert row["max_abs_error"] == max_abs
         assert row["sqnr_db"] == pytest.approx(sqnr, rel=1e-12, abs=1e-12)
-    # passes of 2 images: the float32 reference's BLAS rounding may differ with the batch shape
+    # passes of 2 images (the last one short), against the definition on the same batches: the
+    # float32 reference's BLAS rounding may differ with the batch shape (on an Intel Xeon, one
+    # 33.5 dB SQNR moved by 5.5e-5 dB between batches of 5 and of 2), so the kept figures are
+    # computed batch for batch too
+    expected = kept_rows(qgraph, graph, x, images_per_pass=2)
     for row in layer_errors(qgraph, graph, x, images_per_pass=2):
         sqnr, max_abs = expected[row["tensor"]]
-        assert row["max_abs_error"] == pytest.approx(max_abs, rel=1e-4, abs=1e-9)
-        assert row["sqnr_db"] == pytest.approx(sqnr, rel=1e-6, abs=1e-9)
+        assert row["max_abs_error"] == max_abs
+        assert row["sqnr_db"] == pytest.approx(sqnr, rel=1e-12, abs=1e-12)
 
 
 def test_iter_integer_yields_what_keep_all_keeps():
