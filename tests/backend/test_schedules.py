@@ -20,7 +20,7 @@ from tvm import relax  # noqa: E402
 from qcal.backend.tvm import depthwise, schedules, vnni  # noqa: E402
 from qcal.errors import QcalError, UsageProblem  # noqa: E402
 from qcal.reference import kernels as numpy_kernels  # noqa: E402
-from tests.backend.vnni_emulation import assert_vnni_kernel, vnni_kernels  # noqa: E402
+from tests.backend.vnni_emulation import assert_vnni_kernel, avx_vnni_target, vnni_kernels  # noqa: E402,E501
 
 TARGET = schedules.cpu_target()
 RNG_SEED = 7
@@ -88,8 +88,7 @@ DEPTHWISE = {kind for kind in CONVS if kind.startswith("depthwise")}
 PAIRS = schedules.pair_lanes(TARGET) is not None
 with vnni_kernels():  # real or emulated: the VNNI tests' lanes
     VNNI_LANES = vnni.vnni_lanes(TARGET)
-    AVX_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": TARGET.attrs["mcpu"],
-                                  "mattr": ["-avx512vnni"]})
+    AVX_VNNI = avx_vnni_target()
     AVX_VNNI_LANES = vnni.vnni_lanes(AVX_VNNI)
 VNNI = VNNI_LANES is not None
 # the int8 conv kernel a test compiles for: (target, whether the conv rewrite runs)

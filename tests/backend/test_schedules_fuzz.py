@@ -52,7 +52,8 @@ from qcal.quant.fixed_point import rescale_plan  # noqa: E402
 from qcal.quant.realize import qgraph_from_float  # noqa: E402
 from qcal.reference.int_interpreter import run_integer  # noqa: E402
 from qcal.reference.kernels import pool_sum_and_count  # noqa: E402
-from tests.backend.vnni_emulation import EMULATED_LANES, assert_vnni_kernel, vnni_kernels  # noqa: E402
+from tests.backend.vnni_emulation import (EMULATED_LANES, assert_vnni_kernel, avx_vnni_target,  # noqa: E402
+                                          vnni_kernels)
 
 TARGET = schedules.cpu_target()
 # CPUs older than the host run on it too: on an AVX-512 host int8 convs are also fuzzed for
@@ -586,8 +587,7 @@ def test_pooling_and_elementwise(pool, batch, channels, size, kernel, stride, pa
 # -- chains of int8 convs: activations channel-blocked between the VNNI convs -------------------
 
 # A target with AVX-VNNI but not AVX-512 VNNI: 8-lane vpdpbusd and 8-channel blocks.
-AVX_VNNI = tvm.target.Target({"kind": "llvm", "mcpu": str(TARGET.attrs["mcpu"]),
-                              "mattr": ["-avx512vnni"]})
+AVX_VNNI = avx_vnni_target()
 with vnni_kernels():  # real or emulated
     CHAIN_TARGETS = (TARGET, AVX_VNNI) if vnni.vnni_lanes(AVX_VNNI) == 8 else (TARGET,)
 

@@ -11,12 +11,37 @@ from __future__ import annotations
 import contextlib
 import os
 
+import tvm
+from tvm.target import codegen
+
 from qcal.backend.tvm import schedules, vnni
 
 TARGET = schedules.cpu_target()
 # AVX2 without VNNI (AMD Zen 3, Intel Skylake): emulate the 16 lanes of AVX-512 VNNI, the VNNI
 # kernel a VNNI host runs (8 lanes on targets that switch AVX-512 VNNI off)
 EMULATED_LANES = 16 if vnni.vnni_lanes(TARGET) is None and schedules.pair_lanes(TARGET) else None
+
+
+def _host_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f
+                         if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def avx_vnni_target():
+    """The host target with AVX-512 VNNI switched off: 8-lane (AVX-VNNI) ``vpdpbusd`` and 8-channel
+    blocks. Where the CPU executes AVX-VNNI but LLVM's model of it leaves the feature out (a
+    hypervisor's CPU model, e.g. a Xeon reported as ``rocketlake``), the feature is switched on,
+    so the 8-lane kernels run for real there instead of skipping."""
+    mcpu = str(TARGET.attrs["mcpu"])
+    mattr = ["-avx512vnni"]
+    if "avx_vnni" in _host_flags() and not codegen.llvm_cpu_has_features(
+            ["avxvnni"], tvm.target.Target({"kind": "llvm", "mcpu": mcpu})):
+        mattr.append("+avxvnni")
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "mattr": mattr})
 
 
 @contextlib.contextmanager
