@@ -44,7 +44,7 @@ from tvm import relax
 
 from qcal.backend.tvm import vnni
 from qcal.backend.tvm.schedules import _CONV2D, int8_conv_geometry
-from qcal.backend.tvm.value_bounds import ValueBounds
+from qcal.backend.tvm.value_bounds import MAX_POOL, ValueBounds
 from qcal.backend.tvm.vnni import vector_blocks
 
 # Elementwise ops the emitter's integer epilogues are made of (requantize, bias, ReLU, clip,
@@ -52,7 +52,6 @@ from qcal.backend.tvm.vnni import vector_blocks
 _ELEMENTWISE = frozenset(f"relax.{name}" for name in (
     "add", "subtract", "multiply", "right_shift", "left_shift", "bitwise_and", "bitwise_or",
     "bitwise_xor", "maximum", "minimum", "astype", "clip", "floor_divide", "floor_mod", "equal"))
-_MAX_POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
 _SUM = tvm.ir.Op.get("relax.sum")
 
 
@@ -142,10 +141,6 @@ class _Blocker:
                     self.absorbed.update(plan[1])
                     break
 
-    def _nonnegative(self, source) -> bool:
-        """Whether every value of a conv's (original) input is proved >= 0."""
-        return self.bounds.nonnegative(source)
-
     def _single_use(self, var, outputs) -> bool:
         return var in self.values and self.uses.get(var) == 1 and var not in outputs
 
@@ -222,7 +217,7 @@ class _Blocker:
             if blocked_input is None:
                 call = relax.Call(call.op, [self.as_nchw(source), call.args[1]], call.attrs,
                                   call.ty_args)
-            sides.append((call, shape, pads, strides, blocked_input, self._nonnegative(source)))
+            sides.append((call, shape, pads, strides, blocked_input, self.bounds.nonnegative(source)))
         out = self.bb.emit(vnni.emit_vnni_shortcut_conv(self.bb, self.lanes, sides[0], sides[1],
                                                         bias, shift, self.emulate))
         if main_bias is not None:
@@ -293,7 +288,7 @@ class _Blocker:
                 value = relax.Call(value.op, [self.as_nchw(source), value.args[1]], value.attrs,
                                    value.ty_args)
             return vnni.emit_vnni_conv(self.bb, value, self.lanes, shape, pads, strides,
-                                       blocked_input, self.emulate, self._nonnegative(source))
+                                       blocked_input, self.emulate, self.bounds.nonnegative(source))
         name = value.op.name
         like = _static_shape(value)
         if name in _ELEMENTWISE and like is not None and len(like) == 4:
@@ -311,7 +306,7 @@ class _Blocker:
         if not (isinstance(source, relax.Var) and source in self.blocked):
             return None
         x = self.blocked[source]
-        if value.op.same_as(_MAX_POOL) and str(value.attrs.layout) == "NCHW" and (
+        if value.op.same_as(MAX_POOL) and str(value.attrs.layout) == "NCHW" and (
                 str(value.attrs.out_layout) == "NCHW"):
             a = value.attrs
             layout = f"NCHW{self.lanes}c"
@@ -365,7 +360,9 @@ def nchw_of_blocked(value, channels: int, builder: relax.BlockBuilder):
     return relax.op.strided_slice(flat, axes=[1], begin=[0], end=[channels])
 
 
-def _single_dataflow_body(func) -> bool:
+def single_dataflow_body(func) -> bool:
+    """The function's body is one dataflow block of variable bindings (what ``emit_relax``
+    makes): the functions the rewrites here and in ``pool_order`` walk binding by binding."""
     body = func.body
     return (isinstance(body, relax.SeqExpr) and len(body.blocks) == 1
             and isinstance(body.blocks[0], relax.DataflowBlock)
@@ -398,7 +395,7 @@ def rewrite_blocked(mod: tvm.IRModule, lanes: int, emulate: bool = False) -> tvm
     between them channel-blocked (module docstring); ``emulate``: as for
     ``vnni.rewrite_vnni_convs``."""
     walked = {gv: f for gv, f in mod.functions.items()
-              if isinstance(f, relax.Function) and _single_dataflow_body(f)}
+              if isinstance(f, relax.Function) and single_dataflow_body(f)}
     fallback = _NchwVnniConvs(mod, lanes, emulate)
     for gvar, func in list(mod.functions.items()):
         if isinstance(func, relax.Function) and gvar not in walked:
@@ -416,11 +413,17 @@ def rewrite_blocked(mod: tvm.IRModule, lanes: int, emulate: bool = False) -> tvm
                 for b in func.body.blocks[0].bindings:
                     blocker.binding(b)
             builder.emit_func_output(blocker.as_nchw(func.body.body))
+    return rebuilt_module(builder, mod, names)
+
+
+def rebuilt_module(builder: relax.BlockBuilder, mod: tvm.IRModule, names: dict) -> tvm.IRModule:
+    """``builder``'s module with each function it built as ``names[gvar]`` put in the place of
+    ``mod``'s function ``gvar``, keeping that function's attributes and span."""
     result = builder.get()
-    for gvar, func in walked.items():
-        tmp = result.get_global_var(names[gvar])
+    for gvar, name in names.items():
+        tmp = result.get_global_var(name)
         new = result[tmp]
         result[gvar] = relax.Function(new.params, new.body, new.ret_ty, new.is_pure,
-                                      func.attrs, func.span)
+                                      mod[gvar].attrs, mod[gvar].span)
         del result[tmp]
     return result

@@ -27,9 +27,9 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from qcal.backend.tvm.value_bounds import ValueBounds
+from qcal.backend.tvm.blocked import rebuilt_module, single_dataflow_body
+from qcal.backend.tvm.value_bounds import MAX_POOL, ValueBounds, pool_windows_hold_input
 
-_MAX_POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
 # monotone non-decreasing in their first operand for any constant second operand, given no wrap
 # (multiply: for a non-negative constant only)
 _MONOTONE = frozenset(f"relax.{name}" for name in (
@@ -46,9 +46,8 @@ def _window_constant(expr) -> bool:
 
 def _pool_keeps_values(call) -> bool:
     a = call.attrs
-    window = [int(k) for k in a.pool_size]
-    return (not bool(a.ceil_mode) and str(a.layout) == "NCHW" and str(a.out_layout) == "NCHW"
-            and all(int(p) < window[i % 2] for i, p in enumerate(a.padding)))
+    return (str(a.layout) == "NCHW" and str(a.out_layout) == "NCHW"
+            and pool_windows_hold_input(a))
 
 
 def _width(dtype: str) -> int:
@@ -113,7 +112,7 @@ class _Planner:
         """pool var -> the chain of vars after it, the last a cast to a narrower dtype."""
         plans = {}
         for var, value in self.values.items():
-            if not (isinstance(value, relax.Call) and value.op.same_as(_MAX_POOL)
+            if not (isinstance(value, relax.Call) and value.op.same_as(MAX_POOL)
                     and _pool_keeps_values(value)):
                 continue
             chain, current = [], var
@@ -184,24 +183,10 @@ def requantize_before_max_pools(mod: tvm.IRModule) -> tvm.IRModule:
     requantize, on the narrower values (module docstring); other functions as they are."""
     builder, names = relax.BlockBuilder(mod), {}
     for gvar, func in list(mod.functions.items()):
-        if not isinstance(func, relax.Function):
-            continue
-        body = func.body
-        if not (isinstance(body, relax.SeqExpr) and len(body.blocks) == 1
-                and isinstance(body.blocks[0], relax.DataflowBlock)
-                and all(isinstance(b, relax.VarBinding) for b in body.blocks[0].bindings)):
+        if not (isinstance(func, relax.Function) and single_dataflow_body(func)):
             continue
         plans = _Planner(func).plan()
         if plans:
             names[gvar] = f"qcal_pool_order_{gvar.name_hint}"
             _rebuild(func, plans, builder, names[gvar])
-    if not names:
-        return mod
-    result = builder.get()
-    for gvar, name in names.items():
-        tmp = result.get_global_var(name)
-        new = result[tmp]
-        result[gvar] = relax.Function(new.params, new.body, new.ret_ty, new.is_pure,
-                                      mod[gvar].attrs, mod[gvar].span)
-        del result[tmp]
-    return result
+    return rebuilt_module(builder, mod, names) if names else mod

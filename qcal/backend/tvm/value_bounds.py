@@ -4,7 +4,8 @@ What it is for: a VNNI conv can read a channel-blocked int8 input in place, with
 that adds 128 to every byte, only when every value of that input is >= 0 (``vpdpbusd`` reads
 its activation bytes as unsigned; ``qcal.backend.tvm.vnni``). ``ValueBounds.nonnegative``
 answers that from the graph alone: interval arithmetic over the dataflow bindings, from the
-constants (exact) and the function's parameters (their dtype's whole range).
+constants (exact) and the function's parameters (their dtype's whole range). The same
+intervals tell ``qcal.backend.tvm.pool_order`` that a requantize cannot wrap (``exact``).
 
 Soundness is the only requirement; a loose interval costs a pack, an unsound one a wrong
 result. So every rule either computes the exact image of its operands' intervals, or answers
@@ -21,7 +22,7 @@ from tvm import relax
 Interval = tuple[int, int]
 
 _CONV2D = tvm.ir.Op.get("relax.nn.conv2d")
-_MAX_POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
+MAX_POOL = tvm.ir.Op.get("relax.nn.max_pool2d")
 
 
 def dtype_range(dtype: str) -> Interval | None:
@@ -39,6 +40,15 @@ def _within(interval: Interval, dtype: str) -> Interval | None:
         return None
     lo, hi = interval
     return (lo, hi) if whole[0] <= lo and hi <= whole[1] else whole
+
+
+def pool_windows_hold_input(attrs) -> bool:
+    """Every window of a max pool with these attributes holds at least one input value (no
+    ``ceil_mode``, padding smaller than the window), so each output is one of its inputs: a window
+    of padding alone would give the padding's value instead."""
+    window = [int(k) for k in attrs.pool_size]
+    return not bool(attrs.ceil_mode) and all(
+        int(p) < window[i % 2] for i, p in enumerate(attrs.padding))
 
 
 def _dtype(expr) -> str | None:
@@ -122,13 +132,8 @@ class ValueBounds:
             return None if x is None else (max(x[0], 0), max(x[1], 0))
         if name == "relax.astype":
             return self.of(call.args[0])  # exact when it fits the new dtype (checked by of)
-        if call.op.same_as(_MAX_POOL):
-            a = call.attrs
-            padding, window = [int(p) for p in a.padding], [int(k) for k in a.pool_size]
-            # a window holding no input value would give the padding's value instead
-            if bool(a.ceil_mode) or any(p >= window[i % 2] for i, p in enumerate(padding)):
-                return None
-            return self.of(call.args[0])
+        if call.op.same_as(MAX_POOL):
+            return self.of(call.args[0]) if pool_windows_hold_input(call.attrs) else None
         if len(call.args) != 2:
             return None
         a, b = self.of(call.args[0]), self.of(call.args[1])

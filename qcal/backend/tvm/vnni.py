@@ -318,8 +318,7 @@ def _vnni_shortcut_conv_func(main, short, o, oh, ow, v, emulate, in_place=(False
     pixels, vectors = _largest_divisor(ow, _PIXEL_TILE), _largest_divisor(f, _CHANNEL_VECTORS)
     x_shape, x_dtype = _quad_buffer(*main[:5], in_place[0])
     xs_shape, xs_dtype = _quad_buffer(*short[:5], in_place[1])
-    # the tile's reads of each input, in its buffer's last axis
-    xw, xsw = _i64(x_shape[4], xs_shape[4])
+    xw, xsw = x_shape[4], xs_shape[4]  # the tile's reads of each input, in its last axis
     n, cb, q, hp, wp, kh, kw, sh, sw = _i64(*main)
     _, cbs, qs, hps, wps, khs, kws, shs, sws = _i64(*short)
     c4, c4s = _i64(main[1] * main[2], short[1] * short[2])
